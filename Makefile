@@ -1,0 +1,36 @@
+# Two commands: `make test` and `make bench`. Each sets itself up from a fresh clone:
+# it uses the active virtual environment (or conda env) if there is one, else creates
+# .venv (seeing system packages, so a preinstalled CUDA torch is used as is), installs
+# torch==2.13.0 (CPU build) only when no torch is importable, then this project.
+SHELL := /bin/bash
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+PYTHON := python
+else
+PYTHON := .venv/bin/python
+endif
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench bench-quick info clean
+
+$(PYTHON):
+	python3 -m venv --system-site-packages .venv
+
+setup: $(PYTHON)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_PIN)"
+	$(PYTHON) -m pip install --no-build-isolation -e ".[test,bench]"
+
+test: setup
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PYTHON) bench/run.py
+
+bench-quick: setup
+	$(PYTHON) bench/run.py --quick
+
+info: setup
+	$(PYTHON) -m fused_contrastive.info
+
+clean:
+	rm -rf .venv build *.egg-info python/*.egg-info .pytest_cache

@@ -1,0 +1,161 @@
+"""Row blocks of anchors against all keys in plain PyTorch: any device, O(N*block + N*D) memory.
+
+Each block ``S = Q_blk K^T / tau`` is ``[block, M]``, so a row's ``LSE`` is complete
+within its block and no online rescaling is needed. When gradients are wanted, the
+block's ``g`` (DESIGN.md's backward formula) is formed right there and ``dQ_blk``,
+``dK`` are accumulated during the forward pass: three matrix products per block
+instead of four with a recompute. Backward only scales the stored gradients.
+
+Positives never appear as an ``[block, M]`` tensor when they come from labels:
+``sum_j a_ij l_ij = q_i . (sum of keys of class y_i, minus self) / tau``, and the
+positive part of ``g`` reduces to per-class sums the same way. Only a user's dense
+mask is expanded, one block at a time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .spec import ContrastSpec
+
+# Elements of one [block, M] fp32 tile (32 MiB): large enough for efficient matmuls,
+# small enough that the few live tiles stay far below the inputs at large N.
+TILE_ELEMENTS = int(os.environ.get("FUSED_CONTRASTIVE_CHUNK_ELEMENTS", 1 << 23))
+
+
+def block_rows(num_keys: int) -> int:
+    return max(1, min(4096, TILE_ELEMENTS // max(num_keys, 1)))
+
+
+@dataclass
+class _Stats:
+    loss_rows: Tensor  # L_i
+    lse: Tensor  # LSE over the denominator, -inf for a row without keys
+    has_pos: Tensor
+    dQ: Tensor | None  # gradients of sum_i L_i over the counted rows, before the reduction's scale
+    dK: Tensor | None
+
+
+def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bool) -> _Stats:
+    acc = spec.accum_dtype
+    Na, M = Q.shape[0], K.shape[0]
+    c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
+    self_cols = spec.self_columns()
+    has_self = self_cols >= 0
+    safe_self = self_cols.clamp(min=0)
+
+    pos_count = spec.pos_count()
+    has_pos = pos_count > 0
+    # a_ij / Z_i folded into one per-row factor; rows without positives contribute nothing.
+    pos_scale = torch.where(has_pos, 1.0 / torch.where(has_pos, pos_count, torch.ones_like(pos_count)), 0.0)
+
+    if spec.mask is None:
+        # Class sums of keys (and of weighted anchors for dK) replace the [Na, M] positive mask.
+        class_key_sum = torch.zeros(spec.num_classes, K.shape[1], dtype=acc, device=K.device)
+        class_key_sum.index_add_(0, spec.key_labels, K)
+        self_positive = has_self & (spec.key_labels[safe_self] == spec.anchor_labels)
+        pos_keys = class_key_sum[spec.anchor_labels] - K[safe_self] * self_positive[:, None].to(acc)
+        pos_sum = (Q * pos_keys).sum(1) / tau
+        mask = None
+    else:
+        mask = spec.mask.to(acc)
+        key_cols = torch.arange(M, device=K.device) % mask.shape[1]
+        pos_sum = torch.empty(Na, dtype=acc, device=K.device)
+
+    lse = torch.empty(Na, dtype=acc, device=K.device)
+    dQ = torch.empty_like(Q) if want_grad else None
+    dK = torch.zeros_like(K) if want_grad else None
+    Q_scaled = Q / tau
+    step = block_rows(M)
+    for r0 in range(0, Na, step):
+        r1 = min(Na, r0 + step)
+        rows = torch.arange(r0, r1, device=K.device)
+        S = Q_scaled[r0:r1] @ K.T
+        local = torch.arange(r1 - r0, device=K.device)
+        blk_self = has_self[r0:r1]
+        if mask is not None:
+            W = mask[rows % mask.shape[0]][:, key_cols]
+            W[local[blk_self], self_cols[r0:r1][blk_self]] = 0
+            pos_sum[r0:r1] = (W * S).sum(1)
+        S[local[blk_self], self_cols[r0:r1][blk_self]] = float("-inf")
+        row_max = S.amax(1)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        E = S.sub_(row_max[:, None]).exp_()  # in place: S is not needed again
+        sum_exp = E.sum(1)
+        lse[r0:r1] = row_max + sum_exp.log()
+        if want_grad:
+            # g_ij = softmax_ij - a_ij / Z_i on rows with positives (c and 1/tau applied at the end)
+            keep = has_pos[r0:r1]
+            E.mul_(torch.where(keep, 1.0 / torch.where(sum_exp > 0, sum_exp, torch.ones_like(sum_exp)), 0.0)[:, None])
+            if mask is not None:
+                E.sub_(W.mul_(pos_scale[r0:r1, None]))
+            torch.mm(E, K, out=dQ[r0:r1])
+            dK.addmm_(E.T, Q[r0:r1])
+
+    loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
+    if want_grad:
+        if mask is None:
+            dQ.sub_(pos_keys * pos_scale[:, None])
+            weighted_anchors = Q * pos_scale[:, None]
+            class_anchor_sum = torch.zeros(spec.num_classes, Q.shape[1], dtype=acc, device=Q.device)
+            class_anchor_sum.index_add_(0, spec.anchor_labels, weighted_anchors)
+            dK.sub_(class_anchor_sum[spec.key_labels])
+            # The self pair was counted in the class sum but is no positive: give it back.
+            dK.index_add_(0, safe_self[self_positive], weighted_anchors[self_positive])
+        dQ.mul_(c / tau)
+        dK.mul_(c / tau)
+    return _Stats(loss_rows, lse, has_pos, dQ, dK)
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """Mean loss over anchors; inputs (anchors, keys, temperature tensor or None)."""
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, keys: Tensor, tau_tensor, spec: ContrastSpec):
+        acc = spec.accum_dtype
+        tau = spec.tau_value()
+        want_grad = any(ctx.needs_input_grad[:3])
+        Q = anchors.to(acc)
+        K = Q if anchors is keys else keys.to(acc)
+        stats = _forward(spec, Q, K, tau, want_grad)
+        if spec.no_positive == "exclude":
+            count = stats.has_pos.sum().clamp(min=1).to(acc)
+        else:
+            count = torch.full((), spec.num_anchors, dtype=acc, device=K.device)
+        loss = stats.loss_rows.sum() / count
+        if want_grad:
+            dQ, dK = stats.dQ / count, stats.dK / count
+            dtau = None
+            if ctx.needs_input_grad[2]:
+                # l_ij is linear in 1/tau, so sum_ij g_ij l_ij = sum_i q_i . dQ_i; the scale
+                # c = tau / base_tau adds loss / tau when a base temperature is given.
+                dtau = -(Q * dQ).sum() / tau
+                if spec.base_temperature is not None:
+                    dtau = dtau + loss / tau
+            ctx.save_for_backward(dQ, dK, dtau)
+            ctx.input_dtypes = (anchors.dtype, keys.dtype)
+            ctx.tau_dtype = tau_tensor.dtype if tau_tensor is not None else None
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        dQ, dK, dtau = ctx.saved_tensors
+        grad_q = (dQ * grad_loss).to(ctx.input_dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_k = (dK * grad_loss).to(ctx.input_dtypes[1]) if ctx.needs_input_grad[1] else None
+        grad_tau = (dtau * grad_loss).to(ctx.tau_dtype) if ctx.needs_input_grad[2] else None
+        return grad_q, grad_k, grad_tau, None
+
+
+def loss(spec: ContrastSpec) -> Tensor:
+    tau = spec.temperature if isinstance(spec.temperature, Tensor) else None
+    out = ChunkedLoss.apply(spec.anchors, spec.keys, tau, spec)
+    return out
+
+
+def why_not(spec: ContrastSpec) -> str | None:
+    return None

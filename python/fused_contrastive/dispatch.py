@@ -1,0 +1,88 @@
+"""Backend registry. Each backend answers "why can't I run this spec?" (None means it can).
+
+``auto`` walks the backends in order of preference and takes the first that can run;
+an explicitly requested backend that cannot run raises with its reason. The
+environment variable ``FUSED_CONTRASTIVE_BACKEND`` replaces ``auto`` by a fixed choice.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from . import chunked, reference
+from .spec import ContrastSpec
+
+ENV_VAR = "FUSED_CONTRASTIVE_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    why_not: Callable[[ContrastSpec], Optional[str]]
+    loss: Callable[[ContrastSpec], Tensor]
+
+
+def _triton_why_not(spec: ContrastSpec) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if spec.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
+    return "this version ships no Triton kernel for this loss yet"
+
+
+def _cuda_why_not(spec: ContrastSpec) -> Optional[str]:
+    if spec.device.type != "cuda":
+        return f"inputs are on {spec.device.type}; the CUDA extension needs a CUDA device"
+    return "this version ships no CUDA kernel for this loss yet"
+
+
+def _unavailable(spec: ContrastSpec) -> Tensor:
+    raise RuntimeError("unreachable: dispatch checks why_not first")
+
+
+# Order of preference for ``auto``; reference is the oracle and is never chosen by ``auto``.
+BACKENDS: dict[str, Backend] = {
+    "cuda": Backend("cuda", _cuda_why_not, _unavailable),
+    "triton": Backend("triton", _triton_why_not, _unavailable),
+    "chunked": Backend("chunked", chunked.why_not, chunked.loss),
+    "reference": Backend("reference", reference.why_not, reference.loss),
+}
+AUTO_ORDER = ("cuda", "triton", "chunked")
+BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
+
+
+def explain(spec: ContrastSpec) -> dict[str, Optional[str]]:
+    """Every backend with the reason it cannot run this spec (None: it can)."""
+    return {name: b.why_not(spec) for name, b in BACKENDS.items()}
+
+
+def select(spec: ContrastSpec, backend: str = "auto") -> Backend:
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip()
+        if forced and forced != "auto":
+            if forced not in BACKENDS:
+                raise ValueError(f"{ENV_VAR} must be one of {BACKEND_CHOICES}, got {forced!r}")
+            backend = forced
+    if backend != "auto":
+        reason = BACKENDS[backend].why_not(spec)
+        if reason is not None:
+            raise RuntimeError(f"backend {backend!r} cannot run this input: {reason}")
+        return BACKENDS[backend]
+    reasons = {}
+    for name in AUTO_ORDER:
+        reason = BACKENDS[name].why_not(spec)
+        if reason is None:
+            return BACKENDS[name]
+        reasons[name] = reason
+    detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise RuntimeError(f"no backend can run this input ({detail})")
+
+
+def run(spec: ContrastSpec, backend: str = "auto") -> Tensor:
+    return select(spec, backend).loss(spec)

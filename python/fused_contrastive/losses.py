@@ -1,0 +1,169 @@
+"""Public losses: validate the arguments, build a ContrastSpec, dispatch.
+
+Every argument error is a ValueError that names the argument and what was expected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from .spec import NO_POSITIVE_MODES, ContrastSpec
+
+CONTRAST_MODES = ("all", "one")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_temperature(name: str, value, allow_none: bool = False) -> Union[float, Tensor, None]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a positive number or a one-element floating tensor, "
+                             f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        number = float(value.detach())
+        result: Union[float, Tensor] = value.reshape(()) if value.requires_grad else number
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = result = float(value)
+    else:
+        raise ValueError(f"{name} must be a positive number, got {type(value).__name__}")
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {number}")
+    return result
+
+
+def _flatten_views(features) -> Tensor:
+    """[bsz, n_views, ...] -> [bsz, n_views, D]; a flat [N, D] is [N, 1, D]."""
+    if not isinstance(features, Tensor):
+        raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating tensor (float16, bfloat16, float32 or float64), got {features.dtype}")
+    if features.dim() < 2:
+        raise ValueError("features must be [bsz, n_views, ...] or [N, D], "
+                         f"got shape {tuple(features.shape)}")
+    if features.dim() == 2:
+        features = features.unsqueeze(1)
+    elif features.dim() > 3:
+        features = features.reshape(features.shape[0], features.shape[1], -1)
+    bsz, n_views, dim = features.shape
+    if bsz < 1 or n_views < 1 or dim < 1:
+        raise ValueError(f"features must have at least one sample, view and feature, got shape {tuple(features.shape)}")
+    return features
+
+
+def _class_ids(labels, bsz: int, device: torch.device) -> tuple[Tensor, int]:
+    if not isinstance(labels, Tensor):
+        labels = torch.as_tensor(labels)
+    if labels.is_complex() or labels.dim() > 2 or (labels.dim() == 2 and labels.shape[1] != 1):
+        raise ValueError(f"labels must be a real tensor of shape [bsz] (or [bsz, 1]) with bsz = {bsz}, "
+                         f"got shape {tuple(labels.shape)} and dtype {labels.dtype}")
+    labels = labels.reshape(-1)
+    if labels.numel() != bsz:
+        raise ValueError(f"labels must have one entry per sample: expected {bsz}, got {labels.numel()}")
+    _, ids = torch.unique(labels.to(device), return_inverse=True)
+    return ids, int(ids.max()) + 1
+
+
+def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    if not isinstance(mask, Tensor):
+        mask = torch.as_tensor(mask)
+    if mask.shape != (bsz, bsz):
+        raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
+    if mask.is_complex():
+        raise ValueError(f"mask must be a bool or real tensor of non-negative weights, got dtype {mask.dtype}")
+    mask = mask.to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
+        raise ValueError("mask must hold finite, non-negative weights (1 marks a positive pair)")
+    return mask
+
+
+def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
+                contrast_mode="all", no_positive="zero") -> ContrastSpec:
+    """Validate SupCon arguments and describe the loss (no computation)."""
+    features = _flatten_views(features)
+    temperature = _check_temperature("temperature", temperature)
+    base_temperature = _check_temperature("base_temperature", base_temperature, allow_none=True)
+    if isinstance(base_temperature, Tensor):
+        raise ValueError("base_temperature must be a number, not a tensor that requires grad")
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+    _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
+    if labels is not None and mask is not None:
+        raise ValueError("pass either labels or mask, not both")
+    bsz, n_views, _ = features.shape
+    device = features.device
+    # View-major stacking: row v * bsz + b is view v of sample b (SupContrast's cat(unbind(., 1))).
+    keys = features.transpose(0, 1).reshape(n_views * bsz, -1)
+    anchors = keys if contrast_mode == "all" else keys[:bsz]
+    key_labels = anchor_labels = dense = None
+    num_classes = 0
+    if mask is not None:
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        dense = _positive_mask(mask, bsz, device, acc)
+    else:
+        if labels is None:  # SimCLR: the positives of a view are the other views of its sample
+            ids, num_classes = torch.arange(bsz, device=device), bsz
+        else:
+            ids, num_classes = _class_ids(labels, bsz, device)
+        key_labels = ids.repeat(n_views)
+        anchor_labels = key_labels[: anchors.shape[0]]
+    return ContrastSpec(
+        anchors=anchors, keys=keys, self_offset=0,
+        anchor_labels=anchor_labels, key_labels=key_labels, num_classes=num_classes, mask=dense,
+        temperature=temperature, base_temperature=base_temperature, no_positive=no_positive,
+    )
+
+
+def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
+                contrast_mode="all", no_positive="zero", backend="auto") -> Tensor:
+    """Supervised contrastive loss (Khosla et al., L_out), SimCLR's NT-Xent without labels.
+
+    features: ``[bsz, n_views, ...]`` (extra dims flattened) or flat ``[N, D]`` (one view).
+    labels: ``[bsz]`` class of each sample, or mask: ``[bsz, bsz]`` positive weights
+    (``mask[i, j] = 1`` when sample j is a positive of sample i; may be asymmetric).
+    Neither: SimCLR (the other views of a sample are its positives).
+    The features are used as given (normalise them first, as SupContrast expects).
+    ``base_temperature=None`` means equal to ``temperature`` (loss scale 1).
+    ``no_positive``: an anchor without positives has loss exactly 0; ``"zero"`` keeps it
+    in the mean (SupContrast), ``"exclude"`` leaves it out (pytorch-metric-learning).
+    Returns the mean over anchors, in float32 (float64 for float64 features).
+    """
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    spec = supcon_spec(features, labels, mask, temperature=temperature, base_temperature=base_temperature,
+                       contrast_mode=contrast_mode, no_positive=no_positive)
+    return dispatch.run(spec, backend)
+
+
+class SupConLoss(nn.Module):
+    """Drop-in for SupContrast's ``SupConLoss``: same constructor and ``forward(features, labels, mask)``."""
+
+    def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *,
+                 backend="auto", no_positive="zero"):
+        super().__init__()
+        _check_temperature("temperature", temperature)
+        _check_temperature("base_temperature", base_temperature, allow_none=True)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        self.temperature = temperature
+        self.contrast_mode = contrast_mode
+        self.base_temperature = base_temperature
+        self.backend = backend
+        self.no_positive = no_positive
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+        return supcon_loss(features, labels, mask, temperature=self.temperature,
+                           base_temperature=self.base_temperature, contrast_mode=self.contrast_mode,
+                           no_positive=self.no_positive, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
+                f"base_temperature={self.base_temperature}, backend={self.backend!r}, "
+                f"no_positive={self.no_positive!r}")

@@ -1,0 +1,93 @@
+"""The description of one contrastive loss that travels from the API to every backend.
+
+Notation follows DESIGN.md: anchors ``Q [Na, D]`` (rows), keys ``K [M, D]``
+(columns), ``l_ij = q_i . k_j / tau``. The spec holds only O(Na + M) metadata
+(label vectors, a self offset) or, when the user passed one, the small dense
+``[B, B]`` mask that SupContrast's API allows; never an ``[Na, M]`` tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+NO_POSITIVE_MODES = ("zero", "exclude")
+
+
+@dataclass(frozen=True)
+class ContrastSpec:
+    anchors: Tensor  # Q [Na, D]; may be keys itself or a leading slice of it
+    keys: Tensor  # K [M, D]
+    # Key index of anchor i's "self" is i + self_offset; None when anchors have no self among the keys.
+    self_offset: Optional[int]
+    # Positive rule, exactly one of the two:
+    #  labels: a_ij = 1 when anchor_labels[i] == key_labels[j] (class ids in [0, num_classes))
+    #  mask:   a_ij = mask[i % mask.shape[0], j % mask.shape[1]] (non-negative weights)
+    # Either way a_ii(self) = 0 and self is out of the denominator.
+    anchor_labels: Optional[Tensor]
+    key_labels: Optional[Tensor]
+    num_classes: int
+    mask: Optional[Tensor]
+    temperature: Union[float, Tensor]  # tau; a 0-dim tensor when it may need a gradient
+    base_temperature: Optional[float]  # None: c = 1, else c = tau / base_temperature
+    no_positive: str  # "zero": anchors without positives count in the mean with loss 0; "exclude": they don't
+
+    @property
+    def num_anchors(self) -> int:
+        return self.anchors.shape[0]
+
+    @property
+    def num_keys(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def accum_dtype(self) -> torch.dtype:
+        """fp32 accumulation for fp32/fp16/bf16 inputs; float64 stays float64 (the test oracle's dtype)."""
+        return torch.float64 if self.keys.dtype == torch.float64 else torch.float32
+
+    @property
+    def anchors_are_keys(self) -> bool:
+        return self.anchors is self.keys
+
+    def tau_value(self) -> float:
+        t = self.temperature
+        return float(t.detach()) if isinstance(t, Tensor) else float(t)
+
+    def tau_requires_grad(self) -> bool:
+        return isinstance(self.temperature, Tensor) and self.temperature.requires_grad
+
+    def self_columns(self) -> Tensor:
+        """Key index of each anchor's self, -1 where it has none (out of range or no self)."""
+        rows = torch.arange(self.num_anchors, device=self.device)
+        if self.self_offset is None:
+            return torch.full_like(rows, -1)
+        cols = rows + self.self_offset
+        return torch.where((cols >= 0) & (cols < self.num_keys), cols, torch.full_like(cols, -1))
+
+    def pos_count(self) -> Tensor:
+        """Z_i = sum_j a_ij (self excluded), from O(N) metadata only, in the accumulation dtype."""
+        acc = self.accum_dtype
+        self_cols = self.self_columns()
+        has_self = self_cols >= 0
+        safe_self = self_cols.clamp(min=0)
+        if self.mask is None:
+            class_count = torch.bincount(self.key_labels, minlength=self.num_classes)
+            count = class_count[self.anchor_labels]
+            self_is_positive = has_self & (self.key_labels[safe_self] == self.anchor_labels)
+            return (count - self_is_positive.long()).to(acc)
+        mask = self.mask.to(acc)
+        rows_b, cols_b = mask.shape
+        # How many keys fall on each mask column, so the row sum needs no [Na, M] tensor.
+        keys_per_column = torch.bincount(
+            torch.arange(self.num_keys, device=self.device) % cols_b, minlength=cols_b
+        ).to(acc)
+        mask_rows = mask[torch.arange(self.num_anchors, device=self.device) % rows_b]
+        z = mask_rows @ keys_per_column
+        self_weight = mask_rows.gather(1, (safe_self % cols_b)[:, None])[:, 0]
+        return z - torch.where(has_self, self_weight, torch.zeros_like(self_weight))
