@@ -1,0 +1,99 @@
+"""Shared test helpers: the tolerance table, input builders and an independent oracle.
+
+`supcontrast_float64` is a separate float64 re-derivation of SupContrast's published
+algorithm (dense masks, explicit log-probabilities), written apart from the package's
+reference backend so the two check each other.
+"""
+from __future__ import annotations
+
+import torch
+
+# One table of tolerances, by the dtype of the features: (rtol, atol) applied to the
+# loss and to every gradient after dividing by the largest |value| of the oracle.
+# Low-precision inputs are compared with the oracle evaluated on the same rounded
+# inputs, so these bound accumulation and output rounding, not input rounding.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    rtol, atol = TOLERANCES[dtype]
+    expected = expected.detach().to(torch.float64)
+    actual = actual.detach().to(torch.float64)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def make_features(bsz: int, n_views: int, dim: int, dtype=torch.float64, seed: int = 0, normalize: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(bsz, n_views, dim, generator=gen, dtype=torch.float64)
+    if normalize:
+        f = torch.nn.functional.normalize(f, dim=-1)
+    return f.to(dtype).requires_grad_()
+
+
+def make_labels(kind: str, bsz: int, seed: int = 0):
+    """(labels, mask) for a label kind: random / same / distinct / none / mask (asymmetric)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    if kind == "random":
+        return torch.randint(0, max(1, bsz // 4), (bsz,), generator=gen), None
+    if kind == "same":
+        return torch.full((bsz,), 7), None
+    if kind == "distinct":
+        return torch.arange(bsz) * 3 - 5, None
+    if kind == "none":
+        return None, None
+    if kind == "mask":
+        mask = (torch.rand(bsz, bsz, generator=gen) < 0.3).float()
+        return None, mask
+    raise ValueError(kind)
+
+
+def supcontrast_float64(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
+                        contrast_mode="all", no_positive="zero"):
+    """SupContrast's algorithm in float64, with rows that have no positive (or no key) set to 0."""
+    base_temperature = temperature if base_temperature is None else base_temperature
+    f = features.to(torch.float64)
+    if f.dim() == 2:
+        f = f[:, None]
+    bsz, n_views = f.shape[:2]
+    f = f.reshape(bsz, n_views, -1)
+    if labels is not None:
+        labels = labels.reshape(-1, 1)
+        pair = torch.eq(labels, labels.T).to(torch.float64)
+    elif mask is not None:
+        pair = mask.to(torch.float64)
+    else:
+        pair = torch.eye(bsz, dtype=torch.float64)
+    contrast = torch.cat(torch.unbind(f, dim=1), dim=0)
+    anchor, anchor_count = (f[:, 0], 1) if contrast_mode == "one" else (contrast, n_views)
+    logits = anchor @ contrast.T / temperature
+    pair = pair.repeat(anchor_count, n_views)
+    logits_mask = torch.ones_like(pair)
+    logits_mask[torch.arange(bsz * anchor_count), torch.arange(bsz * anchor_count)] = 0
+    # SupContrast shifts by the row max including self; with large logits that leaves every
+    # other exp at 0 (its NaN). Shifting by the max over the denominator keeps this exact.
+    shift = logits.masked_fill(logits_mask == 0, float("-inf")).max(1, keepdim=True).values
+    logits = logits - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift)).detach()
+    pair = pair * logits_mask
+    denominator = torch.exp(logits.masked_fill(logits_mask == 0, float("-inf"))).sum(1, keepdim=True)
+    has_key = denominator > 0
+    log_prob = logits - torch.log(torch.where(has_key, denominator, torch.ones_like(denominator)))
+    pos_pairs = pair.sum(1)
+    has_pos = pos_pairs > 0
+    mean_log_prob_pos = (pair * log_prob).sum(1) / torch.where(has_pos, pos_pairs, torch.ones_like(pos_pairs))
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    if no_positive == "exclude":
+        return loss[has_pos].sum() / max(int(has_pos.sum()), 1)
+    return loss.mean()
+
+
+def loss_and_grad(fn, features):
+    loss = fn(features)
+    (grad,) = torch.autograd.grad(loss, features)
+    return loss, grad
