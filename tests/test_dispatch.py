@@ -1,0 +1,56 @@
+"""Backend choice and the reasons a backend gives for not running."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_contrastive as fc
+
+F = torch.randn(6, 2, 5, requires_grad=True)
+L = torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def test_auto_picks_chunked_on_cpu_and_explains_the_rest():
+    reasons = fc.explain_backends(F, L)
+    assert reasons["chunked"] is None and reasons["reference"] is None
+    assert "cpu" in reasons["cuda"]
+    assert reasons["triton"]  # no Triton kernel runs CPU tensors without the interpreter
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_explicit_backend_that_cannot_run_raises_its_reason(backend):
+    reason = fc.explain_backends(F, L)[backend]
+    with pytest.raises(RuntimeError, match=backend) as err:
+        fc.supcon_loss(F, L, backend=backend)
+    assert reason in str(err.value)
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    from fused_contrastive import chunked, reference
+
+    calls = []
+    monkeypatch.setattr(reference, "loss", lambda spec: calls.append("reference") or torch.zeros(()))
+    monkeypatch.setattr(chunked, "loss", lambda spec: calls.append("chunked") or torch.zeros(()))
+    from fused_contrastive import dispatch
+
+    monkeypatch.setitem(dispatch.BACKENDS, "reference", dispatch.Backend("reference", reference.why_not, reference.loss))
+    monkeypatch.setitem(dispatch.BACKENDS, "chunked", dispatch.Backend("chunked", chunked.why_not, chunked.loss))
+    fc.supcon_loss(F, L)
+    monkeypatch.setenv("FUSED_CONTRASTIVE_BACKEND", "reference")
+    fc.supcon_loss(F, L)
+    fc.supcon_loss(F, L, backend="chunked")  # an explicit choice beats the environment
+    assert calls == ["chunked", "reference", "chunked"]
+    monkeypatch.setenv("FUSED_CONTRASTIVE_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        fc.supcon_loss(F, L)
+    monkeypatch.setenv("FUSED_CONTRASTIVE_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FUSED_CONTRASTIVE_BACKEND"):
+        fc.supcon_loss(F, L)
+
+
+def test_info_command_lists_every_backend():
+    out = subprocess.run([sys.executable, "-m", "fused_contrastive.info"], capture_output=True, text=True, check=True)
+    for name in ("torch", "triton", "reference", "chunked", "cuda", "auto"):
+        assert name in out.stdout
+    assert "chunked    available" in out.stdout
