@@ -1,0 +1,390 @@
+"""Benchmark: fused_contrastive's backends against the SupCon implementations users would otherwise pick.
+
+Each (provider, N, D, dtype) case runs in its own subprocess so that its peak memory
+is its own: peak RSS beyond the inputs on CPU, torch.cuda.max_memory_allocated beyond
+the inputs on GPU. N counts anchors (bsz = N / 2 samples, 2 views, 'all' mode, random
+labels over 100 classes). A provider is stopped at its first failure (out of memory
+or over the time budget); on CPU, a case whose memory, extrapolated from the previous
+N, would not fit is skipped instead of letting the machine swap or kill.
+
+    python bench/run.py            # full run on the available device
+    python bench/run.py --quick    # a small subset (a couple of minutes on a laptop CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NUM_CLASSES = 100
+TEMPERATURE = 0.1
+
+
+# ---------------------------------------------------------------- providers
+def supcontrast_style(features, labels, temperature=TEMPERATURE):
+    """SupCon L_out the way the common PyTorch implementation builds it: several dense N x N tensors."""
+    import torch
+
+    bsz, n_views = features.shape[:2]
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    same = torch.eq(labels[:, None], labels[None, :]).float().repeat(n_views, n_views)
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    not_self = 1.0 - torch.eye(logits.shape[0], device=logits.device)
+    same = same * not_self
+    exp_logits = torch.exp(logits) * not_self
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mean_log_prob_pos = (same * log_prob).sum(1) / same.sum(1).clamp(min=1)
+    return -mean_log_prob_pos.mean()
+
+
+def make_provider(name):
+    """A callable (features [bsz, views, D], labels [bsz]) -> scalar loss, or raise ImportError with why."""
+    import torch
+
+    if name in ("chunked", "reference", "triton", "cuda"):
+        import fused_contrastive as fc
+
+        return lambda f, y: fc.supcon_loss(f, y, temperature=TEMPERATURE, backend=name)
+    if name == "supcontrast":
+        return supcontrast_style
+    if name == "supcontrast-compiled":
+        return torch.compile(supcontrast_style)
+    if name == "pml":
+        from pytorch_metric_learning.losses import SupConLoss
+
+        pml = SupConLoss(temperature=TEMPERATURE)
+
+        def run(f, y):
+            flat = torch.cat(torch.unbind(f, dim=1), dim=0)
+            return pml(flat, y.repeat(f.shape[1]))
+
+        return run
+    raise ValueError(name)
+
+
+def provider_skip_reason(name, device):
+    import importlib.util
+
+    import fused_contrastive as fc
+    import torch
+
+    if name in ("chunked", "reference", "triton", "cuda"):
+        probe = torch.zeros(4, 2, 8, device=device)
+        return fc.explain_backends(probe, torch.arange(4, device=device))[name]
+    if name == "pml" and importlib.util.find_spec("pytorch_metric_learning") is None:
+        return "pytorch-metric-learning is not installed (pip install pytorch-metric-learning)"
+    if name == "supcontrast-compiled" and device == "cpu":
+        return "torch.compile is measured on GPU only"
+    return None
+
+
+# ---------------------------------------------------------------- one case (in a subprocess)
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss():
+    """Linux resets the peak RSS (VmHWM) when 5 is written to clear_refs; imports' peaks then don't count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_case(provider, n, dim, dtype_name, device, budget_s):
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(0)
+    bsz = n // 2
+    features = torch.nn.functional.normalize(torch.randn(bsz, 2, dim, generator=gen), dim=-1)
+    features = features.to(device=device, dtype=dtype)
+    labels = torch.randint(0, NUM_CLASSES, (bsz,), generator=gen).to(device)
+    fn = make_provider(provider)
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def fwd_bwd():
+        f = features.detach().requires_grad_()
+        fn(f, labels).backward()
+
+    def fwd():
+        with torch.no_grad():
+            fn(features, labels)
+
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        base = _proc_status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    fwd_bwd()  # first call: warm-up, and the peak-memory measurement
+    sync()
+    first = time.perf_counter() - t0
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _proc_status_bytes("VmHWM") - base
+
+    def median_time(step):
+        if cuda:
+            import triton.testing
+
+            return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median") / 1e3
+        times, spent = [], 0.0
+        while len(times) < 5 and (not times or spent + times[-1] < budget_s):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+            spent += times[-1]
+            if times[-1] > budget_s / 3:
+                break
+        return statistics.median(times)
+
+    fwd_bwd_s = first if (not cuda and first > budget_s / 3) else median_time(fwd_bwd)
+    fwd_s = median_time(fwd)
+    return {"fwd_s": fwd_s, "fwd_bwd_s": fwd_bwd_s, "bwd_s": max(fwd_bwd_s - fwd_s, 0.0), "peak_extra_bytes": max(peak, 0)}
+
+
+def gemm_rate(device, n=8192, dim=128):
+    """bf16 (GPU) or fp32 (CPU) torch.matmul rate in FLOP/s for the loss's GEMM shape [n, D] x [D, n]."""
+    import torch
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a = torch.randn(n, dim, device=device, dtype=dtype)
+    if device.startswith("cuda"):
+        import triton.testing
+
+        t = triton.testing.do_bench(lambda: a @ a.T, return_mode="median") / 1e3
+    else:
+        a @ a.T
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ a.T
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+    return 2 * n * n * dim / t, str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------- the driver
+def environment(device):
+    import torch
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    for dist in ("triton", "pytorch-metric-learning", "fused_contrastive"):
+        try:
+            import importlib.metadata
+
+            info[dist] = importlib.metadata.version(dist)
+        except Exception:
+            info[dist] = None
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                            text=True, check=True).stdout.strip()
+    except Exception:
+        info["git_commit"] = None
+    return info
+
+
+def available_memory_bytes(device):
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info()[1]
+    with open("/proc/meminfo") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return fields["MemAvailable"]
+
+
+def spawn_case(provider, n, dim, dtype, device, budget_s, timeout_s):
+    cmd = [sys.executable, __file__, "--case", provider, str(n), str(dim), dtype, device, str(budget_s)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": f"over the {timeout_s:.0f} s time limit"}
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()
+        last = tail[-1] if tail else f"exit code {out.returncode}"
+        oom = "out of memory" in out.stderr.lower() or "can't allocate" in out.stderr.lower() or out.returncode == -9
+        return {"status": "out of memory" if oom else f"failed: {last[:200]}"}
+    return {"status": "ok", **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def fmt_bytes(b):
+    return "-" if b is None else (f"{b / 2**30:.2f} GB" if b >= 2**30 else f"{b / 2**20:.0f} MB")
+
+
+def fmt_time(t):
+    return "-" if t is None else (f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.1f} ms")
+
+
+def markdown(rows, env, baseline):
+    lines = [f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · "
+             f"commit {env['git_commit']} · {env['date']}", "",
+             f"fwd+bwd of SupCon (L_out, 'all', 2 views, temperature {TEMPERATURE}); peak memory beyond the inputs; "
+             f"ratios against `{baseline}` in the same run.", "",
+             "| provider | N | D | dtype | fwd | fwd+bwd | peak extra memory | time vs " + baseline + " | memory vs " + baseline + " | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['provider']} | {r['n']} | {r['dim']} | {r['dtype']} | {fmt_time(r.get('fwd_s'))} | "
+                     f"{fmt_time(r.get('fwd_bwd_s'))} | {fmt_bytes(r.get('peak_extra_bytes'))} | "
+                     f"{r.get('time_ratio', '-')} | {r.get('memory_ratio', '-')} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_ratios(rows, baseline):
+    base = {(r["n"], r["dim"], r["dtype"]): r for r in rows if r["provider"] == baseline and r["status"] == "ok"}
+    for r in rows:
+        b = base.get((r["n"], r["dim"], r["dtype"]))
+        if r["status"] == "ok" and b is not None and r["provider"] != baseline:
+            r["time_ratio"] = f"{r['fwd_bwd_s'] / b['fwd_bwd_s']:.2f}x"
+            r["memory_ratio"] = f"{r['peak_extra_bytes'] / max(b['peak_extra_bytes'], 1):.3f}x"
+
+
+def plot(rows, path_prefix):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots")
+        return []
+    paths = []
+    groups = sorted({(r["dim"], r["dtype"]) for r in rows})
+    for dim, dtype in groups:
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for provider in dict.fromkeys(r["provider"] for r in rows):
+            pts = [r for r in rows if r["provider"] == provider and r["dim"] == dim and r["dtype"] == dtype and r["status"] == "ok"]
+            if not pts:
+                continue
+            ns = [r["n"] for r in pts]
+            ax_t.plot(ns, [r["fwd_bwd_s"] for r in pts], "o-", label=provider)
+            ax_m.plot(ns, [max(r["peak_extra_bytes"], 1) / 2**20 for r in pts], "o-", label=provider)
+        for ax, title in ((ax_t, "fwd+bwd time (s)"), (ax_m, "peak extra memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N (anchors)")
+            ax.set_title(f"{title}, D={dim}, {dtype}")
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend()
+        fig.tight_layout()
+        path = f"{path_prefix}_D{dim}_{dtype}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small subset")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--providers", default=None, help="comma-separated subset")
+    parser.add_argument("--sizes", default=None, help="comma-separated N values")
+    parser.add_argument("--dims", default=None, help="comma-separated D values")
+    parser.add_argument("--dtypes", default=None, help="comma-separated dtypes")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for JSON, markdown and PNG")
+    parser.add_argument("--tag", default=None, help="file name stem (default: device and date)")
+    parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.case:
+        provider, n, dim, dtype, device, budget = args.case
+        print(json.dumps(run_case(provider, int(n), int(dim), dtype, device, float(budget))))
+        return
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.startswith("cuda")
+    providers = ["chunked", "triton", "cuda", "reference", "supcontrast", "supcontrast-compiled", "pml"]
+    if args.providers:
+        providers = args.providers.split(",")
+    if args.quick:
+        sizes, dims = [1024, 2048, 4096], [128]
+    else:
+        sizes = [1024 * 2**k for k in range(12 if gpu else 6)]
+        dims = [128, 512] if gpu else [128]
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else sizes
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else dims
+    dtypes = args.dtypes.split(",") if args.dtypes else (["bfloat16", "float32"] if gpu else ["float32"])
+    budget_s = 20.0 if gpu else 15.0
+    timeout_s = 300.0 if gpu else 180.0
+    baseline = "supcontrast"
+
+    env = environment(device)
+    memory_limit = 0.8 * available_memory_bytes(device)
+    rate, rate_dtype = gemm_rate(device)
+    env[f"gemm_flops_{rate_dtype}"] = rate
+    print(f"{env['device']}: torch.matmul {rate_dtype} [8192x128]x[128x8192] at {rate / 1e9:.1f} GFLOP/s")
+
+    from tqdm import tqdm
+
+    active = []
+    for p in providers:
+        reason = provider_skip_reason(p, device)
+        if reason:
+            print(f"skipping {p}: {reason}")
+        else:
+            active.append(p)
+    cases = [(p, n, d, t) for d in dims for t in dtypes for p in active for n in sizes]
+    rows, stopped, last_peak = [], {}, {}
+    for provider, n, dim, dtype in tqdm(cases, desc="bench", unit="case"):
+        key = (provider, dim, dtype)
+        row = {"provider": provider, "n": n, "dim": dim, "dtype": dtype}
+        prev = last_peak.get(key)
+        if key in stopped:
+            row["status"] = f"not run ({stopped[key]} at a smaller N)"
+        elif prev is not None and prev[1] * (n / prev[0]) ** 2 > memory_limit:
+            row["status"] = f"skipped: extrapolated peak {fmt_bytes(prev[1] * (n / prev[0]) ** 2)} over the {fmt_bytes(memory_limit)} limit"
+            stopped[key] = "memory limit"
+        else:
+            row.update(spawn_case(provider, n, dim, dtype, device, budget_s, timeout_s))
+            if row["status"] != "ok":
+                stopped[key] = row["status"]
+            else:
+                last_peak[key] = (n, row["peak_extra_bytes"])
+                flops = 6 * n * n * dim
+                row["tflops"] = flops / row["fwd_bwd_s"] / 1e12
+                row["fraction_of_gemm"] = flops / row["fwd_bwd_s"] / rate
+        rows.append(row)
+    add_ratios(rows, baseline)
+
+    md = markdown(rows, env, baseline)
+    print("\n" + md)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or f"{'quick_' if args.quick else ''}{'gpu' if gpu else 'cpu'}_{env['date'][:10]}"
+    stem = os.path.join(args.out, tag)
+    with open(stem + ".json", "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    written = [stem + ".json", stem + ".md"] + plot(rows, stem)
+    print("wrote " + ", ".join(os.path.relpath(p, ROOT) for p in written))
+
+
+if __name__ == "__main__":
+    main()
