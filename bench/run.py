@@ -68,6 +68,12 @@ def make_provider(name):
             return pml(flat, y.repeat(f.shape[1]))
 
         return run
+    if name == "infcl":
+        # Inf-CL (pip install inf-cl) computes a CLIP-style loss of one positive per row, no self
+        # exclusion: not the same loss, shown for scale. Its two sides are the two views.
+        from inf_cl import cal_inf_loss
+
+        return lambda f, y: cal_inf_loss(f[:, 0].contiguous(), f[:, 1].contiguous(), scale=1.0 / TEMPERATURE)
     raise ValueError(name)
 
 
@@ -84,6 +90,11 @@ def provider_skip_reason(name, device):
         return "pytorch-metric-learning is not installed (pip install pytorch-metric-learning)"
     if name == "supcontrast-compiled" and device == "cpu":
         return "torch.compile is measured on GPU only"
+    if name == "infcl":
+        if device == "cpu":
+            return "Inf-CL runs on CUDA devices only"
+        if importlib.util.find_spec("inf_cl") is None:
+            return "inf-cl is not installed (pip install inf-cl)"
     return None
 
 
@@ -243,14 +254,18 @@ def fmt_time(t):
 def markdown(rows, env, baseline):
     lines = [f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · "
              f"commit {env['git_commit']} · {env['date']}", "",
-             f"fwd+bwd of SupCon (L_out, 'all', 2 views, temperature {TEMPERATURE}); peak memory beyond the inputs; "
-             f"ratios against `{baseline}` in the same run.", "",
-             "| provider | N | D | dtype | fwd | fwd+bwd | peak extra memory | time vs " + baseline + " | memory vs " + baseline + " | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"SupCon (L_out, 'all', 2 views, temperature {TEMPERATURE}); bwd = fwd+bwd - fwd (no-grad forward); "
+             f"peak memory beyond the inputs; ratios of fwd+bwd time and peak memory against `{baseline}` in the same run; "
+             f"GEMM rate: torch.matmul {env.get('gemm_dtype')} at {env.get('gemm_flops', 0) / 1e12:.3f} TFLOP/s.", "",
+             "| provider | N | D | dtype | fwd | bwd | fwd+bwd | peak extra memory | time vs " + baseline
+             + " | memory vs " + baseline + " | TFLOP/s (6N²D) | of GEMM rate | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        tflops = f"{r['tflops']:.3f}" if "tflops" in r else "-"
+        frac = f"{100 * r['fraction_of_gemm']:.0f}%" if "fraction_of_gemm" in r else "-"
         lines.append(f"| {r['provider']} | {r['n']} | {r['dim']} | {r['dtype']} | {fmt_time(r.get('fwd_s'))} | "
-                     f"{fmt_time(r.get('fwd_bwd_s'))} | {fmt_bytes(r.get('peak_extra_bytes'))} | "
-                     f"{r.get('time_ratio', '-')} | {r.get('memory_ratio', '-')} | {r['status']} |")
+                     f"{fmt_time(r.get('bwd_s'))} | {fmt_time(r.get('fwd_bwd_s'))} | {fmt_bytes(r.get('peak_extra_bytes'))} | "
+                     f"{r.get('time_ratio', '-')} | {r.get('memory_ratio', '-')} | {tflops} | {frac} | {r['status']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +323,8 @@ def main():
     parser.add_argument("--dtypes", default=None, help="comma-separated dtypes")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for JSON, markdown and PNG")
     parser.add_argument("--tag", default=None, help="file name stem (default: device and date)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="launch no new case after this long (the rest is recorded as not run)")
     parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -320,14 +337,16 @@ def main():
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")
-    providers = ["chunked", "triton", "cuda", "reference", "supcontrast", "supcontrast-compiled", "pml"]
+    providers = ["chunked", "triton", "cuda", "reference", "supcontrast", "supcontrast-compiled", "pml", "infcl"]
     if args.providers:
         providers = args.providers.split(",")
     if args.quick:
         sizes, dims = [1024, 2048, 4096], [128]
     else:
         sizes = [1024 * 2**k for k in range(12 if gpu else 6)]
-        dims = [128, 512] if gpu else [128]
+        dims = [128, 512]
+    # On CPU, D = 512 stops at N = 8192 so that the full run stays within about 10 minutes.
+    max_n = {512: 8192} if not gpu and not args.sizes else {}
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else sizes
     dims = [int(d) for d in args.dims.split(",")] if args.dims else dims
     dtypes = args.dtypes.split(",") if args.dtypes else (["bfloat16", "float32"] if gpu else ["float32"])
@@ -338,7 +357,7 @@ def main():
     env = environment(device)
     memory_limit = 0.8 * available_memory_bytes(device)
     rate, rate_dtype = gemm_rate(device)
-    env[f"gemm_flops_{rate_dtype}"] = rate
+    env["gemm_flops"], env["gemm_dtype"] = rate, rate_dtype
     print(f"{env['device']}: torch.matmul {rate_dtype} [8192x128]x[128x8192] at {rate / 1e9:.1f} GFLOP/s")
 
     from tqdm import tqdm
@@ -350,13 +369,16 @@ def main():
             print(f"skipping {p}: {reason}")
         else:
             active.append(p)
-    cases = [(p, n, d, t) for d in dims for t in dtypes for p in active for n in sizes]
+    cases = [(p, n, d, t) for d in dims for t in dtypes for p in active for n in sizes if n <= max_n.get(d, n)]
     rows, stopped, last_peak = [], {}, {}
+    started = time.perf_counter()
     for provider, n, dim, dtype in tqdm(cases, desc="bench", unit="case"):
         key = (provider, dim, dtype)
         row = {"provider": provider, "n": n, "dim": dim, "dtype": dtype}
         prev = last_peak.get(key)
-        if key in stopped:
+        if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
+            row["status"] = f"not run (past the {args.max_minutes:g}-minute budget)"
+        elif key in stopped:
             row["status"] = f"not run ({stopped[key]} at a smaller N)"
         elif prev is not None and prev[1] * (n / prev[0]) ** 2 > memory_limit:
             row["status"] = f"skipped: extrapolated peak {fmt_bytes(prev[1] * (n / prev[0]) ** 2)} over the {fmt_bytes(memory_limit)} limit"

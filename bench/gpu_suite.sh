@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for a GPU machine that has only this tree (no network;
+# torch, triton, pytest preinstalled): install in place, run the test suite on the GPU, run the
+# benchmark, and write everything under one directory. Budget: about 8 minutes.
+#
+#   bash bench/gpu_suite.sh [OUT_DIR]      (default: bench/results/gpu_<date>)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${1:-bench/results/gpu_$(date -u +%Y-%m-%d)}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/suite.log") 2>&1
+
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+
+echo "== install (no network: no dependencies, no build isolation)"
+$PY -m pip install --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1 \
+  || { echo "pip install failed, see install.log"; tail -20 "$OUT/install.log"; }
+$PY -m fused_contrastive.info | tee "$OUT/info.txt"
+
+echo "== tests (GPU present: the gpu-marked tests run too)"
+timeout 180 $PY -m pytest -q -x --junitxml="$OUT/tests.xml" tests 2>&1 | tail -30
+echo "tests exit code: ${PIPESTATUS[0]}"
+
+echo "== benchmark"
+timeout 330 $PY bench/run.py --out "$OUT" --tag gpu --max-minutes 4.5 --providers "${PROVIDERS:-chunked,triton,cuda,reference,supcontrast,supcontrast-compiled,pml,infcl}"
+echo "benchmark exit code: $?"
+echo "== done: $OUT"
+ls -la "$OUT"
