@@ -6,6 +6,8 @@ reference backend so the two check each other.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 # One table of tolerances, by the dtype of the features: (rtol, atol) applied to the
@@ -18,6 +20,16 @@ TOLERANCES = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
+
+
+# Backends that run CPU tensors here: Triton only under its interpreter, at small sizes (it runs
+# each tile op in numpy); full sizes of every dtype run on a GPU in test_gpu.py.
+CPU_BACKENDS = ["reference", "chunked"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+INTERPRETER_MAX_ROWS = 260
+
+
+def runs_here(backend: str, rows: int) -> bool:
+    return backend != "triton" or rows <= INTERPRETER_MAX_ROWS
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:

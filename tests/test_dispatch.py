@@ -1,4 +1,5 @@
 """Backend choice and the reasons a backend gives for not running."""
+import os
 import subprocess
 import sys
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 import fused_contrastive as fc
+from fused_contrastive import dispatch
+from fused_contrastive.losses import supcon_spec
 
 F = torch.randn(6, 2, 5, requires_grad=True)
 L = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -15,11 +18,20 @@ def test_auto_picks_chunked_on_cpu_and_explains_the_rest():
     reasons = fc.explain_backends(F, L)
     assert reasons["chunked"] is None and reasons["reference"] is None
     assert "cpu" in reasons["cuda"]
-    assert reasons["triton"]  # no Triton kernel runs CPU tensors without the interpreter
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert "cpu" in reasons["triton"]
+    spec = supcon_spec(F, L)
+    assert dispatch.select(spec).name == "chunked"  # even when the interpreter could run triton
+
+
+def test_triton_runs_cpu_tensors_only_under_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "cpu" in fc.explain_backends(F, L)["triton"]
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_explicit_backend_that_cannot_run_raises_its_reason(backend):
+def test_explicit_backend_that_cannot_run_raises_its_reason(backend, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reason = fc.explain_backends(F, L)[backend]
     with pytest.raises(RuntimeError, match=backend) as err:
         fc.supcon_loss(F, L, backend=backend)

@@ -4,10 +4,10 @@ import torch
 
 import fused_contrastive as fc
 
-from helpers import make_features
+from helpers import CPU_BACKENDS, make_features
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", ["all", "one"])
 @pytest.mark.parametrize("positives", ["labels", "simclr", "mask"])
 def test_gradcheck(backend, mode, positives, small_chunks):

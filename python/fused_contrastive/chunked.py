@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .spec import ContrastSpec
+from .spec import ContrastSpec, mean_divisor, temperature_grad
 
 # Elements of one [block, M] fp32 tile (32 MiB): large enough for efficient matmuls,
 # small enough that the few live tiles stay far below the inputs at large N.
@@ -122,20 +122,11 @@ class ChunkedLoss(torch.autograd.Function):
         Q = anchors.to(acc)
         K = Q if anchors is keys else keys.to(acc)
         stats = _forward(spec, Q, K, tau, want_grad)
-        if spec.no_positive == "exclude":
-            count = stats.has_pos.sum().clamp(min=1).to(acc)
-        else:
-            count = torch.full((), spec.num_anchors, dtype=acc, device=K.device)
+        count = mean_divisor(spec, stats.has_pos)
         loss = stats.loss_rows.sum() / count
         if want_grad:
             dQ, dK = stats.dQ / count, stats.dK / count
-            dtau = None
-            if ctx.needs_input_grad[2]:
-                # l_ij is linear in 1/tau, so sum_ij g_ij l_ij = sum_i q_i . dQ_i; the scale
-                # c = tau / base_tau adds loss / tau when a base temperature is given.
-                dtau = -(Q * dQ).sum() / tau
-                if spec.base_temperature is not None:
-                    dtau = dtau + loss / tau
+            dtau = temperature_grad(spec, Q, dQ, loss, tau) if ctx.needs_input_grad[2] else None
             ctx.save_for_backward(dQ, dK, dtau)
             ctx.input_dtypes = (anchors.dtype, keys.dtype)
             ctx.tau_dtype = tau_tensor.dtype if tau_tensor is not None else None

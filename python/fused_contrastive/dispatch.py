@@ -24,14 +24,29 @@ class Backend:
     name: str
     why_not: Callable[[ContrastSpec], Optional[str]]
     loss: Callable[[ContrastSpec], Tensor]
+    # Devices on which ``auto`` considers it. Triton can run CPU tensors under TRITON_INTERPRET=1,
+    # but that is a debugging mode, far slower than chunked: only an explicit request uses it.
+    auto_devices: tuple = ("cpu", "cuda")
+
+
+def _triton_module():
+    """The Triton kernels' module, or the reason it cannot be used."""
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton is not installed (pip install 'fused_contrastive[triton]')"
+    try:
+        from .triton_kernels import supcon
+    except Exception as err:  # a broken or too old Triton: say so instead of failing the loss
+        return None, f"importing the Triton kernels failed: {type(err).__name__}: {err}"
+    return supcon, None
 
 
 def _triton_why_not(spec: ContrastSpec) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if spec.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
-    return "this version ships no Triton kernel for this loss yet"
+    module, reason = _triton_module()
+    return reason if module is None else module.why_not(spec)
+
+
+def _triton_loss(spec: ContrastSpec) -> Tensor:
+    return _triton_module()[0].loss(spec)
 
 
 def _cuda_why_not(spec: ContrastSpec) -> Optional[str]:
@@ -46,8 +61,8 @@ def _unavailable(spec: ContrastSpec) -> Tensor:
 
 # Order of preference for ``auto``; reference is the oracle and is never chosen by ``auto``.
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", _cuda_why_not, _unavailable),
-    "triton": Backend("triton", _triton_why_not, _unavailable),
+    "cuda": Backend("cuda", _cuda_why_not, _unavailable, auto_devices=("cuda",)),
+    "triton": Backend("triton", _triton_why_not, _triton_loss, auto_devices=("cuda",)),
     "chunked": Backend("chunked", chunked.why_not, chunked.loss),
     "reference": Backend("reference", reference.why_not, reference.loss),
 }
@@ -77,6 +92,8 @@ def select(spec: ContrastSpec, backend: str = "auto") -> Backend:
     reasons = {}
     for name in AUTO_ORDER:
         reason = BACKENDS[name].why_not(spec)
+        if reason is None and spec.device.type not in BACKENDS[name].auto_devices:
+            reason = f"auto does not use it for {spec.device.type} tensors (request it explicitly)"
         if reason is None:
             return BACKENDS[name]
         reasons[name] = reason

@@ -79,10 +79,14 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
         raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
     if mask.is_complex():
         raise ValueError(f"mask must be a bool or real tensor of non-negative weights, got dtype {mask.dtype}")
-    mask = mask.to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
+    mask = mask.to(device)
+    weights = mask.to(dtype)
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError("mask must hold finite, non-negative weights (1 marks a positive pair)")
-    return mask
+    # A 0/1 mask travels as bytes (what the fused kernels read tile by tile); other weights as floats.
+    if mask.dtype == torch.bool or bool(((weights == 0) | (weights == 1)).all()):
+        return mask.to(torch.uint8)
+    return weights
 
 
 def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,

@@ -24,7 +24,7 @@ class ContrastSpec:
     self_offset: Optional[int]
     # Positive rule, exactly one of the two:
     #  labels: a_ij = 1 when anchor_labels[i] == key_labels[j] (class ids in [0, num_classes))
-    #  mask:   a_ij = mask[i % mask.shape[0], j % mask.shape[1]] (non-negative weights)
+    #  mask:   a_ij = mask[i % mask.shape[0], j % mask.shape[1]] (uint8 for a 0/1 mask, else float weights >= 0)
     # Either way a_ii(self) = 0 and self is out of the denominator.
     anchor_labels: Optional[Tensor]
     key_labels: Optional[Tensor]
@@ -91,3 +91,19 @@ class ContrastSpec:
         z = mask_rows @ keys_per_column
         self_weight = mask_rows.gather(1, (safe_self % cols_b)[:, None])[:, 0]
         return z - torch.where(has_self, self_weight, torch.zeros_like(self_weight))
+
+
+def mean_divisor(spec: ContrastSpec, has_pos: Tensor) -> Tensor:
+    """How many anchors the mean divides by (at least 1, so an all-excluded batch gives 0, not NaN)."""
+    if spec.no_positive == "exclude":
+        return has_pos.sum().clamp(min=1).to(spec.accum_dtype)
+    return torch.full((), spec.num_anchors, dtype=spec.accum_dtype, device=has_pos.device)
+
+
+def temperature_grad(spec: ContrastSpec, Q: Tensor, dQ: Tensor, loss: Tensor, tau: float) -> Tensor:
+    """dLoss/dtau from dQ: l_ij is linear in 1/tau, so sum_ij g_ij l_ij = sum_i q_i . dQ_i, and
+    dtau = -(1/tau) sum_i q_i . dQ_i; the scale c = tau / base_tau adds loss / tau when a base is given."""
+    dtau = -(Q.to(dQ.dtype) * dQ).sum() / tau
+    if spec.base_temperature is not None:
+        dtau = dtau + loss / tau
+    return dtau

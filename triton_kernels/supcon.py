@@ -1,0 +1,346 @@
+"""SupCon / SimCLR (DESIGN.md's general loss with a_ij in {labels, dense mask}) as fused Triton kernels.
+
+Read top to bottom: the three kernels (forward; dQ row-parallel; dK column-parallel),
+their launchers (grid, autotuning, argument plumbing), the autograd.Function, and the
+``loss(spec)`` entry that fused_contrastive's dispatcher calls.
+
+Every tile of logits ``l = Q_blk K_blk^T / tau`` lives in registers only. The forward
+keeps per row a running max ``m``, running ``sum exp(l - m)`` and ``pos_sum = sum a*l``
+and saves ``lse`` (fp32). The backward recomputes each tile from ``lse``:
+``g = coef_i * (exp(l - lse_i) - a_ij / Z_i)`` (``coef_i`` carries dLoss/dL_i and the
+scale c), then ``dQ = g K / tau`` in one kernel and ``dK = g^T Q / tau`` in another:
+no atomics, so results are bit-deterministic. Positives come from label vectors or
+from the user's ``[B, B]`` mask (bytes for a 0/1 mask, fp32 weights otherwise), read
+tile by tile; nothing of size Na x M is ever written.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_rows(X, idx, ok, offs_d, D, stride_m, stride_d, DOT_IN_FP32: tl.constexpr):
+    """Rows X[idx] as a [len(idx), BLOCK_D] tile, zero outside the rows and past D (padding without a copy)."""
+    x = tl.load(X + idx[:, None] * stride_m + offs_d[None, :] * stride_d, mask=ok[:, None] & (offs_d[None, :] < D),
+                other=0.0)
+    if DOT_IN_FP32:  # Triton's interpreter multiplies bf16 bit patterns in tl.dot; only it sets this
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok, PRECISION: tl.constexpr,
+                 ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """l = q K[cols]^T / tau in the accumulation dtype, and the key tile."""
+    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32)
+    l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+    return l, k
+
+
+@triton.jit
+def _positive_weights(rows, cols, row_ok, valid, anchor_label, KL, MASK, mask_rows, mask_cols, stride_mm,
+                      USE_MASK: tl.constexpr, ACC: tl.constexpr):
+    """a_ij for one tile (0 outside the denominator), from labels or the [B, B] mask."""
+    if USE_MASK:
+        a = tl.load(MASK + (rows % mask_rows)[:, None] * stride_mm + (cols % mask_cols)[None, :],
+                    mask=row_ok[:, None] & valid, other=0).to(ACC)
+    else:
+        key_label = tl.load(KL + cols, mask=cols >= 0, other=-1)
+        a = tl.where(valid & (anchor_label[:, None] == key_label[None, :]), 1.0, 0.0).to(ACC)
+    return a
+
+
+@triton.jit
+def _supcon_fwd_kernel(
+    Q, K, INV_TAU, AL, KL, MASK, LSE, POS_SUM,
+    Na, M, D, self_offset, mask_rows, mask_cols,
+    stride_qm, stride_qd, stride_km, stride_kd, stride_mm,
+    N_BUCKET,  # autotuning key only
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < Na
+    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32)
+    inv_tau = tl.load(INV_TAU)
+    if USE_MASK:
+        anchor_label = rows
+    else:
+        anchor_label = tl.load(AL + rows, mask=row_ok, other=-2)
+    self_col = rows + self_offset
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    sum_exp = tl.zeros([BLOCK_M], ACC)
+    pos_sum = tl.zeros([BLOCK_M], ACC)
+    for start in range(0, M, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < M
+        l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok, PRECISION, ACC, DOT_IN_FP32)
+        valid = col_ok[None, :]
+        if HAS_SELF:
+            valid = valid & (cols[None, :] != self_col[:, None])
+        a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
+                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+        pos_sum += tl.sum(a * l, 1)
+        # Rows and columns outside the denominator become -inf before the max, not after.
+        l = tl.where(valid, l, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(l, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp() finite
+        sum_exp = sum_exp * tl.exp(m_i - m_safe) + tl.sum(tl.exp(l - m_safe[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(sum_exp > 0, m_i + tl.log(sum_exp), float("-inf"))
+    tl.store(LSE + rows, lse, mask=row_ok)
+    tl.store(POS_SUM + rows, pos_sum, mask=row_ok)
+
+
+@triton.jit
+def _tile_grad(l, a, valid, lse_safe, coef, pos_scale):
+    """g_ij = coef_i * (exp(l_ij - LSE_i) - a_ij / Z_i) on the denominator, 0 elsewhere."""
+    p = tl.where(valid, tl.exp(l - lse_safe[:, None]), 0.0)
+    return coef[:, None] * (p - a * pos_scale[:, None])
+
+
+@triton.jit
+def _supcon_bwd_dq_kernel(
+    Q, K, INV_TAU, AL, KL, MASK, LSE, COEF, POS_SCALE, DQ,
+    Na, M, D, self_offset, mask_rows, mask_cols,
+    stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dqm,
+    N_BUCKET,
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < Na
+    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32)
+    inv_tau = tl.load(INV_TAU)
+    if USE_MASK:
+        anchor_label = rows
+    else:
+        anchor_label = tl.load(AL + rows, mask=row_ok, other=-2)
+    self_col = rows + self_offset
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
+    pos_scale = tl.load(POS_SCALE + rows, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start in range(0, M, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < M
+        l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok, PRECISION, ACC, DOT_IN_FP32)
+        valid = col_ok[None, :]
+        if HAS_SELF:
+            valid = valid & (cols[None, :] != self_col[:, None])
+        a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
+                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+        g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
+        dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+    dq = dq * inv_tau
+    tl.store(DQ + rows[:, None] * stride_dqm + offs_d[None, :], dq, mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _supcon_bwd_dk_kernel(
+    Q, K, INV_TAU, AL, KL, MASK, LSE, COEF, POS_SCALE, DK,
+    Na, M, D, self_offset, mask_rows, mask_cols,
+    stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dkm,
+    N_BUCKET,
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < M
+    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32)
+    inv_tau = tl.load(INV_TAU)
+    safe_cols = tl.where(col_ok, cols, -1)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for start in range(0, Na, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < Na
+        q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32)
+        l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+        if USE_MASK:
+            anchor_label = rows
+        else:
+            anchor_label = tl.load(AL + rows, mask=row_ok, other=-2)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+        coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
+        pos_scale = tl.load(POS_SCALE + rows, mask=row_ok, other=0.0)
+        valid = col_ok[None, :] & row_ok[:, None]
+        if HAS_SELF:
+            valid = valid & (cols[None, :] != (rows + self_offset)[:, None])
+        a = _positive_weights(rows, safe_cols, row_ok, valid, anchor_label, KL, MASK,
+                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+        g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
+        dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
+    dk = dk * inv_tau
+    tl.store(DK + cols[:, None] * stride_dkm + offs_d[None, :], dk, mask=col_ok[:, None] & (offs_d[None, :] < D))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+MAX_D = 512  # whole-D tiles: dq/dk accumulators of [BLOCK, D] fp32 must fit in registers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs():
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the pruner keeps those whose tiles fit D.
+    shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
+              (32, 64, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose register tiles fit BLOCK_D; the interpreter and tiny problems get one small config."""
+    args = {**named_args, **kwargs}  # launchers pass everything by keyword
+    block_d = args["BLOCK_D"]
+    n = max(args["Na"], args["M"])
+    if _interpreting():  # exactly one config: the autotuner then runs it without benchmarking
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (32, 32)]
+    if n <= 64:
+        return [configs[-1]]
+    budget = 128 * 128 if block_d <= 64 else (64 * 128 if block_d <= 128 else (64 * 64 if block_d <= 256 else 32 * 32))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * max(c.kwargs["BLOCK_N"], 64) <= budget
+            and c.kwargs["BLOCK_M"] >= 32]
+    return kept or configs[-1:]
+
+
+def _autotuned(kernel):
+    return triton.autotune(configs=_configs(), key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION"],
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+supcon_fwd = _autotuned(_supcon_fwd_kernel)
+supcon_bwd_dq = _autotuned(_supcon_bwd_dq_kernel)
+supcon_bwd_dk = _autotuned(_supcon_bwd_dk_kernel)
+
+
+def why_not(spec) -> str | None:
+    """Why these kernels cannot run the spec (None: they can)."""
+    if spec.device.type != "cuda" and not _interpreting():
+        return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
+    dim = spec.keys.shape[1]
+    if dim > MAX_D:
+        return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
+    if spec.keys.dtype == torch.float64 and not _interpreting():
+        return "float64 inputs: the kernels use tensor cores (fp32/fp16/bf16); use chunked or reference"
+    return None
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use full IEEE fp32 unless torch.backends.cuda.matmul.allow_tf32 is set (then tf32)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _common_args(spec, Q, K, inv_tau):
+    mask = spec.mask
+    dummy = torch.zeros(1, dtype=torch.int32, device=K.device)
+    al = spec.anchor_labels if mask is None else dummy
+    kl = spec.key_labels if mask is None else dummy
+    mask_t = mask if mask is not None else dummy
+    mask_rows, mask_cols = (mask.shape if mask is not None else (1, 1))
+    dim = K.shape[1]
+    return dict(
+        Q=Q, K=K, INV_TAU=inv_tau, AL=al, KL=kl, MASK=mask_t,
+        Na=Q.shape[0], M=K.shape[0], D=dim,
+        self_offset=spec.self_offset if spec.self_offset is not None else 0,
+        mask_rows=mask_rows, mask_cols=mask_cols,
+        stride_qm=Q.stride(0), stride_qd=Q.stride(1), stride_km=K.stride(0), stride_kd=K.stride(1),
+        stride_mm=mask_t.stride(0) if mask is not None else 0,
+        N_BUCKET=triton.next_power_of_2(max(Q.shape[0], K.shape[0])),
+        HAS_SELF=spec.self_offset is not None, USE_MASK=mask is not None, PRECISION=_precision(K.dtype),
+        ACC=tl.float64 if K.dtype == torch.float64 else tl.float32,
+        DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+    )
+
+
+def forward_stats(spec, Q, K, inv_tau):
+    """(lse, pos_sum) per anchor in the accumulation dtype."""
+    args = _common_args(spec, Q, K, inv_tau)
+    lse = torch.empty(Q.shape[0], dtype=spec.accum_dtype, device=K.device)
+    pos_sum = torch.empty_like(lse)
+    grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
+    supcon_fwd[grid](LSE=lse, POS_SUM=pos_sum, **args)
+    return lse, pos_sum
+
+
+def backward_grads(spec, Q, K, inv_tau, lse, coef, pos_scale, need_dq=True, need_dk=True):
+    """dQ and dK of sum_i coef_i * L_i / c (accumulation dtype), recomputing every tile from lse."""
+    args = _common_args(spec, Q, K, inv_tau)
+    dq = dk = None
+    if need_dq:
+        dq = torch.empty(Q.shape, dtype=spec.accum_dtype, device=K.device)
+        grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
+        supcon_bwd_dq[grid](LSE=lse, COEF=coef, POS_SCALE=pos_scale, DQ=dq, stride_dqm=dq.stride(0), **args)
+    if need_dk:
+        dk = torch.empty(K.shape, dtype=spec.accum_dtype, device=K.device)
+        grid = lambda meta: (triton.cdiv(K.shape[0], meta["BLOCK_N"]),)  # noqa: E731
+        supcon_bwd_dk[grid](LSE=lse, COEF=coef, POS_SCALE=pos_scale, DK=dk, stride_dkm=dk.stride(0), **args)
+    return dq, dk
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class TritonSupConLoss(torch.autograd.Function):
+    """Mean SupCon loss over anchors; inputs (anchors, keys, temperature tensor or None, spec)."""
+
+    @staticmethod
+    def forward(ctx, anchors, keys, tau_tensor, spec):
+        from fused_contrastive.spec import mean_divisor
+
+        acc = spec.accum_dtype
+        tau = spec.tau_value()
+        # 1/tau travels as a one-element tensor so a learnable temperature needs no host round trip.
+        if tau_tensor is not None:
+            inv_tau = (1.0 / tau_tensor.detach().to(device=keys.device, dtype=acc)).reshape(1)
+        else:
+            inv_tau = torch.full((1,), 1.0 / tau, dtype=acc, device=keys.device)
+        lse, pos_sum = forward_stats(spec, anchors, keys, inv_tau)
+        pos_count = spec.pos_count()
+        has_pos = pos_count > 0
+        pos_scale = torch.where(has_pos, 1.0 / torch.where(has_pos, pos_count, torch.ones_like(pos_count)), 0.0)
+        c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
+        loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
+        count = mean_divisor(spec, has_pos)
+        loss = loss_rows.sum() / count
+        ctx.spec, ctx.tau, ctx.c = spec, tau, c
+        ctx.tau_dtype = tau_tensor.dtype if tau_tensor is not None else None
+        ctx.save_for_backward(anchors, keys, inv_tau, lse, pos_scale, has_pos, count, loss)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from fused_contrastive.spec import temperature_grad
+
+        anchors, keys, inv_tau, lse, pos_scale, has_pos, count, loss = ctx.saved_tensors
+        spec = ctx.spec
+        need_q, need_k, need_tau = ctx.needs_input_grad[:3]
+        coef = torch.where(has_pos, grad_loss * (ctx.c / count), 0.0).to(lse.dtype)
+        dq, dk = backward_grads(spec, anchors, keys, inv_tau, lse, coef, pos_scale,
+                                need_dq=need_q or need_tau, need_dk=need_k)
+        dtau = None
+        if need_tau:
+            dtau = temperature_grad(spec, anchors, dq, loss * grad_loss, ctx.tau).to(ctx.tau_dtype)
+        return (dq.to(anchors.dtype) if need_q else None, dk.to(keys.dtype) if need_k else None, dtau, None)
+
+
+def loss(spec):
+    tau = spec.temperature if isinstance(spec.temperature, torch.Tensor) else None
+    return TritonSupConLoss.apply(spec.anchors, spec.keys, tau, spec)
