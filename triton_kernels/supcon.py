@@ -196,36 +196,69 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs():
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the pruner keeps those whose tiles fit D.
-    shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
-              (32, 64, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel family, input width and BLOCK_D: the configs
+# the autotuner may try. Each compiles for sm_80 and sm_90 without register spills
+# (tests/test_aot_compile.py): the backward kernels hold a [BLOCK, BLOCK_D] fp32 accumulator, so
+# their tiles shrink sooner; fp32 inputs (tf32x3 on tensor cores) only fit whole rows up to D = 64.
+TILE_CONFIGS = {
+    ("fwd", 2): {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+                 128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+                 256: [(64, 64, 8, 3), (64, 32, 4, 3)],
+                 512: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+    ("bwd", 2): {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+                 128: [(128, 64, 8, 3), (64, 32, 4, 4)],
+                 256: [(64, 32, 8, 3), (16, 32, 4, 2)],
+                 512: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+    ("fwd", 4): {64: [(32, 32, 4, 2)]},
+    ("bwd", 4): {64: [(32, 32, 4, 2)]},
+}
+# Before Hopper, mma.sync keeps more of the tile in registers: the 128-row backward tile spills there.
+PRE_HOPPER_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
+SMALL_PROBLEM = {2: (16, 32, 4, 2), 4: (32, 32, 4, 2)}  # N <= 64: one tile shape, no tuning
+INTERPRETER = (32, 32, 4, 2)  # the interpreter runs one op per tile in numpy: few, mid-sized tiles
+FP32_MAX_D = 64
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep configs whose register tiles fit BLOCK_D; the interpreter and tiny problems get one small config."""
-    args = {**named_args, **kwargs}  # launchers pass everything by keyword
-    block_d = args["BLOCK_D"]
-    n = max(args["Na"], args["M"])
-    if _interpreting():  # exactly one config: the autotuner then runs it without benchmarking
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (32, 32)]
+def _config(shape):
+    m, n, w, st = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+
+
+def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int):
+    """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may try for one launch."""
     if n <= 64:
-        return [configs[-1]]
-    budget = 128 * 128 if block_d <= 64 else (64 * 128 if block_d <= 128 else (64 * 64 if block_d <= 256 else 32 * 32))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * max(c.kwargs["BLOCK_N"], 64) <= budget
-            and c.kwargs["BLOCK_M"] >= 32]
-    return kept or configs[-1:]
+        return [SMALL_PROBLEM[elem_bytes]]
+    bucket = max(64, block_d)
+    shapes = TILE_CONFIGS[(family, elem_bytes)][bucket]
+    if arch < 90:
+        dropped = PRE_HOPPER_DROP.get((family, elem_bytes), {}).get(bucket, [])
+        shapes = [sh for sh in shapes if sh not in dropped]
+    return shapes
 
 
-def _autotuned(kernel):
-    return triton.autotune(configs=_configs(), key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION"],
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+def _pruner(family: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}  # launchers pass everything by keyword
+        if _interpreting():  # exactly one config: the autotuner then runs it without benchmarking
+            return [_config(INTERPRETER)]
+        q = args["Q"]
+        major, minor = torch.cuda.get_device_capability(q.device)
+        shapes = tile_shapes(family, q.element_size(), args["BLOCK_D"], 10 * major + minor, max(args["Na"], args["M"]))
+        return [_config(sh) for sh in shapes]
+    return prune
 
 
-supcon_fwd = _autotuned(_supcon_fwd_kernel)
-supcon_bwd_dq = _autotuned(_supcon_bwd_dq_kernel)
-supcon_bwd_dk = _autotuned(_supcon_bwd_dk_kernel)
+def _autotuned(kernel, family):
+    shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
+                     for sh in t} | set(SMALL_PROBLEM.values()))
+    return triton.autotune(configs=[_config(sh) for sh in shapes],
+                           key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION"],
+                           prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
+
+
+supcon_fwd = _autotuned(_supcon_fwd_kernel, "fwd")
+supcon_bwd_dq = _autotuned(_supcon_bwd_dq_kernel, "bwd")
+supcon_bwd_dk = _autotuned(_supcon_bwd_dk_kernel, "bwd")
 
 
 def why_not(spec) -> str | None:
@@ -235,16 +268,25 @@ def why_not(spec) -> str | None:
     dim = spec.keys.shape[1]
     if dim > MAX_D:
         return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
-    if spec.keys.dtype == torch.float64 and not _interpreting():
+    if _interpreting():
+        return None
+    if spec.keys.dtype == torch.float64:
         return "float64 inputs: the kernels use tensor cores (fp32/fp16/bf16); use chunked or reference"
+    if spec.keys.dtype == torch.float32 and dim > FP32_MAX_D:
+        return (f"float32 inputs with D = {dim} > {FP32_MAX_D}: whole fp32 rows would spill registers; "
+                "pass bf16/fp16 features, or use chunked (cuBLAS) for fp32")
     return None
 
 
+# fp32 inputs: "tf32x3" (three tf32 products, fp32-accurate, on tensor cores) unless the user opts
+# into plain tf32 the way PyTorch users do: torch.backends.cuda.matmul.allow_tf32 = True.
+FP32_PRECISION = "tf32x3"
+
+
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use full IEEE fp32 unless torch.backends.cuda.matmul.allow_tf32 is set (then tf32)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    if dtype != torch.float32 or _interpreting():
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else FP32_PRECISION
 
 
 def _common_args(spec, Q, K, inv_tau):

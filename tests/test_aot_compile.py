@@ -1,0 +1,25 @@
+"""Every shipped Triton config compiles ahead of time for sm_80 and sm_90 (no GPU needed) without
+register spills, and its matrix products land on tensor cores (mma.sync / wgmma).
+
+It runs in a subprocess: this test session decorates the kernels for the interpreter."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+CASES = [f"{arch}:{dtype}:{dim}" for arch in (80, 90)
+         for dtype, dim in (("bfloat16", 128), ("bfloat16", 512), ("float16", 64), ("float32", 33))]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shipped_configs_compile_without_spills(case):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "fused_contrastive.triton_kernels.aot", "--cases", case],
+                         capture_output=True, text=True, env=env)
+    rows = [line for line in out.stdout.splitlines() if "regs" in line]
+    assert rows, out.stdout + out.stderr[-3000:]
+    assert out.returncode == 0, "\n".join(rows) + out.stderr[-3000:]
