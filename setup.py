@@ -56,7 +56,7 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "hypothesis", "scikit-learn"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "triton>=3.6"],
         "bench": ["matplotlib", "tqdm", "pytorch-metric-learning"],
     },
     ext_modules=ext_modules,
