@@ -129,3 +129,31 @@ def test_temperature_tensor_gradient(backend, base_temperature):
     assert_close(loss, expected, torch.float64, "loss")
     for g, e, name in zip(grads, expected_grads, ("features", "temperature")):
         assert_close(g, e, torch.float64, name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["all", "one"])
+@pytest.mark.parametrize("tensor_temperature", [False, True])
+def test_normalize_option_equals_normalizing_first(backend, mode, tensor_temperature):
+    gen = torch.Generator().manual_seed(21)
+    raw = torch.randn(45, 2, 19, dtype=torch.float64, generator=gen) * torch.rand(45, 2, 1, generator=gen) * 5
+    features = raw.requires_grad_()
+    labels, _ = make_labels("random", 45, seed=21)
+    tau = torch.tensor(0.15, dtype=torch.float64, requires_grad=True) if tensor_temperature else 0.15
+    inputs = (features, tau) if tensor_temperature else (features,)
+
+    def expected_fn(f):
+        return supcontrast_float64(torch.nn.functional.normalize(f, dim=-1), labels, temperature=tau,
+                                   base_temperature=0.1, contrast_mode=mode)
+
+    def actual_fn(f):
+        return fc.supcon_loss(f, labels, temperature=tau, base_temperature=0.1, contrast_mode=mode,
+                              normalize=True, backend=backend)
+
+    expected = expected_fn(features)
+    expected_grads = torch.autograd.grad(expected, inputs)
+    actual = actual_fn(features)
+    grads = torch.autograd.grad(actual, inputs)
+    assert_close(actual, expected, torch.float64, "loss")
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, torch.float64, "grad")

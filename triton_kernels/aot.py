@@ -97,6 +97,7 @@ def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: 
     if precision is None:
         precision = supcon.FP32_PRECISION if dtype == "float32" else "ieee"
     constexprs = dict(HAS_SELF=True, USE_MASK=use_mask, PRECISION=precision, ACC=tl.float32, DOT_IN_FP32=False,
+                      NORMALIZE=False,
                       BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
                       BLOCK_D=max(16, triton.next_power_of_2(dim)))
     for name in constexprs:

@@ -25,10 +25,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_rows(X, idx, ok, offs_d, D, stride_m, stride_d, DOT_IN_FP32: tl.constexpr):
-    """Rows X[idx] as a [len(idx), BLOCK_D] tile, zero outside the rows and past D (padding without a copy)."""
-    x = tl.load(X + idx[:, None] * stride_m + offs_d[None, :] * stride_d, mask=ok[:, None] & (offs_d[None, :] < D),
-                other=0.0)
+def _load_rows(X, idx, ok, offs_d, D, stride_m, stride_d, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
+               ACC: tl.constexpr):
+    """Rows X[idx] as a [len(idx), BLOCK_D] tile, zero outside the rows and past D (padding without a copy),
+    L2-normalised in registers when NORMALIZE (x / max(|x|, 1e-12), as F.normalize)."""
+    # int64 offsets: N * D passes 2**31 at N = 4M, D = 512, and an int32 overflow would read wrong rows.
+    x = tl.load(X + idx.to(tl.int64)[:, None] * stride_m + offs_d[None, :] * stride_d,
+                mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if NORMALIZE:
+        xf = x.to(ACC)
+        inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), 1e-12)
+        x = (xf * inv_norm[:, None]).to(x.dtype)
     if DOT_IN_FP32:  # Triton's interpreter multiplies bf16 bit patterns in tl.dot; only it sets this
         x = x.to(tl.float32)
     return x
@@ -36,9 +43,9 @@ def _load_rows(X, idx, ok, offs_d, D, stride_m, stride_d, DOT_IN_FP32: tl.conste
 
 @triton.jit
 def _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok, PRECISION: tl.constexpr,
-                 ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+                 ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr):
     """l = q K[cols]^T / tau in the accumulation dtype, and the key tile."""
-    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32)
+    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, NORMALIZE, ACC)
     l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
     return l, k
 
@@ -62,13 +69,13 @@ def _supcon_fwd_kernel(
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm,
     N_BUCKET,  # autotuning key only
-    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Na
-    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32)
+    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC)
     inv_tau = tl.load(INV_TAU)
     if USE_MASK:
         anchor_label = rows
@@ -82,7 +89,8 @@ def _supcon_fwd_kernel(
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok, PRECISION, ACC, DOT_IN_FP32)
+        l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
+                            PRECISION, ACC, DOT_IN_FP32, NORMALIZE)
         valid = col_ok[None, :]
         if HAS_SELF:
             valid = valid & (cols[None, :] != self_col[:, None])
@@ -113,13 +121,13 @@ def _supcon_bwd_dq_kernel(
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dqm,
     N_BUCKET,
-    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Na
-    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32)
+    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC)
     inv_tau = tl.load(INV_TAU)
     if USE_MASK:
         anchor_label = rows
@@ -135,7 +143,8 @@ def _supcon_bwd_dq_kernel(
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok, PRECISION, ACC, DOT_IN_FP32)
+        l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
+                            PRECISION, ACC, DOT_IN_FP32, NORMALIZE)
         valid = col_ok[None, :]
         if HAS_SELF:
             valid = valid & (cols[None, :] != self_col[:, None])
@@ -144,7 +153,8 @@ def _supcon_bwd_dq_kernel(
         g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
         dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * inv_tau
-    tl.store(DQ + rows[:, None] * stride_dqm + offs_d[None, :], dq, mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DQ + rows.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :], dq,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -153,20 +163,20 @@ def _supcon_bwd_dk_kernel(
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dkm,
     N_BUCKET,
-    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < M
-    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32)
+    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, NORMALIZE, ACC)
     inv_tau = tl.load(INV_TAU)
     safe_cols = tl.where(col_ok, cols, -1)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start in range(0, Na, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Na
-        q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32)
+        q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC)
         l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
         if USE_MASK:
             anchor_label = rows
@@ -184,7 +194,8 @@ def _supcon_bwd_dk_kernel(
         g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
         dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * inv_tau
-    tl.store(DK + cols[:, None] * stride_dkm + offs_d[None, :], dk, mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DK + cols.to(tl.int64)[:, None] * stride_dkm + offs_d[None, :], dk,
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -308,6 +319,7 @@ def _common_args(spec, Q, K, inv_tau):
         HAS_SELF=spec.self_offset is not None, USE_MASK=mask is not None, PRECISION=_precision(K.dtype),
         ACC=tl.float64 if K.dtype == torch.float64 else tl.float32,
         DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
+        NORMALIZE=bool(spec.normalize),
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
     )
 
@@ -323,15 +335,17 @@ def forward_stats(spec, Q, K, inv_tau):
 
 
 def backward_grads(spec, Q, K, inv_tau, lse, coef, pos_scale, need_dq=True, need_dk=True):
-    """dQ and dK of sum_i coef_i * L_i / c (accumulation dtype), recomputing every tile from lse."""
+    """dQ and dK of sum_i coef_i * L_i / c (input dtype), recomputing every tile from lse."""
     args = _common_args(spec, Q, K, inv_tau)
     dq = dk = None
     if need_dq:
-        dq = torch.empty(Q.shape, dtype=spec.accum_dtype, device=K.device)
+        # Stored in the input dtype (accumulated in fp32 registers): at N = 1M, D = 128 fp32 copies
+        # of dQ and dK alone would take 1 GB.
+        dq = torch.empty(Q.shape, dtype=Q.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
         supcon_bwd_dq[grid](LSE=lse, COEF=coef, POS_SCALE=pos_scale, DQ=dq, stride_dqm=dq.stride(0), **args)
     if need_dk:
-        dk = torch.empty(K.shape, dtype=spec.accum_dtype, device=K.device)
+        dk = torch.empty(K.shape, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(K.shape[0], meta["BLOCK_N"]),)  # noqa: E731
         supcon_bwd_dk[grid](LSE=lse, COEF=coef, POS_SCALE=pos_scale, DK=dk, stride_dkm=dk.stride(0), **args)
     return dq, dk
@@ -379,8 +393,27 @@ class TritonSupConLoss(torch.autograd.Function):
                                 need_dq=need_q or need_tau, need_dk=need_k)
         dtau = None
         if need_tau:
-            dtau = temperature_grad(spec, anchors, dq, loss * grad_loss, ctx.tau).to(ctx.tau_dtype)
+            q_used = _normalized(anchors, spec.accum_dtype) if spec.normalize else anchors
+            dtau = temperature_grad(spec, q_used, dq, loss * grad_loss, ctx.tau).to(ctx.tau_dtype)
+        if spec.normalize:  # the kernels differentiated w.r.t. the normalised rows: chain through x / |x|
+            dq = _normalize_backward(anchors, dq) if need_q else None
+            dk = _normalize_backward(keys, dk) if need_k else None
         return (dq.to(anchors.dtype) if need_q else None, dk.to(keys.dtype) if need_k else None, dtau, None)
+
+
+def _normalized(x, dtype):
+    xf = x.to(dtype)
+    return xf / xf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _normalize_backward(x, grad_normalized):
+    """Gradient w.r.t. x of y = x / max(|x|, eps) (F.normalize), given dL/dy; in fp32 or wider."""
+    grad_normalized = grad_normalized.to(torch.promote_types(grad_normalized.dtype, torch.float32))
+    xf = x.to(grad_normalized.dtype)
+    norm = xf.norm(dim=1, keepdim=True)
+    y = xf / norm.clamp_min(1e-12)
+    projected = grad_normalized - y * (y * grad_normalized).sum(1, keepdim=True)
+    return torch.where(norm > 1e-12, projected / norm.clamp_min(1e-12), grad_normalized / 1e-12)
 
 
 def loss(spec):

@@ -144,8 +144,8 @@ class ChunkedLoss(torch.autograd.Function):
 
 def loss(spec: ContrastSpec) -> Tensor:
     tau = spec.temperature if isinstance(spec.temperature, Tensor) else None
-    out = ChunkedLoss.apply(spec.anchors, spec.keys, tau, spec)
-    return out
+    anchors, keys = spec.normalized_inputs()
+    return ChunkedLoss.apply(anchors, keys, tau, spec)
 
 
 def why_not(spec: ContrastSpec) -> str | None:

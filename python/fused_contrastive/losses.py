@@ -90,7 +90,7 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
 
 
 def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
-                contrast_mode="all", no_positive="zero") -> ContrastSpec:
+                contrast_mode="all", no_positive="zero", normalize=False) -> ContrastSpec:
     """Validate SupCon arguments and describe the loss (no computation)."""
     features = _flatten_views(features)
     temperature = _check_temperature("temperature", temperature)
@@ -99,6 +99,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
         raise ValueError("base_temperature must be a number, not a tensor that requires grad")
     _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
     _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
+    _check_choice("normalize", normalize, (False, True))
     if labels is not None and mask is not None:
         raise ValueError("pass either labels or mask, not both")
     bsz, n_views, _ = features.shape
@@ -121,19 +122,20 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     return ContrastSpec(
         anchors=anchors, keys=keys, self_offset=0,
         anchor_labels=anchor_labels, key_labels=key_labels, num_classes=num_classes, mask=dense,
-        temperature=temperature, base_temperature=base_temperature, no_positive=no_positive,
+        temperature=temperature, base_temperature=base_temperature, no_positive=no_positive, normalize=normalize,
     )
 
 
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
-                contrast_mode="all", no_positive="zero", backend="auto") -> Tensor:
+                contrast_mode="all", no_positive="zero", normalize=False, backend="auto") -> Tensor:
     """Supervised contrastive loss (Khosla et al., L_out), SimCLR's NT-Xent without labels.
 
     features: ``[bsz, n_views, ...]`` (extra dims flattened) or flat ``[N, D]`` (one view).
     labels: ``[bsz]`` class of each sample, or mask: ``[bsz, bsz]`` positive weights
     (``mask[i, j] = 1`` when sample j is a positive of sample i; may be asymmetric).
     Neither: SimCLR (the other views of a sample are its positives).
-    The features are used as given (normalise them first, as SupContrast expects).
+    The features are used as given (normalise them first, as SupContrast expects), or
+    ``normalize=True`` L2-normalises each view's row first (fused into the Triton kernels).
     ``base_temperature=None`` means equal to ``temperature`` (loss scale 1).
     ``no_positive``: an anchor without positives has loss exactly 0; ``"zero"`` keeps it
     in the mean (SupContrast), ``"exclude"`` leaves it out (pytorch-metric-learning).
@@ -141,7 +143,7 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     """
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     spec = supcon_spec(features, labels, mask, temperature=temperature, base_temperature=base_temperature,
-                       contrast_mode=contrast_mode, no_positive=no_positive)
+                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize)
     return dispatch.run(spec, backend)
 
 
@@ -149,13 +151,15 @@ class SupConLoss(nn.Module):
     """Drop-in for SupContrast's ``SupConLoss``: same constructor and ``forward(features, labels, mask)``."""
 
     def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *,
-                 backend="auto", no_positive="zero"):
+                 backend="auto", no_positive="zero", normalize=False):
         super().__init__()
         _check_temperature("temperature", temperature)
         _check_temperature("base_temperature", base_temperature, allow_none=True)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("normalize", normalize, (False, True))
+        self.normalize = normalize
         self.temperature = temperature
         self.contrast_mode = contrast_mode
         self.base_temperature = base_temperature
@@ -165,9 +169,9 @@ class SupConLoss(nn.Module):
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
         return supcon_loss(features, labels, mask, temperature=self.temperature,
                            base_temperature=self.base_temperature, contrast_mode=self.contrast_mode,
-                           no_positive=self.no_positive, backend=self.backend)
+                           no_positive=self.no_positive, normalize=self.normalize, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
                 f"base_temperature={self.base_temperature}, backend={self.backend!r}, "
-                f"no_positive={self.no_positive!r}")
+                f"no_positive={self.no_positive!r}, normalize={self.normalize}")

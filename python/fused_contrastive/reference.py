@@ -36,7 +36,8 @@ def per_row(spec: ContrastSpec) -> tuple[Tensor, Tensor, Tensor]:
     """(L_i, LSE_i, has_pos_i) with autograd attached to anchors, keys and temperature."""
     acc = spec.accum_dtype
     tau = spec.temperature.to(acc) if isinstance(spec.temperature, Tensor) else spec.temperature
-    logits = spec.anchors.to(acc) @ spec.keys.to(acc).T / tau
+    anchors, keys = spec.normalized_inputs()
+    logits = anchors.to(acc) @ keys.to(acc).T / tau
     in_denominator = not_self(spec)
     # A row with no key at all (one sample, one view) gets a dummy finite row;
     # its loss is dropped below, and the dummy keeps NaN out of autograd.

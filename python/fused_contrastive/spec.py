@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 NO_POSITIVE_MODES = ("zero", "exclude")
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,16 @@ class ContrastSpec:
     temperature: Union[float, Tensor]  # tau; a 0-dim tensor when it may need a gradient
     base_temperature: Optional[float]  # None: c = 1, else c = tau / base_temperature
     no_positive: str  # "zero": anchors without positives count in the mean with loss 0; "exclude": they don't
+    normalize: bool = False  # L2-normalise every anchor and key row first (F.normalize semantics, eps 1e-12)
+
+    def normalized_inputs(self) -> tuple[Tensor, Tensor]:
+        """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it.
+        The fused kernels do this in registers instead."""
+        if not self.normalize:
+            return self.anchors, self.keys
+        keys = torch.nn.functional.normalize(self.keys, dim=1, eps=NORMALIZE_EPS)
+        anchors = keys if self.anchors_are_keys else torch.nn.functional.normalize(self.anchors, dim=1, eps=NORMALIZE_EPS)
+        return anchors, keys
 
     @property
     def num_anchors(self) -> int:
@@ -103,7 +114,8 @@ def mean_divisor(spec: ContrastSpec, has_pos: Tensor) -> Tensor:
 def temperature_grad(spec: ContrastSpec, Q: Tensor, dQ: Tensor, loss: Tensor, tau: float) -> Tensor:
     """dLoss/dtau from dQ: l_ij is linear in 1/tau, so sum_ij g_ij l_ij = sum_i q_i . dQ_i, and
     dtau = -(1/tau) sum_i q_i . dQ_i; the scale c = tau / base_tau adds loss / tau when a base is given."""
-    dtau = -(Q.to(dQ.dtype) * dQ).sum() / tau
+    acc = spec.accum_dtype
+    dtau = -(Q.to(acc) * dQ.to(acc)).sum() / tau
     if spec.base_temperature is not None:
         dtau = dtau + loss / tau
     return dtau
