@@ -60,7 +60,7 @@ def shipped_configs(kernel: str, dim: int, dtype: str, arch: int):
     """The configs the autotuner may try for this kernel, D, dtype and GPU (large N, and the small-N one)."""
     block_d = max(16, triton.next_power_of_2(dim))
     family, width = FAMILY[kernel], ELEM_BYTES[dtype]
-    shapes = supcon.tile_shapes(family, width, block_d, arch, 1 << 15) + supcon.tile_shapes(family, width, block_d, arch, 1)
+    shapes = supcon.tile_shapes(family, width, block_d, arch, 1 << 15)  # small N uses the last of these
     return [supcon._config(shape) for shape in shapes]
 
 
@@ -97,7 +97,7 @@ def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: 
     if precision is None:
         precision = supcon.FP32_PRECISION if dtype == "float32" else "ieee"
     constexprs = dict(HAS_SELF=True, USE_MASK=use_mask, PRECISION=precision, ACC=tl.float32, DOT_IN_FP32=False,
-                      NORMALIZE=False,
+                      NORMALIZE=False, OFFSETS_64=False,
                       BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
                       BLOCK_D=max(16, triton.next_power_of_2(dim)))
     for name in constexprs:

@@ -19,18 +19,27 @@ import os
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
+def _row_offset(idx, stride, OFFSETS_64: tl.constexpr):
+    """idx * stride, in int64 when the launcher saw that N * stride can pass 2**31 (an int32 overflow would
+    read wrong rows); int32 otherwise, which saves the registers of 64-bit address arithmetic."""
+    if OFFSETS_64:
+        return idx.to(tl.int64) * stride
+    return idx * stride
+
+
+@triton.jit
 def _load_rows(X, idx, ok, offs_d, D, stride_m, stride_d, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
-               ACC: tl.constexpr):
+               ACC: tl.constexpr, OFFSETS_64: tl.constexpr):
     """Rows X[idx] as a [len(idx), BLOCK_D] tile, zero outside the rows and past D (padding without a copy),
     L2-normalised in registers when NORMALIZE (x / max(|x|, 1e-12), as F.normalize)."""
-    # int64 offsets: N * D passes 2**31 at N = 4M, D = 512, and an int32 overflow would read wrong rows.
-    x = tl.load(X + idx.to(tl.int64)[:, None] * stride_m + offs_d[None, :] * stride_d,
+    x = tl.load(X + _row_offset(idx, stride_m, OFFSETS_64)[:, None] + offs_d[None, :] * stride_d,
                 mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
     if NORMALIZE:
         xf = x.to(ACC)
@@ -43,9 +52,10 @@ def _load_rows(X, idx, ok, offs_d, D, stride_m, stride_d, DOT_IN_FP32: tl.conste
 
 @triton.jit
 def _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok, PRECISION: tl.constexpr,
-                 ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr):
+                 ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
+                 OFFSETS_64: tl.constexpr):
     """l = q K[cols]^T / tau in the accumulation dtype, and the key tile."""
-    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, NORMALIZE, ACC)
+    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
     return l, k
 
@@ -69,13 +79,14 @@ def _supcon_fwd_kernel(
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm,
     N_BUCKET,  # autotuning key only
-    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Na
-    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC)
+    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
     if USE_MASK:
         anchor_label = rows
@@ -90,7 +101,7 @@ def _supcon_fwd_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
         l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
-                            PRECISION, ACC, DOT_IN_FP32, NORMALIZE)
+                            PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
         valid = col_ok[None, :]
         if HAS_SELF:
             valid = valid & (cols[None, :] != self_col[:, None])
@@ -121,13 +132,14 @@ def _supcon_bwd_dq_kernel(
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dqm,
     N_BUCKET,
-    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Na
-    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC)
+    q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
     if USE_MASK:
         anchor_label = rows
@@ -144,7 +156,7 @@ def _supcon_bwd_dq_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
         l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
-                            PRECISION, ACC, DOT_IN_FP32, NORMALIZE)
+                            PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
         valid = col_ok[None, :]
         if HAS_SELF:
             valid = valid & (cols[None, :] != self_col[:, None])
@@ -153,7 +165,7 @@ def _supcon_bwd_dq_kernel(
         g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
         dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * inv_tau
-    tl.store(DQ + rows.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :], dq,
+    tl.store(DQ + _row_offset(rows, stride_dqm, OFFSETS_64)[:, None] + offs_d[None, :], dq,
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -163,20 +175,21 @@ def _supcon_bwd_dk_kernel(
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dkm,
     N_BUCKET,
-    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < M
-    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, NORMALIZE, ACC)
+    k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
     safe_cols = tl.where(col_ok, cols, -1)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start in range(0, Na, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Na
-        q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC)
+        q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
         l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
         if USE_MASK:
             anchor_label = rows
@@ -194,7 +207,7 @@ def _supcon_bwd_dk_kernel(
         g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
         dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * inv_tau
-    tl.store(DK + cols.to(tl.int64)[:, None] * stride_dkm + offs_d[None, :], dk,
+    tl.store(DK + _row_offset(cols, stride_dkm, OFFSETS_64)[:, None] + offs_d[None, :], dk,
              mask=col_ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -219,13 +232,12 @@ TILE_CONFIGS = {
     ("bwd", 2): {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
                  128: [(128, 64, 8, 3), (64, 32, 4, 4)],
                  256: [(64, 32, 8, 3), (16, 32, 4, 2)],
-                 512: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+                 512: [(32, 32, 8, 2), (16, 32, 8, 2)]},
     ("fwd", 4): {64: [(32, 32, 4, 2)]},
     ("bwd", 4): {64: [(32, 32, 4, 2)]},
 }
 # Before Hopper, mma.sync keeps more of the tile in registers: the 128-row backward tile spills there.
 PRE_HOPPER_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
-SMALL_PROBLEM = {2: (16, 32, 4, 2), 4: (32, 32, 4, 2)}  # N <= 64: one tile shape, no tuning
 INTERPRETER = (32, 32, 4, 2)  # the interpreter runs one op per tile in numpy: few, mid-sized tiles
 FP32_MAX_D = 64
 
@@ -237,10 +249,10 @@ def _config(shape):
 
 def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int):
     """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may try for one launch."""
-    if n <= 64:
-        return [SMALL_PROBLEM[elem_bytes]]
     bucket = max(64, block_d)
     shapes = TILE_CONFIGS[(family, elem_bytes)][bucket]
+    if n <= 64:  # one tile does it all: the smallest shape, no tuning
+        return shapes[-1:]
     if arch < 90:
         dropped = PRE_HOPPER_DROP.get((family, elem_bytes), {}).get(bucket, [])
         shapes = [sh for sh in shapes if sh not in dropped]
@@ -261,7 +273,7 @@ def _pruner(family: str):
 
 def _autotuned(kernel, family):
     shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
-                     for sh in t} | set(SMALL_PROBLEM.values()))
+                     for sh in t})
     return triton.autotune(configs=[_config(sh) for sh in shapes],
                            key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION"],
                            prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
@@ -320,6 +332,7 @@ def _common_args(spec, Q, K, inv_tau):
         ACC=tl.float64 if K.dtype == torch.float64 else tl.float32,
         DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
         NORMALIZE=bool(spec.normalize),
+        OFFSETS_64=max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim) >= 2**31,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
     )
 
@@ -355,10 +368,12 @@ def backward_grads(spec, Q, K, inv_tau, lse, coef, pos_scale, need_dq=True, need
 
 
 class TritonSupConLoss(torch.autograd.Function):
-    """Mean SupCon loss over anchors; inputs (anchors, keys, temperature tensor or None, spec)."""
+    """Mean SupCon loss over anchors; inputs (anchors, keys, temperature tensor or None, spec).
+    Outputs (loss, lse, pos_scale, coef_unit, inv_tau): the per-row statistics the backward needs.
+    Written with setup_context so that torch.func transforms can differentiate it."""
 
     @staticmethod
-    def forward(ctx, anchors, keys, tau_tensor, spec):
+    def forward(anchors, keys, tau_tensor, spec):
         from fused_contrastive.spec import mean_divisor
 
         acc = spec.accum_dtype
@@ -376,46 +391,49 @@ class TritonSupConLoss(torch.autograd.Function):
         loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
         count = mean_divisor(spec, has_pos)
         loss = loss_rows.sum() / count
-        ctx.spec, ctx.tau, ctx.c = spec, tau, c
-        ctx.tau_dtype = tau_tensor.dtype if tau_tensor is not None else None
-        ctx.save_for_backward(anchors, keys, inv_tau, lse, pos_scale, has_pos, count, loss)
-        return loss
+        coef_unit = torch.where(has_pos, c / count, 0.0).to(acc)  # dLoss/dL_i times c
+        return loss, lse, pos_scale, coef_unit, inv_tau
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        from fused_contrastive.spec import temperature_grad
+    def setup_context(ctx, inputs, output):
+        anchors, keys, tau_tensor, spec = inputs
+        loss, lse, pos_scale, coef_unit, inv_tau = output
+        ctx.mark_non_differentiable(lse, pos_scale, coef_unit, inv_tau)
+        ctx.save_for_backward(anchors, keys, inv_tau, lse, pos_scale, coef_unit, loss)
+        ctx.spec = spec
 
-        anchors, keys, inv_tau, lse, pos_scale, has_pos, count, loss = ctx.saved_tensors
-        spec = ctx.spec
-        need_q, need_k, need_tau = ctx.needs_input_grad[:3]
-        coef = torch.where(has_pos, grad_loss * (ctx.c / count), 0.0).to(lse.dtype)
-        dq, dk = backward_grads(spec, anchors, keys, inv_tau, lse, coef, pos_scale,
-                                need_dq=need_q or need_tau, need_dk=need_k)
-        dtau = None
-        if need_tau:
-            q_used = _normalized(anchors, spec.accum_dtype) if spec.normalize else anchors
-            dtau = temperature_grad(spec, q_used, dq, loss * grad_loss, ctx.tau).to(ctx.tau_dtype)
-        if spec.normalize:  # the kernels differentiated w.r.t. the normalised rows: chain through x / |x|
-            dq = _normalize_backward(anchors, dq) if need_q else None
-            dk = _normalize_backward(keys, dk) if need_k else None
-        return (dq.to(anchors.dtype) if need_q else None, dk.to(keys.dtype) if need_k else None, dtau, None)
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_):
+        anchors, keys, inv_tau, lse, pos_scale, coef_unit, loss = ctx.saved_tensors
+        return (*_grads(ctx.spec, anchors, keys, inv_tau, lse, pos_scale, coef_unit * grad_loss, loss * grad_loss,
+                        *ctx.needs_input_grad[:3]), None)
 
 
-def _normalized(x, dtype):
-    xf = x.to(dtype)
-    return xf / xf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def _grads(spec, anchors, keys, inv_tau, lse, pos_scale, coef, loss, need_q, need_k, need_tau):
+    """(dQ, dK, dtau) for row weights ``coef`` = dLoss/dL_i * c, chained through the fused normalisation."""
+    from fused_contrastive.spec import normalize_backward, normalize_rows, temperature_grad
+
+    dq, dk = backward_grads(spec, anchors, keys, inv_tau, lse, coef, pos_scale,
+                            need_dq=need_q or need_tau, need_dk=need_k)
+    dtau = None
+    if need_tau:
+        q_used = normalize_rows(anchors, spec.accum_dtype) if spec.normalize else anchors
+        dtau = temperature_grad(spec, q_used, dq, loss, spec.tau_value()).to(spec.temperature.dtype)
+    if spec.normalize:  # the kernels differentiated w.r.t. the normalised rows: chain through x / |x|
+        dq = normalize_backward(anchors, dq) if need_q else None
+        dk = normalize_backward(keys, dk) if need_k else None
+    return (dq.to(anchors.dtype) if need_q else None, dk.to(keys.dtype) if need_k else None, dtau)
 
 
-def _normalize_backward(x, grad_normalized):
-    """Gradient w.r.t. x of y = x / max(|x|, eps) (F.normalize), given dL/dy; in fp32 or wider."""
-    grad_normalized = grad_normalized.to(torch.promote_types(grad_normalized.dtype, torch.float32))
-    xf = x.to(grad_normalized.dtype)
-    norm = xf.norm(dim=1, keepdim=True)
-    y = xf / norm.clamp_min(1e-12)
-    projected = grad_normalized - y * (y * grad_normalized).sum(1, keepdim=True)
-    return torch.where(norm > 1e-12, projected / norm.clamp_min(1e-12), grad_normalized / 1e-12)
+def loss_and_grads(spec):
+    """(loss, dQ, dK, dtau) without autograd (torch.compile's custom op calls this)."""
+    tau = spec.temperature if isinstance(spec.temperature, torch.Tensor) else None
+    loss, lse, pos_scale, coef_unit, inv_tau = TritonSupConLoss.forward(spec.anchors, spec.keys, tau, spec)
+    return (loss, *_grads(spec, spec.anchors, spec.keys, inv_tau, lse, pos_scale, coef_unit, loss, True, True,
+                          tau is not None))
 
 
 def loss(spec):
     tau = spec.temperature if isinstance(spec.temperature, torch.Tensor) else None
-    return TritonSupConLoss.apply(spec.anchors, spec.keys, tau, spec)
+    return TritonSupConLoss.apply(spec.anchors, spec.keys, tau, spec)[0]

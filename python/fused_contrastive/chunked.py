@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .spec import ContrastSpec, mean_divisor, temperature_grad
+from .spec import ContrastSpec, mean_divisor, normalize_backward, temperature_grad
 
 # Elements of one [block, M] fp32 tile (32 MiB): large enough for efficient matmuls,
 # small enough that the few live tiles stay far below the inputs at large N.
@@ -112,40 +112,60 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
 
 
 class ChunkedLoss(torch.autograd.Function):
-    """Mean loss over anchors; inputs (anchors, keys, temperature tensor or None)."""
+    """Mean loss over anchors. Outputs (loss, dQ, dK, dtau): the gradients are computed in the
+    forward pass when ``want_grad`` and are only scaled in backward. Written with setup_context
+    so that torch.func transforms (used under torch.compile) can differentiate it."""
 
     @staticmethod
-    def forward(ctx, anchors: Tensor, keys: Tensor, tau_tensor, spec: ContrastSpec):
+    def forward(anchors: Tensor, keys: Tensor, tau_tensor, spec: ContrastSpec, want_grad: bool):
         acc = spec.accum_dtype
         tau = spec.tau_value()
-        want_grad = any(ctx.needs_input_grad[:3])
         Q = anchors.to(acc)
         K = Q if anchors is keys else keys.to(acc)
         stats = _forward(spec, Q, K, tau, want_grad)
         count = mean_divisor(spec, stats.has_pos)
         loss = stats.loss_rows.sum() / count
-        if want_grad:
-            dQ, dK = stats.dQ / count, stats.dK / count
-            dtau = temperature_grad(spec, Q, dQ, loss, tau) if ctx.needs_input_grad[2] else None
-            ctx.save_for_backward(dQ, dK, dtau)
-            ctx.input_dtypes = (anchors.dtype, keys.dtype)
-            ctx.tau_dtype = tau_tensor.dtype if tau_tensor is not None else None
-        return loss
+        none = loss.new_zeros(0)
+        if not want_grad:
+            return loss, none, none, none
+        dQ, dK = stats.dQ / count, stats.dK / count
+        dtau = temperature_grad(spec, Q, dQ, loss, tau) if tau_tensor is not None else none
+        return loss, dQ, dK, dtau
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        anchors, keys, tau_tensor, _, _ = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:])
+        ctx.dtypes = (anchors.dtype, keys.dtype, tau_tensor.dtype if tau_tensor is not None else None)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *_):
         dQ, dK, dtau = ctx.saved_tensors
-        grad_q = (dQ * grad_loss).to(ctx.input_dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_k = (dK * grad_loss).to(ctx.input_dtypes[1]) if ctx.needs_input_grad[1] else None
-        grad_tau = (dtau * grad_loss).to(ctx.tau_dtype) if ctx.needs_input_grad[2] else None
-        return grad_q, grad_k, grad_tau, None
+        need = ctx.needs_input_grad
+        grad_q = (dQ * grad_loss).to(ctx.dtypes[0]) if need[0] else None
+        grad_k = (dK * grad_loss).to(ctx.dtypes[1]) if need[1] else None
+        grad_tau = (dtau * grad_loss).to(ctx.dtypes[2]) if need[2] else None
+        return grad_q, grad_k, grad_tau, None, None
 
 
 def loss(spec: ContrastSpec) -> Tensor:
     tau = spec.temperature if isinstance(spec.temperature, Tensor) else None
     anchors, keys = spec.normalized_inputs()
-    return ChunkedLoss.apply(anchors, keys, tau, spec)
+    want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (anchors, keys, tau))
+    return ChunkedLoss.apply(anchors, keys, tau, spec, want_grad)[0]
+
+
+def loss_and_grads(spec: ContrastSpec):
+    """(loss, dQ, dK, dtau) without autograd (torch.compile's custom op calls this)."""
+    tau = spec.temperature if isinstance(spec.temperature, Tensor) else None
+    anchors, keys = spec.normalized_inputs()
+    loss, dQ, dK, dtau = ChunkedLoss.forward(anchors, keys, tau, spec, True)
+    if spec.normalize:
+        dQ = normalize_backward(spec.anchors, dQ)
+        dK = normalize_backward(spec.keys, dK)
+    return loss, dQ.to(spec.anchors.dtype), dK.to(spec.keys.dtype), dtau.to(tau.dtype) if tau is not None else None
 
 
 def why_not(spec: ContrastSpec) -> str | None:

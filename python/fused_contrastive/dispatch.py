@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from . import chunked, reference
@@ -24,6 +25,8 @@ class Backend:
     name: str
     why_not: Callable[[ContrastSpec], Optional[str]]
     loss: Callable[[ContrastSpec], Tensor]
+    # (loss, dQ, dK, dtau) without autograd, for torch.compile's custom op; None: eager only.
+    loss_and_grads: Optional[Callable] = None
     # Devices on which ``auto`` considers it. Triton can run CPU tensors under TRITON_INTERPRET=1,
     # but that is a debugging mode, far slower than chunked: only an explicit request uses it.
     auto_devices: tuple = ("cpu", "cuda")
@@ -49,6 +52,10 @@ def _triton_loss(spec: ContrastSpec) -> Tensor:
     return _triton_module()[0].loss(spec)
 
 
+def _triton_loss_and_grads(spec: ContrastSpec):
+    return _triton_module()[0].loss_and_grads(spec)
+
+
 def _cuda_why_not(spec: ContrastSpec) -> Optional[str]:
     if spec.device.type != "cuda":
         return f"inputs are on {spec.device.type}; the CUDA extension needs a CUDA device"
@@ -62,8 +69,8 @@ def _unavailable(spec: ContrastSpec) -> Tensor:
 # Order of preference for ``auto``; reference is the oracle and is never chosen by ``auto``.
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", _cuda_why_not, _unavailable, auto_devices=("cuda",)),
-    "triton": Backend("triton", _triton_why_not, _triton_loss, auto_devices=("cuda",)),
-    "chunked": Backend("chunked", chunked.why_not, chunked.loss),
+    "triton": Backend("triton", _triton_why_not, _triton_loss, _triton_loss_and_grads, auto_devices=("cuda",)),
+    "chunked": Backend("chunked", chunked.why_not, chunked.loss, chunked.loss_and_grads),
     "reference": Backend("reference", reference.why_not, reference.loss),
 }
 AUTO_ORDER = ("cuda", "triton", "chunked")
@@ -102,4 +109,7 @@ def select(spec: ContrastSpec, backend: str = "auto") -> Backend:
 
 
 def run(spec: ContrastSpec, backend: str = "auto") -> Tensor:
-    return select(spec, backend).loss(spec)
+    chosen = select(spec, backend)
+    # Autocast would run the backends' products in bf16/fp16; they choose their own precision.
+    with torch.autocast(spec.device.type, enabled=False):
+        return chosen.loss(spec)

@@ -22,15 +22,18 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def _check_temperature(name: str, value, allow_none: bool = False) -> Union[float, Tensor, None]:
+def _check_temperature(name: str, value, allow_none: bool = False,
+                       known_value: Optional[float] = None) -> Union[float, Tensor, None]:
+    """The temperature as a float, or as a 0-dim tensor when it requires grad.
+    ``known_value``: its value when ``value`` is a tensor that cannot be read (inside torch.func)."""
     if value is None and allow_none:
         return None
     if isinstance(value, Tensor):
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"{name} must be a positive number or a one-element floating tensor, "
                              f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
-        number = float(value.detach())
-        result: Union[float, Tensor] = value.reshape(()) if value.requires_grad else number
+        number = float(value.detach()) if known_value is None else known_value
+        result: Union[float, Tensor] = (value if value.dim() == 0 else value.reshape(())) if value.requires_grad else number
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = result = float(value)
     else:
@@ -90,10 +93,13 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
 
 
 def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
-                contrast_mode="all", no_positive="zero", normalize=False) -> ContrastSpec:
+                contrast_mode="all", no_positive="zero", normalize=False,
+                temperature_value: Optional[float] = None) -> ContrastSpec:
     """Validate SupCon arguments and describe the loss (no computation)."""
     features = _flatten_views(features)
-    temperature = _check_temperature("temperature", temperature)
+    temperature = _check_temperature("temperature", temperature, known_value=temperature_value)
+    tau_float = temperature if not isinstance(temperature, Tensor) else (
+        float(temperature.detach()) if temperature_value is None else temperature_value)
     base_temperature = _check_temperature("base_temperature", base_temperature, allow_none=True)
     if isinstance(base_temperature, Tensor):
         raise ValueError("base_temperature must be a number, not a tensor that requires grad")
@@ -123,6 +129,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
         anchors=anchors, keys=keys, self_offset=0,
         anchor_labels=anchor_labels, key_labels=key_labels, num_classes=num_classes, mask=dense,
         temperature=temperature, base_temperature=base_temperature, no_positive=no_positive, normalize=normalize,
+        tau_float=tau_float,
     )
 
 
@@ -139,9 +146,17 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     ``base_temperature=None`` means equal to ``temperature`` (loss scale 1).
     ``no_positive``: an anchor without positives has loss exactly 0; ``"zero"`` keeps it
     in the mean (SupContrast), ``"exclude"`` leaves it out (pytorch-metric-learning).
-    Returns the mean over anchors, in float32 (float64 for float64 features).
+    Returns the mean over anchors, in float32 (float64 for float64 features). Works under
+    ``torch.compile(fullgraph=True)`` (as one custom op) and under autocast (the loss always
+    accumulates in fp32, whatever autocast would pick).
     """
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    if torch.compiler.is_compiling():
+        from .compiled import supcon_loss_compiled
+
+        return supcon_loss_compiled(features, labels, mask, temperature=temperature,
+                                    base_temperature=base_temperature, contrast_mode=contrast_mode,
+                                    no_positive=no_positive, normalize=normalize, backend=backend)
     spec = supcon_spec(features, labels, mask, temperature=temperature, base_temperature=base_temperature,
                        contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize)
     return dispatch.run(spec, backend)

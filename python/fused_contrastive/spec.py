@@ -35,6 +35,7 @@ class ContrastSpec:
     base_temperature: Optional[float]  # None: c = 1, else c = tau / base_temperature
     no_positive: str  # "zero": anchors without positives count in the mean with loss 0; "exclude": they don't
     normalize: bool = False  # L2-normalise every anchor and key row first (F.normalize semantics, eps 1e-12)
+    tau_float: float = 0.0  # the temperature's value, read once when the spec is built
 
     def normalized_inputs(self) -> tuple[Tensor, Tensor]:
         """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it.
@@ -67,8 +68,7 @@ class ContrastSpec:
         return self.anchors is self.keys
 
     def tau_value(self) -> float:
-        t = self.temperature
-        return float(t.detach()) if isinstance(t, Tensor) else float(t)
+        return self.tau_float
 
     def tau_requires_grad(self) -> bool:
         return isinstance(self.temperature, Tensor) and self.temperature.requires_grad
@@ -102,6 +102,22 @@ class ContrastSpec:
         z = mask_rows @ keys_per_column
         self_weight = mask_rows.gather(1, (safe_self % cols_b)[:, None])[:, 0]
         return z - torch.where(has_self, self_weight, torch.zeros_like(self_weight))
+
+
+def normalize_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x / max(|x|, eps) row by row, as F.normalize, in ``dtype``."""
+    xf = x.to(dtype)
+    return xf / xf.norm(dim=1, keepdim=True).clamp_min(NORMALIZE_EPS)
+
+
+def normalize_backward(x: Tensor, grad_normalized: Tensor) -> Tensor:
+    """Gradient w.r.t. x of y = x / max(|x|, eps) (F.normalize), given dL/dy; in fp32 or wider."""
+    grad_normalized = grad_normalized.to(torch.promote_types(grad_normalized.dtype, torch.float32))
+    xf = x.to(grad_normalized.dtype)
+    norm = xf.norm(dim=1, keepdim=True)
+    y = xf / norm.clamp_min(NORMALIZE_EPS)
+    projected = grad_normalized - y * (y * grad_normalized).sum(1, keepdim=True)
+    return torch.where(norm > NORMALIZE_EPS, projected / norm.clamp_min(NORMALIZE_EPS), grad_normalized / NORMALIZE_EPS)
 
 
 def mean_divisor(spec: ContrastSpec, has_pos: Tensor) -> Tensor:
