@@ -74,6 +74,35 @@ def _positive_weights(rows, cols, row_ok, valid, anchor_label, KL, MASK, mask_ro
 
 
 @triton.jit
+def _anchor_label(AL, rows, row_ok, USE_MASK: tl.constexpr):
+    """Anchor rows' labels; with a mask the row index itself (the mask is indexed by it)."""
+    if USE_MASK:
+        label = rows
+    else:
+        label = tl.load(AL + rows, mask=row_ok, other=-2)
+    return label
+
+
+@triton.jit
+def _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF: tl.constexpr):
+    """[rows, cols] True for the keys of each anchor's denominator: in range and not its self."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    if HAS_SELF:
+        valid = valid & (cols[None, :] != (rows + self_offset)[:, None])
+    return valid
+
+
+@triton.jit
+def _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE):
+    """The saved per-anchor statistics the backward tile needs: LSE (0 for a row without keys), coef, 1/Z."""
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
+    pos_scale = tl.load(POS_SCALE + rows, mask=row_ok, other=0.0)
+    return lse_safe, coef, pos_scale
+
+
+@triton.jit
 def _supcon_fwd_kernel(
     Q, K, INV_TAU, AL, KL, MASK, LSE, POS_SUM,
     Na, M, D, self_offset, mask_rows, mask_cols,
@@ -88,11 +117,7 @@ def _supcon_fwd_kernel(
     row_ok = rows < Na
     q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
-    if USE_MASK:
-        anchor_label = rows
-    else:
-        anchor_label = tl.load(AL + rows, mask=row_ok, other=-2)
-    self_col = rows + self_offset
+    anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     sum_exp = tl.zeros([BLOCK_M], ACC)
@@ -102,9 +127,7 @@ def _supcon_fwd_kernel(
         col_ok = cols < M
         l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
                             PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
-        valid = col_ok[None, :]
-        if HAS_SELF:
-            valid = valid & (cols[None, :] != self_col[:, None])
+        valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
         pos_sum += tl.sum(a * l, 1)
@@ -141,15 +164,8 @@ def _supcon_bwd_dq_kernel(
     row_ok = rows < Na
     q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
-    if USE_MASK:
-        anchor_label = rows
-    else:
-        anchor_label = tl.load(AL + rows, mask=row_ok, other=-2)
-    self_col = rows + self_offset
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
-    pos_scale = tl.load(POS_SCALE + rows, mask=row_ok, other=0.0)
+    anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
+    lse_safe, coef, pos_scale = _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start in range(0, M, BLOCK_N):
@@ -157,9 +173,7 @@ def _supcon_bwd_dq_kernel(
         col_ok = cols < M
         l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
                             PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
-        valid = col_ok[None, :]
-        if HAS_SELF:
-            valid = valid & (cols[None, :] != self_col[:, None])
+        valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
         g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
@@ -191,17 +205,9 @@ def _supcon_bwd_dk_kernel(
         row_ok = rows < Na
         q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
         l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
-        if USE_MASK:
-            anchor_label = rows
-        else:
-            anchor_label = tl.load(AL + rows, mask=row_ok, other=-2)
-        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-        coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
-        pos_scale = tl.load(POS_SCALE + rows, mask=row_ok, other=0.0)
-        valid = col_ok[None, :] & row_ok[:, None]
-        if HAS_SELF:
-            valid = valid & (cols[None, :] != (rows + self_offset)[:, None])
+        anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
+        lse_safe, coef, pos_scale = _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE)
+        valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, safe_cols, row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
         g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)

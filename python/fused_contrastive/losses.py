@@ -134,7 +134,8 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
 
 
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
-                contrast_mode="all", no_positive="zero", normalize=False, backend="auto") -> Tensor:
+                contrast_mode="all", no_positive="zero", normalize=False, backend="auto",
+                process_group=None) -> Tensor:
     """Supervised contrastive loss (Khosla et al., L_out), SimCLR's NT-Xent without labels.
 
     features: ``[bsz, n_views, ...]`` (extra dims flattened) or flat ``[N, D]`` (one view).
@@ -146,6 +147,10 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     ``base_temperature=None`` means equal to ``temperature`` (loss scale 1).
     ``no_positive``: an anchor without positives has loss exactly 0; ``"zero"`` keeps it
     in the mean (SupContrast), ``"exclude"`` leaves it out (pytorch-metric-learning).
+    ``process_group``: a torch.distributed group; each rank passes its local batch and gets the
+    loss of the global batch (ranks' batches concatenated in rank order), with every gradient
+    equal to world_size x its share of the global gradient, so that DDP's averaging matches
+    single-process training exactly (see ``fused_contrastive.distributed``).
     Returns the mean over anchors, in float32 (float64 for float64 features). Works under
     ``torch.compile(fullgraph=True)`` (as one custom op) and under autocast (the loss always
     accumulates in fp32, whatever autocast would pick).
@@ -159,14 +164,35 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
                                     no_positive=no_positive, normalize=normalize, backend=backend)
     spec = supcon_spec(features, labels, mask, temperature=temperature, base_temperature=base_temperature,
                        contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize)
+    if process_group is not None:
+        return _distributed(spec, features, labels, mask, process_group, contrast_mode, backend)
     return dispatch.run(spec, backend)
+
+
+def _distributed(local: ContrastSpec, features, labels, mask, process_group, contrast_mode, backend) -> Tensor:
+    import torch.distributed as dist
+
+    from .distributed import supcon_loss_gather
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group first)")
+    if mask is not None:
+        raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
+    features = _flatten_views(features)
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1).to(features.device)
+    return supcon_loss_gather(
+        features, labels, group=process_group, temperature=local.temperature, tau_float=local.tau_float,
+        base_temperature=local.base_temperature, contrast_mode=contrast_mode,
+        no_positive=local.no_positive, normalize=local.normalize, backend=backend)
 
 
 class SupConLoss(nn.Module):
     """Drop-in for SupContrast's ``SupConLoss``: same constructor and ``forward(features, labels, mask)``."""
 
     def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *,
-                 backend="auto", no_positive="zero", normalize=False):
+                 backend="auto", no_positive="zero", normalize=False, process_group=None):
         super().__init__()
         _check_temperature("temperature", temperature)
         _check_temperature("base_temperature", base_temperature, allow_none=True)
@@ -175,6 +201,7 @@ class SupConLoss(nn.Module):
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("normalize", normalize, (False, True))
         self.normalize = normalize
+        self.process_group = process_group
         self.temperature = temperature
         self.contrast_mode = contrast_mode
         self.base_temperature = base_temperature
@@ -184,7 +211,8 @@ class SupConLoss(nn.Module):
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
         return supcon_loss(features, labels, mask, temperature=self.temperature,
                            base_temperature=self.base_temperature, contrast_mode=self.contrast_mode,
-                           no_positive=self.no_positive, normalize=self.normalize, backend=self.backend)
+                           no_positive=self.no_positive, normalize=self.normalize, backend=self.backend,
+                           process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .spec import ContrastSpec
+from .spec import ContrastSpec, mean_divisor
 
 
 def positive_weights(spec: ContrastSpec) -> Tensor:
@@ -57,8 +57,7 @@ def per_row(spec: ContrastSpec) -> tuple[Tensor, Tensor, Tensor]:
 
 def loss(spec: ContrastSpec) -> Tensor:
     loss_rows, _, has_pos = per_row(spec)
-    count = has_pos.sum() if spec.no_positive == "exclude" else spec.num_anchors
-    return loss_rows.sum() / max(int(count), 1)
+    return loss_rows.sum() / mean_divisor(spec, has_pos)
 
 
 def why_not(spec: ContrastSpec) -> str | None:

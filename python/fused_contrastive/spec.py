@@ -36,6 +36,7 @@ class ContrastSpec:
     no_positive: str  # "zero": anchors without positives count in the mean with loss 0; "exclude": they don't
     normalize: bool = False  # L2-normalise every anchor and key row first (F.normalize semantics, eps 1e-12)
     tau_float: float = 0.0  # the temperature's value, read once when the spec is built
+    reduction: str = "mean"  # "sum": the sum of L_i (the distributed layer divides by the global count)
 
     def normalized_inputs(self) -> tuple[Tensor, Tensor]:
         """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it.
@@ -122,6 +123,8 @@ def normalize_backward(x: Tensor, grad_normalized: Tensor) -> Tensor:
 
 def mean_divisor(spec: ContrastSpec, has_pos: Tensor) -> Tensor:
     """How many anchors the mean divides by (at least 1, so an all-excluded batch gives 0, not NaN)."""
+    if spec.reduction == "sum":
+        return torch.ones((), dtype=spec.accum_dtype, device=has_pos.device)
     if spec.no_positive == "exclude":
         return has_pos.sum().clamp(min=1).to(spec.accum_dtype)
     return torch.full((), spec.num_anchors, dtype=spec.accum_dtype, device=has_pos.device)
