@@ -16,11 +16,33 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 from . import dispatch
 from .spec import ContrastSpec
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor back to its owner."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group):
+        ctx.group = group
+        pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        return torch.stack(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        group = ctx.group
+        grad = grad.contiguous()
+        if dist.get_backend(group) == dist.Backend.NCCL:
+            out = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(out, grad, group=group)
+            return out, None
+        grad = grad.clone()  # gloo has no reduce-scatter: sum everything, keep this rank's part
+        dist.all_reduce(grad, group=group)
+        return grad[dist.get_rank(group)], None
 
 
 def _gather_rows(x: Tensor, sizes: list[int], group, differentiable: bool) -> Tensor:
@@ -28,7 +50,7 @@ def _gather_rows(x: Tensor, sizes: list[int], group, differentiable: bool) -> Te
     pad = max(sizes) - x.shape[0]
     padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x.contiguous()
     if differentiable:
-        pieces = dist_nn.all_gather(padded, group=group)
+        pieces = _AllGather.apply(padded, group)
     else:
         pieces = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(pieces, padded, group=group)
