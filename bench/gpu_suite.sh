@@ -20,12 +20,12 @@ $PY -m pip install --no-deps --no-build-isolation --no-index -e . > "$OUT/instal
   || { echo "pip install failed, see install.log"; tail -20 "$OUT/install.log"; }
 $PY -m fused_contrastive.info | tee "$OUT/info.txt"
 
-echo "== tests (GPU present: the gpu-marked tests run too)"
-timeout 180 $PY -m pytest -q -x --junitxml="$OUT/tests.xml" tests 2>&1 | tail -30
+echo "== tests (GPU present: the gpu-marked tests run too; the AOT compile check is CI's)"
+timeout 240 $PY -m pytest -q --junitxml="$OUT/tests.xml" -k "not aot_compile" tests 2>&1 | tail -30
 echo "tests exit code: ${PIPESTATUS[0]}"
 
 echo "== benchmark"
-timeout 330 $PY bench/run.py --out "$OUT" --tag gpu --max-minutes 4.5 --providers "${PROVIDERS:-chunked,triton,cuda,reference,supcontrast,supcontrast-compiled,pml,infcl}"
+timeout 260 $PY bench/run.py --out "$OUT" --tag gpu --max-minutes 3.5 --providers "${PROVIDERS:-chunked,triton,cuda,reference,supcontrast,supcontrast-compiled,pml,infcl}"
 echo "benchmark exit code: $?"
 echo "== done: $OUT"
 ls -la "$OUT"

@@ -67,7 +67,11 @@ def shipped_configs(kernel: str, dim: int, dtype: str, arch: int):
 def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
-    ptxas = get_ptxas(arch).path if callable(get_ptxas) else get_ptxas
+    try:  # the signature changed across Triton releases
+        ptxas = get_ptxas(arch)
+    except TypeError:
+        ptxas = get_ptxas()
+    ptxas = getattr(ptxas, "path", ptxas)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()

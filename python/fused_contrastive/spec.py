@@ -71,9 +71,6 @@ class ContrastSpec:
     def tau_value(self) -> float:
         return self.tau_float
 
-    def tau_requires_grad(self) -> bool:
-        return isinstance(self.temperature, Tensor) and self.temperature.requires_grad
-
     def self_columns(self) -> Tensor:
         """Key index of each anchor's self, -1 where it has none (out of range or no self)."""
         rows = torch.arange(self.num_anchors, device=self.device)
