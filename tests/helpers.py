@@ -67,8 +67,9 @@ def make_labels(kind: str, bsz: int, seed: int = 0):
 
 
 def supcontrast_float64(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
-                        contrast_mode="all", no_positive="zero"):
-    """SupContrast's algorithm in float64, with rows that have no positive (or no key) set to 0."""
+                        contrast_mode="all", no_positive="zero", variant="out"):
+    """SupContrast's algorithm in float64, with rows that have no positive (or no key) set to 0.
+    variant="in": the paper's L_in, minus the log of the mean positive probability (in log space)."""
     base_temperature = temperature if base_temperature is None else base_temperature
     f = features.to(torch.float64)
     if f.dim() == 2:
@@ -98,7 +99,13 @@ def supcontrast_float64(features, labels=None, mask=None, *, temperature=0.07, b
     log_prob = logits - torch.log(torch.where(has_key, denominator, torch.ones_like(denominator)))
     pos_pairs = pair.sum(1)
     has_pos = pos_pairs > 0
-    mean_log_prob_pos = (pair * log_prob).sum(1) / torch.where(has_pos, pos_pairs, torch.ones_like(pos_pairs))
+    safe_pairs = torch.where(has_pos, pos_pairs, torch.ones_like(pos_pairs))
+    if variant == "in":
+        weighted = log_prob + torch.log(torch.where(pair > 0, pair, torch.ones_like(pair)))
+        weighted = weighted.masked_fill(pair == 0, float("-inf")).masked_fill(~has_pos[:, None], 0.0)
+        mean_log_prob_pos = torch.logsumexp(weighted, dim=1) - torch.log(safe_pairs)
+    else:
+        mean_log_prob_pos = (pair * log_prob).sum(1) / safe_pairs
     loss = -(temperature / base_temperature) * mean_log_prob_pos
     if no_positive == "exclude":
         return loss[has_pos].sum() / max(int(has_pos.sum()), 1)

@@ -157,3 +157,17 @@ def test_normalize_option_equals_normalizing_first(backend, mode, tensor_tempera
     assert_close(actual, expected, torch.float64, "loss")
     for g, e in zip(grads, expected_grads):
         assert_close(g, e, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["random", "none", "mask", "distinct"])
+@pytest.mark.parametrize("mode", ["all", "one"])
+@pytest.mark.parametrize("temperature", [0.01, 0.3])
+def test_variant_in(backend, kind, mode, temperature, small_chunks):
+    bsz = 41
+    features = make_features(bsz, 2, 13, seed=5)
+    labels, mask = make_labels(kind, bsz, seed=5)
+    if mask is not None:  # weighted, asymmetric: L_in weights each positive's probability
+        mask = mask * torch.rand(bsz, bsz, generator=torch.Generator().manual_seed(6))
+    check(backend, features, labels, mask, temperature=temperature, base_temperature=0.07, contrast_mode=mode,
+          variant="in", no_positive="exclude")

@@ -37,6 +37,7 @@ class Report:
     dtype: str
     dim: int
     use_mask: bool
+    variant_in: bool
     block_m: int
     block_n: int
     num_warps: int
@@ -48,6 +49,7 @@ class Report:
 
     def row(self) -> str:
         return (f"{self.kernel:<7} sm_{self.arch} {self.dtype:<9} D={self.dim:<4} mask={int(self.use_mask)} "
+                f"{'L_in ' if self.variant_in else 'L_out'} "
                 f"{self.block_m:>3}x{self.block_n:<3} w{self.num_warps} s{self.num_stages}  regs {self.registers:>3}  "
                 f"spills {self.spill_bytes:>5} B  smem {self.shared_bytes:>6} B  {self.mma}")
 
@@ -84,7 +86,7 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
 
 
 def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: bool = False,
-                precision: str | None = None) -> Report:
+                precision: str | None = None, variant_in: bool = False) -> Report:
     fn = KERNELS[kernel]
     in_ty = TORCH_TO_TRITON[dtype]
     signature = {}
@@ -101,7 +103,7 @@ def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: 
     if precision is None:
         precision = supcon.FP32_PRECISION if dtype == "float32" else "ieee"
     constexprs = dict(HAS_SELF=True, USE_MASK=use_mask, PRECISION=precision, ACC=tl.float32, DOT_IN_FP32=False,
-                      NORMALIZE=False, OFFSETS_64=False,
+                      NORMALIZE=False, OFFSETS_64=False, VARIANT_IN=variant_in,
                       BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
                       BLOCK_D=max(16, triton.next_power_of_2(dim)))
     for name in constexprs:
@@ -112,7 +114,7 @@ def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: 
     ptx = compiled.asm["ptx"]
     regs, spills, _ = _ptxas_report(ptx, arch)
     mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
-    return Report(kernel, arch, dtype, dim, use_mask, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
+    return Report(kernel, arch, dtype, dim, use_mask, variant_in, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
                   config.num_warps, config.num_stages, regs, spills, compiled.metadata.shared, mma)
 
 
@@ -123,18 +125,19 @@ def main(argv=None):
     parser.add_argument("--arch", default="80,90")
     parser.add_argument("--dims", default="64,128,256,512")
     parser.add_argument("--dtypes", default="bfloat16,float16")
-    parser.add_argument("--cases", default=None, help="ARCH:DTYPE:D,... instead of the product of the above")
+    parser.add_argument("--cases", default=None,
+                        help="ARCH:DTYPE:D[:in],... instead of the product of the above (':in': SupCon L_in)")
     args = parser.parse_args(argv)
     if args.cases:
-        cases = [(int(a), t, int(d)) for a, t, d in (c.split(":") for c in args.cases.split(","))]
+        cases = [(int(f[0]), f[1], int(f[2]), f[3:] == ["in"]) for f in (c.split(":") for c in args.cases.split(","))]
     else:
-        cases = [(int(a), t, int(d)) for a in args.arch.split(",") for d in args.dims.split(",")
+        cases = [(int(a), t, int(d), False) for a in args.arch.split(",") for d in args.dims.split(",")
                  for t in args.dtypes.split(",")]
     bad = 0
-    for arch, dtype, dim in cases:
+    for arch, dtype, dim, variant_in in cases:
         for kernel in KERNELS:
             for config in shipped_configs(kernel, dim, dtype, arch):
-                report = compile_one(kernel, arch, dtype, dim, config)
+                report = compile_one(kernel, arch, dtype, dim, config, variant_in=variant_in)
                 flaw = report.spill_bytes > 0 or report.mma not in ("mma.sync", "wgmma")
                 bad += flaw
                 print(report.row() + ("   <-- spills or no tensor cores" if flaw else ""), flush=True)

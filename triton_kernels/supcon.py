@@ -109,7 +109,7 @@ def _supcon_fwd_kernel(
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm,
     N_BUCKET,  # autotuning key only
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,7 +121,9 @@ def _supcon_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     sum_exp = tl.zeros([BLOCK_M], ACC)
-    pos_sum = tl.zeros([BLOCK_M], ACC)
+    pos_sum = tl.zeros([BLOCK_M], ACC)  # L_out: sum_j a_ij l_ij
+    pos_max = tl.full([BLOCK_M], float("-inf"), ACC)  # L_in: online log sum_j a_ij exp(l_ij)
+    pos_exp = tl.zeros([BLOCK_M], ACC)
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
@@ -130,7 +132,14 @@ def _supcon_fwd_kernel(
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
-        pos_sum += tl.sum(a * l, 1)
+        if VARIANT_IN:
+            lp = tl.where(a > 0, l, float("-inf"))
+            pos_max_new = tl.maximum(pos_max, tl.max(lp, 1))
+            pos_safe = tl.where(pos_max_new == float("-inf"), 0.0, pos_max_new)
+            pos_exp = pos_exp * tl.exp(pos_max - pos_safe) + tl.sum(a * tl.exp(lp - pos_safe[:, None]), 1)
+            pos_max = pos_max_new
+        else:
+            pos_sum += tl.sum(a * l, 1)
         # Rows and columns outside the denominator become -inf before the max, not after.
         l = tl.where(valid, l, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(l, 1))
@@ -138,15 +147,22 @@ def _supcon_fwd_kernel(
         sum_exp = sum_exp * tl.exp(m_i - m_safe) + tl.sum(tl.exp(l - m_safe[:, None]), 1)
         m_i = m_new
     lse = tl.where(sum_exp > 0, m_i + tl.log(sum_exp), float("-inf"))
+    if VARIANT_IN:
+        pos_sum = tl.where(pos_exp > 0, pos_max + tl.log(pos_exp), float("-inf"))
     tl.store(LSE + rows, lse, mask=row_ok)
     tl.store(POS_SUM + rows, pos_sum, mask=row_ok)
 
 
 @triton.jit
-def _tile_grad(l, a, valid, lse_safe, coef, pos_scale):
-    """g_ij = coef_i * (exp(l_ij - LSE_i) - a_ij / Z_i) on the denominator, 0 elsewhere."""
+def _tile_grad(l, a, valid, lse_safe, coef, pos_scale, VARIANT_IN: tl.constexpr):
+    """g_ij = coef_i * (exp(l_ij - LSE_i) - a_ij / Z_i) on the denominator, 0 elsewhere; for L_in the
+    positive part is a_ij exp(l_ij - LSE_P_i), with LSE_P passed in place of 1/Z (0 on rows without positives)."""
     p = tl.where(valid, tl.exp(l - lse_safe[:, None]), 0.0)
-    return coef[:, None] * (p - a * pos_scale[:, None])
+    if VARIANT_IN:
+        positive = a * tl.exp(l - pos_scale[:, None])
+    else:
+        positive = a * pos_scale[:, None]
+    return coef[:, None] * (p - positive)
 
 
 @triton.jit
@@ -156,7 +172,7 @@ def _supcon_bwd_dq_kernel(
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dqm,
     N_BUCKET,
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,7 +192,7 @@ def _supcon_bwd_dq_kernel(
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
-        g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
+        g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale, VARIANT_IN)
         dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * inv_tau
     tl.store(DQ + _row_offset(rows, stride_dqm, OFFSETS_64)[:, None] + offs_d[None, :], dq,
@@ -190,7 +206,7 @@ def _supcon_bwd_dk_kernel(
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dkm,
     N_BUCKET,
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,7 +226,7 @@ def _supcon_bwd_dk_kernel(
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, safe_cols, row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
-        g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale)
+        g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale, VARIANT_IN)
         dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * inv_tau
     tl.store(DK + _row_offset(cols, stride_dkm, OFFSETS_64)[:, None] + offs_d[None, :], dk,
@@ -339,6 +355,7 @@ def _common_args(spec, Q, K, inv_tau):
         DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
         NORMALIZE=bool(spec.normalize),
         OFFSETS_64=max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim) >= 2**31,
+        VARIANT_IN=spec.variant == "in",
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
     )
 
@@ -392,9 +409,14 @@ class TritonSupConLoss(torch.autograd.Function):
         lse, pos_sum = forward_stats(spec, anchors, keys, inv_tau)
         pos_count = spec.pos_count()
         has_pos = pos_count > 0
-        pos_scale = torch.where(has_pos, 1.0 / torch.where(has_pos, pos_count, torch.ones_like(pos_count)), 0.0)
+        safe_count = torch.where(has_pos, pos_count, torch.ones_like(pos_count))
         c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
-        loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
+        if spec.variant == "in":  # pos_sum holds LSE_P; the backward takes it where L_out takes 1/Z
+            loss_rows = torch.where(has_pos, c * (lse - pos_sum + torch.log(safe_count)), 0.0)
+            pos_scale = torch.where(has_pos, pos_sum, 0.0)
+        else:
+            pos_scale = torch.where(has_pos, 1.0 / safe_count, 0.0)
+            loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
         count = mean_divisor(spec, has_pos)
         loss = loss_rows.sum() / count
         coef_unit = torch.where(has_pos, c / count, 0.0).to(acc)  # dLoss/dL_i times c

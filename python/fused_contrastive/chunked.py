@@ -53,18 +53,20 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     # a_ij / Z_i folded into one per-row factor; rows without positives contribute nothing.
     pos_scale = torch.where(has_pos, 1.0 / torch.where(has_pos, pos_count, torch.ones_like(pos_count)), 0.0)
 
-    if spec.mask is None:
+    variant_in = spec.variant == "in"
+    # L_out with labels never needs a positive tile (class sums below); a mask or L_in does, per block.
+    class_sums = spec.mask is None and not variant_in
+    if class_sums:
         # Class sums of keys (and of weighted anchors for dK) replace the [Na, M] positive mask.
         class_key_sum = torch.zeros(spec.num_classes, K.shape[1], dtype=acc, device=K.device)
         class_key_sum.index_add_(0, spec.key_labels, K)
         self_positive = has_self & (spec.key_labels[safe_self] == spec.anchor_labels)
         pos_keys = class_key_sum[spec.anchor_labels] - K[safe_self] * self_positive[:, None].to(acc)
         pos_sum = (Q * pos_keys).sum(1) / tau
-        mask = None
     else:
-        mask = spec.mask.to(acc)
-        key_cols = torch.arange(M, device=K.device) % mask.shape[1]
-        pos_sum = torch.empty(Na, dtype=acc, device=K.device)
+        mask = spec.mask.to(acc) if spec.mask is not None else None
+        key_cols = torch.arange(M, device=K.device) % mask.shape[1] if mask is not None else None
+        pos_sum = torch.empty(Na, dtype=acc, device=K.device)  # sum a*l (L_out) or LSE_P (L_in)
 
     lse = torch.empty(Na, dtype=acc, device=K.device)
     dQ = torch.empty_like(Q) if want_grad else None
@@ -77,10 +79,21 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
         S = Q_scaled[r0:r1] @ K.T
         local = torch.arange(r1 - r0, device=K.device)
         blk_self = has_self[r0:r1]
-        if mask is not None:
-            W = mask[rows % mask.shape[0]][:, key_cols]
+        if not class_sums:
+            if mask is not None:
+                W = mask[rows % mask.shape[0]][:, key_cols]
+            else:
+                W = (spec.anchor_labels[r0:r1, None] == spec.key_labels[None, :]).to(acc)
             W[local[blk_self], self_cols[r0:r1][blk_self]] = 0
-            pos_sum[r0:r1] = (W * S).sum(1)
+            if variant_in:  # LSE_P = log sum_j a_ij exp(l_ij), with its own max (positives may sit far below)
+                T = S.masked_fill(W == 0, float("-inf"))
+                pos_max = T.amax(1)
+                pos_max = torch.where(torch.isfinite(pos_max), pos_max, torch.zeros_like(pos_max))
+                T = T.sub_(pos_max[:, None]).exp_().mul_(W)
+                pos_exp = T.sum(1)
+                pos_sum[r0:r1] = pos_max + pos_exp.log()
+            else:
+                pos_sum[r0:r1] = (W * S).sum(1)
         S[local[blk_self], self_cols[r0:r1][blk_self]] = float("-inf")
         row_max = S.amax(1)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -88,17 +101,24 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
         sum_exp = E.sum(1)
         lse[r0:r1] = row_max + sum_exp.log()
         if want_grad:
-            # g_ij = softmax_ij - a_ij / Z_i on rows with positives (c and 1/tau applied at the end)
+            # g_ij = softmax_ij - a_ij / Z_i (L_out) or - a_ij exp(l_ij - LSE_P) (L_in), on rows with
+            # positives (c and 1/tau applied at the end)
             keep = has_pos[r0:r1]
             E.mul_(torch.where(keep, 1.0 / torch.where(sum_exp > 0, sum_exp, torch.ones_like(sum_exp)), 0.0)[:, None])
-            if mask is not None:
+            if variant_in:
+                E.sub_(T.mul_(torch.where(keep, 1.0 / torch.where(pos_exp > 0, pos_exp, torch.ones_like(pos_exp)),
+                                          0.0)[:, None]))
+            elif not class_sums:
                 E.sub_(W.mul_(pos_scale[r0:r1, None]))
             torch.mm(E, K, out=dQ[r0:r1])
             dK.addmm_(E.T, Q[r0:r1])
 
-    loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
+    if variant_in:
+        loss_rows = torch.where(has_pos, c * (lse - pos_sum + torch.log(torch.where(has_pos, pos_count, 1.0))), 0.0)
+    else:
+        loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
     if want_grad:
-        if mask is None:
+        if class_sums:
             dQ.sub_(pos_keys * pos_scale[:, None])
             weighted_anchors = Q * pos_scale[:, None]
             class_anchor_sum = torch.zeros(spec.num_classes, Q.shape[1], dtype=acc, device=Q.device)

@@ -19,14 +19,14 @@ from torch import Tensor
 @torch.library.custom_op("fused_contrastive::supcon", mutates_args=())
 def supcon_op(features: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], temperature: Tensor,
               learnable_temperature: bool, base_temperature: Optional[float], contrast_mode: str, no_positive: str,
-              normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+              normalize: bool, variant: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     from . import dispatch
     from .losses import supcon_spec
 
     # A temperature that needs no gradient travels as a number, as in eager mode.
     tau = temperature.detach().requires_grad_() if learnable_temperature else float(temperature)
     spec = supcon_spec(features, labels, mask, temperature=tau, base_temperature=base_temperature,
-                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize)
+                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize, variant=variant)
     chosen = dispatch.select(spec, backend)
     if chosen.loss_and_grads is None:
         raise RuntimeError(f"backend {chosen.name!r} runs eagerly only; under torch.compile use chunked or triton")
@@ -43,7 +43,7 @@ def supcon_op(features: Tensor, labels: Optional[Tensor], mask: Optional[Tensor]
 
 @supcon_op.register_fake
 def _(features, labels, mask, temperature, learnable_temperature, base_temperature, contrast_mode, no_positive,
-      normalize, backend):
+      normalize, variant, backend):
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     return features.new_empty((), dtype=acc), torch.empty_like(features), torch.empty_like(temperature)
 
@@ -56,14 +56,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_f, _grad_tau):
     grad_f, grad_tau = ctx.saved_tensors
     return (grad_f * grad_loss.to(grad_f.dtype), None, None, (grad_tau * grad_loss).to(grad_tau.dtype),
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 supcon_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def supcon_loss_compiled(features, labels, mask, *, temperature, base_temperature, contrast_mode, no_positive,
-                         normalize, backend) -> Tensor:
+                         normalize, variant, backend) -> Tensor:
     """The loss as traced by torch.compile; a float temperature becomes a constant tensor."""
     learnable = isinstance(temperature, Tensor) and temperature.requires_grad
     if isinstance(temperature, Tensor):
@@ -71,5 +71,5 @@ def supcon_loss_compiled(features, labels, mask, *, temperature, base_temperatur
     else:
         tau = torch.tensor(float(temperature), dtype=torch.float64, device=features.device)
     loss, _, _ = supcon_op(features, labels, mask, tau, learnable, base_temperature, contrast_mode, no_positive,
-                           normalize, backend)
+                           normalize, variant, backend)
     return loss

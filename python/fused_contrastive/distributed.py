@@ -58,7 +58,8 @@ def _gather_rows(x: Tensor, sizes: list[int], group, differentiable: bool) -> Te
 
 
 def supcon_loss_gather(features: Tensor, labels, *, group, temperature, tau_float: float, base_temperature,
-                       contrast_mode: str, no_positive: str, normalize: bool, backend: str) -> Tensor:
+                       contrast_mode: str, no_positive: str, normalize: bool, backend: str,
+                       variant: str = "out") -> Tensor:
     """features [b, V, D] (validated), labels [b] or None (SimCLR): the global loss, DDP-exact gradients."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -91,7 +92,7 @@ def supcon_loss_gather(features: Tensor, labels, *, group, temperature, tau_floa
             anchors=features[:, view], keys=keys, self_offset=view * total + offset,
             anchor_labels=anchor_labels, key_labels=key_labels, num_classes=num_classes, mask=None,
             temperature=temperature, base_temperature=base_temperature, no_positive=no_positive,
-            normalize=normalize, tau_float=tau_float, reduction="sum",
+            normalize=normalize, tau_float=tau_float, reduction="sum", variant=variant,
         )
         local_sum = local_sum + dispatch.run(spec, backend)
         local_count = local_count + ((spec.pos_count() > 0).sum() if no_positive == "exclude" else b)

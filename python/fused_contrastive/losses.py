@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
-from .spec import NO_POSITIVE_MODES, ContrastSpec
+from .spec import NO_POSITIVE_MODES, VARIANTS, ContrastSpec
 
 CONTRAST_MODES = ("all", "one")
 
@@ -93,7 +93,7 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
 
 
 def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
-                contrast_mode="all", no_positive="zero", normalize=False,
+                contrast_mode="all", no_positive="zero", normalize=False, variant="out",
                 temperature_value: Optional[float] = None) -> ContrastSpec:
     """Validate SupCon arguments and describe the loss (no computation)."""
     features = _flatten_views(features)
@@ -106,6 +106,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
     _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
     _check_choice("normalize", normalize, (False, True))
+    _check_choice("variant", variant, VARIANTS)
     if labels is not None and mask is not None:
         raise ValueError("pass either labels or mask, not both")
     bsz, n_views, _ = features.shape
@@ -129,12 +130,12 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
         anchors=anchors, keys=keys, self_offset=0,
         anchor_labels=anchor_labels, key_labels=key_labels, num_classes=num_classes, mask=dense,
         temperature=temperature, base_temperature=base_temperature, no_positive=no_positive, normalize=normalize,
-        tau_float=tau_float,
+        tau_float=tau_float, variant=variant,
     )
 
 
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
-                contrast_mode="all", no_positive="zero", normalize=False, backend="auto",
+                contrast_mode="all", no_positive="zero", normalize=False, variant="out", backend="auto",
                 process_group=None) -> Tensor:
     """Supervised contrastive loss (Khosla et al., L_out), SimCLR's NT-Xent without labels.
 
@@ -147,6 +148,8 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     ``base_temperature=None`` means equal to ``temperature`` (loss scale 1).
     ``no_positive``: an anchor without positives has loss exactly 0; ``"zero"`` keeps it
     in the mean (SupContrast), ``"exclude"`` leaves it out (pytorch-metric-learning).
+    ``variant``: ``"out"`` (SupCon's L_out, the default and SupContrast's loss: mean over positives of
+    their log-probabilities) or ``"in"`` (L_in: log of the mean positive probability).
     ``process_group``: a torch.distributed group; each rank passes its local batch and gets the
     loss of the global batch (ranks' batches concatenated in rank order), with every gradient
     equal to world_size x its share of the global gradient, so that DDP's averaging matches
@@ -161,9 +164,10 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
 
         return supcon_loss_compiled(features, labels, mask, temperature=temperature,
                                     base_temperature=base_temperature, contrast_mode=contrast_mode,
-                                    no_positive=no_positive, normalize=normalize, backend=backend)
+                                    no_positive=no_positive, normalize=normalize, variant=variant,
+                                    backend=backend)
     spec = supcon_spec(features, labels, mask, temperature=temperature, base_temperature=base_temperature,
-                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize)
+                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize, variant=variant)
     if process_group is not None:
         return _distributed(spec, features, labels, mask, process_group, contrast_mode, backend)
     return dispatch.run(spec, backend)
@@ -185,14 +189,14 @@ def _distributed(local: ContrastSpec, features, labels, mask, process_group, con
     return supcon_loss_gather(
         features, labels, group=process_group, temperature=local.temperature, tau_float=local.tau_float,
         base_temperature=local.base_temperature, contrast_mode=contrast_mode,
-        no_positive=local.no_positive, normalize=local.normalize, backend=backend)
+        no_positive=local.no_positive, normalize=local.normalize, variant=local.variant, backend=backend)
 
 
 class SupConLoss(nn.Module):
     """Drop-in for SupContrast's ``SupConLoss``: same constructor and ``forward(features, labels, mask)``."""
 
     def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *,
-                 backend="auto", no_positive="zero", normalize=False, process_group=None):
+                 backend="auto", no_positive="zero", normalize=False, variant="out", process_group=None):
         super().__init__()
         _check_temperature("temperature", temperature)
         _check_temperature("base_temperature", base_temperature, allow_none=True)
@@ -201,6 +205,8 @@ class SupConLoss(nn.Module):
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("normalize", normalize, (False, True))
         self.normalize = normalize
+        _check_choice("variant", variant, VARIANTS)
+        self.variant = variant
         self.process_group = process_group
         self.temperature = temperature
         self.contrast_mode = contrast_mode
@@ -211,10 +217,11 @@ class SupConLoss(nn.Module):
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
         return supcon_loss(features, labels, mask, temperature=self.temperature,
                            base_temperature=self.base_temperature, contrast_mode=self.contrast_mode,
-                           no_positive=self.no_positive, normalize=self.normalize, backend=self.backend,
+                           no_positive=self.no_positive, normalize=self.normalize, variant=self.variant,
+                           backend=self.backend,
                            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
                 f"base_temperature={self.base_temperature}, backend={self.backend!r}, "
-                f"no_positive={self.no_positive!r}, normalize={self.normalize}")
+                f"no_positive={self.no_positive!r}, normalize={self.normalize}, variant={self.variant!r}")

@@ -49,9 +49,16 @@ def per_row(spec: ContrastSpec) -> tuple[Tensor, Tensor, Tensor]:
     a = positive_weights(spec)
     pos_count = a.sum(1)
     has_pos = pos_count > 0
-    pos_mean = (a * logits).sum(1) / torch.where(has_pos, pos_count, torch.ones_like(pos_count))
+    safe_count = torch.where(has_pos, pos_count, torch.ones_like(pos_count))
+    if spec.variant == "in":  # log of the mean positive probability: LSE over positives of l + log a
+        positive_logits = torch.where(a > 0, logits + torch.log(torch.where(a > 0, a, torch.ones_like(a))),
+                                      torch.full_like(logits, float("-inf")))
+        positive_logits = torch.where(has_pos[:, None], positive_logits, torch.zeros_like(logits))
+        positive_term = torch.logsumexp(positive_logits, dim=1) - torch.log(safe_count)
+    else:
+        positive_term = (a * logits).sum(1) / safe_count
     c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
-    loss_rows = torch.where(has_pos, c * (lse - pos_mean), torch.zeros_like(lse))
+    loss_rows = torch.where(has_pos, c * (lse - positive_term), torch.zeros_like(lse))
     return loss_rows, lse, has_pos
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 NO_POSITIVE_MODES = ("zero", "exclude")
+VARIANTS = ("out", "in")  # SupCon's L_out (mean of positive log-probabilities) and L_in (log of their mean)
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 
 
@@ -37,6 +38,9 @@ class ContrastSpec:
     normalize: bool = False  # L2-normalise every anchor and key row first (F.normalize semantics, eps 1e-12)
     tau_float: float = 0.0  # the temperature's value, read once when the spec is built
     reduction: str = "mean"  # "sum": the sum of L_i (the distributed layer divides by the global count)
+    # "out": L_i = c (LSE_A - sum_j a_ij l_ij / Z_i);  "in": L_i = c (LSE_A - LSE_P + log Z_i), with
+    # LSE_P = log sum_j a_ij exp(l_ij) (DESIGN.md's exception table).
+    variant: str = "out"
 
     def normalized_inputs(self) -> tuple[Tensor, Tensor]:
         """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it.
