@@ -90,16 +90,18 @@ class ContrastSpec:
         has_self = self_cols >= 0
         safe_self = self_cols.clamp(min=0)
         if self.mask is None:
-            class_count = torch.bincount(self.key_labels, minlength=self.num_classes)
+            # index_add, not bincount: bincount's output size needs the max on the host (a GPU sync).
+            class_count = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
+            class_count.index_add_(0, self.key_labels, torch.ones_like(self.key_labels))
             count = class_count[self.anchor_labels]
             self_is_positive = has_self & (self.key_labels[safe_self] == self.anchor_labels)
             return (count - self_is_positive.long()).to(acc)
         mask = self.mask.to(acc)
         rows_b, cols_b = mask.shape
         # How many keys fall on each mask column, so the row sum needs no [Na, M] tensor.
-        keys_per_column = torch.bincount(
-            torch.arange(self.num_keys, device=self.device) % cols_b, minlength=cols_b
-        ).to(acc)
+        key_columns = torch.arange(self.num_keys, device=self.device) % cols_b
+        keys_per_column = torch.zeros(cols_b, dtype=acc, device=self.device)
+        keys_per_column.index_add_(0, key_columns, torch.ones(self.num_keys, dtype=acc, device=self.device))
         mask_rows = mask[torch.arange(self.num_anchors, device=self.device) % rows_b]
         z = mask_rows @ keys_per_column
         self_weight = mask_rows.gather(1, (safe_self % cols_b)[:, None])[:, 0]
