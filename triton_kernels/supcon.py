@@ -397,7 +397,7 @@ class TritonSupConLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(anchors, keys, tau_tensor, spec):
-        from fused_contrastive.spec import mean_divisor
+        from fused_contrastive.spec import inverse_pos_count, mean_divisor, row_losses
 
         acc = spec.accum_dtype
         tau = spec.tau_value()
@@ -409,14 +409,10 @@ class TritonSupConLoss(torch.autograd.Function):
         lse, pos_sum = forward_stats(spec, anchors, keys, inv_tau)
         pos_count = spec.pos_count()
         has_pos = pos_count > 0
-        safe_count = torch.where(has_pos, pos_count, torch.ones_like(pos_count))
         c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
-        if spec.variant == "in":  # pos_sum holds LSE_P; the backward takes it where L_out takes 1/Z
-            loss_rows = torch.where(has_pos, c * (lse - pos_sum + torch.log(safe_count)), 0.0)
-            pos_scale = torch.where(has_pos, pos_sum, 0.0)
-        else:
-            pos_scale = torch.where(has_pos, 1.0 / safe_count, 0.0)
-            loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
+        loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
+        # The backward takes LSE_P (L_in) where L_out takes 1/Z.
+        pos_scale = torch.where(has_pos, pos_sum, 0.0) if spec.variant == "in" else inverse_pos_count(pos_count)
         count = mean_divisor(spec, has_pos)
         loss = loss_rows.sum() / count
         coef_unit = torch.where(has_pos, c / count, 0.0).to(acc)  # dLoss/dL_i times c

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .spec import ContrastSpec, mean_divisor, normalize_backward, temperature_grad
+from .spec import ContrastSpec, inverse_pos_count, mean_divisor, normalize_backward, row_losses, temperature_grad
 
 # Elements of one [block, M] fp32 tile (32 MiB): large enough for efficient matmuls,
 # small enough that the few live tiles stay far below the inputs at large N.
@@ -51,7 +51,7 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     pos_count = spec.pos_count()
     has_pos = pos_count > 0
     # a_ij / Z_i folded into one per-row factor; rows without positives contribute nothing.
-    pos_scale = torch.where(has_pos, 1.0 / torch.where(has_pos, pos_count, torch.ones_like(pos_count)), 0.0)
+    pos_scale = inverse_pos_count(pos_count)
 
     variant_in = spec.variant == "in"
     # L_out with labels never needs a positive tile (class sums below); a mask or L_in does, per block.
@@ -113,10 +113,7 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
             torch.mm(E, K, out=dQ[r0:r1])
             dK.addmm_(E.T, Q[r0:r1])
 
-    if variant_in:
-        loss_rows = torch.where(has_pos, c * (lse - pos_sum + torch.log(torch.where(has_pos, pos_count, 1.0))), 0.0)
-    else:
-        loss_rows = torch.where(has_pos, c * (lse - pos_sum * pos_scale), 0.0)
+    loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
     if want_grad:
         if class_sums:
             dQ.sub_(pos_keys * pos_scale[:, None])

@@ -124,6 +124,22 @@ def normalize_backward(x: Tensor, grad_normalized: Tensor) -> Tensor:
     return torch.where(norm > NORMALIZE_EPS, projected / norm.clamp_min(NORMALIZE_EPS), grad_normalized / NORMALIZE_EPS)
 
 
+def inverse_pos_count(pos_count: Tensor) -> Tensor:
+    """1 / Z_i, and 0 on rows without positives (they contribute neither loss nor gradient)."""
+    has_pos = pos_count > 0
+    return torch.where(has_pos, 1.0 / torch.where(has_pos, pos_count, torch.ones_like(pos_count)), 0.0)
+
+
+def row_losses(spec: ContrastSpec, lse: Tensor, pos_stat: Tensor, pos_count: Tensor, c) -> Tensor:
+    """L_i from the per-row statistics every backend saves: ``pos_stat`` is sum_j a_ij l_ij (L_out)
+    or LSE_P (L_in). Exactly 0 on rows without positives."""
+    has_pos = pos_count > 0
+    if spec.variant == "in":
+        log_count = torch.log(torch.where(has_pos, pos_count, torch.ones_like(pos_count)))
+        return torch.where(has_pos, c * (lse - pos_stat + log_count), 0.0)
+    return torch.where(has_pos, c * (lse - pos_stat * inverse_pos_count(pos_count)), 0.0)
+
+
 def mean_divisor(spec: ContrastSpec, has_pos: Tensor) -> Tensor:
     """How many anchors the mean divides by (at least 1, so an all-excluded batch gives 0, not NaN)."""
     if spec.reduction == "sum":
