@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 CASES = [f"{arch}:{dtype}:{dim}" for arch in (80, 90)
          for dtype, dim in (("bfloat16", 128), ("bfloat16", 512), ("float16", 64), ("float32", 33))]
 CASES += ["90:bfloat16:128:in", "80:bfloat16:512:in"]  # SupCon L_in carries a second online LSE
+CASES += ["90:bfloat16:128:bias", "80:bfloat16:512:bias"]  # a denominator bias table (DCL, BCL, spread, MoCo)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -93,6 +93,21 @@ def _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF: tl.conste
 
 
 @triton.jit
+def _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS: tl.constexpr):
+    """b_ij for one tile: same[g_j] when key j's group is anchor i's, else other[g_j] (-inf: not in the
+    denominator); the constant 0 without a bias, which the compiler folds away."""
+    if DEN_BIAS:
+        anchor_group = tl.load(AG + rows, mask=row_ok, other=0)
+        key_group = tl.load(KG + cols, mask=col_ok, other=0)
+        same = tl.load(B_SAME + key_group, mask=col_ok, other=0.0)
+        other = tl.load(B_OTHER + key_group, mask=col_ok, other=0.0)
+        bias = tl.where(anchor_group[:, None] == key_group[None, :], same[None, :], other[None, :])
+    else:
+        bias = 0.0
+    return bias
+
+
+@triton.jit
 def _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE):
     """The saved per-anchor statistics the backward tile needs: LSE (0 for a row without keys), coef, 1/Z."""
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
@@ -104,13 +119,13 @@ def _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE):
 
 @triton.jit
 def _supcon_fwd_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, LSE, POS_SUM,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, POS_SUM,
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm,
     N_BUCKET,  # autotuning key only
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -141,7 +156,8 @@ def _supcon_fwd_kernel(
         else:
             pos_sum += tl.sum(a * l, 1)
         # Rows and columns outside the denominator become -inf before the max, not after.
-        l = tl.where(valid, l, float("-inf"))
+        l = tl.where(valid, l + _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS),
+                     float("-inf"))
         m_new = tl.maximum(m_i, tl.max(l, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp() finite
         sum_exp = sum_exp * tl.exp(m_i - m_safe) + tl.sum(tl.exp(l - m_safe[:, None]), 1)
@@ -154,10 +170,11 @@ def _supcon_fwd_kernel(
 
 
 @triton.jit
-def _tile_grad(l, a, valid, lse_safe, coef, pos_scale, VARIANT_IN: tl.constexpr):
-    """g_ij = coef_i * (exp(l_ij - LSE_i) - a_ij / Z_i) on the denominator, 0 elsewhere; for L_in the
-    positive part is a_ij exp(l_ij - LSE_P_i), with LSE_P passed in place of 1/Z (0 on rows without positives)."""
-    p = tl.where(valid, tl.exp(l - lse_safe[:, None]), 0.0)
+def _tile_grad(l, bias, a, valid, lse_safe, coef, pos_scale, VARIANT_IN: tl.constexpr):
+    """g_ij = coef_i * (exp(l_ij + b_ij - LSE_i) - a_ij w_i / Z_i) on the denominator, 0 elsewhere; for L_in
+    the positive part is a_ij exp(l_ij - LSE_P_i), with LSE_P passed in place of w/Z (0 on rows without
+    positives)."""
+    p = tl.where(valid, tl.exp(l + bias - lse_safe[:, None]), 0.0)
     if VARIANT_IN:
         positive = a * tl.exp(l - pos_scale[:, None])
     else:
@@ -167,13 +184,13 @@ def _tile_grad(l, a, valid, lse_safe, coef, pos_scale, VARIANT_IN: tl.constexpr)
 
 @triton.jit
 def _supcon_bwd_dq_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, LSE, COEF, POS_SCALE, DQ,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DQ,
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dqm,
     N_BUCKET,
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -192,7 +209,8 @@ def _supcon_bwd_dq_kernel(
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
-        g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale, VARIANT_IN)
+        bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
+        g = _tile_grad(l, bias, a, valid, lse_safe, coef, pos_scale, VARIANT_IN)
         dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * inv_tau
     tl.store(DQ + _row_offset(rows, stride_dqm, OFFSETS_64)[:, None] + offs_d[None, :], dq,
@@ -201,13 +219,13 @@ def _supcon_bwd_dq_kernel(
 
 @triton.jit
 def _supcon_bwd_dk_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, LSE, COEF, POS_SCALE, DK,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DK,
     Na, M, D, self_offset, mask_rows, mask_cols,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dkm,
     N_BUCKET,
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -226,7 +244,8 @@ def _supcon_bwd_dk_kernel(
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, safe_cols, row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
-        g = _tile_grad(l, a, valid, lse_safe, coef, pos_scale, VARIANT_IN)
+        bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
+        g = _tile_grad(l, bias, a, valid, lse_safe, coef, pos_scale, VARIANT_IN)
         dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * inv_tau
     tl.store(DK + _row_offset(cols, stride_dkm, OFFSETS_64)[:, None] + offs_d[None, :], dk,
@@ -260,6 +279,8 @@ TILE_CONFIGS = {
 }
 # Before Hopper, mma.sync keeps more of the tile in registers: the 128-row backward tile spills there.
 PRE_HOPPER_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
+# The bias tile (two table lookups per key) costs the 128-row backward tile its last registers.
+DEN_BIAS_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
 INTERPRETER = (32, 32, 4, 2)  # the interpreter runs one op per tile in numpy: few, mid-sized tiles
 FP32_MAX_D = 64
 
@@ -269,15 +290,16 @@ def _config(shape):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
 
 
-def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int):
+def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int, den_bias: bool = False):
     """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may try for one launch."""
     bucket = max(64, block_d)
     shapes = TILE_CONFIGS[(family, elem_bytes)][bucket]
     if n <= 64:  # one tile does it all: the smallest shape, no tuning
         return shapes[-1:]
-    if arch < 90:
-        dropped = PRE_HOPPER_DROP.get((family, elem_bytes), {}).get(bucket, [])
-        shapes = [sh for sh in shapes if sh not in dropped]
+    for drop, applies in ((PRE_HOPPER_DROP, arch < 90), (DEN_BIAS_DROP, den_bias)):
+        if applies:
+            dropped = drop.get((family, elem_bytes), {}).get(bucket, [])
+            shapes = [sh for sh in shapes if sh not in dropped]
     return shapes
 
 
@@ -288,7 +310,8 @@ def _pruner(family: str):
             return [_config(INTERPRETER)]
         q = args["Q"]
         major, minor = torch.cuda.get_device_capability(q.device)
-        shapes = tile_shapes(family, q.element_size(), args["BLOCK_D"], 10 * major + minor, max(args["Na"], args["M"]))
+        shapes = tile_shapes(family, q.element_size(), args["BLOCK_D"], 10 * major + minor, max(args["Na"], args["M"]),
+                             args["DEN_BIAS"])
         return [_config(sh) for sh in shapes]
     return prune
 
@@ -297,7 +320,7 @@ def _autotuned(kernel, family):
     shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
                      for sh in t})
     return triton.autotune(configs=[_config(sh) for sh in shapes],
-                           key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION"],
+                           key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION", "DEN_BIAS"],
                            prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
 
 
@@ -310,6 +333,9 @@ def why_not(spec) -> str | None:
     """Why these kernels cannot run the spec (None: they can)."""
     if spec.device.type != "cuda" and not _interpreting():
         return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
+    if spec.variant not in ("out", "in"):
+        return (f"the {spec.variant!r} row loss needs more than one statistic per row (a second pass); "
+                "these kernels compute SupCon's L_out / L_in form only: use chunked")
     dim = spec.keys.shape[1]
     if dim > MAX_D:
         return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
@@ -340,10 +366,14 @@ def _common_args(spec, Q, K, inv_tau):
     al = spec.anchor_labels if mask is None else dummy
     kl = spec.key_labels if mask is None else dummy
     mask_t = mask if mask is not None else dummy
+    bias = spec.den_bias
+    dummy_acc = torch.zeros(1, dtype=spec.accum_dtype, device=K.device)
     mask_rows, mask_cols = (mask.shape if mask is not None else (1, 1))
     dim = K.shape[1]
     return dict(
         Q=Q, K=K, INV_TAU=inv_tau, AL=al, KL=kl, MASK=mask_t,
+        AG=bias.anchor_groups if bias is not None else dummy, KG=bias.key_groups if bias is not None else dummy,
+        B_SAME=bias.same if bias is not None else dummy_acc, B_OTHER=bias.other if bias is not None else dummy_acc,
         Na=Q.shape[0], M=K.shape[0], D=dim,
         self_offset=spec.self_offset if spec.self_offset is not None else 0,
         mask_rows=mask_rows, mask_cols=mask_cols,
@@ -355,7 +385,7 @@ def _common_args(spec, Q, K, inv_tau):
         DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
         NORMALIZE=bool(spec.normalize),
         OFFSETS_64=max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim) >= 2**31,
-        VARIANT_IN=spec.variant == "in",
+        VARIANT_IN=spec.variant == "in", DEN_BIAS=bias is not None,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
     )
 
@@ -397,7 +427,7 @@ class TritonSupConLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(anchors, keys, tau_tensor, spec):
-        from fused_contrastive.spec import inverse_pos_count, mean_divisor, row_losses
+        from fused_contrastive.spec import mean_divisor, positive_scale, row_losses
 
         acc = spec.accum_dtype
         tau = spec.tau_value()
@@ -411,8 +441,8 @@ class TritonSupConLoss(torch.autograd.Function):
         has_pos = pos_count > 0
         c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
         loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
-        # The backward takes LSE_P (L_in) where L_out takes 1/Z.
-        pos_scale = torch.where(has_pos, pos_sum, 0.0) if spec.variant == "in" else inverse_pos_count(pos_count)
+        # The backward takes LSE_P (L_in) where L_out takes w/Z.
+        pos_scale = torch.where(has_pos, pos_sum, 0.0) if spec.variant == "in" else positive_scale(spec, pos_count)
         count = mean_divisor(spec, has_pos)
         loss = loss_rows.sum() / count
         coef_unit = torch.where(has_pos, c / count, 0.0).to(acc)  # dLoss/dL_i times c

@@ -5,6 +5,9 @@ any device), ``triton`` and ``cuda`` (fused kernels). ``backend="auto"`` picks t
 best one that can run the input; ``explain_backends`` says why the others cannot.
 """
 from .dispatch import BACKEND_CHOICES
+from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSupInfoNCELoss, InfoNCELoss, SpreadLoss,
+                     bcl_loss, clip_loss, dcl_loss, debiased_contrastive_loss, eps_supinfonce_loss, info_nce,
+                     spread_loss)
 from .losses import SupConLoss, supcon_loss, supcon_spec
 
 __version__ = "0.1.0"
@@ -17,4 +20,6 @@ def explain_backends(features, labels=None, mask=None, **loss_kwargs) -> dict:
     return explain(supcon_spec(features, labels, mask, **loss_kwargs))
 
 
-__all__ = ["SupConLoss", "supcon_loss", "explain_backends", "BACKEND_CHOICES", "__version__"]
+__all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_loss", "DCLLoss", "dcl_loss",
+           "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
+           "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "explain_backends", "BACKEND_CHOICES", "__version__"]

@@ -10,6 +10,11 @@ Positives never appear as an ``[block, M]`` tensor when they come from labels:
 ``sum_j a_ij l_ij = q_i . (sum of keys of class y_i, minus self) / tau``, and the
 positive part of ``g`` reduces to per-class sums the same way. Only a user's dense
 mask is expanded, one block at a time.
+
+The two losses outside the general form (epsilon-SupInfoNCE, debiased) take a generic
+path: the oracle's row math (``reference.dense_rows``) on one row block at a time,
+differentiated by autograd within the block. Rows are complete in a block, so this is
+exact; smaller blocks keep autograd's few ``[block, M]`` intermediates small.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .spec import ContrastSpec, inverse_pos_count, mean_divisor, normalize_backward, row_losses, temperature_grad
+from .reference import dense_rows
+from .spec import ContrastSpec, mean_divisor, normalize_backward, positive_scale, row_losses, temperature_grad
 
 # Elements of one [block, M] fp32 tile (32 MiB): large enough for efficient matmuls,
 # small enough that the few live tiles stay far below the inputs at large N.
@@ -38,6 +44,7 @@ class _Stats:
     has_pos: Tensor
     dQ: Tensor | None  # gradients of sum_i L_i over the counted rows, before the reduction's scale
     dK: Tensor | None
+    dtau: Tensor | None = None  # set by the generic path only (the others use temperature_grad)
 
 
 def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bool) -> _Stats:
@@ -50,8 +57,8 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
 
     pos_count = spec.pos_count()
     has_pos = pos_count > 0
-    # a_ij / Z_i folded into one per-row factor; rows without positives contribute nothing.
-    pos_scale = inverse_pos_count(pos_count)
+    # w_i a_ij / Z_i folded into one per-row factor; rows without positives contribute nothing.
+    pos_scale = positive_scale(spec, pos_count)
 
     variant_in = spec.variant == "in"
     # L_out with labels never needs a positive tile (class sums below); a mask or L_in does, per block.
@@ -94,6 +101,8 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
                 pos_sum[r0:r1] = pos_max + pos_exp.log()
             else:
                 pos_sum[r0:r1] = (W * S).sum(1)
+        if spec.den_bias is not None:  # after the positive statistics: they use the plain logits
+            S.add_(spec.den_bias.tile(rows).to(acc))
         S[local[blk_self], self_cols[r0:r1][blk_self]] = float("-inf")
         row_max = S.amax(1)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -128,6 +137,36 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     return _Stats(loss_rows, lse, has_pos, dQ, dK)
 
 
+def _forward_autograd(spec: ContrastSpec, Q: Tensor, K: Tensor, tau_tensor, want_grad: bool) -> _Stats:
+    """The generic path: ``dense_rows`` per row block, its gradients by autograd within the block."""
+    acc = spec.accum_dtype
+    Na = Q.shape[0]
+    K = K.detach().requires_grad_(want_grad)
+    tau = tau_tensor.detach().to(acc).requires_grad_(want_grad) if tau_tensor is not None else spec.tau_value()
+    loss_rows = torch.empty(Na, dtype=acc, device=K.device)
+    has_pos = torch.empty(Na, dtype=torch.bool, device=K.device)
+    dQ = torch.empty_like(Q) if want_grad else None
+    dK = torch.zeros_like(K) if want_grad else None
+    dtau = torch.zeros((), dtype=acc, device=K.device) if want_grad and tau_tensor is not None else None
+    step = max(1, block_rows(K.shape[0]) // 8)  # autograd keeps several [block, M] tensors alive
+    for r0 in range(0, Na, step):
+        r1 = min(Na, r0 + step)
+        rows = torch.arange(r0, r1, device=K.device)
+        with torch.enable_grad():
+            Q_blk = Q[r0:r1].detach().requires_grad_(want_grad)
+            blk_loss, blk_pos = dense_rows(spec, Q_blk @ K.T / tau, rows, tau)
+            if want_grad:
+                wrt = (Q_blk, K) + ((tau,) if dtau is not None else ())
+                grads = torch.autograd.grad(blk_loss.sum(), wrt)
+                dQ[r0:r1] = grads[0]
+                dK += grads[1]
+                if dtau is not None:
+                    dtau += grads[2]
+        loss_rows[r0:r1] = blk_loss.detach()
+        has_pos[r0:r1] = blk_pos
+    return _Stats(loss_rows, None, has_pos, dQ, dK, dtau)
+
+
 class ChunkedLoss(torch.autograd.Function):
     """Mean loss over anchors. Outputs (loss, dQ, dK, dtau): the gradients are computed in the
     forward pass when ``want_grad`` and are only scaled in backward. Written with setup_context
@@ -139,14 +178,22 @@ class ChunkedLoss(torch.autograd.Function):
         tau = spec.tau_value()
         Q = anchors.to(acc)
         K = Q if anchors is keys else keys.to(acc)
-        stats = _forward(spec, Q, K, tau, want_grad)
+        if spec.variant in ("eps", "debiased"):
+            stats = _forward_autograd(spec, Q, K, tau_tensor, want_grad)
+        else:
+            stats = _forward(spec, Q, K, tau, want_grad)
         count = mean_divisor(spec, stats.has_pos)
         loss = stats.loss_rows.sum() / count
         none = loss.new_zeros(0)
         if not want_grad:
             return loss, none, none, none
         dQ, dK = stats.dQ / count, stats.dK / count
-        dtau = temperature_grad(spec, Q, dQ, loss, tau) if tau_tensor is not None else none
+        if tau_tensor is None:
+            dtau = none
+        elif stats.dtau is not None:
+            dtau = stats.dtau / count
+        else:
+            dtau = temperature_grad(spec, Q, dQ, loss, tau)
         return loss, dQ, dK, dtau
 
     @staticmethod

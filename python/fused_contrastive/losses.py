@@ -62,7 +62,7 @@ def _flatten_views(features) -> Tensor:
     return features
 
 
-def _class_ids(labels, bsz: int, device: torch.device) -> tuple[Tensor, int]:
+def _check_labels(labels, bsz: int, device: torch.device) -> Tensor:
     if not isinstance(labels, Tensor):
         labels = torch.as_tensor(labels)
     if labels.is_complex() or labels.dim() > 2 or (labels.dim() == 2 and labels.shape[1] != 1):
@@ -71,7 +71,15 @@ def _class_ids(labels, bsz: int, device: torch.device) -> tuple[Tensor, int]:
     labels = labels.reshape(-1)
     if labels.numel() != bsz:
         raise ValueError(f"labels must have one entry per sample: expected {bsz}, got {labels.numel()}")
-    _, ids = torch.unique(labels.to(device), return_inverse=True)
+    return labels.to(device)
+
+
+def _class_ids(labels, bsz: int, device: torch.device, more_labels: Optional[Tensor] = None) -> tuple[Tensor, int]:
+    """Labels as class ids in [0, C) and C; ``more_labels`` (extra keys') are numbered with them, after them."""
+    labels = _check_labels(labels, bsz, device)
+    if more_labels is not None:
+        labels = torch.cat([labels, more_labels.to(device=device, dtype=labels.dtype)])
+    _, ids = torch.unique(labels, return_inverse=True)
     return ids, int(ids.max()) + 1
 
 
@@ -92,9 +100,27 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
     return weights
 
 
+def _extra_keys(extra_keys, extra_key_labels, features: Tensor, name: str = "extra_keys") -> tuple[Tensor, Tensor]:
+    """Validated labelled keys that are not anchors: ([E, D] in the features' dtype, [E] labels)."""
+    if not isinstance(extra_keys, Tensor) or extra_keys.dim() != 2 or extra_keys.shape[1] != features.shape[-1]:
+        shape = tuple(extra_keys.shape) if isinstance(extra_keys, Tensor) else type(extra_keys).__name__
+        raise ValueError(f"{name} must be a tensor of shape [E, D] with D = {features.shape[-1]} (the features' "
+                         f"dimension), got {shape}")
+    if extra_keys.dtype != features.dtype or extra_keys.device != features.device:
+        raise ValueError(f"{name} must have the features' dtype and device ({features.dtype}, {features.device}), "
+                         f"got {extra_keys.dtype} on {extra_keys.device}")
+    if extra_key_labels is None:
+        raise ValueError(f"{name} needs extra_key_labels: one label per extra key, compared with the samples' labels")
+    extra_key_labels = torch.as_tensor(extra_key_labels).reshape(-1).to(features.device)
+    if extra_key_labels.numel() != extra_keys.shape[0]:
+        raise ValueError(f"extra_key_labels must have one entry per row of {name}: expected {extra_keys.shape[0]}, "
+                         f"got {extra_key_labels.numel()}")
+    return extra_keys, extra_key_labels
+
+
 def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out",
-                temperature_value: Optional[float] = None) -> ContrastSpec:
+                temperature_value: Optional[float] = None, extra_keys=None, extra_key_labels=None) -> ContrastSpec:
     """Validate SupCon arguments and describe the loss (no computation)."""
     features = _flatten_views(features)
     temperature = _check_temperature("temperature", temperature, known_value=temperature_value)
@@ -109,22 +135,36 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     _check_choice("variant", variant, VARIANTS)
     if labels is not None and mask is not None:
         raise ValueError("pass either labels or mask, not both")
+    if extra_keys is None and extra_key_labels is not None:
+        raise ValueError("extra_key_labels was given without extra_keys")
     bsz, n_views, _ = features.shape
     device = features.device
     # View-major stacking: row v * bsz + b is view v of sample b (SupContrast's cat(unbind(., 1))).
     keys = features.transpose(0, 1).reshape(n_views * bsz, -1)
-    anchors = keys if contrast_mode == "all" else keys[:bsz]
+    if extra_keys is not None:
+        if mask is not None:
+            raise ValueError("extra_keys needs labels (positives by label), not a [bsz, bsz] mask")
+        extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
+        keys = torch.cat([keys, extra_keys])  # the extra keys follow the views; they are never anchors
+    anchors = keys if contrast_mode == "all" and extra_keys is None else keys[: bsz * (n_views if contrast_mode == "all" else 1)]
     key_labels = anchor_labels = dense = None
     num_classes = 0
     if mask is not None:
         acc = torch.float64 if features.dtype == torch.float64 else torch.float32
         dense = _positive_mask(mask, bsz, device, acc)
     else:
-        if labels is None:  # SimCLR: the positives of a view are the other views of its sample
+        if extra_keys is not None:
+            if labels is None:
+                raise ValueError("extra_keys needs labels: extra keys are positives of the samples sharing their label")
+            ids, num_classes = _class_ids(labels, bsz, device, extra_key_labels)
+            ids, extra_ids = ids[:bsz], ids[bsz:]
+        elif labels is None:  # SimCLR: the positives of a view are the other views of its sample
             ids, num_classes = torch.arange(bsz, device=device), bsz
         else:
             ids, num_classes = _class_ids(labels, bsz, device)
         key_labels = ids.repeat(n_views)
+        if extra_keys is not None:
+            key_labels = torch.cat([key_labels, extra_ids])
         anchor_labels = key_labels[: anchors.shape[0]]
     return ContrastSpec(
         anchors=anchors, keys=keys, self_offset=0,
@@ -136,7 +176,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
 
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out", backend="auto",
-                process_group=None) -> Tensor:
+                process_group=None, extra_keys=None, extra_key_labels=None) -> Tensor:
     """Supervised contrastive loss (Khosla et al., L_out), SimCLR's NT-Xent without labels.
 
     features: ``[bsz, n_views, ...]`` (extra dims flattened) or flat ``[N, D]`` (one view).
@@ -154,11 +194,16 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     loss of the global batch (ranks' batches concatenated in rank order), with every gradient
     equal to world_size x its share of the global gradient, so that DDP's averaging matches
     single-process training exactly (see ``fused_contrastive.distributed``).
+    ``extra_keys [E, D]`` with ``extra_key_labels [E]``: labelled keys that are never anchors (a memory
+    bank or a labelled MoCo queue, PaCo-style class centers, TSC targets): positives of the samples sharing
+    their label, in every anchor's denominator; they get gradients only if they require grad.
     Returns the mean over anchors, in float32 (float64 for float64 features). Works under
     ``torch.compile(fullgraph=True)`` (as one custom op) and under autocast (the loss always
     accumulates in fp32, whatever autocast would pick).
     """
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    if extra_keys is not None and (process_group is not None or torch.compiler.is_compiling()):
+        raise ValueError("extra_keys cannot be combined with process_group or torch.compile in this version")
     if torch.compiler.is_compiling():
         from .compiled import supcon_loss_compiled
 
@@ -167,7 +212,8 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
                                     no_positive=no_positive, normalize=normalize, variant=variant,
                                     backend=backend)
     spec = supcon_spec(features, labels, mask, temperature=temperature, base_temperature=base_temperature,
-                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize, variant=variant)
+                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize, variant=variant,
+                       extra_keys=extra_keys, extra_key_labels=extra_key_labels)
     if process_group is not None:
         return _distributed(spec, features, labels, mask, process_group, contrast_mode, backend)
     return dispatch.run(spec, backend)
@@ -214,12 +260,13 @@ class SupConLoss(nn.Module):
         self.backend = backend
         self.no_positive = no_positive
 
-    def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
+                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None) -> Tensor:
         return supcon_loss(features, labels, mask, temperature=self.temperature,
                            base_temperature=self.base_temperature, contrast_mode=self.contrast_mode,
                            no_positive=self.no_positive, normalize=self.normalize, variant=self.variant,
-                           backend=self.backend,
-                           process_group=self.process_group)
+                           backend=self.backend, process_group=self.process_group,
+                           extra_keys=extra_keys, extra_key_labels=extra_key_labels)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "

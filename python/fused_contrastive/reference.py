@@ -4,8 +4,14 @@ It materialises every ``[Na, M]`` matrix the math mentions and lets autograd
 differentiate it, so it is slow and memory-hungry by design. It computes in the
 spec's accumulation dtype (float64 stays float64), never adds an epsilon and never
 produces NaN for anchors without positives or without any key in the denominator.
+
+``dense_rows`` is the whole family's row math on a block of logits; the chunked
+backend reuses it, one row block at a time, for the losses that have no
+hand-derived gradient there (epsilon-SupInfoNCE, debiased).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -13,57 +19,91 @@ from torch import Tensor
 from .spec import ContrastSpec, mean_divisor
 
 
-def positive_weights(spec: ContrastSpec) -> Tensor:
-    """Dense a_ij, self excluded: [Na, M] in the accumulation dtype."""
+def positive_weights(spec: ContrastSpec, rows: Tensor) -> Tensor:
+    """Dense a_ij for anchor ``rows`` against every key, self excluded, in the accumulation dtype."""
     acc = spec.accum_dtype
-    rows = torch.arange(spec.num_anchors, device=spec.device)
     cols = torch.arange(spec.num_keys, device=spec.device)
     if spec.mask is None:
-        a = (spec.anchor_labels[:, None] == spec.key_labels[None, :]).to(acc)
+        a = (spec.anchor_labels[rows][:, None] == spec.key_labels[None, :]).to(acc)
     else:
         mask = spec.mask.to(acc)
         a = mask[rows % mask.shape[0]][:, cols % mask.shape[1]]
-    return a * not_self(spec).to(acc)
+    return a * not_self(spec, rows).to(acc)
 
 
-def not_self(spec: ContrastSpec) -> Tensor:
-    """Dense bool [Na, M]: True for every key in anchor i's denominator."""
+def not_self(spec: ContrastSpec, rows: Tensor) -> Tensor:
+    """Dense bool [len(rows), M]: False only at each anchor's self."""
     cols = torch.arange(spec.num_keys, device=spec.device)
-    return cols[None, :] != spec.self_columns()[:, None]
+    return cols[None, :] != spec.self_columns()[rows][:, None]
 
 
-def per_row(spec: ContrastSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """(L_i, LSE_i, has_pos_i) with autograd attached to anchors, keys and temperature."""
+def _masked_lse(x: Tensor, keep: Tensor) -> Tensor:
+    """log sum exp over ``keep`` per row; -inf for a row with nothing kept, without NaN in autograd."""
+    has_any = keep.any(1)
+    x = torch.where(keep & has_any[:, None], x, torch.where(has_any[:, None], float("-inf"), 0.0))
+    return torch.where(has_any, torch.logsumexp(x, dim=1), float("-inf"))
+
+
+def dense_rows(spec: ContrastSpec, logits: Tensor, rows: Tensor, tau) -> tuple[Tensor, Tensor]:
+    """(L_i, has_pos_i) for anchor ``rows`` from their logits ``[len(rows), M]`` (autograd-friendly)."""
+    in_den = not_self(spec, rows)
+    den_logits = logits
+    if spec.den_bias is not None:
+        bias = spec.den_bias.tile(rows).to(logits.dtype)
+        in_den = in_den & (bias > float("-inf"))
+        den_logits = logits + torch.where(in_den, bias, 0.0)
+    lse = _masked_lse(den_logits, in_den)
+
+    a = positive_weights(spec, rows)
+    pos_count = a.sum(1)
+    has_pos = pos_count > 0
+    safe_count = torch.where(has_pos, pos_count, torch.ones_like(pos_count))
+    c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
+    if spec.variant == "in":  # log of the mean positive probability: LSE over positives of l + log a
+        log_a = torch.log(torch.where(a > 0, a, torch.ones_like(a)))
+        loss = lse - (_masked_lse(logits + log_a, a > 0) - torch.log(safe_count))
+    elif spec.variant == "eps":  # each positive p over its own denominator exp(l_ip - eps) + sum_n exp(l_in)
+        per_positive = logits - torch.logaddexp(logits - spec.epsilon, lse[:, None])
+        loss = -(a * torch.where(a > 0, per_positive, 0.0)).sum(1) / safe_count
+    elif spec.variant == "debiased":
+        loss = _debiased_rows(spec, logits, in_den, lse, (a * logits).sum(1), tau)
+    else:
+        weight = 1.0 if spec.pos_row_weight is None else spec.pos_row_weight[rows].to(logits.dtype)
+        loss = lse - weight * (a * logits).sum(1) / safe_count
+    return torch.where(has_pos, c * loss, torch.zeros_like(loss)), has_pos
+
+
+def _debiased_rows(spec: ContrastSpec, logits: Tensor, negative: Tensor, lse_n: Tensor, pos_logit: Tensor,
+                   tau) -> Tensor:
+    """-log(e^{l_p} / (e^{l_p} + Ng)), Ng = max((reweighted negatives - tau+ n e^{l_p}) / (1 - tau+), n e^{-1/tau}),
+    the reweighted negatives being n * sum_n e^{(1+beta) l} / sum_n e^{beta l} (sum_n e^{l} for beta = 0).
+    Everything in log space, shifted by s = max(log reweighted, l_p), so no exp overflows at small tau."""
+    n = negative.sum(1).to(logits.dtype)
+    log_n = torch.log(n.clamp(min=1))
+    if spec.beta == 0:
+        log_reweighted = lse_n
+    else:
+        log_reweighted = (log_n + _masked_lse((1 + spec.beta) * logits, negative)
+                          - _masked_lse(spec.beta * logits, negative))
+    shift = torch.maximum(log_reweighted, pos_logit).detach()
+    one_minus = 1.0 - spec.tau_plus
+    numerator = torch.exp(log_reweighted - shift) - spec.tau_plus * n * torch.exp(pos_logit - shift)
+    floor = one_minus * n * torch.exp(-1.0 / tau - shift)  # n e^{-1/tau}: every negative at cosine -1
+    ng = torch.maximum(numerator, floor) / one_minus
+    return torch.log(torch.exp(pos_logit - shift) + ng) + shift - pos_logit
+
+
+def per_row(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
+    """(L_i, has_pos_i) with autograd attached to anchors, keys and temperature."""
     acc = spec.accum_dtype
     tau = spec.temperature.to(acc) if isinstance(spec.temperature, Tensor) else spec.temperature
     anchors, keys = spec.normalized_inputs()
     logits = anchors.to(acc) @ keys.to(acc).T / tau
-    in_denominator = not_self(spec)
-    # A row with no key at all (one sample, one view) gets a dummy finite row;
-    # its loss is dropped below, and the dummy keeps NaN out of autograd.
-    has_denominator = in_denominator.any(1, keepdim=True)
-    denominator_logits = logits.masked_fill(~in_denominator, float("-inf"))
-    denominator_logits = torch.where(has_denominator, denominator_logits, torch.zeros_like(logits))
-    lse = torch.logsumexp(denominator_logits, dim=1)
-
-    a = positive_weights(spec)
-    pos_count = a.sum(1)
-    has_pos = pos_count > 0
-    safe_count = torch.where(has_pos, pos_count, torch.ones_like(pos_count))
-    if spec.variant == "in":  # log of the mean positive probability: LSE over positives of l + log a
-        positive_logits = torch.where(a > 0, logits + torch.log(torch.where(a > 0, a, torch.ones_like(a))),
-                                      torch.full_like(logits, float("-inf")))
-        positive_logits = torch.where(has_pos[:, None], positive_logits, torch.zeros_like(logits))
-        positive_term = torch.logsumexp(positive_logits, dim=1) - torch.log(safe_count)
-    else:
-        positive_term = (a * logits).sum(1) / safe_count
-    c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
-    loss_rows = torch.where(has_pos, c * (lse - positive_term), torch.zeros_like(lse))
-    return loss_rows, lse, has_pos
+    return dense_rows(spec, logits, torch.arange(spec.num_anchors, device=spec.device), tau)
 
 
 def loss(spec: ContrastSpec) -> Tensor:
-    loss_rows, _, has_pos = per_row(spec)
+    loss_rows, has_pos = per_row(spec)
     return loss_rows.sum() / mean_divisor(spec, has_pos)
 
 

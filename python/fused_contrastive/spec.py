@@ -15,6 +15,28 @@ from torch import Tensor
 
 NO_POSITIVE_MODES = ("zero", "exclude")
 VARIANTS = ("out", "in")  # SupCon's L_out (mean of positive log-probabilities) and L_in (log of their mean)
+# Row losses beyond the general form (DESIGN.md's exception table): "eps" is epsilon-SupInfoNCE (one
+# denominator per positive, needs LSE_N before the positive sum); "debiased" is Chuang et al.'s debiased
+# negative term with Robinson et al.'s hard-negative reweighting (three LSEs over the negatives).
+ALL_VARIANTS = VARIANTS + ("eps", "debiased")
+
+
+@dataclass(frozen=True)
+class DenominatorBias:
+    """The denominator log-weights b_ij from O(N) metadata: ``b_ij = same[g_j]`` when key j's group equals
+    anchor i's group, else ``other[g_j]``; ``-inf`` removes the key from anchor i's denominator.
+    Covers DCL (positives out), class-conditional InfoNCE (other classes out), BCL (minus the log of the
+    key's class count) and InfoNCE without in-batch negatives (other batch keys out, queue in)."""
+    anchor_groups: Tensor  # [Na] int64 in [0, G)
+    key_groups: Tensor  # [M] int64 in [0, G)
+    same: Tensor  # [G] in the accumulation dtype
+    other: Tensor  # [G]
+
+    def tile(self, rows: Tensor, cols: Optional[Tensor] = None) -> Tensor:
+        """Dense b for anchor ``rows`` against keys ``cols`` (all keys by default): [len(rows), len(cols)]."""
+        key_groups = self.key_groups if cols is None else self.key_groups[cols]
+        same_group = self.anchor_groups[rows][:, None] == key_groups[None, :]
+        return torch.where(same_group, self.same[key_groups][None, :], self.other[key_groups][None, :])
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 
 
@@ -41,6 +63,12 @@ class ContrastSpec:
     # "out": L_i = c (LSE_A - sum_j a_ij l_ij / Z_i);  "in": L_i = c (LSE_A - LSE_P + log Z_i), with
     # LSE_P = log sum_j a_ij exp(l_ij) (DESIGN.md's exception table).
     variant: str = "out"
+    den_bias: Optional[DenominatorBias] = None  # None: b_ij = 0 on every key but self
+    # w_i multiplying the positive term (DCLW's detached pair weight): L_i = c (LSE - w_i sum_j a_ij l_ij / Z_i).
+    pos_row_weight: Optional[Tensor] = None
+    epsilon: float = 0.0  # "eps": the margin subtracted from each positive's logit in its own denominator
+    tau_plus: float = 0.0  # "debiased": the class prior of a false negative
+    beta: float = 0.0  # "debiased": hard-negative concentration (0: Chuang et al. alone)
 
     def normalized_inputs(self) -> tuple[Tensor, Tensor]:
         """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it.
@@ -130,6 +158,12 @@ def inverse_pos_count(pos_count: Tensor) -> Tensor:
     return torch.where(has_pos, 1.0 / torch.where(has_pos, pos_count, torch.ones_like(pos_count)), 0.0)
 
 
+def positive_scale(spec: ContrastSpec, pos_count: Tensor) -> Tensor:
+    """w_i / Z_i: the factor of sum_j a_ij l_ij in L_out (0 on rows without positives)."""
+    scale = inverse_pos_count(pos_count)
+    return scale if spec.pos_row_weight is None else scale * spec.pos_row_weight.to(scale.dtype)
+
+
 def row_losses(spec: ContrastSpec, lse: Tensor, pos_stat: Tensor, pos_count: Tensor, c) -> Tensor:
     """L_i from the per-row statistics every backend saves: ``pos_stat`` is sum_j a_ij l_ij (L_out)
     or LSE_P (L_in). Exactly 0 on rows without positives."""
@@ -137,7 +171,7 @@ def row_losses(spec: ContrastSpec, lse: Tensor, pos_stat: Tensor, pos_count: Ten
     if spec.variant == "in":
         log_count = torch.log(torch.where(has_pos, pos_count, torch.ones_like(pos_count)))
         return torch.where(has_pos, c * (lse - pos_stat + log_count), 0.0)
-    return torch.where(has_pos, c * (lse - pos_stat * inverse_pos_count(pos_count)), 0.0)
+    return torch.where(has_pos, c * (lse - pos_stat * positive_scale(spec, pos_count)), 0.0)
 
 
 def mean_divisor(spec: ContrastSpec, has_pos: Tensor) -> Tensor:

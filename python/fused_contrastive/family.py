@@ -1,0 +1,317 @@
+"""The rest of the contrastive family, each as a description of the general loss (DESIGN.md).
+
+Every function validates its arguments, builds a ``ContrastSpec`` (usually SupCon's,
+then changes its denominator rule, positive weights or row formula) and dispatches it
+like ``supcon_loss``: no loss here has its own kernel. What each one sets:
+
+========================  ==============================================================
+eps_supinfonce_loss       variant "eps", positives out of the denominator (LSE_N)
+dcl_loss                  positives out of the denominator; DCLW: a weight w_i per positive
+info_nce                  Q = query, K = key (+ queue); positive = key[i]; no self
+clip_loss                 info_nce both ways with tau = 1 / logit_scale
+debiased_contrastive_loss variant "debiased", positives out of the denominator
+bcl_loss                  b_ij = -log(count of key j's class, minus 1 for the anchor's class)
+spread_loss               b_ij = -inf for keys of another class
+========================  ==============================================================
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from .losses import _check_choice, _check_labels, _check_temperature, _flatten_views, supcon_spec
+from .spec import ContrastSpec, DenominatorBias
+
+
+def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *, closed_high: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if not (low <= value and (value <= high if closed_high else value < high)):
+        bound = "]" if closed_high else ")"
+        raise ValueError(f"{name} must lie in [{low}, {high}{bound}, got {value}")
+    return value
+
+
+def _two_views(features, min_bsz: int, loss: str) -> Tensor:
+    features = _flatten_views(features)
+    if features.shape[1] != 2 or features.shape[0] < min_bsz:
+        raise ValueError(f"features must be [bsz, 2, D] (two views per sample) with bsz >= {min_bsz} for {loss}, "
+                         f"got shape {tuple(features.shape)}")
+    return features
+
+
+def _bias(anchor_groups: Tensor, key_groups: Tensor, same: Tensor, other: Tensor) -> DenominatorBias:
+    return DenominatorBias(anchor_groups, key_groups, same, other)
+
+
+def _without_positives(spec: ContrastSpec) -> DenominatorBias:
+    """Every key sharing the anchor's label leaves its denominator (what remains is N_i)."""
+    acc, groups = spec.accum_dtype, spec.num_classes
+    same = torch.full((groups,), float("-inf"), dtype=acc, device=spec.device)
+    return _bias(spec.anchor_labels, spec.key_labels, same, torch.zeros_like(same))
+
+
+def _run(spec: ContrastSpec, backend: str) -> Tensor:
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    return dispatch.run(spec, backend)
+
+
+# ----------------------------------------------------------------------------- epsilon-SupInfoNCE
+
+def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                        contrast_mode="all", backend="auto") -> Tensor:
+    """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
+
+    Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
+    negatives n (keys of another label): ``L_i = -(c/|P_i|) sum_p [l_ip - log(exp(l_ip - epsilon) +
+    sum_n exp(l_in))]``, c = temperature / base_temperature (1 when None); mean over anchors, 0 for an
+    anchor without positives. ``features [bsz, n_views, D]``; no labels: the other views are the positives.
+    Computed as two statistics per row (LSE_N, then the per-positive softplus terms), never an N x N buffer.
+    """
+    epsilon = _number("epsilon", epsilon, 0.0)
+    spec = supcon_spec(features, labels, temperature=temperature, base_temperature=base_temperature,
+                       contrast_mode=contrast_mode)
+    return _run(dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec)), backend)
+
+
+# ----------------------------------------------------------------------------- DCL / DCLW
+
+def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto") -> Tensor:
+    """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
+
+    All 2·bsz views are anchors; a view's positive is the other view of its sample; its denominator is the
+    other 2·bsz - 2 views (the positive removed): ``L_i = -w_i l_ip + log sum_n exp(l_in)``, mean over anchors.
+    ``weighted=True`` is DCLW: ``w = 2 - bsz * softmax_b(cos(view1_b, view2_b) / sigma)`` per sample (the same
+    as 2·bsz times a softmax over the 2·bsz directed pairs), computed from the raw cosine of the two views and
+    detached, as in the authors' code: it steers which pairs matter, it is not trained through.
+    """
+    features = _two_views(features, 2, "dcl_loss")
+    _check_choice("weighted", weighted, (False, True))
+    sigma = _number("sigma", sigma, 0.0)
+    if sigma == 0:
+        raise ValueError("sigma must be > 0")
+    spec = supcon_spec(features, temperature=temperature)
+    weight = None
+    if weighted:
+        with torch.no_grad():
+            acc = spec.accum_dtype
+            cosine = torch.nn.functional.cosine_similarity(features[:, 0].to(acc), features[:, 1].to(acc), dim=1)
+            weight = (2 - features.shape[0] * torch.softmax(cosine / sigma, dim=0)).repeat(2)
+    return _run(dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight), backend)
+
+
+# ----------------------------------------------------------------------------- InfoNCE / MoCo / CLIP
+
+def _pair(name_a: str, a, name_b: str, b) -> None:
+    for name, x in ((name_a, a), (name_b, b)):
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point() or x.shape[0] < 1:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a floating tensor of shape [B, D] with B >= 1, got {shape}")
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, dtype and device, got "
+                         f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}")
+
+
+def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tensor], in_batch_negatives: bool,
+                   tau_float: Optional[float] = None) -> ContrastSpec:
+    bsz, device = query.shape[0], query.device
+    ids = torch.arange(bsz, device=device)
+    keys, key_labels, num_classes = key, ids, bsz
+    if queue is not None:  # the queue is one more "class" that no anchor has: never a positive
+        keys = torch.cat([key, queue.detach()])
+        key_labels = torch.cat([ids, torch.full((queue.shape[0],), bsz, device=device)])
+        num_classes = bsz + 1
+    temperature = _check_temperature("temperature", temperature)
+    if tau_float is None:
+        tau_float = float(temperature.detach()) if isinstance(temperature, Tensor) else temperature
+    den_bias = None
+    if not in_batch_negatives:  # MoCo v1/v2: the positive key and the queue only
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        same = torch.zeros(num_classes, dtype=acc, device=device)
+        other = torch.full_like(same, float("-inf"))
+        other[bsz:] = 0  # the queue's group
+        den_bias = _bias(ids, key_labels, same, other)
+    return ContrastSpec(anchors=query, keys=keys, self_offset=None, anchor_labels=ids, key_labels=key_labels,
+                        num_classes=num_classes, mask=None, temperature=temperature, base_temperature=None,
+                        no_positive="zero", tau_float=tau_float, den_bias=den_bias)
+
+
+def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
+             backend="auto") -> Tensor:
+    """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
+
+    The denominator holds every key and every ``queue [Qn, D]`` row (MoCo v3 / CLIP-row style);
+    ``in_batch_negatives=False`` keeps only the positive and the queue (MoCo v1/v2). Queue rows get no
+    gradient. ``symmetric=True`` averages the query->key and key->query losses (no queue then).
+    Features are used as given (normalise them first). Mean over rows.
+    """
+    _pair("query", query, "key", key)
+    _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
+    _check_choice("symmetric", symmetric, (False, True))
+    if queue is not None:
+        if not isinstance(queue, Tensor) or queue.dim() != 2 or queue.shape[1] != query.shape[1]:
+            shape = tuple(queue.shape) if isinstance(queue, Tensor) else type(queue).__name__
+            raise ValueError(f"queue must be a tensor of shape [Qn, D] with D = {query.shape[1]}, got {shape}")
+        if queue.dtype != query.dtype or queue.device != query.device:
+            raise ValueError(f"queue must have the query's dtype and device ({query.dtype}, {query.device}), "
+                             f"got {queue.dtype} on {queue.device}")
+        if symmetric:
+            raise ValueError("symmetric=True cannot be combined with a queue (the queue has no anchors)")
+    if symmetric:
+        forward = _run(_info_nce_spec(query, key, temperature, None, in_batch_negatives), backend)
+        return 0.5 * (forward + _run(_info_nce_spec(key, query, temperature, None, in_batch_negatives), backend))
+    return _run(_info_nce_spec(query, key, temperature, queue, in_batch_negatives), backend)
+
+
+def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto") -> Tensor:
+    """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
+
+    ``logits = logit_scale * image @ text.T``; the loss is the mean of the row-wise (image -> text) and
+    column-wise (text -> image) cross-entropies with the diagonal as target. ``logit_scale`` is the
+    multiplier as open_clip passes it (already exponentiated): a positive number or a one-element tensor,
+    which gets its gradient when it requires grad. The column direction is a second pass with the roles
+    swapped (its own per-row LSE = the column LSE of the first), never the full matrix.
+    ``logit_bias`` (open_clip adds it to every logit) cannot change a softmax cross-entropy: it is accepted,
+    gets a zero gradient, and leaves the loss as it is.
+    """
+    _pair("image_features", image_features, "text_features", text_features)
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+            raise ValueError(f"logit_scale must be a positive number or a one-element floating tensor, got shape "
+                             f"{tuple(logit_scale.shape)} and dtype {logit_scale.dtype}")
+        scale_value = float(logit_scale.detach())
+    elif isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        scale_value = float(logit_scale)
+    else:
+        raise ValueError(f"logit_scale must be a positive number or a one-element tensor, got {type(logit_scale).__name__}")
+    if not (math.isfinite(scale_value) and scale_value > 0):
+        raise ValueError(f"logit_scale must be a finite number > 0 (the exponentiated scale), got {scale_value}")
+    if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
+        temperature = 1.0 / logit_scale.reshape(())
+    else:
+        temperature = 1.0 / scale_value
+    if logit_bias is not None and not (isinstance(logit_bias, Tensor) or isinstance(logit_bias, numbers.Real)):
+        raise ValueError(f"logit_bias must be a number or a tensor, got {type(logit_bias).__name__}")
+    image_to_text = _run(_info_nce_spec(image_features, text_features, temperature, None, True, 1.0 / scale_value),
+                         backend)
+    text_to_image = _run(_info_nce_spec(text_features, image_features, temperature, None, True, 1.0 / scale_value),
+                         backend)
+    loss = 0.5 * (image_to_text + text_to_image)
+    if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
+        loss = loss + 0.0 * logit_bias.sum()  # shift-invariant: a zero gradient, and a graph to carry it
+    return loss
+
+
+# ----------------------------------------------------------------------------- debiased / hard negatives
+
+def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto") -> Tensor:
+    """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
+    al.'s hard-negative reweighting when ``beta > 0``.
+
+    For the 2·bsz anchors, with the positive p (other view) and the n = 2·bsz - 2 negatives:
+    ``Ng = max((n * sum_n e^{(1+beta) l_in} / sum_n e^{beta l_in} - tau_plus * n * e^{l_ip}) / (1 - tau_plus),
+    n * e^{-1/temperature})`` and ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over anchors. The clamp
+    assumes L2-normalised features (cosine >= -1), as the papers do. Computed in log space.
+    """
+    features = _two_views(features, 2, "debiased_contrastive_loss")
+    tau_plus = _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
+    beta = _number("beta", beta, 0.0)
+    spec = supcon_spec(features, temperature=temperature)
+    spec = dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
+                               den_bias=_without_positives(spec))
+    return _run(spec, backend)
+
+
+# ----------------------------------------------------------------------------- BCL
+
+def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto") -> Tensor:
+    """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
+
+    SupCon (L_out, scale 1) whose denominator weighs each key by one over the batch count of its class,
+    minus one for the anchor's own class (self is not in it): ``b_ij = -log(cnt[y_j] - [y_j == y_i])``,
+    from a class histogram, never a mask. ``class_centers [C, D]`` (optional) join as keys, center c with
+    label c (labels must then be integers in [0, C)); they count in the histogram, are positives of their
+    class and get gradients. Mean over the view rows; an anchor without positives has loss 0.
+    """
+    features = _flatten_views(features)
+    bsz = features.shape[0]
+    if labels is None:
+        raise ValueError("labels must be given for bcl_loss (one class per sample)")
+    labels = _check_labels(labels, bsz, features.device)
+    extra_labels = None
+    if class_centers is not None:
+        if not isinstance(class_centers, Tensor) or class_centers.dim() != 2:
+            shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
+            raise ValueError(f"class_centers must be a tensor of shape [C, D], got {shape}")
+        num_centers = class_centers.shape[0]
+        if labels.is_floating_point() or bool(((labels < 0) | (labels >= num_centers)).any()):
+            raise ValueError(f"labels must be integers in [0, C) = [0, {num_centers}) when class_centers are given "
+                             "(center c belongs to class c)")
+        extra_labels = torch.arange(num_centers, device=features.device)
+    spec = supcon_spec(features, labels, temperature=temperature, extra_keys=class_centers,
+                       extra_key_labels=extra_labels)
+    acc, key_labels = spec.accum_dtype, spec.key_labels
+    count = torch.zeros(spec.num_classes, dtype=acc, device=spec.device)
+    count.index_add_(0, key_labels, torch.ones(key_labels.shape[0], dtype=acc, device=spec.device))
+    # A class whose count is (or drops to) 0 has no key in that role: its entry is never used.
+    same = torch.where(count > 1, -torch.log(count.clamp(min=2) - 1), 0.0)
+    other = torch.where(count > 0, -torch.log(count.clamp(min=1)), 0.0)
+    return _run(dataclasses.replace(spec, den_bias=_bias(spec.anchor_labels, key_labels, same, other)), backend)
+
+
+# ----------------------------------------------------------------------------- class-conditional InfoNCE
+
+def spread_loss(features, labels, *, temperature=0.5, backend="auto") -> Tensor:
+    """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
+    a view's positive is the other view of its sample, its denominator the keys of its own class only
+    (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors."""
+    features = _two_views(features, 1, "spread_loss")
+    _, ids = torch.unique(_check_labels(labels, features.shape[0], features.device), return_inverse=True)
+    spec = supcon_spec(features, temperature=temperature)
+    classes = ids.repeat(2)
+    acc = spec.accum_dtype
+    same = torch.zeros(int(ids.max()) + 1, dtype=acc, device=spec.device)
+    den_bias = _bias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
+    return _run(dataclasses.replace(spec, den_bias=den_bias), backend)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class _LossModule(nn.Module):
+    """Stores the keyword arguments of a functional loss; forward passes its tensors through."""
+
+    fn = None
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, *tensors, **more):
+        return type(self).fn(*tensors, **self.kwargs, **more)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+def _module(name: str, fn, doc_args: str):
+    cls = type(name, (_LossModule,), {"fn": staticmethod(fn), "__doc__": f"Module form of ``{fn.__name__}``: "
+                                      f"``{name}({doc_args}, backend='auto')(...)``; see its docstring."})
+    return cls
+
+
+EpsSupInfoNCELoss = _module("EpsSupInfoNCELoss", eps_supinfonce_loss,
+                            "epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode='all'")
+DCLLoss = _module("DCLLoss", dcl_loss, "temperature=0.1, weighted=False, sigma=0.5")
+InfoNCELoss = _module("InfoNCELoss", info_nce, "temperature=0.1, in_batch_negatives=True, symmetric=False")
+ClipLoss = _module("ClipLoss", clip_loss, "")
+DebiasedContrastiveLoss = _module("DebiasedContrastiveLoss", debiased_contrastive_loss,
+                                  "temperature=0.5, tau_plus=0.1, beta=0.0")
+BCLLoss = _module("BCLLoss", bcl_loss, "temperature=0.1")
+SpreadLoss = _module("SpreadLoss", spread_loss, "temperature=0.5")
