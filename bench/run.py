@@ -46,10 +46,53 @@ def supcontrast_style(features, labels, temperature=TEMPERATURE):
     return -mean_log_prob_pos.mean()
 
 
+def family_loss(loss, backend):
+    """One of the family's losses as (features [bsz, 2, D], labels [bsz]) -> loss, on ``backend``. N (the
+    features' rows) is the same for every loss: pairs (InfoNCE, CLIP) are the two views, the MoCo queue and
+    the labelled memory bank hold bsz rows (and get no gradient), BCL adds one center per class."""
+    import torch
+
+    import fused_contrastive as fc
+
+    t = TEMPERATURE
+    bank = {}
+
+    def fixed(f, rows, labelled=False):  # a fixed queue / bank, built once per run, never a gradient
+        if "keys" not in bank:
+            gen = torch.Generator().manual_seed(1)
+            keys = torch.nn.functional.normalize(torch.randn(rows, f.shape[-1], generator=gen), dim=-1)
+            bank["keys"] = keys.to(device=f.device, dtype=f.dtype)
+            bank["labels"] = torch.randint(0, NUM_CLASSES, (rows,), generator=gen).to(f.device)
+            centers = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, f.shape[-1], generator=gen), dim=-1)
+            bank["centers"] = centers.to(device=f.device, dtype=f.dtype).requires_grad_()
+        return bank
+
+    losses = {
+        "supcon": lambda f, y: fc.supcon_loss(f, y, temperature=t, backend=backend),
+        "supcon_in": lambda f, y: fc.supcon_loss(f, y, temperature=t, variant="in", backend=backend),
+        "supcon_extra_keys": lambda f, y: fc.supcon_loss(f, y, temperature=t, backend=backend,
+                                                         extra_keys=fixed(f, f.shape[0])["keys"],
+                                                         extra_key_labels=fixed(f, f.shape[0])["labels"]),
+        "eps_supinfonce": lambda f, y: fc.eps_supinfonce_loss(f, y, temperature=t, backend=backend),
+        "dcl": lambda f, y: fc.dcl_loss(f, temperature=t, backend=backend),
+        "dclw": lambda f, y: fc.dcl_loss(f, temperature=t, weighted=True, backend=backend),
+        "info_nce": lambda f, y: fc.info_nce(f[:, 0], f[:, 1], temperature=t, backend=backend),
+        "info_nce_queue": lambda f, y: fc.info_nce(f[:, 0], f[:, 1], temperature=t, backend=backend,
+                                                   queue=fixed(f, f.shape[0])["keys"]),
+        "clip": lambda f, y: fc.clip_loss(f[:, 0], f[:, 1], 1.0 / t, backend=backend),
+        "debiased": lambda f, y: fc.debiased_contrastive_loss(f, temperature=0.5, beta=1.0, backend=backend),
+        "bcl": lambda f, y: fc.bcl_loss(f, y, temperature=t, class_centers=fixed(f, 1)["centers"], backend=backend),
+        "spread": lambda f, y: fc.spread_loss(f, y, temperature=0.5, backend=backend),
+    }
+    return losses[loss]
+
+
 def make_provider(name):
     """A callable (features [bsz, views, D], labels [bsz]) -> scalar loss, or raise ImportError with why."""
     import torch
 
+    if ":" in name:  # "<loss>:<backend>", the family benchmark's providers (bench/family.py)
+        return family_loss(*name.split(":"))
     if name in ("chunked", "reference", "triton", "cuda"):
         import fused_contrastive as fc
 

@@ -27,7 +27,8 @@ KERNELS = {
 }
 POINTER_ARGS = {"Q": "in", "K": "in", "INV_TAU": "acc", "AL": "*i64", "KL": "*i64", "MASK": "*u8",
                 "AG": "*i64", "KG": "*i64", "B_SAME": "acc", "B_OTHER": "acc",
-                "LSE": "acc", "POS_SUM": "acc", "COEF": "acc", "POS_SCALE": "acc", "DQ": "acc", "DK": "acc"}
+                "LSE": "acc", "POS_SUM": "acc", "POS_AUX": "acc", "COEF": "acc", "POS_SCALE": "acc", "DEN_SCALE": "acc",
+                "DQ": "acc", "DK": "acc", "epsilon": "fp32"}
 TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -38,7 +39,7 @@ class Report:
     dtype: str
     dim: int
     use_mask: bool
-    variant_in: bool
+    variant: str
     den_bias: bool
     block_m: int
     block_n: int
@@ -51,7 +52,7 @@ class Report:
 
     def row(self) -> str:
         return (f"{self.kernel:<7} sm_{self.arch} {self.dtype:<9} D={self.dim:<4} mask={int(self.use_mask)} "
-                f"{'L_in ' if self.variant_in else 'L_out'} bias={int(self.den_bias)} "
+                f"{self.variant:<8} bias={int(self.den_bias)} "
                 f"{self.block_m:>3}x{self.block_n:<3} w{self.num_warps} s{self.num_stages}  regs {self.registers:>3}  "
                 f"spills {self.spill_bytes:>5} B  smem {self.shared_bytes:>6} B  {self.mma}")
 
@@ -60,11 +61,11 @@ FAMILY = {"fwd": "fwd", "bwd_dq": "bwd", "bwd_dk": "bwd"}
 ELEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def shipped_configs(kernel: str, dim: int, dtype: str, arch: int, den_bias: bool = False):
+def shipped_configs(kernel: str, dim: int, dtype: str, arch: int, den_bias: bool = False, variant: str = "out"):
     """The configs the autotuner may try for this kernel, D, dtype and GPU (large N, and the small-N one)."""
     block_d = max(16, triton.next_power_of_2(dim))
     family, width = FAMILY[kernel], ELEM_BYTES[dtype]
-    shapes = supcon.tile_shapes(family, width, block_d, arch, 1 << 15, den_bias)  # small N uses the last of these
+    shapes = supcon.tile_shapes(family, width, block_d, arch, 1 << 15, den_bias, supcon.VARIANTS[variant])  # small N uses the last of these
     return [supcon._config(shape) for shape in shapes]
 
 
@@ -88,7 +89,7 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
 
 
 def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: bool = False,
-                precision: str | None = None, variant_in: bool = False, den_bias: bool = False) -> Report:
+                precision: str | None = None, variant: str = "out", den_bias: bool = False) -> Report:
     fn = KERNELS[kernel]
     in_ty = TORCH_TO_TRITON[dtype]
     signature = {}
@@ -105,7 +106,7 @@ def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: 
     if precision is None:
         precision = supcon.FP32_PRECISION if dtype == "float32" else "ieee"
     constexprs = dict(HAS_SELF=True, USE_MASK=use_mask, PRECISION=precision, ACC=tl.float32, DOT_IN_FP32=False,
-                      NORMALIZE=False, OFFSETS_64=False, VARIANT_IN=variant_in, DEN_BIAS=den_bias,
+                      NORMALIZE=False, OFFSETS_64=False, VARIANT=supcon.VARIANTS[variant], DEN_BIAS=den_bias,
                       BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
                       BLOCK_D=max(16, triton.next_power_of_2(dim)))
     for name in constexprs:
@@ -116,7 +117,7 @@ def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: 
     ptx = compiled.asm["ptx"]
     regs, spills, _ = _ptxas_report(ptx, arch)
     mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
-    return Report(kernel, arch, dtype, dim, use_mask, variant_in, den_bias, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
+    return Report(kernel, arch, dtype, dim, use_mask, variant, den_bias, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
                   config.num_warps, config.num_stages, regs, spills, compiled.metadata.shared, mma)
 
 
@@ -128,20 +129,21 @@ def main(argv=None):
     parser.add_argument("--dims", default="64,128,256,512")
     parser.add_argument("--dtypes", default="bfloat16,float16")
     parser.add_argument("--cases", default=None,
-                        help="ARCH:DTYPE:D[:in][:bias],... instead of the product of the above "
-                             "(':in': SupCon L_in; ':bias': a denominator bias table, as DCL, BCL, spread use)")
+                        help="ARCH:DTYPE:D[:VARIANT][:bias],... instead of the product of the above (VARIANT: "
+                             "in, eps or debiased, default out; ':bias': a denominator bias table, as DCL, BCL, "
+                             "spread, epsilon-SupInfoNCE use)")
     args = parser.parse_args(argv)
     if args.cases:
-        cases = [(int(f[0]), f[1], int(f[2]), "in" in f[3:], "bias" in f[3:])
-                 for f in (c.split(":") for c in args.cases.split(","))]
+        cases = [(int(f[0]), f[1], int(f[2]), next((v for v in f[3:] if v in supcon.VARIANTS), "out"),
+                  "bias" in f[3:]) for f in (c.split(":") for c in args.cases.split(","))]
     else:
-        cases = [(int(a), t, int(d), False, False) for a in args.arch.split(",") for d in args.dims.split(",")
+        cases = [(int(a), t, int(d), "out", False) for a in args.arch.split(",") for d in args.dims.split(",")
                  for t in args.dtypes.split(",")]
     bad = 0
-    for arch, dtype, dim, variant_in, den_bias in cases:
+    for arch, dtype, dim, variant, den_bias in cases:
         for kernel in KERNELS:
-            for config in shipped_configs(kernel, dim, dtype, arch, den_bias):
-                report = compile_one(kernel, arch, dtype, dim, config, variant_in=variant_in, den_bias=den_bias)
+            for config in shipped_configs(kernel, dim, dtype, arch, den_bias, variant):
+                report = compile_one(kernel, arch, dtype, dim, config, variant=variant, den_bias=den_bias)
                 flaw = report.spill_bytes > 0 or report.mma not in ("mma.sync", "wgmma")
                 bad += flaw
                 print(report.row() + ("   <-- spills or no tensor cores" if flaw else ""), flush=True)

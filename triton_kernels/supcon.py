@@ -108,23 +108,34 @@ def _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS: tl.
 
 
 @triton.jit
-def _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE):
-    """The saved per-anchor statistics the backward tile needs: LSE (0 for a row without keys), coef, 1/Z."""
+def _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT: tl.constexpr):
+    """The saved per-anchor statistics the backward tile needs: LSE, LSE with 0 for a row without keys, coef,
+    the positive scale and (row functions only) the denominator scale u_i."""
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
     coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
     pos_scale = tl.load(POS_SCALE + rows, mask=row_ok, other=0.0)
-    return lse_safe, coef, pos_scale
+    if VARIANT >= 2:
+        den_scale = tl.load(DEN_SCALE + rows, mask=row_ok, other=0.0)
+    else:
+        den_scale = coef
+    return lse, lse_safe, coef, pos_scale, den_scale
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) without overflow, and 0 at x = -inf."""
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 @triton.jit
 def _supcon_fwd_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, POS_SUM,
-    Na, M, D, self_offset, mask_rows, mask_cols,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, POS_SUM, POS_AUX,
+    Na, M, D, self_offset, mask_rows, mask_cols, epsilon,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm,
     N_BUCKET,  # autotuning key only
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT: tl.constexpr,
     DEN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -147,13 +158,13 @@ def _supcon_fwd_kernel(
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
-        if VARIANT_IN:
+        if VARIANT == 1:  # L_in
             lp = tl.where(a > 0, l, float("-inf"))
             pos_max_new = tl.maximum(pos_max, tl.max(lp, 1))
             pos_safe = tl.where(pos_max_new == float("-inf"), 0.0, pos_max_new)
             pos_exp = pos_exp * tl.exp(pos_max - pos_safe) + tl.sum(a * tl.exp(lp - pos_safe[:, None]), 1)
             pos_max = pos_max_new
-        else:
+        elif VARIANT != 2:  # L_out form; epsilon-SupInfoNCE needs the LSE first (second loop below)
             pos_sum += tl.sum(a * l, 1)
         # Rows and columns outside the denominator become -inf before the max, not after.
         l = tl.where(valid, l + _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS),
@@ -163,20 +174,42 @@ def _supcon_fwd_kernel(
         sum_exp = sum_exp * tl.exp(m_i - m_safe) + tl.sum(tl.exp(l - m_safe[:, None]), 1)
         m_i = m_new
     lse = tl.where(sum_exp > 0, m_i + tl.log(sum_exp), float("-inf"))
-    if VARIANT_IN:
+    if VARIANT == 1:
         pos_sum = tl.where(pos_exp > 0, pos_max + tl.log(pos_exp), float("-inf"))
+    if VARIANT == 2:
+        # epsilon-SupInfoNCE, second pass: each positive over its own denominator e^{l - eps} + e^{LSE_N}:
+        # pos_sum = sum_p [l - logaddexp(l - eps, LSE_N)], and R = sum_p sigmoid(LSE_N + eps - l) for the backward.
+        r_sum = tl.zeros([BLOCK_M], ACC)
+        for start in range(0, M, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < M
+            l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
+                                PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
+            valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
+            a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
+                                  mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+            # l - logaddexp(l - eps, LSE_N) = eps - softplus(gap); -inf without negatives: the term is eps
+            gap = lse[:, None] + epsilon - l
+            pos_sum += tl.sum(tl.where(a > 0, a * (epsilon - _softplus(gap)), 0.0), 1)
+            r_sum += tl.sum(tl.where(a > 0, a * tl.sigmoid(gap), 0.0), 1)
+        tl.store(POS_AUX + rows, r_sum, mask=row_ok)
     tl.store(LSE + rows, lse, mask=row_ok)
     tl.store(POS_SUM + rows, pos_sum, mask=row_ok)
 
 
 @triton.jit
-def _tile_grad(l, bias, a, valid, lse_safe, coef, pos_scale, VARIANT_IN: tl.constexpr):
-    """g_ij = coef_i * (exp(l_ij + b_ij - LSE_i) - a_ij w_i / Z_i) on the denominator, 0 elsewhere; for L_in
-    the positive part is a_ij exp(l_ij - LSE_P_i), with LSE_P passed in place of w/Z (0 on rows without
-    positives)."""
+def _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, VARIANT: tl.constexpr):
+    """g_ij = coef_i * (u_i exp(l_ij + b_ij - LSE_i) - positive part) on the denominator, 0 elsewhere, with
+    u_i = 1 except where a row function scales it (epsilon-SupInfoNCE: R_i; debiased: dL/dLSE_N). Positive part:
+    L_out and debiased a_ij * pos_scale_i (w_i / Z_i, or -dL/dl_p / coef); L_in a_ij exp(l_ij - LSE_P_i)
+    (LSE_P passed as pos_scale, 0 on rows without positives); epsilon-SupInfoNCE a_ij sigmoid(LSE_N + eps - l_ij)."""
     p = tl.where(valid, tl.exp(l + bias - lse_safe[:, None]), 0.0)
-    if VARIANT_IN:
+    if VARIANT >= 2:
+        p = p * den_scale[:, None]
+    if VARIANT == 1:
         positive = a * tl.exp(l - pos_scale[:, None])
+    elif VARIANT == 2:
+        positive = tl.where(a > 0, a * tl.sigmoid(lse[:, None] + epsilon - l), 0.0)
     else:
         positive = a * pos_scale[:, None]
     return coef[:, None] * (p - positive)
@@ -184,12 +217,12 @@ def _tile_grad(l, bias, a, valid, lse_safe, coef, pos_scale, VARIANT_IN: tl.cons
 
 @triton.jit
 def _supcon_bwd_dq_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DQ,
-    Na, M, D, self_offset, mask_rows, mask_cols,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, DQ,
+    Na, M, D, self_offset, mask_rows, mask_cols, epsilon,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dqm,
     N_BUCKET,
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT: tl.constexpr,
     DEN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -198,7 +231,8 @@ def _supcon_bwd_dq_kernel(
     q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
     anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
-    lse_safe, coef, pos_scale = _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE)
+    lse, lse_safe, coef, pos_scale, den_scale = _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE, DEN_SCALE,
+                                                                    VARIANT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start in range(0, M, BLOCK_N):
@@ -210,7 +244,7 @@ def _supcon_bwd_dq_kernel(
         a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
         bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
-        g = _tile_grad(l, bias, a, valid, lse_safe, coef, pos_scale, VARIANT_IN)
+        g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, VARIANT)
         dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * inv_tau
     tl.store(DQ + _row_offset(rows, stride_dqm, OFFSETS_64)[:, None] + offs_d[None, :], dq,
@@ -219,12 +253,12 @@ def _supcon_bwd_dq_kernel(
 
 @triton.jit
 def _supcon_bwd_dk_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DK,
-    Na, M, D, self_offset, mask_rows, mask_cols,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, DK,
+    Na, M, D, self_offset, mask_rows, mask_cols, epsilon,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dkm,
     N_BUCKET,
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT_IN: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT: tl.constexpr,
     DEN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,12 +274,13 @@ def _supcon_bwd_dk_kernel(
         q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
         l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
         anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
-        lse_safe, coef, pos_scale = _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE)
+        lse, lse_safe, coef, pos_scale, den_scale = _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE, DEN_SCALE,
+                                                                    VARIANT)
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, safe_cols, row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
         bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
-        g = _tile_grad(l, bias, a, valid, lse_safe, coef, pos_scale, VARIANT_IN)
+        g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, VARIANT)
         dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * inv_tau
     tl.store(DK + _row_offset(cols, stride_dkm, OFFSETS_64)[:, None] + offs_d[None, :], dk,
@@ -279,8 +314,10 @@ TILE_CONFIGS = {
 }
 # Before Hopper, mma.sync keeps more of the tile in registers: the 128-row backward tile spills there.
 PRE_HOPPER_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
-# The bias tile (two table lookups per key) costs the 128-row backward tile its last registers.
+# The bias tile (two table lookups per key) costs the 128-row backward tile its last registers; the row
+# formulas' extra per-row scale (epsilon-SupInfoNCE, debiased) costs the 32-row one at D = 512 on sm_90.
 DEN_BIAS_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
+ROW_SCALE_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)], 512: [(32, 32, 8, 2)]}}
 INTERPRETER = (32, 32, 4, 2)  # the interpreter runs one op per tile in numpy: few, mid-sized tiles
 FP32_MAX_D = 64
 
@@ -290,13 +327,14 @@ def _config(shape):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
 
 
-def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int, den_bias: bool = False):
+def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int, den_bias: bool = False,
+                variant: int = 0):
     """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may try for one launch."""
     bucket = max(64, block_d)
     shapes = TILE_CONFIGS[(family, elem_bytes)][bucket]
     if n <= 64:  # one tile does it all: the smallest shape, no tuning
         return shapes[-1:]
-    for drop, applies in ((PRE_HOPPER_DROP, arch < 90), (DEN_BIAS_DROP, den_bias)):
+    for drop, applies in ((PRE_HOPPER_DROP, arch < 90), (DEN_BIAS_DROP, den_bias), (ROW_SCALE_DROP, variant >= 2)):
         if applies:
             dropped = drop.get((family, elem_bytes), {}).get(bucket, [])
             shapes = [sh for sh in shapes if sh not in dropped]
@@ -311,7 +349,7 @@ def _pruner(family: str):
         q = args["Q"]
         major, minor = torch.cuda.get_device_capability(q.device)
         shapes = tile_shapes(family, q.element_size(), args["BLOCK_D"], 10 * major + minor, max(args["Na"], args["M"]),
-                             args["DEN_BIAS"])
+                             args["DEN_BIAS"], args["VARIANT"])
         return [_config(sh) for sh in shapes]
     return prune
 
@@ -320,7 +358,7 @@ def _autotuned(kernel, family):
     shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
                      for sh in t})
     return triton.autotune(configs=[_config(sh) for sh in shapes],
-                           key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION", "DEN_BIAS"],
+                           key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION", "DEN_BIAS", "VARIANT"],
                            prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
 
 
@@ -329,13 +367,20 @@ supcon_bwd_dq = _autotuned(_supcon_bwd_dq_kernel, "bwd")
 supcon_bwd_dk = _autotuned(_supcon_bwd_dk_kernel, "bwd")
 
 
+# The row formula per spec.variant: 0 L_out, 1 L_in, 2 epsilon-SupInfoNCE (second pass over the positives),
+# 3 debiased (L_out's statistics; the row function's derivatives scale the backward's two terms).
+VARIANTS = {"out": 0, "in": 1, "eps": 2, "debiased": 3}
+
+
 def why_not(spec) -> str | None:
     """Why these kernels cannot run the spec (None: they can)."""
     if spec.device.type != "cuda" and not _interpreting():
         return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
-    if spec.variant not in ("out", "in"):
-        return (f"the {spec.variant!r} row loss needs more than one statistic per row (a second pass); "
-                "these kernels compute SupCon's L_out / L_in form only: use chunked")
+    if spec.variant not in VARIANTS:
+        return f"no kernel for the row formula {spec.variant!r}"
+    if spec.variant == "debiased" and spec.beta != 0:
+        return ("hard-negative reweighting (beta > 0) needs two more log-sum-exps per row than these kernels "
+                "keep; use chunked")
     dim = spec.keys.shape[1]
     if dim > MAX_D:
         return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
@@ -385,50 +430,100 @@ def _common_args(spec, Q, K, inv_tau):
         DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
         NORMALIZE=bool(spec.normalize),
         OFFSETS_64=max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim) >= 2**31,
-        VARIANT_IN=spec.variant == "in", DEN_BIAS=bias is not None,
+        epsilon=float(spec.epsilon), VARIANT=VARIANTS[spec.variant], DEN_BIAS=bias is not None,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
     )
 
 
 def forward_stats(spec, Q, K, inv_tau):
-    """(lse, pos_sum) per anchor in the accumulation dtype."""
+    """(lse, pos_sum, pos_aux) per anchor in the accumulation dtype; pos_aux (R_i) for epsilon-SupInfoNCE only."""
     args = _common_args(spec, Q, K, inv_tau)
     lse = torch.empty(Q.shape[0], dtype=spec.accum_dtype, device=K.device)
     pos_sum = torch.empty_like(lse)
+    pos_aux = torch.empty_like(lse) if spec.variant == "eps" else lse
     grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
-    supcon_fwd[grid](LSE=lse, POS_SUM=pos_sum, **args)
-    return lse, pos_sum
+    supcon_fwd[grid](LSE=lse, POS_SUM=pos_sum, POS_AUX=pos_aux, **args)
+    return lse, pos_sum, pos_aux
 
 
-def backward_grads(spec, Q, K, inv_tau, lse, coef, pos_scale, need_dq=True, need_dk=True):
-    """dQ and dK of sum_i coef_i * L_i / c (input dtype), recomputing every tile from lse."""
+def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True):
+    """dQ and dK (input dtype) for the per-row backward factors ``rows`` (RowFactors), recomputing every
+    tile from lse."""
     args = _common_args(spec, Q, K, inv_tau)
+    factors = dict(LSE=rows.lse, COEF=rows.coef, POS_SCALE=rows.pos_scale, DEN_SCALE=rows.den_scale)
     dq = dk = None
     if need_dq:
         # Stored in the input dtype (accumulated in fp32 registers): at N = 1M, D = 128 fp32 copies
         # of dQ and dK alone would take 1 GB.
         dq = torch.empty(Q.shape, dtype=Q.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
-        supcon_bwd_dq[grid](LSE=lse, COEF=coef, POS_SCALE=pos_scale, DQ=dq, stride_dqm=dq.stride(0), **args)
+        supcon_bwd_dq[grid](DQ=dq, stride_dqm=dq.stride(0), **factors, **args)
     if need_dk:
         dk = torch.empty(K.shape, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(K.shape[0], meta["BLOCK_N"]),)  # noqa: E731
-        supcon_bwd_dk[grid](LSE=lse, COEF=coef, POS_SCALE=pos_scale, DK=dk, stride_dkm=dk.stride(0), **args)
+        supcon_bwd_dk[grid](DK=dk, stride_dkm=dk.stride(0), **factors, **args)
     return dq, dk
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
+def row_factors(spec, lse, pos_sum, pos_aux, tau):
+    """From the forward's per-row statistics: (loss, coef, pos_scale, den_scale, tau_direct) such that the
+    backward tile is g_ij = coef_i (den_scale_i e^{l_ij + b_ij - LSE_i} - positive part with pos_scale_i),
+    for dLoss/dloss = 1; tau_direct is dLoss/dtau through the row formula itself (not through the logits)."""
+    from fused_contrastive.spec import (debiased_row_losses, inverse_pos_count, mean_divisor, positive_scale,
+                                        row_losses)
+
+    acc = lse.dtype
+    pos_count = spec.pos_count()
+    has_pos = pos_count > 0
+    count = mean_divisor(spec, has_pos)
+    c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
+    coef = torch.where(has_pos, c / count, 0.0).to(acc)  # dLoss/dL_i times c
+    den_scale, tau_direct = lse, None  # den_scale is read by variants 2 and 3 only
+    if spec.variant == "eps":  # L_i = -(c / Z_i) sum_p (eps - softplus(LSE_N + eps - l_ip))
+        inv_count = inverse_pos_count(pos_count)
+        loss_rows = torch.where(has_pos, -c * inv_count * pos_sum, 0.0)
+        coef, pos_scale, den_scale = coef * inv_count, pos_count, pos_aux
+    elif spec.variant == "debiased":  # L_i = F(LSE_N, l_p, tau): its derivatives by autograd on O(N) values
+        with torch.enable_grad():
+            lse_n = lse.detach().requires_grad_()
+            pos_logit = pos_sum.detach().requires_grad_()
+            tau_leaf = torch.tensor(tau, dtype=acc, device=lse.device, requires_grad=True)
+            rows = debiased_row_losses(spec, lse_n, pos_logit, spec.den_count(), tau_leaf)
+            d_lse, d_pos, d_tau = torch.autograd.grad(rows.sum(), (lse_n, pos_logit, tau_leaf))
+        loss_rows = rows.detach()
+        coef = torch.full_like(lse, 1.0) / count
+        pos_scale, den_scale, tau_direct = -d_pos, d_lse, d_tau / count
+    else:
+        loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
+        # The backward takes LSE_P (L_in) where L_out takes w/Z.
+        pos_scale = torch.where(has_pos, pos_sum, 0.0) if spec.variant == "in" else positive_scale(spec, pos_count)
+    loss = loss_rows.sum() / count
+    if tau_direct is None:
+        tau_direct = torch.zeros((), dtype=acc, device=lse.device)
+    return loss, coef, pos_scale, den_scale, tau_direct
+
+
+class RowFactors:
+    """The per-row tensors the backward kernels read, scaled by dLoss/dloss."""
+
+    def __init__(self, lse, coef, pos_scale, den_scale):
+        self.lse, self.coef, self.pos_scale, self.den_scale = lse, coef, pos_scale, den_scale
+
+    def scaled(self, grad):
+        # Variants 2 and 3 apply coef to both terms; den_scale stays a ratio, so only coef carries grad.
+        return RowFactors(self.lse, self.coef * grad, self.pos_scale, self.den_scale)
+
+
 class TritonSupConLoss(torch.autograd.Function):
-    """Mean SupCon loss over anchors; inputs (anchors, keys, temperature tensor or None, spec).
-    Outputs (loss, lse, pos_scale, coef_unit, inv_tau): the per-row statistics the backward needs.
-    Written with setup_context so that torch.func transforms can differentiate it."""
+    """Mean loss over anchors; inputs (anchors, keys, temperature tensor or None, spec).
+    Outputs (loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau): the per-row statistics the
+    backward needs. Written with setup_context so that torch.func transforms can differentiate it."""
 
     @staticmethod
     def forward(anchors, keys, tau_tensor, spec):
-        from fused_contrastive.spec import mean_divisor, positive_scale, row_losses
-
         acc = spec.accum_dtype
         tau = spec.tau_value()
         # 1/tau travels as a one-element tensor so a learnable temperature needs no host round trip.
@@ -436,44 +531,35 @@ class TritonSupConLoss(torch.autograd.Function):
             inv_tau = (1.0 / tau_tensor.detach().to(device=keys.device, dtype=acc)).reshape(1)
         else:
             inv_tau = torch.full((1,), 1.0 / tau, dtype=acc, device=keys.device)
-        lse, pos_sum = forward_stats(spec, anchors, keys, inv_tau)
-        pos_count = spec.pos_count()
-        has_pos = pos_count > 0
-        c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
-        loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
-        # The backward takes LSE_P (L_in) where L_out takes w/Z.
-        pos_scale = torch.where(has_pos, pos_sum, 0.0) if spec.variant == "in" else positive_scale(spec, pos_count)
-        count = mean_divisor(spec, has_pos)
-        loss = loss_rows.sum() / count
-        coef_unit = torch.where(has_pos, c / count, 0.0).to(acc)  # dLoss/dL_i times c
-        return loss, lse, pos_scale, coef_unit, inv_tau
+        lse, pos_sum, pos_aux = forward_stats(spec, anchors, keys, inv_tau)
+        loss, coef, pos_scale, den_scale, tau_direct = row_factors(spec, lse, pos_sum, pos_aux, tau)
+        return loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         anchors, keys, tau_tensor, spec = inputs
-        loss, lse, pos_scale, coef_unit, inv_tau = output
-        ctx.mark_non_differentiable(lse, pos_scale, coef_unit, inv_tau)
-        ctx.save_for_backward(anchors, keys, inv_tau, lse, pos_scale, coef_unit, loss)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(anchors, keys, *output)
         ctx.spec = spec
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_):
-        anchors, keys, inv_tau, lse, pos_scale, coef_unit, loss = ctx.saved_tensors
-        return (*_grads(ctx.spec, anchors, keys, inv_tau, lse, pos_scale, coef_unit * grad_loss, loss * grad_loss,
+        anchors, keys, loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau = ctx.saved_tensors
+        rows = RowFactors(lse, coef, pos_scale, den_scale).scaled(grad_loss)
+        return (*_grads(ctx.spec, anchors, keys, inv_tau, rows, loss * grad_loss, tau_direct * grad_loss,
                         *ctx.needs_input_grad[:3]), None)
 
 
-def _grads(spec, anchors, keys, inv_tau, lse, pos_scale, coef, loss, need_q, need_k, need_tau):
-    """(dQ, dK, dtau) for row weights ``coef`` = dLoss/dL_i * c, chained through the fused normalisation."""
+def _grads(spec, anchors, keys, inv_tau, rows, loss, tau_direct, need_q, need_k, need_tau):
+    """(dQ, dK, dtau) for the backward factors ``rows``, chained through the fused normalisation."""
     from fused_contrastive.spec import normalize_backward, normalize_rows, temperature_grad
 
-    dq, dk = backward_grads(spec, anchors, keys, inv_tau, lse, coef, pos_scale,
-                            need_dq=need_q or need_tau, need_dk=need_k)
+    dq, dk = backward_grads(spec, anchors, keys, inv_tau, rows, need_dq=need_q or need_tau, need_dk=need_k)
     dtau = None
     if need_tau:
         q_used = normalize_rows(anchors, spec.accum_dtype) if spec.normalize else anchors
-        dtau = temperature_grad(spec, q_used, dq, loss, spec.tau_value()).to(spec.temperature.dtype)
+        dtau = (temperature_grad(spec, q_used, dq, loss, spec.tau_value()) + tau_direct).to(spec.temperature.dtype)
     if spec.normalize:  # the kernels differentiated w.r.t. the normalised rows: chain through x / |x|
         dq = normalize_backward(anchors, dq) if need_q else None
         dk = normalize_backward(keys, dk) if need_k else None
@@ -483,8 +569,10 @@ def _grads(spec, anchors, keys, inv_tau, lse, pos_scale, coef, loss, need_q, nee
 def loss_and_grads(spec):
     """(loss, dQ, dK, dtau) without autograd (torch.compile's custom op calls this)."""
     tau = spec.temperature if isinstance(spec.temperature, torch.Tensor) else None
-    loss, lse, pos_scale, coef_unit, inv_tau = TritonSupConLoss.forward(spec.anchors, spec.keys, tau, spec)
-    return (loss, *_grads(spec, spec.anchors, spec.keys, inv_tau, lse, pos_scale, coef_unit, loss, True, True,
+    loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau = TritonSupConLoss.forward(
+        spec.anchors, spec.keys, tau, spec)
+    rows = RowFactors(lse, coef, pos_scale, den_scale)
+    return (loss, *_grads(spec, spec.anchors, spec.keys, inv_tau, rows, loss, tau_direct, True, True,
                           tau is not None))
 
 

@@ -6,15 +6,15 @@ block's ``g`` (DESIGN.md's backward formula) is formed right there and ``dQ_blk`
 ``dK`` are accumulated during the forward pass: three matrix products per block
 instead of four with a recompute. Backward only scales the stored gradients.
 
-Positives never appear as an ``[block, M]`` tensor when they come from labels:
-``sum_j a_ij l_ij = q_i . (sum of keys of class y_i, minus self) / tau``, and the
-positive part of ``g`` reduces to per-class sums the same way. Only a user's dense
-mask is expanded, one block at a time.
+Positives never appear as an ``[block, M]`` tensor when they come from labels and enter
+linearly (L_out, debiased): ``sum_j a_ij l_ij = q_i . (sum of keys of class y_i, minus
+self) / tau``, and the positive part of ``g`` reduces to per-class sums the same way.
+A user's dense mask, L_in and epsilon-SupInfoNCE form the positive tile per block.
 
-The two losses outside the general form (epsilon-SupInfoNCE, debiased) take a generic
-path: the oracle's row math (``reference.dense_rows``) on one row block at a time,
-differentiated by autograd within the block. Rows are complete in a block, so this is
-exact; smaller blocks keep autograd's few ``[block, M]`` intermediates small.
+Row formulas beyond the general form get their per-row derivatives from the block's
+statistics: epsilon-SupInfoNCE in closed form (DESIGN.md's exception table), the
+debiased loss by autograd on the block's O(block) statistics (``spec.debiased_row_losses``),
+never on a tile.
 """
 from __future__ import annotations
 
@@ -25,31 +25,46 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .reference import dense_rows
-from .spec import ContrastSpec, mean_divisor, normalize_backward, positive_scale, row_losses, temperature_grad
+from .spec import (ContrastSpec, debiased_row_losses, inverse_pos_count, mean_divisor, normalize_backward,
+                   positive_scale, row_losses, temperature_grad)
 
-# Elements of one [block, M] fp32 tile (32 MiB): large enough for efficient matmuls,
-# small enough that the few live tiles stay far below the inputs at large N.
-TILE_ELEMENTS = int(os.environ.get("FUSED_CONTRASTIVE_CHUNK_ELEMENTS", 1 << 23))
+# Elements of one [block, M] fp32 tile (8 MiB): a few live tiles stay small next to the inputs, and
+# [block, D] x [D, M] products stay efficient; measured on 2 CPU cores at N = 8192, D = 128, a 4x larger
+# tile was slower and took 1.5x the memory. Blocks keep at least MIN_BLOCK_ROWS rows for the matmuls.
+TILE_ELEMENTS = int(os.environ.get("FUSED_CONTRASTIVE_CHUNK_ELEMENTS", 1 << 21))
+MIN_BLOCK_ROWS = 128
 
 
 def block_rows(num_keys: int) -> int:
-    return max(1, min(4096, TILE_ELEMENTS // max(num_keys, 1)))
+    return max(1, min(4096, max(MIN_BLOCK_ROWS, TILE_ELEMENTS // max(num_keys, 1))))
 
 
 @dataclass
 class _Stats:
     loss_rows: Tensor  # L_i
-    lse: Tensor  # LSE over the denominator, -inf for a row without keys
     has_pos: Tensor
     dQ: Tensor | None  # gradients of sum_i L_i over the counted rows, before the reduction's scale
     dK: Tensor | None
-    dtau: Tensor | None = None  # set by the generic path only (the others use temperature_grad)
+    dtau_direct: Tensor | None  # d sum_i L_i / dtau through the row formula itself, not the logits
+
+
+def _row_lse(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(log sum exp, the finite shift used) of each row of x, which may hold -inf; -inf for an all -inf row."""
+    shift = x.amax(1)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    total = torch.exp(x - shift[:, None]).sum(1)
+    return torch.where(total > 0, shift + torch.log(total), float("-inf")), shift
+
+
+def _softmax_rows(x: Tensor, lse: Tensor) -> Tensor:
+    """exp(x - lse) row-wise in place, 0 on a row without any finite entry."""
+    return x.sub_(torch.where(torch.isfinite(lse), lse, 0.0)[:, None]).exp_()
 
 
 def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bool) -> _Stats:
     acc = spec.accum_dtype
     Na, M = Q.shape[0], K.shape[0]
+    variant = spec.variant
     c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
     self_cols = spec.self_columns()
     has_self = self_cols >= 0
@@ -57,12 +72,12 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
 
     pos_count = spec.pos_count()
     has_pos = pos_count > 0
-    # w_i a_ij / Z_i folded into one per-row factor; rows without positives contribute nothing.
+    # w_i a_ij / Z_i folded into one per-row factor; rows without positives contribute nothing. The debiased
+    # rows overwrite it with their own -dL/dl_p.
     pos_scale = positive_scale(spec, pos_count)
+    inv_count = inverse_pos_count(pos_count)
 
-    variant_in = spec.variant == "in"
-    # L_out with labels never needs a positive tile (class sums below); a mask or L_in does, per block.
-    class_sums = spec.mask is None and not variant_in
+    class_sums = spec.mask is None and variant in ("out", "debiased")
     if class_sums:
         # Class sums of keys (and of weighted anchors for dK) replace the [Na, M] positive mask.
         class_key_sum = torch.zeros(spec.num_classes, K.shape[1], dtype=acc, device=K.device)
@@ -73,9 +88,11 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     else:
         mask = spec.mask.to(acc) if spec.mask is not None else None
         key_cols = torch.arange(M, device=K.device) % mask.shape[1] if mask is not None else None
-        pos_sum = torch.empty(Na, dtype=acc, device=K.device)  # sum a*l (L_out) or LSE_P (L_in)
-
+        pos_sum = torch.empty(Na, dtype=acc, device=K.device)  # sum a*l (L_out), LSE_P (L_in), eps terms
     lse = torch.empty(Na, dtype=acc, device=K.device)
+    loss_rows = torch.empty(Na, dtype=acc, device=K.device) if variant in ("eps", "debiased") else None
+    den_count = spec.den_count() if variant == "debiased" else None
+    dtau_direct = torch.zeros((), dtype=acc, device=K.device)
     dQ = torch.empty_like(Q) if want_grad else None
     dK = torch.zeros_like(K) if want_grad else None
     Q_scaled = Q / tau
@@ -83,6 +100,7 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     for r0 in range(0, Na, step):
         r1 = min(Na, r0 + step)
         rows = torch.arange(r0, r1, device=K.device)
+        keep = has_pos[r0:r1]
         S = Q_scaled[r0:r1] @ K.T
         local = torch.arange(r1 - r0, device=K.device)
         blk_self = has_self[r0:r1]
@@ -92,37 +110,66 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
             else:
                 W = (spec.anchor_labels[r0:r1, None] == spec.key_labels[None, :]).to(acc)
             W[local[blk_self], self_cols[r0:r1][blk_self]] = 0
-            if variant_in:  # LSE_P = log sum_j a_ij exp(l_ij), with its own max (positives may sit far below)
-                T = S.masked_fill(W == 0, float("-inf"))
-                pos_max = T.amax(1)
-                pos_max = torch.where(torch.isfinite(pos_max), pos_max, torch.zeros_like(pos_max))
-                T = T.sub_(pos_max[:, None]).exp_().mul_(W)
-                pos_exp = T.sum(1)
-                pos_sum[r0:r1] = pos_max + pos_exp.log()
-            else:
+            if variant == "in":  # LSE_P = log sum_j a_ij exp(l_ij), with its own shift; T: a_ij exp(l_ij - LSE_P)
+                T = S + torch.log(W)  # -inf off the positives
+                pos_sum[r0:r1], _ = _row_lse(T)
+                T = _softmax_rows(T, pos_sum[r0:r1])
+            elif variant == "out":
                 pos_sum[r0:r1] = (W * S).sum(1)
-        if spec.den_bias is not None:  # after the positive statistics: they use the plain logits
-            S.add_(spec.den_bias.tile(rows).to(acc))
-        S[local[blk_self], self_cols[r0:r1][blk_self]] = float("-inf")
-        row_max = S.amax(1)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        E = S.sub_(row_max[:, None]).exp_()  # in place: S is not needed again
-        sum_exp = E.sum(1)
-        lse[r0:r1] = row_max + sum_exp.log()
-        if want_grad:
-            # g_ij = softmax_ij - a_ij / Z_i (L_out) or - a_ij exp(l_ij - LSE_P) (L_in), on rows with
+        # The denominator: bias (after the positive statistics, which use the plain logits), self out.
+        den = S.clone() if variant in ("eps", "debiased") else S  # those need the plain logits again
+        if spec.den_bias is not None:
+            den.add_(spec.den_bias.tile(rows).to(acc))
+        den[local[blk_self], self_cols[r0:r1][blk_self]] = float("-inf")
+        hard = []  # Robinson et al.: LSE_N of (1+beta)*l and of beta*l, with their softmax tiles
+        if variant == "debiased" and spec.beta != 0:
+            for scale in (1 + spec.beta, spec.beta):
+                scaled = den * scale
+                scaled_lse, _ = _row_lse(scaled)
+                hard.append((scale, scaled_lse, _softmax_rows(scaled, scaled_lse)))
+        lse[r0:r1], _ = _row_lse(den)
+        E = _softmax_rows(den, lse[r0:r1])  # in place: den is not needed again
+        if variant == "eps":
+            # Each positive over exp(l - eps) + exp(LSE_N): l - logaddexp(l - eps, LSE_N) = eps - softplus(gap),
+            # gap = LSE_N + eps - l (-inf without negatives); d/dl = sigmoid(gap), d/dLSE_N = -sigmoid(gap).
+            gap = S.neg_().add_((lse[r0:r1] + spec.epsilon)[:, None])
+            # softplus as logaddexp(gap, 0): F.softplus returns gap itself past 20, off by up to 2e-9
+            pos_sum[r0:r1] = (W * (spec.epsilon - torch.logaddexp(gap, gap.new_zeros(())))).sum(1)
+            loss_rows[r0:r1] = torch.where(keep, -c * inv_count[r0:r1] * pos_sum[r0:r1], 0.0)
+            if want_grad:  # g = (1/Z) (R_i softmax_N - a sigmoid(gap)), R_i = sum_p sigmoid(gap)
+                sig = gap.sigmoid_().mul_(W)
+                E.mul_(sig.sum(1)[:, None]).sub_(sig).mul_(inv_count[r0:r1, None])
+        elif variant == "debiased":
+            with torch.enable_grad():
+                stats = [t.detach().requires_grad_() for t in (lse[r0:r1], pos_sum[r0:r1], *(h[1] for h in hard))]
+                tau_leaf = torch.tensor(tau, dtype=acc, device=K.device, requires_grad=True)
+                n = den_count[r0:r1]
+                log_reweighted = torch.log(n.clamp(min=1)) + stats[2] - stats[3] if hard else None
+                rows_loss = torch.where(keep, debiased_row_losses(spec, stats[0], stats[1], n, tau_leaf,
+                                                                  log_reweighted), 0.0)
+                derivs = torch.autograd.grad(rows_loss.sum(), (*stats, tau_leaf), allow_unused=True)
+                derivs = [torch.zeros_like(x) if d is None else d for d, x in zip(derivs, (*stats, tau_leaf))]
+            loss_rows[r0:r1] = rows_loss.detach()
+            dtau_direct += derivs[-1]
+            if want_grad:  # g = dL/dLSE_N softmax_N + the hard LSEs' terms + dL/dl_p a (class sums, below)
+                E.mul_(derivs[0][:, None])
+                for (scale, _, tile), d in zip(hard, derivs[2:]):
+                    E.add_(tile.mul_((d * scale)[:, None]))
+                pos_scale[r0:r1] = -derivs[1]
+        elif want_grad:
+            # g_ij = softmax_ij - a_ij w_i / Z_i (L_out) or - a_ij exp(l_ij - LSE_P) (L_in), on rows with
             # positives (c and 1/tau applied at the end)
-            keep = has_pos[r0:r1]
-            E.mul_(torch.where(keep, 1.0 / torch.where(sum_exp > 0, sum_exp, torch.ones_like(sum_exp)), 0.0)[:, None])
-            if variant_in:
-                E.sub_(T.mul_(torch.where(keep, 1.0 / torch.where(pos_exp > 0, pos_exp, torch.ones_like(pos_exp)),
-                                          0.0)[:, None]))
+            E.mul_(keep[:, None].to(acc))
+            if variant == "in":
+                E.sub_(T.mul_(keep[:, None].to(acc)))
             elif not class_sums:
                 E.sub_(W.mul_(pos_scale[r0:r1, None]))
+        if want_grad:
             torch.mm(E, K, out=dQ[r0:r1])
             dK.addmm_(E.T, Q[r0:r1])
 
-    loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
+    if loss_rows is None:
+        loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
     if want_grad:
         if class_sums:
             dQ.sub_(pos_keys * pos_scale[:, None])
@@ -134,37 +181,7 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
             dK.index_add_(0, safe_self[self_positive], weighted_anchors[self_positive])
         dQ.mul_(c / tau)
         dK.mul_(c / tau)
-    return _Stats(loss_rows, lse, has_pos, dQ, dK)
-
-
-def _forward_autograd(spec: ContrastSpec, Q: Tensor, K: Tensor, tau_tensor, want_grad: bool) -> _Stats:
-    """The generic path: ``dense_rows`` per row block, its gradients by autograd within the block."""
-    acc = spec.accum_dtype
-    Na = Q.shape[0]
-    K = K.detach().requires_grad_(want_grad)
-    tau = tau_tensor.detach().to(acc).requires_grad_(want_grad) if tau_tensor is not None else spec.tau_value()
-    loss_rows = torch.empty(Na, dtype=acc, device=K.device)
-    has_pos = torch.empty(Na, dtype=torch.bool, device=K.device)
-    dQ = torch.empty_like(Q) if want_grad else None
-    dK = torch.zeros_like(K) if want_grad else None
-    dtau = torch.zeros((), dtype=acc, device=K.device) if want_grad and tau_tensor is not None else None
-    step = max(1, block_rows(K.shape[0]) // 8)  # autograd keeps several [block, M] tensors alive
-    for r0 in range(0, Na, step):
-        r1 = min(Na, r0 + step)
-        rows = torch.arange(r0, r1, device=K.device)
-        with torch.enable_grad():
-            Q_blk = Q[r0:r1].detach().requires_grad_(want_grad)
-            blk_loss, blk_pos = dense_rows(spec, Q_blk @ K.T / tau, rows, tau)
-            if want_grad:
-                wrt = (Q_blk, K) + ((tau,) if dtau is not None else ())
-                grads = torch.autograd.grad(blk_loss.sum(), wrt)
-                dQ[r0:r1] = grads[0]
-                dK += grads[1]
-                if dtau is not None:
-                    dtau += grads[2]
-        loss_rows[r0:r1] = blk_loss.detach()
-        has_pos[r0:r1] = blk_pos
-    return _Stats(loss_rows, None, has_pos, dQ, dK, dtau)
+    return _Stats(loss_rows, has_pos, dQ, dK, dtau_direct)
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -178,22 +195,16 @@ class ChunkedLoss(torch.autograd.Function):
         tau = spec.tau_value()
         Q = anchors.to(acc)
         K = Q if anchors is keys else keys.to(acc)
-        if spec.variant in ("eps", "debiased"):
-            stats = _forward_autograd(spec, Q, K, tau_tensor, want_grad)
-        else:
-            stats = _forward(spec, Q, K, tau, want_grad)
+        stats = _forward(spec, Q, K, tau, want_grad)
         count = mean_divisor(spec, stats.has_pos)
         loss = stats.loss_rows.sum() / count
         none = loss.new_zeros(0)
         if not want_grad:
             return loss, none, none, none
         dQ, dK = stats.dQ / count, stats.dK / count
-        if tau_tensor is None:
-            dtau = none
-        elif stats.dtau is not None:
-            dtau = stats.dtau / count
-        else:
-            dtau = temperature_grad(spec, Q, dQ, loss, tau)
+        dtau = none
+        if tau_tensor is not None:
+            dtau = temperature_grad(spec, Q, dQ, loss, tau) + stats.dtau_direct / count
         return loss, dQ, dK, dtau
 
     @staticmethod

@@ -5,18 +5,16 @@ differentiate it, so it is slow and memory-hungry by design. It computes in the
 spec's accumulation dtype (float64 stays float64), never adds an epsilon and never
 produces NaN for anchors without positives or without any key in the denominator.
 
-``dense_rows`` is the whole family's row math on a block of logits; the chunked
-backend reuses it, one row block at a time, for the losses that have no
-hand-derived gradient there (epsilon-SupInfoNCE, debiased).
+``dense_rows`` is the whole family's row math on dense logits, written directly from
+the formulas (DESIGN.md); the other backends derive their gradients by hand and are
+tested against it and against tests/formulas.py.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
-from .spec import ContrastSpec, mean_divisor
+from .spec import ContrastSpec, debiased_row_losses, mean_divisor
 
 
 def positive_weights(spec: ContrastSpec, rows: Tensor) -> Tensor:
@@ -75,22 +73,13 @@ def dense_rows(spec: ContrastSpec, logits: Tensor, rows: Tensor, tau) -> tuple[T
 
 def _debiased_rows(spec: ContrastSpec, logits: Tensor, negative: Tensor, lse_n: Tensor, pos_logit: Tensor,
                    tau) -> Tensor:
-    """-log(e^{l_p} / (e^{l_p} + Ng)), Ng = max((reweighted negatives - tau+ n e^{l_p}) / (1 - tau+), n e^{-1/tau}),
-    the reweighted negatives being n * sum_n e^{(1+beta) l} / sum_n e^{beta l} (sum_n e^{l} for beta = 0).
-    Everything in log space, shifted by s = max(log reweighted, l_p), so no exp overflows at small tau."""
+    """The debiased row loss (spec.debiased_row_losses) with its negative statistics taken from dense logits."""
     n = negative.sum(1).to(logits.dtype)
-    log_n = torch.log(n.clamp(min=1))
-    if spec.beta == 0:
-        log_reweighted = lse_n
-    else:
-        log_reweighted = (log_n + _masked_lse((1 + spec.beta) * logits, negative)
+    log_reweighted = None
+    if spec.beta != 0:
+        log_reweighted = (torch.log(n.clamp(min=1)) + _masked_lse((1 + spec.beta) * logits, negative)
                           - _masked_lse(spec.beta * logits, negative))
-    shift = torch.maximum(log_reweighted, pos_logit).detach()
-    one_minus = 1.0 - spec.tau_plus
-    numerator = torch.exp(log_reweighted - shift) - spec.tau_plus * n * torch.exp(pos_logit - shift)
-    floor = one_minus * n * torch.exp(-1.0 / tau - shift)  # n e^{-1/tau}: every negative at cosine -1
-    ng = torch.maximum(numerator, floor) / one_minus
-    return torch.log(torch.exp(pos_logit - shift) + ng) + shift - pos_logit
+    return debiased_row_losses(spec, lse_n, pos_logit, n, tau, log_reweighted)
 
 
 def per_row(spec: ContrastSpec) -> tuple[Tensor, Tensor]:

@@ -111,6 +111,23 @@ class ContrastSpec:
         cols = rows + self.self_offset
         return torch.where((cols >= 0) & (cols < self.num_keys), cols, torch.full_like(cols, -1))
 
+    def den_count(self) -> Tensor:
+        """How many keys are in each anchor's denominator (not self, b_ij > -inf), from metadata only."""
+        acc = self.accum_dtype
+        self_cols = self.self_columns()
+        has_self = self_cols >= 0
+        if self.den_bias is None:
+            return (self.num_keys - has_self.long()).to(acc)
+        bias = self.den_bias
+        group_size = torch.zeros(bias.same.shape[0], dtype=acc, device=self.device)
+        group_size.index_add_(0, bias.key_groups, torch.ones(self.num_keys, dtype=acc, device=self.device))
+        same_in, other_in = (bias.same > float("-inf")).to(acc), (bias.other > float("-inf")).to(acc)
+        g = bias.anchor_groups
+        count = (group_size * other_in).sum() + group_size[g] * (same_in[g] - other_in[g])
+        self_group = bias.key_groups[self_cols.clamp(min=0)]
+        self_in = torch.where(self_group == g, same_in[self_group], other_in[self_group])
+        return count - torch.where(has_self, self_in, torch.zeros_like(self_in))
+
     def pos_count(self) -> Tensor:
         """Z_i = sum_j a_ij (self excluded), from O(N) metadata only, in the accumulation dtype."""
         acc = self.accum_dtype
@@ -172,6 +189,22 @@ def row_losses(spec: ContrastSpec, lse: Tensor, pos_stat: Tensor, pos_count: Ten
         log_count = torch.log(torch.where(has_pos, pos_count, torch.ones_like(pos_count)))
         return torch.where(has_pos, c * (lse - pos_stat + log_count), 0.0)
     return torch.where(has_pos, c * (lse - pos_stat * positive_scale(spec, pos_count)), 0.0)
+
+
+def debiased_row_losses(spec: ContrastSpec, lse_n: Tensor, pos_logit: Tensor, n: Tensor, tau,
+                        log_reweighted: Optional[Tensor] = None) -> Tensor:
+    """Chuang et al.'s debiased loss per row from its statistics: -log(e^{l_p} / (e^{l_p} + Ng)) with
+    Ng = max((reweighted - tau+ n e^{l_p}) / (1 - tau+), n e^{-1/tau}); ``log_reweighted`` is
+    log(n sum_n e^{(1+beta) l} / sum_n e^{beta l}) (Robinson et al.), LSE_N when beta = 0. In log space,
+    shifted by s = max(log reweighted, l_p), so nothing overflows at small tau. Differentiable (autograd)."""
+    if log_reweighted is None:
+        log_reweighted = lse_n
+    shift = torch.maximum(log_reweighted, pos_logit).detach()
+    one_minus = 1.0 - spec.tau_plus
+    numerator = torch.exp(log_reweighted - shift) - spec.tau_plus * n * torch.exp(pos_logit - shift)
+    floor = one_minus * n * torch.exp(-1.0 / tau - shift)  # n e^{-1/tau}: every negative at cosine -1
+    ng = torch.maximum(numerator, floor) / one_minus
+    return torch.log(torch.exp(pos_logit - shift) + ng) + shift - pos_logit
 
 
 def mean_divisor(spec: ContrastSpec, has_pos: Tensor) -> Tensor:

@@ -1,0 +1,300 @@
+"""Independent float64 re-derivations of the contrastive-loss family, written from the formulas.
+
+Each function is deliberately plain: dense N x N logits, an explicit Python loop over anchors,
+log-sum-exp for every denominator. None of them imports ``fused_contrastive``; they are the
+oracle that the package's backends are compared with in ``test_family.py``.
+
+Conventions shared by all of them:
+
+* ``features`` of shape ``[B, V, D]`` is stacked view-major, ``Z = cat(unbind(features, 1))``,
+  so row ``v * B + b`` is view ``v`` of sample ``b``.
+* ``l_ij = z_i . z_j / temperature``; "self" (``j == i``) is excluded from every set.
+* The result is a 0-dim float64 tensor, differentiable w.r.t. every tensor input
+  (features, logit_scale, class_centers, extra_keys, ...), and finite on degenerate rows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+def _stack_views(features: Tensor) -> Tensor:
+    """[B, V, D] -> [V * B, D], view-major."""
+    assert features.dim() == 3, f"features must be [B, V, D], got {tuple(features.shape)}"
+    return torch.cat(torch.unbind(features.to(torch.float64), dim=1), dim=0)
+
+
+def _lse(x: Tensor) -> Tensor:
+    """log-sum-exp of a 1-D tensor; -inf for an empty one (an empty sum is 0)."""
+    if x.numel() == 0:
+        return torch.tensor(NEG_INF, dtype=torch.float64)
+    return torch.logsumexp(x, dim=0)
+
+
+def _row_labels(labels, bsz: int, n_views: int) -> Tensor:
+    """Labels of the V*B stacked rows; sample ids when labels is None."""
+    if labels is None:
+        labels = torch.arange(bsz)
+    labels = torch.as_tensor(labels).reshape(-1)
+    assert labels.numel() == bsz
+    return labels.repeat(n_views)
+
+
+def _mean(per_anchor: list) -> Tensor:
+    return torch.stack(per_anchor).mean()
+
+
+def _zero(row: Tensor) -> Tensor:
+    """An exact 0 that stays attached to the graph (zero gradient), so the loss is always
+    differentiable, also when every anchor is degenerate."""
+    return row.sum() * 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning")
+# ------------------------------------------------------------------------------------------
+def eps_supinfonce(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                   contrast_mode="all"):
+    """L_i = -(c/|P_i|) sum_{p in P_i} [ l_ip - log( exp(l_ip - eps) + sum_{n in N_i} exp(l_in) ) ].
+
+    P_i: keys with the anchor's label, self excluded (labels None: the other views of the sample).
+    N_i: keys with a different label. c = temperature / base_temperature (1 if base is None).
+    contrast_mode "one": anchors are the B rows of view 0; keys are always all B*V rows.
+    L_i = 0 when P_i is empty (the anchor still counts in the mean). An empty N_i contributes an
+    empty sum (0): the log term is then just l_ip - eps. All in log-sum-exp form, so temperatures
+    down to 0.01 do not overflow.
+    """
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(features)
+    y = _row_labels(labels, bsz, n_views)
+    c = 1.0 if base_temperature is None else temperature / base_temperature
+    logits = z @ z.T / temperature
+    n_anchors = bsz if contrast_mode == "one" else bsz * n_views
+    keys = torch.arange(bsz * n_views)
+    losses = []
+    for i in range(n_anchors):
+        pos = (y == y[i]) & (keys != i)
+        neg = y != y[i]
+        if not bool(pos.any()):
+            losses.append(_zero(logits[i]))
+            continue
+        l_pos = logits[i][pos]  # [|P|]
+        l_neg = logits[i][neg]  # [|N|]
+        # denominator of each positive: exp(l_ip - eps) + sum_n exp(l_in), as one logsumexp
+        terms = torch.cat([(l_pos - epsilon)[:, None], l_neg[None, :].expand(l_pos.numel(), -1)], dim=1)
+        log_den = torch.logsumexp(terms, dim=1)
+        losses.append(-(c / l_pos.numel()) * (l_pos - log_den).sum())
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# Decoupled contrastive learning (Yeh et al.), with the optional von Mises-Fisher weighting
+# ------------------------------------------------------------------------------------------
+def dcl(features, *, temperature=0.1, weighted=False, sigma=0.5):
+    """L_i = -w_i * l_ip + log sum_{n} exp(l_in), n over the 2B rows minus self and positive.
+
+    features [B, 2, D], B >= 2 (with B = 1 the denominator would be empty; the package raises).
+    w_i = 1, or for DCLW w = 2 - B * softmax_b(cos(z1_b, z2_b) / sigma) (raw cosine of the two
+    un-normalised views), the same for both views of a sample, detached. Mean over 2B anchors.
+    """
+    bsz, n_views = features.shape[:2]
+    assert n_views == 2 and bsz >= 2
+    z = _stack_views(features)
+    logits = z @ z.T / temperature
+    n = 2 * bsz
+    if weighted:
+        f = features.detach().to(torch.float64)
+        cos = torch.nn.functional.cosine_similarity(f[:, 0], f[:, 1], dim=-1)
+        w_sample = 2.0 - bsz * torch.softmax(cos / sigma, dim=0)
+    else:
+        w_sample = torch.ones(bsz, dtype=torch.float64)
+    keys = torch.arange(n)
+    losses = []
+    for i in range(n):
+        p = (i + bsz) % n
+        den = (keys != i) & (keys != p)
+        losses.append(-w_sample[i % bsz] * logits[i, p] + _lse(logits[i][den]))
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# InfoNCE (query/key, optional MoCo queue)
+# ------------------------------------------------------------------------------------------
+def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False):
+    """L_i = -l_ii + log sum_{j in den_i} exp(l_ij), l_ij = q_i . k_j / t, queue rows q_i . u_m / t.
+
+    den_i: all B keys + the queue (in_batch_negatives) or key[i] + the queue. Mean over B rows.
+    symmetric (no queue only): 0.5 * (info_nce(q, k) + info_nce(k, q)). The queue is detached.
+    """
+    if symmetric:
+        assert queue is None, "symmetric InfoNCE is defined without a queue"
+        kw = dict(temperature=temperature, in_batch_negatives=in_batch_negatives)
+        return 0.5 * (info_nce(query, key, **kw) + info_nce(key, query, **kw))
+    q = query.to(torch.float64)
+    k = key.to(torch.float64)
+    bsz = q.shape[0]
+    logits = q @ k.T / temperature  # [B, B]
+    if queue is not None:
+        queue_logits = q @ queue.detach().to(torch.float64).T / temperature  # [B, Qn]
+    else:
+        queue_logits = torch.zeros(bsz, 0, dtype=torch.float64)
+    losses = []
+    for i in range(bsz):
+        batch = logits[i] if in_batch_negatives else logits[i, i:i + 1]
+        losses.append(-logits[i, i] + _lse(torch.cat([batch, queue_logits[i]])))
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# CLIP / ALIGN symmetric cross-entropy
+# ------------------------------------------------------------------------------------------
+def clip(image, text, logit_scale, *, logit_bias=None):
+    """logits = logit_scale * image @ text.T (+ logit_bias);
+    loss = 0.5 * (CE(logits, arange(B)) + CE(logits.T, arange(B))), CE written as -l_ii + LSE.
+    logit_scale is the multiplier itself (already exponentiated): a float or a tensor."""
+    img = image.to(torch.float64)
+    txt = text.to(torch.float64)
+    logits = logit_scale * (img @ txt.T)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    bsz = logits.shape[0]
+    image_to_text = [-logits[i, i] + _lse(logits[i, :]) for i in range(bsz)]
+    text_to_image = [-logits[i, i] + _lse(logits[:, i]) for i in range(bsz)]
+    return 0.5 * (_mean(image_to_text) + _mean(text_to_image))
+
+
+# ------------------------------------------------------------------------------------------
+# Debiased (Chuang et al.) / hard-negative (Robinson et al.) contrastive loss
+# ------------------------------------------------------------------------------------------
+def debiased(features, *, temperature=0.5, tau_plus=0.1, beta=0.0):
+    """Chuang et al.'s debiased loss with Robinson et al.'s hardness reweighting (beta > 0).
+
+    pos_i = exp(l_ip) (the other view); negatives: the Nn = 2B - 2 other rows.
+    reweight_i = sum_n exp(l_in)                                   (beta == 0)
+               = sum_n imp_in exp(l_in) / mean_n imp_in, imp = exp(beta * l_in)   (beta > 0)
+    Ng_i = max((-tau_plus * Nn * pos_i + reweight_i) / (1 - tau_plus), Nn * exp(-1/t))
+    L_i = -log(pos_i / (pos_i + Ng_i)); mean over 2B anchors. B >= 2.
+
+    Plain exponentials in float64, as the papers' code does: exact and finite for the temperatures
+    tested (>= 0.1, normalised features: |l| <= 10); not meant for t ~ 0.01.
+    """
+    bsz, n_views = features.shape[:2]
+    assert n_views == 2 and bsz >= 2
+    z = _stack_views(features)
+    logits = z @ z.T / temperature
+    n = 2 * bsz
+    n_neg = n - 2
+    keys = torch.arange(n)
+    floor = n_neg * torch.exp(torch.tensor(-1.0 / temperature, dtype=torch.float64))
+    losses = []
+    for i in range(n):
+        p = (i + bsz) % n
+        pos = torch.exp(logits[i, p])
+        l_neg = logits[i][(keys != i) & (keys != p)]
+        neg = torch.exp(l_neg)
+        if beta == 0:
+            reweight = neg.sum()
+        else:
+            imp = torch.exp(beta * l_neg)
+            reweight = (imp * neg).sum() / imp.mean()
+        ng = (-tau_plus * n_neg * pos + reweight) / (1.0 - tau_plus)
+        ng = torch.clamp(ng, min=float(floor))
+        losses.append(-torch.log(pos / (pos + ng)))
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# Balanced contrastive learning (Zhu et al., BalSCL)
+# ------------------------------------------------------------------------------------------
+def bcl(features, labels, *, temperature=0.1, class_centers=None):
+    """Class-averaged SupCon over the 2B views plus (optionally) C class centres as keys.
+
+    Keys: the 2B view rows, then centre c (label c) for c < C. cnt[y]: keys with label y.
+    Denominator weight count of key j for anchor i: cnt[y_j] - 1 if y_j == y_i else cnt[y_j].
+    L_i = -(1/|P_i|) sum_{p in P_i} [ l_ip - log sum_{j != i} exp(l_ij) / count_ij ],
+    P_i = same-label keys (centres included), self excluded; L_i = 0 if P_i is empty.
+    Mean over the 2B anchors (centres are never anchors).
+    """
+    bsz, n_views = features.shape[:2]
+    assert n_views == 2
+    z = _stack_views(features)
+    y = torch.as_tensor(labels).reshape(-1).repeat(2)
+    if class_centers is not None:
+        centers = class_centers.to(torch.float64)
+        n_centers = centers.shape[0]
+        assert bool(((y >= 0) & (y < n_centers)).all())
+        keys = torch.cat([z, centers], dim=0)
+        y_keys = torch.cat([y, torch.arange(n_centers, dtype=y.dtype)])
+    else:
+        keys, y_keys = z, y
+    cnt = torch.tensor([int((y_keys == v).sum()) for v in y_keys], dtype=torch.float64)  # cnt[y_j]
+    logits = z @ keys.T / temperature  # [2B, K]
+    key_idx = torch.arange(keys.shape[0])
+    losses = []
+    for i in range(2 * bsz):
+        not_self = key_idx != i
+        same = y_keys == y[i]
+        count = cnt - same.to(torch.float64)
+        log_den = _lse((logits[i] - torch.log(count))[not_self])
+        pos = same & not_self
+        if not bool(pos.any()):
+            losses.append(_zero(logits[i]))
+            continue
+        losses.append(-(logits[i][pos] - log_den).mean())
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# Spread-out / class-conditional InfoNCE: the denominator keeps only same-class keys
+# ------------------------------------------------------------------------------------------
+def spread(features, labels, *, temperature=0.5):
+    """L_i = -l_ip + log sum_{j != i, y_j == y_i} exp(l_ij); p = the other view of the sample
+    (always in the denominator). features [B, 2, D]; mean over 2B anchors."""
+    bsz, n_views = features.shape[:2]
+    assert n_views == 2
+    z = _stack_views(features)
+    y = torch.as_tensor(labels).reshape(-1).repeat(2)
+    logits = z @ z.T / temperature
+    n = 2 * bsz
+    keys = torch.arange(n)
+    losses = []
+    for i in range(n):
+        p = (i + bsz) % n
+        den = (keys != i) & (y == y[i])
+        losses.append(-logits[i, p] + _lse(logits[i][den]))
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# SupCon L_out with extra (non-anchor) keys, e.g. a memory bank with labels
+# ------------------------------------------------------------------------------------------
+def supcon_extra_keys(features, labels, extra_keys, extra_key_labels, *, temperature=0.07,
+                      base_temperature=None, contrast_mode="all"):
+    """SupContrast's L_out where the keys are the B*V view rows followed by the E extra keys.
+
+    Anchors: all B*V rows ("all") or the B rows of view 0 ("one"); extra keys are never anchors.
+    P_i: keys (extra included) with the anchor's label, self excluded. c = t / base_t (1 if None).
+    L_i = -(c/|P_i|) sum_{p in P_i} [ l_ip - log sum_{j != i} exp(l_ij) ]; 0 if P_i is empty
+    (still counted in the mean).
+    """
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(features)
+    y = _row_labels(labels, bsz, n_views)
+    keys = torch.cat([z, extra_keys.to(torch.float64)], dim=0)
+    y_keys = torch.cat([y, torch.as_tensor(extra_key_labels).reshape(-1).to(y.dtype)])
+    c = 1.0 if base_temperature is None else temperature / base_temperature
+    logits = z @ keys.T / temperature
+    n_anchors = bsz if contrast_mode == "one" else bsz * n_views
+    key_idx = torch.arange(keys.shape[0])
+    losses = []
+    for i in range(n_anchors):
+        not_self = key_idx != i
+        pos = (y_keys == y[i]) & not_self
+        if not bool(pos.any()):
+            losses.append(_zero(logits[i]))
+            continue
+        log_den = _lse(logits[i][not_self])
+        losses.append(-c * (logits[i][pos] - log_den).mean())
+    return _mean(losses)
