@@ -47,15 +47,19 @@ def supcontrast_style(features, labels, temperature=TEMPERATURE):
 
 
 def family_loss(loss, backend):
-    """One of the family's losses as (features [bsz, 2, D], labels [bsz]) -> loss, on ``backend``. N (the
-    features' rows) is the same for every loss: pairs (InfoNCE, CLIP) are the two views, the MoCo queue and
-    the labelled memory bank hold bsz rows (and get no gradient), BCL adds one center per class."""
+    """One of the family's losses as (features [bsz, 2, D], labels [bsz]) -> loss, on ``backend``, with N x N
+    logits for every loss (N = 2 bsz rows): the pair losses (InfoNCE, CLIP) pair each of the N rows with its
+    other view; the MoCo queue and the labelled memory bank hold bsz more rows (no gradient); BCL adds one
+    center per class."""
     import torch
 
     import fused_contrastive as fc
 
     t = TEMPERATURE
     bank = {}
+
+    def pairs(f):  # every row with its other view: [N, D] x [N, D]
+        return torch.cat([f[:, 0], f[:, 1]]), torch.cat([f[:, 1], f[:, 0]])
 
     def fixed(f, rows, labelled=False):  # a fixed queue / bank, built once per run, never a gradient
         if "keys" not in bank:
@@ -76,10 +80,10 @@ def family_loss(loss, backend):
         "eps_supinfonce": lambda f, y: fc.eps_supinfonce_loss(f, y, temperature=t, backend=backend),
         "dcl": lambda f, y: fc.dcl_loss(f, temperature=t, backend=backend),
         "dclw": lambda f, y: fc.dcl_loss(f, temperature=t, weighted=True, backend=backend),
-        "info_nce": lambda f, y: fc.info_nce(f[:, 0], f[:, 1], temperature=t, backend=backend),
-        "info_nce_queue": lambda f, y: fc.info_nce(f[:, 0], f[:, 1], temperature=t, backend=backend,
+        "info_nce": lambda f, y: fc.info_nce(*pairs(f), temperature=t, backend=backend),
+        "info_nce_queue": lambda f, y: fc.info_nce(*pairs(f), temperature=t, backend=backend,
                                                    queue=fixed(f, f.shape[0])["keys"]),
-        "clip": lambda f, y: fc.clip_loss(f[:, 0], f[:, 1], 1.0 / t, backend=backend),
+        "clip": lambda f, y: fc.clip_loss(*pairs(f), 1.0 / t, backend=backend),
         "debiased": lambda f, y: fc.debiased_contrastive_loss(f, temperature=0.5, beta=1.0, backend=backend),
         "bcl": lambda f, y: fc.bcl_loss(f, y, temperature=t, class_centers=fixed(f, 1)["centers"], backend=backend),
         "spread": lambda f, y: fc.spread_loss(f, y, temperature=0.5, backend=backend),

@@ -1,8 +1,9 @@
-"""Gather mode on 2 and 3 CPU processes (gloo) against the single-process loss of the global batch.
+"""Gather and ring modes on 2 and 3 CPU processes (gloo) against the single-process loss of the global batch.
 
-Every rank checks: the returned loss equals the global loss, its feature gradient equals
-world_size x its slice of the global gradient, and the average of the ranks' temperature
-gradients (what DDP computes) equals the global temperature gradient; float64, rel. error < 1e-9.
+Every rank checks: the returned loss equals the global loss, its per-sample gradients equal
+world_size x their slice of the global gradient, and the average of the ranks' gradients of shared
+tensors (temperature, logit scale, class centers, extra keys: what DDP computes) equals the global
+gradient; float64, rel. error < 1e-9. SupCon in both modes; every other loss in gather mode.
 """
 import os
 import sys
@@ -28,8 +29,9 @@ def global_problem():
     return features, labels
 
 
-def assert_rel(actual, expected, what):
-    err = (actual - expected).norm() / expected.norm().clamp_min(1e-300)
+def assert_rel(actual, expected, what, scale=None):
+    """Relative error; ``scale`` (the whole gradient's norm) when a slice of it may be exactly 0."""
+    err = (actual - expected).norm() / max(float(expected.norm()), float(scale or 0), 1e-300)
     assert err < 1e-9, f"{what}: relative error {float(err):.3g}"
 
 
@@ -40,12 +42,13 @@ def worker(rank, world, init_file, backends):
         features, labels = global_problem()
         sizes = SPLITS[world]
         lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        for backend in backends:
+        for backend, layout in [(b, "gather") for b in backends] + [(b, "ring") for b in backends]:
             for mode in ("all", "one"):
                 for use_labels in (True, False):
-                    for no_positive in ("zero", "exclude"):
+                    for no_positive, variant in (("zero", "out"), ("exclude", "out"), ("zero", "in")):
                         y = labels if use_labels else None
-                        kw = dict(contrast_mode=mode, no_positive=no_positive, base_temperature=0.1, backend=backend)
+                        kw = dict(contrast_mode=mode, no_positive=no_positive, base_temperature=0.1, backend=backend,
+                                  variant=variant)
                         tau_ref = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
                         f_ref = features.clone().requires_grad_()
                         ref = fc.supcon_loss(f_ref, y, temperature=tau_ref, **{**kw, "backend": "reference"})
@@ -54,9 +57,10 @@ def worker(rank, world, init_file, backends):
                         tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
                         local = features[lo:hi].clone().requires_grad_()
                         local_labels = None if y is None else y[lo:hi]
-                        loss = fc.supcon_loss(local, local_labels, temperature=tau, process_group=dist.group.WORLD, **kw)
+                        loss = fc.supcon_loss(local, local_labels, temperature=tau, process_group=dist.group.WORLD,
+                                              distributed=layout, **kw)
                         grad_f, grad_tau = torch.autograd.grad(loss, (local, tau))
-                        what = f"rank {rank}/{world} {backend} {mode} labels={use_labels} {no_positive}"
+                        what = f"rank {rank}/{world} {layout} {backend} {mode} labels={use_labels} {no_positive} {variant}"
                         assert_rel(loss.detach(), ref.detach(), what + " loss")
                         assert_rel(grad_f, world * ref_grad_f[lo:hi], what + " features grad")
                         dist.all_reduce(grad_tau)
@@ -64,6 +68,71 @@ def worker(rank, world, init_file, backends):
         dist.barrier()  # gloo aborts a process whose peer tears down while it is still communicating
     finally:
         dist.destroy_process_group()
+
+
+def family_cases(features, labels):
+    """(name, loss(per-sample tensors..., **kw), per-sample tensors, shared tensors that get gradients)."""
+    gen = torch.Generator().manual_seed(11)
+    queue = torch.nn.functional.normalize(torch.randn(5, 6, dtype=torch.float64, generator=gen), dim=-1)
+    centers = torch.nn.functional.normalize(torch.randn(10, 6, dtype=torch.float64, generator=gen), dim=-1)
+    bank = torch.randn(4, 6, dtype=torch.float64, generator=gen)
+    bank_labels = torch.tensor([0, 2, 5, 9])
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    return [
+        ("eps_supinfonce", lambda f, y, **kw: fc.eps_supinfonce_loss(f, y, epsilon=0.2, temperature=0.3, **kw),
+         (features, labels), ()),
+        ("dclw", lambda f, **kw: fc.dcl_loss(f, temperature=0.3, weighted=True, **kw), (features,), ()),
+        ("info_nce_queue", lambda q, k, **kw: fc.info_nce(q, k, temperature=0.3, queue=queue, **kw),
+         (features[:, 0], features[:, 1]), ()),
+        ("clip", lambda i, t, s, **kw: fc.clip_loss(i, t, s, **kw), (features[:, 0], features[:, 1]), (scale,)),
+        ("debiased", lambda f, **kw: fc.debiased_contrastive_loss(f, **kw), (features,), ()),
+        ("bcl_centers", lambda f, y, c, **kw: fc.bcl_loss(f, y, temperature=0.3, class_centers=c, **kw),
+         (features, labels), (centers,)),
+        ("spread", lambda f, y, **kw: fc.spread_loss(f, y, **kw), (features, labels), ()),
+        ("supcon_extra_keys", lambda f, y, e, **kw: fc.supcon_loss(f, y, extra_keys=e, extra_key_labels=bank_labels,
+                                                                   **kw), (features, labels), (bank,)),
+    ]
+
+
+def family_worker(rank, world, init_file, backends):
+    """Every other loss in gather mode: loss, per-sample gradients (world x slice), shared tensors' DDP average."""
+    sys.path.insert(0, HERE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        features, labels = global_problem()
+        sizes = SPLITS[world]
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        for name, loss_fn, per_sample, shared in family_cases(features, labels):
+            for backend in backends:
+                full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+                shared_ref = [t.clone().requires_grad_() for t in shared]
+                ref = loss_fn(*full, *shared_ref, backend="reference")
+                diff_inputs = [t for t in full if t.requires_grad] + shared_ref
+                ref_grads = torch.autograd.grad(ref, diff_inputs)
+
+                local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+                shared_local = [t.clone().requires_grad_() for t in shared]
+                loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD)
+                grads = torch.autograd.grad(loss, [t for t in local if t.requires_grad] + shared_local)
+                what = f"rank {rank}/{world} {name} {backend}"
+                assert_rel(loss.detach(), ref.detach(), what + " loss")
+                n_local = sum(t.requires_grad for t in local)
+                for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
+                    assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
+                for g, e in zip(grads[n_local:], ref_grads[n_local:]):
+                    dist.all_reduce(g)
+                    assert_rel(g / world, e, what + " shared grad (DDP average)")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_family_gather_mode_is_exact(world):
+    from helpers import CPU_BACKENDS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(family_worker, args=(world, os.path.join(tmp, "init"), CPU_BACKENDS), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])

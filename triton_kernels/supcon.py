@@ -579,3 +579,21 @@ def loss_and_grads(spec):
 def loss(spec):
     tau = spec.temperature if isinstance(spec.temperature, torch.Tensor) else None
     return TritonSupConLoss.apply(spec.anchors, spec.keys, tau, spec)[0]
+
+
+# ----------------------------------------------------------------------------- ring mode (distributed)
+
+def _inv_tau(spec):
+    return torch.full((1,), 1.0 / spec.tau_value(), dtype=spec.accum_dtype, device=spec.device)
+
+
+def row_stats(spec):
+    """Ring mode: (LSE over this key shard's denominator, positive statistic over it) per anchor."""
+    lse, pos_sum, _ = forward_stats(spec, spec.anchors, spec.keys, _inv_tau(spec))
+    return lse, pos_sum
+
+
+def grads_from_stats(spec, lse, coef, pos_scale):
+    """Ring mode: dQ, dK (input dtype) of this shard's tiles with the merged statistics."""
+    rows = RowFactors(lse, coef.to(lse.dtype), pos_scale.to(lse.dtype), lse)
+    return backward_grads(spec, spec.anchors, spec.keys, _inv_tau(spec), rows)

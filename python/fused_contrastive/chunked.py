@@ -31,7 +31,7 @@ from .spec import (ContrastSpec, debiased_row_losses, inverse_pos_count, mean_di
 # Elements of one [block, M] fp32 tile (8 MiB): a few live tiles stay small next to the inputs, and
 # [block, D] x [D, M] products stay efficient; measured on 2 CPU cores at N = 8192, D = 128, a 4x larger
 # tile was slower and took 1.5x the memory. Blocks keep at least MIN_BLOCK_ROWS rows for the matmuls.
-TILE_ELEMENTS = int(os.environ.get("FUSED_CONTRASTIVE_CHUNK_ELEMENTS", 1 << 21))
+TILE_ELEMENTS = int(os.environ.get("FUSED_CONTRASTIVE_CHUNK_ELEMENTS", 1 << 20))
 MIN_BLOCK_ROWS = 128
 
 
@@ -46,6 +46,8 @@ class _Stats:
     dQ: Tensor | None  # gradients of sum_i L_i over the counted rows, before the reduction's scale
     dK: Tensor | None
     dtau_direct: Tensor | None  # d sum_i L_i / dtau through the row formula itself, not the logits
+    lse: Tensor  # LSE over the denominator, -inf for a row without keys
+    pos_stat: Tensor  # sum_j a_ij l_ij (L_out), LSE_P (L_in)
 
 
 def _row_lse(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,8 +85,10 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
         class_key_sum = torch.zeros(spec.num_classes, K.shape[1], dtype=acc, device=K.device)
         class_key_sum.index_add_(0, spec.key_labels, K)
         self_positive = has_self & (spec.key_labels[safe_self] == spec.anchor_labels)
-        pos_keys = class_key_sum[spec.anchor_labels] - K[safe_self] * self_positive[:, None].to(acc)
-        pos_sum = (Q * pos_keys).sum(1) / tau
+        pos_keys = class_key_sum[spec.anchor_labels]
+        pos_keys.index_add_(0, self_positive.nonzero()[:, 0], K[safe_self[self_positive]], alpha=-1)
+        del class_key_sum  # [Na, D] buffers are what dominates memory at moderate N: keep few alive
+        pos_sum = torch.einsum("id,id->i", Q, pos_keys) / tau
     else:
         mask = spec.mask.to(acc) if spec.mask is not None else None
         key_cols = torch.arange(M, device=K.device) % mask.shape[1] if mask is not None else None
@@ -95,13 +99,12 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     dtau_direct = torch.zeros((), dtype=acc, device=K.device)
     dQ = torch.empty_like(Q) if want_grad else None
     dK = torch.zeros_like(K) if want_grad else None
-    Q_scaled = Q / tau
     step = block_rows(M)
     for r0 in range(0, Na, step):
         r1 = min(Na, r0 + step)
         rows = torch.arange(r0, r1, device=K.device)
         keep = has_pos[r0:r1]
-        S = Q_scaled[r0:r1] @ K.T
+        S = torch.mm(Q[r0:r1], K.T).div_(tau)
         local = torch.arange(r1 - r0, device=K.device)
         blk_self = has_self[r0:r1]
         if not class_sums:
@@ -172,7 +175,8 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
         loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
     if want_grad:
         if class_sums:
-            dQ.sub_(pos_keys * pos_scale[:, None])
+            dQ.addcmul_(pos_keys, pos_scale[:, None], value=-1)
+            del pos_keys
             weighted_anchors = Q * pos_scale[:, None]
             class_anchor_sum = torch.zeros(spec.num_classes, Q.shape[1], dtype=acc, device=Q.device)
             class_anchor_sum.index_add_(0, spec.anchor_labels, weighted_anchors)
@@ -181,7 +185,7 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
             dK.index_add_(0, safe_self[self_positive], weighted_anchors[self_positive])
         dQ.mul_(c / tau)
         dK.mul_(c / tau)
-    return _Stats(loss_rows, has_pos, dQ, dK, dtau_direct)
+    return _Stats(loss_rows, has_pos, dQ, dK, dtau_direct, lse, pos_sum)
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -241,6 +245,47 @@ def loss_and_grads(spec: ContrastSpec):
         dQ = normalize_backward(spec.anchors, dQ)
         dK = normalize_backward(spec.keys, dK)
     return loss, dQ.to(spec.anchors.dtype), dK.to(spec.keys.dtype), dtau.to(tau.dtype) if tau is not None else None
+
+
+# ----------------------------------------------------------------------------- ring mode (distributed)
+# The keys of one rank at a time: per-row statistics over that shard, then, once they are merged over all
+# shards, the gradients with the merged statistics. L_out / L_in with labels only (what ring mode runs).
+
+def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
+    """(LSE over this key shard's denominator, positive statistic over it) per anchor; no gradient."""
+    acc = spec.accum_dtype
+    Q, K = spec.anchors.to(acc), spec.keys.to(acc)
+    stats = _forward(spec, Q, K, spec.tau_value(), want_grad=False)
+    return stats.lse, stats.pos_stat
+
+
+def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """dQ, dK (accumulation dtype) of this shard's tiles g = coef_i (exp(l + b - LSE_i) - positive part), the
+    statistics being the merged ones: pos_scale is w_i / Z_i (L_out) or LSE_P_i (L_in)."""
+    acc, tau = spec.accum_dtype, spec.tau_value()
+    Q, K = spec.anchors.to(acc), spec.keys.to(acc)
+    dQ, dK = torch.empty_like(Q), torch.zeros_like(K)
+    self_cols = spec.self_columns()
+    lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)
+    step = block_rows(K.shape[0])
+    for r0 in range(0, Q.shape[0], step):
+        r1 = min(Q.shape[0], r0 + step)
+        rows = torch.arange(r0, r1, device=K.device)
+        local, blk_self = rows - r0, self_cols[r0:r1] >= 0
+        S = Q[r0:r1] @ K.T / tau
+        W = (spec.anchor_labels[r0:r1, None] == spec.key_labels[None, :]).to(acc)
+        W[local[blk_self], self_cols[r0:r1][blk_self]] = 0
+        if spec.variant == "in":
+            W.mul_(torch.exp(S - pos_scale[r0:r1, None]))
+        else:
+            W.mul_(pos_scale[r0:r1, None])
+        if spec.den_bias is not None:
+            S.add_(spec.den_bias.tile(rows).to(acc))
+        S[local[blk_self], self_cols[r0:r1][blk_self]] = float("-inf")
+        G = S.sub_(lse_safe[r0:r1, None]).exp_().sub_(W).mul_(coef[r0:r1, None])
+        torch.mm(G, K, out=dQ[r0:r1])
+        dK.addmm_(G.T, Q[r0:r1])
+    return dQ / tau, dK / tau
 
 
 def why_not(spec: ContrastSpec) -> str | None:

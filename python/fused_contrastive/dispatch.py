@@ -30,6 +30,8 @@ class Backend:
     # Devices on which ``auto`` considers it. Triton can run CPU tensors under TRITON_INTERPRET=1,
     # but that is a debugging mode, far slower than chunked: only an explicit request uses it.
     auto_devices: tuple = ("cpu", "cuda")
+    # Ring mode's per-shard operations (row_stats, grads_from_stats); None: gather mode only.
+    ring: Optional[tuple] = None
 
 
 def _triton_module():
@@ -56,6 +58,14 @@ def _triton_loss_and_grads(spec: ContrastSpec):
     return _triton_module()[0].loss_and_grads(spec)
 
 
+def _triton_row_stats(spec: ContrastSpec):
+    return _triton_module()[0].row_stats(spec)
+
+
+def _triton_grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale):
+    return _triton_module()[0].grads_from_stats(spec, lse, coef, pos_scale)
+
+
 def _cuda_why_not(spec: ContrastSpec) -> Optional[str]:
     if spec.device.type != "cuda":
         return f"inputs are on {spec.device.type}; the CUDA extension needs a CUDA device"
@@ -69,9 +79,12 @@ def _unavailable(spec: ContrastSpec) -> Tensor:
 # Order of preference for ``auto``; reference is the oracle and is never chosen by ``auto``.
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", _cuda_why_not, _unavailable, auto_devices=("cuda",)),
-    "triton": Backend("triton", _triton_why_not, _triton_loss, _triton_loss_and_grads, auto_devices=("cuda",)),
-    "chunked": Backend("chunked", chunked.why_not, chunked.loss, chunked.loss_and_grads),
-    "reference": Backend("reference", reference.why_not, reference.loss),
+    "triton": Backend("triton", _triton_why_not, _triton_loss, _triton_loss_and_grads, auto_devices=("cuda",),
+                      ring=(_triton_row_stats, _triton_grads_from_stats)),
+    "chunked": Backend("chunked", chunked.why_not, chunked.loss, chunked.loss_and_grads,
+                       ring=(chunked.row_stats, chunked.grads_from_stats)),
+    "reference": Backend("reference", reference.why_not, reference.loss,
+                         ring=(reference.row_stats, reference.grads_from_stats)),
 }
 AUTO_ORDER = ("cuda", "triton", "chunked")
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)

@@ -1,22 +1,31 @@
-"""Exact SupCon across ranks with torch.distributed: gather mode, around any backend.
+"""Exact losses across ranks with torch.distributed: gather mode, around any backend and any loss.
 
 Each rank passes its local batch; the global batch is the ranks' batches concatenated in
-rank order. Every rank gathers the keys of all ranks (O(global N * D), differentiably:
-the gather's backward sums each rank's key gradients back to their owner) and computes
-only its own anchors against them, one spec per anchor view so that each view's self
-index is one offset (``v * B + this rank's offset``). Nothing of size N x N is ever
-built, and any backend (reference, chunked, triton) serves the per-rank part.
+rank order. Every rank gathers the per-sample inputs of all ranks (features and labels,
+or query/key, image/text: O(global N * D), differentiably: the gather's backward sums
+each rank's key gradients back to their owner), builds the loss's spec for the global
+batch exactly as one process would, and computes only its own anchor rows against all
+keys (``local_rows``: a slice of the anchors, the self offset moved with it). Nothing of
+size N x N is ever built, and any backend serves the per-rank part.
+
+Tensors that are not per sample (a MoCo queue, labelled extra keys, BCL's class centers,
+a learnable temperature or logit scale) are the same on every rank, as DDP keeps
+parameters, and are not gathered.
 
 Gradient contract (DDP-exact): the value returned on every rank is the global loss, and
-every gradient (features, a learnable temperature) is ``world_size x`` this rank's share
+every gradient (features, temperature, centers, ...) is ``world_size x`` this rank's share
 of the global gradient, so that DDP's averaging of parameter gradients reproduces
 single-process training on the global batch exactly.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from .spec import ContrastSpec
@@ -57,46 +66,69 @@ def _gather_rows(x: Tensor, sizes: list[int], group, differentiable: bool) -> Te
     return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
 
 
-def supcon_loss_gather(features: Tensor, labels, *, group, temperature, tau_float: float, base_temperature,
-                       contrast_mode: str, no_positive: str, normalize: bool, backend: str,
-                       variant: str = "out") -> Tensor:
-    """features [b, V, D] (validated), labels [b] or None (SimCLR): the global loss, DDP-exact gradients."""
+@dataclasses.dataclass
+class GlobalBatch:
+    """The per-sample inputs of every rank, concatenated in rank order, and this rank's rows in them."""
+    tensors: list  # global versions of the inputs (None stays None)
+    offset: int  # this rank's first sample in the global batch
+    size: int  # this rank's number of samples
+    total: int  # samples in the global batch
+    sizes: list  # every rank's number of samples
+
+
+def check_group(group) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group first)")
+
+
+def gather_batch(group, *tensors: Optional[Tensor], layout: tuple = ()) -> GlobalBatch:
+    """Gather per-sample tensors (same first dim; those that require grad differentiably). Every rank must
+    pass the same trailing shapes, the same pattern of None and the same ``layout`` numbers."""
+    check_group(group)
     world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    b, n_views, dim = features.shape
-    device = features.device
-    shapes = _gather_rows(torch.tensor([[b, n_views, dim, labels is None]], device=device), [1] * world,
-                          group, differentiable=False)
+    first = next(t for t in tensors if t is not None)
+    device = first.device
+    layout = [first.shape[0], *layout] + [x for t in tensors for x in
+                                          ((-1,) * 4 if t is None else (t.dim(), *(list(t.shape[1:]) + [0] * 3)[:3]))]
+    shapes = _gather_rows(torch.tensor([layout], device=device), [1] * world, group, differentiable=False)
     if not bool((shapes[:, 1:] == shapes[0, 1:]).all()):
-        raise ValueError("features must have the same n_views and feature size on every rank, and labels "
-                         f"must be given on all ranks or none; got [b, n_views, D, no labels] = {shapes.tolist()}")
+        raise ValueError("every rank must pass inputs of the same trailing shape (views, feature size), and "
+                         f"optional per-sample inputs (labels) on all ranks or none; got {shapes.tolist()} "
+                         "(per rank: batch size, then each input's dims and trailing shape)")
     sizes = [int(n) for n in shapes[:, 0]]
-    offset, total = sum(sizes[:rank]), sum(sizes)
+    rank = dist.get_rank(group)
+    gathered = [None if t is None else _gather_rows(t, sizes, group, differentiable=t.requires_grad)
+                for t in tensors]
+    return GlobalBatch(gathered, sum(sizes[:rank]), sizes[rank], sum(sizes), sizes)
 
-    global_features = _gather_rows(features, sizes, group, differentiable=True)
-    keys = global_features.transpose(0, 1).reshape(n_views * total, dim)
-    if labels is None:
-        class_ids, num_classes = torch.arange(total, device=device), total
-    else:
-        global_labels = _gather_rows(labels, sizes, group, differentiable=False)
-        _, class_ids = torch.unique(global_labels, return_inverse=True)
-        num_classes = int(class_ids.max()) + 1
-    key_labels = class_ids.repeat(n_views)
-    anchor_labels = class_ids[offset: offset + b]
 
-    local_sum = torch.zeros((), dtype=torch.float64 if features.dtype == torch.float64 else torch.float32,
-                            device=device)
-    local_count = torch.zeros((), dtype=torch.long, device=device)
-    for view in range(n_views if contrast_mode == "all" else 1):
-        spec = ContrastSpec(
-            anchors=features[:, view], keys=keys, self_offset=view * total + offset,
-            anchor_labels=anchor_labels, key_labels=key_labels, num_classes=num_classes, mask=None,
-            temperature=temperature, base_temperature=base_temperature, no_positive=no_positive,
-            normalize=normalize, tau_float=tau_float, reduction="sum", variant=variant,
-        )
-        local_sum = local_sum + dispatch.run(spec, backend)
-        local_count = local_count + ((spec.pos_count() > 0).sum() if no_positive == "exclude" else b)
+def local_rows(spec: ContrastSpec, start: int, stop: int) -> ContrastSpec:
+    """The spec restricted to anchors [start, stop), summed (the caller divides by the global count)."""
+    def rows(t):
+        return None if t is None else t[start:stop]
 
+    bias = spec.den_bias
+    if bias is not None:
+        bias = dataclasses.replace(bias, anchor_groups=bias.anchor_groups[start:stop])
+    return dataclasses.replace(
+        spec, anchors=spec.anchors[start:stop], anchor_labels=rows(spec.anchor_labels), den_bias=bias,
+        pos_row_weight=rows(spec.pos_row_weight), reduction="sum",
+        self_offset=None if spec.self_offset is None else spec.self_offset + start)
+
+
+def run_rows(spec: ContrastSpec, ranges: list[tuple[int, int]], group, backend: str) -> Tensor:
+    """The global mean loss of ``spec`` (built on the global batch) from this rank's anchor ``ranges``,
+    with DDP-exact gradients."""
+    if spec.mask is not None:
+        raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
+    world = dist.get_world_size(group)
+    local_sum = torch.zeros((), dtype=spec.accum_dtype, device=spec.device)
+    local_count = torch.zeros((), dtype=torch.long, device=spec.device)
+    for start, stop in ranges:
+        local = local_rows(spec, start, stop)
+        local_sum = local_sum + dispatch.run(local, backend)
+        local_count = local_count + ((local.pos_count() > 0).sum() if spec.no_positive == "exclude" else stop - start)
     totals = torch.stack([local_sum.detach(), local_count.to(local_sum.dtype)])
     dist.all_reduce(totals, group=group)
     global_sum, global_count = totals[0], totals[1].clamp(min=1)
@@ -105,3 +137,145 @@ def supcon_loss_gather(features: Tensor, labels, *, group, temperature, tau_floa
     # other ranks' key gradients), which DDP's average turns into the single-process gradient.
     return scaled_share + (global_sum / global_count - scaled_share).detach()
 
+
+def view_ranges(batch: GlobalBatch, anchor_views: int) -> list[tuple[int, int]]:
+    """This rank's anchor rows when the anchors are views stacked view-major (row v * total + sample)."""
+    return [(v * batch.total + batch.offset, v * batch.total + batch.offset + batch.size) for v in range(anchor_views)]
+
+
+# ----------------------------------------------------------------------------- ring mode
+
+def _rotate(tensors: list[Tensor], group, recv_shapes: list[tuple]) -> tuple[list[Tensor], list]:
+    """Start sending ``tensors`` to the next rank and receiving the previous rank's (shapes given);
+    returns (buffers, pending requests): wait on the requests before reading the buffers."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    nxt, prv = dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world)
+    buffers = [torch.empty(shape, dtype=t.dtype, device=t.device) for t, shape in zip(tensors, recv_shapes)]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, buf, prv, group) for buf in buffers]
+    return buffers, dist.batch_isend_irecv(ops)
+
+
+class _RingSupCon(torch.autograd.Function):
+    """SupCon (L_out / L_in) of this rank's anchors against every rank's keys, the keys travelling around the
+    ring: forward merges each shard's per-row statistics (LSE by logaddexp, the positive statistic by sum or
+    logaddexp, Z by sum); backward rotates each shard with its key-gradient accumulator, which arrives back
+    at its owner after world_size steps. Returns the global loss; gradients world_size x this rank's share."""
+
+    @staticmethod
+    def forward(ctx, keys: Tensor, tau_tensor, ring):
+        ops, group, make_spec, shard_rows, num_anchors = ring
+        row_stats = ops[0]
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        shard, owner = keys.detach(), rank
+        anchors = shard[:num_anchors]
+        lse = pos_stat = pos_count = None
+        for step in range(world):
+            pending = []
+            if step < world - 1:  # the next shard travels while this one is computed
+                (incoming,), pending = _rotate([shard], group, [(shard_rows[(owner - 1) % world], shard.shape[1])])
+            spec = make_spec(anchors, shard, owner)
+            shard_lse, shard_pos = row_stats(spec)
+            shard_count = spec.pos_count()
+            if lse is None:
+                lse, pos_stat, pos_count = shard_lse, shard_pos, shard_count
+            else:
+                lse = torch.logaddexp(lse, shard_lse)
+                pos_stat = torch.logaddexp(pos_stat, shard_pos) if spec.variant == "in" else pos_stat + shard_pos
+                pos_count = pos_count + shard_count
+            for request in pending:
+                request.wait()
+            if step < world - 1:
+                shard, owner = incoming, (owner - 1) % world
+        from .spec import mean_divisor, positive_scale, row_losses
+
+        tau = spec.tau_value()
+        c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
+        has_pos = pos_count > 0
+        loss_rows = row_losses(spec, lse, pos_stat, pos_count, c)
+        local_count = has_pos.sum() if spec.no_positive == "exclude" else torch.tensor(num_anchors)
+        totals = torch.stack([loss_rows.sum(), local_count.to(loss_rows.dtype).to(loss_rows.device)])
+        dist.all_reduce(totals, group=group)
+        global_count = totals[1].clamp(min=1)
+        ctx.save_for_backward(keys, lse, torch.where(has_pos, pos_stat, 0.0) if spec.variant == "in"
+                              else positive_scale(spec, pos_count),
+                              torch.where(has_pos, c * world / global_count, 0.0), world * loss_rows.sum() / global_count)
+        ctx.ring = ring
+        ctx.tau = tau
+        ctx.tau_dtype = None if tau_tensor is None else tau_tensor.dtype
+        ctx.base_temperature = spec.base_temperature
+        return totals[0] / global_count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        keys, lse, pos_scale, coef_unit, loss_share = ctx.saved_tensors
+        ops, group, make_spec, shard_rows, num_anchors = ctx.ring
+        grads_from_stats = ops[1]
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        coef = coef_unit * grad_loss
+        shard, owner = keys.detach(), rank
+        anchors = shard[:num_anchors]
+        acc = lse.dtype
+        dQ = torch.zeros(anchors.shape, dtype=acc, device=keys.device)
+        carried = torch.zeros(shard.shape, dtype=acc, device=keys.device)
+        for _ in range(world):
+            shard_dQ, shard_dK = grads_from_stats(make_spec(anchors, shard, owner), lse, coef, pos_scale)
+            dQ += shard_dQ.to(acc)
+            carried += shard_dK.to(acc)
+            if world > 1:  # each shard moves on with its accumulated key gradient; after world steps, home
+                prev_rows = shard_rows[(owner - 1) % world]
+                (shard, carried), pending = _rotate([shard, carried], group, [(prev_rows, shard.shape[1])] * 2)
+                for request in pending:
+                    request.wait()
+                owner = (owner - 1) % world
+        grad_keys = carried
+        grad_keys[:num_anchors] += dQ
+        grad_tau = None
+        if ctx.tau_dtype is not None:  # l is linear in 1/tau: dtau = -(1/tau) sum_i q_i . dQ_i (+ loss / tau for c)
+            grad_tau = -(anchors.to(acc) * dQ).sum() / ctx.tau
+            if ctx.base_temperature is not None:
+                grad_tau = grad_tau + loss_share * grad_loss / ctx.tau
+            grad_tau = grad_tau.to(ctx.tau_dtype)
+        return grad_keys.to(keys.dtype), grad_tau, None
+
+
+def supcon_loss_ring(features: Tensor, labels: Optional[Tensor], *, group, temperature, tau_float: float,
+                     base_temperature, contrast_mode: str, no_positive: str, normalize: bool, variant: str,
+                     backend: str) -> Tensor:
+    """SupCon in ring mode: features [b, V, D] and labels [b] (or None: SimCLR) of this rank; only label ids
+    (O(N) integers) are gathered, never the keys. Same value and gradients as the gather mode."""
+    check_group(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    b, n_views, dim = features.shape
+    if normalize:  # differentiably here, so that every shard is already unit-norm
+        features = torch.nn.functional.normalize(features, dim=-1, eps=1e-12)
+    ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
+    batch = gather_batch(group, ids if labels is None else labels, layout=(n_views, dim, labels is None))
+    sizes = batch.sizes
+    if labels is None:  # SimCLR: a sample's views are its only positives
+        class_ids, num_classes = torch.arange(batch.total, device=features.device), batch.total
+    else:
+        _, class_ids = torch.unique(batch.tensors[0], return_inverse=True)
+        num_classes = int(class_ids.max()) + 1
+    offsets = [sum(sizes[:r]) for r in range(world)]
+    shard_labels = [class_ids[offsets[r]: offsets[r] + sizes[r]].repeat(n_views) for r in range(world)]
+    num_anchors = b * (n_views if contrast_mode == "all" else 1)
+    keys = features.transpose(0, 1).reshape(n_views * b, dim)  # this rank's views, view-major
+    probe = ContrastSpec(anchors=keys[:num_anchors], keys=keys, self_offset=0, anchor_labels=None, key_labels=None,
+                         num_classes=num_classes, mask=None, temperature=tau_float, base_temperature=base_temperature,
+                         no_positive=no_positive, tau_float=tau_float, reduction="sum", variant=variant)
+    chosen = dispatch.select(dataclasses.replace(probe, anchor_labels=shard_labels[rank][:num_anchors],
+                                                 key_labels=shard_labels[rank]), backend)
+    if chosen.ring is None:
+        raise ValueError(f"backend {chosen.name!r} has no ring mode; use distributed='gather'")
+
+    def make_spec(anchors, shard, owner):
+        # Self (same global row) only among this rank's own keys: local row i of anchors is key row i.
+        return dataclasses.replace(probe, anchors=anchors, keys=shard, self_offset=0 if owner == rank else None,
+                                   anchor_labels=shard_labels[rank][:num_anchors], key_labels=shard_labels[owner])
+
+    tau_tensor = temperature if isinstance(temperature, Tensor) else None
+    ring = (chosen.ring, group, make_spec, [n_views * n for n in sizes], num_anchors)
+    with torch.autocast(features.device.type, enabled=False):
+        return _RingSupCon.apply(keys, tau_tensor, ring)

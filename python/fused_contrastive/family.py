@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
-from .losses import _check_choice, _check_labels, _check_temperature, _flatten_views, supcon_spec
+from .losses import _check_choice, _check_labels, _check_temperature, _flatten_views, _gathered_views, supcon_spec
 from .spec import ContrastSpec, DenominatorBias
 
 
@@ -63,10 +63,39 @@ def _run(spec: ContrastSpec, backend: str) -> Tensor:
     return dispatch.run(spec, backend)
 
 
+def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group) -> Tensor:
+    """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
+    ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed)."""
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    if process_group is None:
+        return dispatch.run(build(features, labels), backend)
+    # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
+    return _gathered_views(process_group, features, labels, contrast_mode, backend, build)
+
+
+def _pairs_loss(build, first: Tensor, second: Tensor, *, backend: str, process_group) -> Tensor:
+    """Same for row-paired inputs (query/key, image/text): ``build(first, second) -> spec``, anchors = rows of
+    ``first``."""
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    if process_group is None:
+        return dispatch.run(build(first, second), backend)
+    from . import distributed
+
+    batch = distributed.gather_batch(process_group, first, second)
+    return distributed.run_rows(build(*batch.tensors), distributed.view_ranges(batch, 1), process_group, backend)
+
+
+_GROUP_DOC = """
+    ``process_group``: a torch.distributed group; each rank passes its local batch and gets the loss of
+    the global batch (ranks' batches concatenated in rank order), every gradient being world_size x this
+    rank's share so that DDP's averaging matches single-process training (fused_contrastive.distributed).
+    Non-per-sample tensors (queue, extra keys, class centers, temperature) must be the same on every rank."""
+
+
 # ----------------------------------------------------------------------------- epsilon-SupInfoNCE
 
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
-                        contrast_mode="all", backend="auto") -> Tensor:
+                        contrast_mode="all", backend="auto", process_group=None) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -76,14 +105,19 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     Computed as two statistics per row (LSE_N, then the per-positive softplus terms), never an N x N buffer.
     """
     epsilon = _number("epsilon", epsilon, 0.0)
-    spec = supcon_spec(features, labels, temperature=temperature, base_temperature=base_temperature,
-                       contrast_mode=contrast_mode)
-    return _run(dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec)), backend)
+
+    def build(f, y):
+        spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
+                           contrast_mode=contrast_mode)
+        return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
+
+    return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
+                       process_group=process_group)
 
 
 # ----------------------------------------------------------------------------- DCL / DCLW
 
-def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto") -> Tensor:
+def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
 
     All 2·bsz views are anchors; a view's positive is the other view of its sample; its denominator is the
@@ -92,19 +126,24 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="a
     as 2·bsz times a softmax over the 2·bsz directed pairs), computed from the raw cosine of the two views and
     detached, as in the authors' code: it steers which pairs matter, it is not trained through.
     """
-    features = _two_views(features, 2, "dcl_loss")
+    features = _two_views(features, 1 if process_group is not None else 2, "dcl_loss")
     _check_choice("weighted", weighted, (False, True))
     sigma = _number("sigma", sigma, 0.0)
     if sigma == 0:
         raise ValueError("sigma must be > 0")
-    spec = supcon_spec(features, temperature=temperature)
-    weight = None
-    if weighted:
-        with torch.no_grad():
-            acc = spec.accum_dtype
-            cosine = torch.nn.functional.cosine_similarity(features[:, 0].to(acc), features[:, 1].to(acc), dim=1)
-            weight = (2 - features.shape[0] * torch.softmax(cosine / sigma, dim=0)).repeat(2)
-    return _run(dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight), backend)
+
+    def build(f, _):
+        _two_views(f, 2, "dcl_loss")  # the (global) batch needs a negative
+        spec = supcon_spec(f, temperature=temperature)
+        weight = None
+        if weighted:
+            with torch.no_grad():
+                acc = spec.accum_dtype
+                cosine = torch.nn.functional.cosine_similarity(f[:, 0].to(acc), f[:, 1].to(acc), dim=1)
+                weight = (2 - f.shape[0] * torch.softmax(cosine / sigma, dim=0)).repeat(2)
+        return dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight)
+
+    return _views_loss(build, features, None, backend=backend, process_group=process_group)
 
 
 # ----------------------------------------------------------------------------- InfoNCE / MoCo / CLIP
@@ -144,7 +183,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 
 
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
-             backend="auto") -> Tensor:
+             backend="auto", process_group=None) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
 
     The denominator holds every key and every ``queue [Qn, D]`` row (MoCo v3 / CLIP-row style);
@@ -164,13 +203,20 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
                              f"got {queue.dtype} on {queue.device}")
         if symmetric:
             raise ValueError("symmetric=True cannot be combined with a queue (the queue has no anchors)")
+    def build(q, k):
+        return _info_nce_spec(q, k, temperature, queue, in_batch_negatives)
+
+    def build_reverse(k, q):
+        return _info_nce_spec(k, q, temperature, None, in_batch_negatives)
+
+    loss = _pairs_loss(build, query, key, backend=backend, process_group=process_group)
     if symmetric:
-        forward = _run(_info_nce_spec(query, key, temperature, None, in_batch_negatives), backend)
-        return 0.5 * (forward + _run(_info_nce_spec(key, query, temperature, None, in_batch_negatives), backend))
-    return _run(_info_nce_spec(query, key, temperature, queue, in_batch_negatives), backend)
+        loss = 0.5 * (loss + _pairs_loss(build_reverse, key, query, backend=backend, process_group=process_group))
+    return loss
 
 
-def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto") -> Tensor:
+def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
+              process_group=None) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
 
     ``logits = logit_scale * image @ text.T``; the loss is the mean of the row-wise (image -> text) and
@@ -199,10 +245,11 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
         temperature = 1.0 / scale_value
     if logit_bias is not None and not (isinstance(logit_bias, Tensor) or isinstance(logit_bias, numbers.Real)):
         raise ValueError(f"logit_bias must be a number or a tensor, got {type(logit_bias).__name__}")
-    image_to_text = _run(_info_nce_spec(image_features, text_features, temperature, None, True, 1.0 / scale_value),
-                         backend)
-    text_to_image = _run(_info_nce_spec(text_features, image_features, temperature, None, True, 1.0 / scale_value),
-                         backend)
+    def build(anchors, keys):
+        return _info_nce_spec(anchors, keys, temperature, None, True, 1.0 / scale_value)
+
+    image_to_text = _pairs_loss(build, image_features, text_features, backend=backend, process_group=process_group)
+    text_to_image = _pairs_loss(build, text_features, image_features, backend=backend, process_group=process_group)
     loss = 0.5 * (image_to_text + text_to_image)
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
         loss = loss + 0.0 * logit_bias.sum()  # shift-invariant: a zero gradient, and a graph to carry it
@@ -211,7 +258,8 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
 # ----------------------------------------------------------------------------- debiased / hard negatives
 
-def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto") -> Tensor:
+def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
+                              process_group=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
     al.'s hard-negative reweighting when ``beta > 0``.
 
@@ -220,18 +268,22 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
     n * e^{-1/temperature})`` and ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over anchors. The clamp
     assumes L2-normalised features (cosine >= -1), as the papers do. Computed in log space.
     """
-    features = _two_views(features, 2, "debiased_contrastive_loss")
+    features = _two_views(features, 1 if process_group is not None else 2, "debiased_contrastive_loss")
     tau_plus = _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
     beta = _number("beta", beta, 0.0)
-    spec = supcon_spec(features, temperature=temperature)
-    spec = dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
-                               den_bias=_without_positives(spec))
-    return _run(spec, backend)
+
+    def build(f, _):
+        _two_views(f, 2, "debiased_contrastive_loss")  # the (global) batch needs a negative
+        spec = supcon_spec(f, temperature=temperature)
+        return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
+                                   den_bias=_without_positives(spec))
+
+    return _views_loss(build, features, None, backend=backend, process_group=process_group)
 
 
 # ----------------------------------------------------------------------------- BCL
 
-def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto") -> Tensor:
+def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
     SupCon (L_out, scale 1) whose denominator weighs each key by one over the batch count of its class,
@@ -255,31 +307,38 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
             raise ValueError(f"labels must be integers in [0, C) = [0, {num_centers}) when class_centers are given "
                              "(center c belongs to class c)")
         extra_labels = torch.arange(num_centers, device=features.device)
-    spec = supcon_spec(features, labels, temperature=temperature, extra_keys=class_centers,
-                       extra_key_labels=extra_labels)
-    acc, key_labels = spec.accum_dtype, spec.key_labels
-    count = torch.zeros(spec.num_classes, dtype=acc, device=spec.device)
-    count.index_add_(0, key_labels, torch.ones(key_labels.shape[0], dtype=acc, device=spec.device))
-    # A class whose count is (or drops to) 0 has no key in that role: its entry is never used.
-    same = torch.where(count > 1, -torch.log(count.clamp(min=2) - 1), 0.0)
-    other = torch.where(count > 0, -torch.log(count.clamp(min=1)), 0.0)
-    return _run(dataclasses.replace(spec, den_bias=_bias(spec.anchor_labels, key_labels, same, other)), backend)
+
+    def build(f, y):
+        spec = supcon_spec(f, y, temperature=temperature, extra_keys=class_centers, extra_key_labels=extra_labels)
+        acc, key_labels = spec.accum_dtype, spec.key_labels
+        count = torch.zeros(spec.num_classes, dtype=acc, device=spec.device)
+        count.index_add_(0, key_labels, torch.ones(key_labels.shape[0], dtype=acc, device=spec.device))
+        # A class whose count is (or drops to) 0 has no key in that role: its entry is never used.
+        same = torch.where(count > 1, -torch.log(count.clamp(min=2) - 1), 0.0)
+        other = torch.where(count > 0, -torch.log(count.clamp(min=1)), 0.0)
+        return dataclasses.replace(spec, den_bias=_bias(spec.anchor_labels, key_labels, same, other))
+
+    return _views_loss(build, features, labels, backend=backend, process_group=process_group)
 
 
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
 
-def spread_loss(features, labels, *, temperature=0.5, backend="auto") -> Tensor:
+def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
     a view's positive is the other view of its sample, its denominator the keys of its own class only
     (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors."""
     features = _two_views(features, 1, "spread_loss")
-    _, ids = torch.unique(_check_labels(labels, features.shape[0], features.device), return_inverse=True)
-    spec = supcon_spec(features, temperature=temperature)
-    classes = ids.repeat(2)
-    acc = spec.accum_dtype
-    same = torch.zeros(int(ids.max()) + 1, dtype=acc, device=spec.device)
-    den_bias = _bias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
-    return _run(dataclasses.replace(spec, den_bias=den_bias), backend)
+    labels = _check_labels(labels, features.shape[0], features.device)
+
+    def build(f, y):
+        _, ids = torch.unique(y, return_inverse=True)
+        spec = supcon_spec(f, temperature=temperature)
+        classes = ids.repeat(2)
+        same = torch.zeros(int(ids.max()) + 1, dtype=spec.accum_dtype, device=spec.device)
+        den_bias = _bias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
+        return dataclasses.replace(spec, den_bias=den_bias)
+
+    return _views_loss(build, features, labels, backend=backend, process_group=process_group)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -315,3 +374,6 @@ DebiasedContrastiveLoss = _module("DebiasedContrastiveLoss", debiased_contrastiv
                                   "temperature=0.5, tau_plus=0.1, beta=0.0")
 BCLLoss = _module("BCLLoss", bcl_loss, "temperature=0.1")
 SpreadLoss = _module("SpreadLoss", spread_loss, "temperature=0.5")
+
+for _fn in (eps_supinfonce_loss, dcl_loss, info_nce, clip_loss, debiased_contrastive_loss, bcl_loss, spread_loss):
+    _fn.__doc__ += _GROUP_DOC

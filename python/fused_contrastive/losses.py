@@ -176,7 +176,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
 
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out", backend="auto",
-                process_group=None, extra_keys=None, extra_key_labels=None) -> Tensor:
+                process_group=None, distributed="gather", extra_keys=None, extra_key_labels=None) -> Tensor:
     """Supervised contrastive loss (Khosla et al., L_out), SimCLR's NT-Xent without labels.
 
     features: ``[bsz, n_views, ...]`` (extra dims flattened) or flat ``[N, D]`` (one view).
@@ -193,7 +193,9 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     ``process_group``: a torch.distributed group; each rank passes its local batch and gets the
     loss of the global batch (ranks' batches concatenated in rank order), with every gradient
     equal to world_size x its share of the global gradient, so that DDP's averaging matches
-    single-process training exactly (see ``fused_contrastive.distributed``).
+    single-process training exactly (see ``fused_contrastive.distributed``). ``distributed="gather"``
+    all-gathers the keys (O(global N · D) per rank); ``"ring"`` passes them around the ring instead, one
+    rank's keys at a time (for when the gathered keys themselves do not fit): same results.
     ``extra_keys [E, D]`` with ``extra_key_labels [E]``: labelled keys that are never anchors (a memory
     bank or a labelled MoCo queue, PaCo-style class centers, TSC targets): positives of the samples sharing
     their label, in every anchor's denominator; they get gradients only if they require grad.
@@ -202,8 +204,11 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     accumulates in fp32, whatever autocast would pick).
     """
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-    if extra_keys is not None and (process_group is not None or torch.compiler.is_compiling()):
-        raise ValueError("extra_keys cannot be combined with process_group or torch.compile in this version")
+    if process_group is not None and torch.compiler.is_compiling():
+        raise ValueError("process_group cannot be combined with torch.compile in this version (compile the model, "
+                         "call the loss outside the compiled region)")
+    if extra_keys is not None and torch.compiler.is_compiling():
+        raise ValueError("extra_keys cannot be combined with torch.compile in this version")
     if torch.compiler.is_compiling():
         from .compiled import supcon_loss_compiled
 
@@ -211,38 +216,50 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
                                     base_temperature=base_temperature, contrast_mode=contrast_mode,
                                     no_positive=no_positive, normalize=normalize, variant=variant,
                                     backend=backend)
-    spec = supcon_spec(features, labels, mask, temperature=temperature, base_temperature=base_temperature,
-                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize, variant=variant,
-                       extra_keys=extra_keys, extra_key_labels=extra_key_labels)
-    if process_group is not None:
-        return _distributed(spec, features, labels, mask, process_group, contrast_mode, backend)
-    return dispatch.run(spec, backend)
-
-
-def _distributed(local: ContrastSpec, features, labels, mask, process_group, contrast_mode, backend) -> Tensor:
-    import torch.distributed as dist
-
-    from .distributed import supcon_loss_gather
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("process_group was given but torch.distributed is not initialised "
-                         "(call torch.distributed.init_process_group first)")
+    kwargs = dict(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
+                  no_positive=no_positive, normalize=normalize, variant=variant, extra_keys=extra_keys,
+                  extra_key_labels=extra_key_labels)
+    spec = supcon_spec(features, labels, mask, **kwargs)  # validates the local inputs before any communication
+    _check_choice("distributed", distributed, ("gather", "ring"))
+    if process_group is None:
+        return dispatch.run(spec, backend)
     if mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
+    if distributed == "ring":
+        from .distributed import supcon_loss_ring
+
+        if extra_keys is not None:
+            raise ValueError("extra_keys cannot be combined with distributed='ring' in this version; use 'gather'")
+        features = _flatten_views(features)
+        labels = None if labels is None else _check_labels(labels, features.shape[0], features.device)
+        return supcon_loss_ring(features, labels, group=process_group, temperature=spec.temperature, tau_float=spec.tau_float,
+                                base_temperature=spec.base_temperature, contrast_mode=contrast_mode,
+                                no_positive=no_positive, normalize=normalize, variant=variant, backend=backend)
+    return _gathered_views(process_group, features, labels, contrast_mode, backend,
+                           lambda f, y: supcon_spec(f, y, temperature=spec.temperature, temperature_value=spec.tau_float,
+                                                    **{k: v for k, v in kwargs.items() if k != "temperature"}))
+
+
+def _gathered_views(process_group, features, labels, contrast_mode: str, backend: str, build) -> Tensor:
+    """A view-stacked loss over the global batch: gather features (and labels), ``build(features, labels)``
+    the global spec, run this rank's anchor rows (see fused_contrastive.distributed)."""
+    from . import distributed
+
     features = _flatten_views(features)
     if labels is not None:
-        labels = torch.as_tensor(labels).reshape(-1).to(features.device)
-    return supcon_loss_gather(
-        features, labels, group=process_group, temperature=local.temperature, tau_float=local.tau_float,
-        base_temperature=local.base_temperature, contrast_mode=contrast_mode,
-        no_positive=local.no_positive, normalize=local.normalize, variant=local.variant, backend=backend)
+        labels = _check_labels(labels, features.shape[0], features.device)
+    batch = distributed.gather_batch(process_group, features, labels)
+    spec = build(*batch.tensors)
+    views = features.shape[1] if contrast_mode == "all" else 1
+    return distributed.run_rows(spec, distributed.view_ranges(batch, views), process_group, backend)
 
 
 class SupConLoss(nn.Module):
     """Drop-in for SupContrast's ``SupConLoss``: same constructor and ``forward(features, labels, mask)``."""
 
     def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *,
-                 backend="auto", no_positive="zero", normalize=False, variant="out", process_group=None):
+                 backend="auto", no_positive="zero", normalize=False, variant="out", process_group=None,
+                 distributed="gather"):
         super().__init__()
         _check_temperature("temperature", temperature)
         _check_temperature("base_temperature", base_temperature, allow_none=True)
@@ -254,6 +271,8 @@ class SupConLoss(nn.Module):
         _check_choice("variant", variant, VARIANTS)
         self.variant = variant
         self.process_group = process_group
+        _check_choice("distributed", distributed, ("gather", "ring"))
+        self.distributed = distributed
         self.temperature = temperature
         self.contrast_mode = contrast_mode
         self.base_temperature = base_temperature
@@ -265,7 +284,7 @@ class SupConLoss(nn.Module):
         return supcon_loss(features, labels, mask, temperature=self.temperature,
                            base_temperature=self.base_temperature, contrast_mode=self.contrast_mode,
                            no_positive=self.no_positive, normalize=self.normalize, variant=self.variant,
-                           backend=self.backend, process_group=self.process_group,
+                           backend=self.backend, process_group=self.process_group, distributed=self.distributed,
                            extra_keys=extra_keys, extra_key_labels=extra_key_labels)
 
     def extra_repr(self) -> str:

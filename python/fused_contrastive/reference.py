@@ -96,5 +96,38 @@ def loss(spec: ContrastSpec) -> Tensor:
     return loss_rows.sum() / mean_divisor(spec, has_pos)
 
 
+def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
+    """Ring mode: (LSE over this key shard's denominator, sum_j a_ij l_ij or LSE_P over it), densely."""
+    acc = spec.accum_dtype
+    rows = torch.arange(spec.num_anchors, device=spec.device)
+    logits = spec.anchors.to(acc) @ spec.keys.to(acc).T / spec.tau_value()
+    in_den = not_self(spec, rows)
+    if spec.den_bias is not None:
+        bias = spec.den_bias.tile(rows).to(acc)
+        in_den = in_den & (bias > float("-inf"))
+        logits_den = logits + torch.where(in_den, bias, 0.0)
+    else:
+        logits_den = logits
+    a = positive_weights(spec, rows)
+    if spec.variant == "in":
+        return _masked_lse(logits_den, in_den), _masked_lse(logits + torch.log(a), a > 0)
+    return _masked_lse(logits_den, in_den), (a * logits).sum(1)
+
+
+def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Ring mode: dQ, dK of g = coef_i (exp(l + b - LSE_i) - positive part) with the merged statistics."""
+    acc, tau = spec.accum_dtype, spec.tau_value()
+    rows = torch.arange(spec.num_anchors, device=spec.device)
+    Q, K = spec.anchors.to(acc), spec.keys.to(acc)
+    logits = Q @ K.T / tau
+    bias = spec.den_bias.tile(rows).to(acc) if spec.den_bias is not None else torch.zeros_like(logits)
+    in_den = not_self(spec, rows) & (bias > float("-inf"))
+    p = torch.where(in_den, torch.exp(logits + bias - torch.where(torch.isfinite(lse), lse, 0.0)[:, None]), 0.0)
+    a = positive_weights(spec, rows)
+    positive = a * torch.exp(logits - pos_scale[:, None]) if spec.variant == "in" else a * pos_scale[:, None]
+    g = coef[:, None] * (p - positive)
+    return g @ K / tau, g.T @ Q / tau
+
+
 def why_not(spec: ContrastSpec) -> str | None:
     return None
