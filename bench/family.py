@@ -19,6 +19,8 @@ from run import HERE, ROOT, environment, fmt_bytes, fmt_time, spawn_case
 
 LOSSES = ["supcon", "supcon_in", "supcon_extra_keys", "eps_supinfonce", "dcl", "dclw", "info_nce", "info_nce_queue",
           "clip", "debiased", "bcl", "spread"]
+# The distributed code path on one rank (gloo on CPU, NCCL on GPU): its overhead over plain SupCon.
+DISTRIBUTED = ["supcon_gather_1rank", "supcon_ring_1rank"]
 
 
 def markdown(rows, env, args):
@@ -26,7 +28,8 @@ def markdown(rows, env, args):
              f"commit {env['git_commit']} · {env['date']}", "",
              f"fwd+bwd of each loss at N = feature rows (bsz = N/2, 2 views), D = {args.dims}, {args.dtypes}; peak "
              "memory beyond the inputs; `memory vs reference`: this backend's peak over the reference backend's for "
-             "the same loss; `time vs supcon`: this loss over SupCon (L_out) on the same backend.", "",
+             "the same loss; `time vs supcon`: this loss over SupCon (L_out) on the same backend (for the `_1rank` rows: "
+             "the overhead of the distributed code path on one process).", "",
              "| loss | backend | N | D | dtype | fwd+bwd | peak extra memory | memory vs reference | time vs supcon | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -54,7 +57,7 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--losses", default=",".join(LOSSES))
+    parser.add_argument("--losses", default=",".join(LOSSES + DISTRIBUTED))
     parser.add_argument("--backends", default=None, help="default: chunked,reference on CPU; triton,chunked on GPU")
     parser.add_argument("--sizes", default="8192")
     parser.add_argument("--dims", default="128")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, for a GPU machine that has only this tree (no network;
 # torch, triton, pytest preinstalled): install in place, run the test suite on the GPU, run the
-# benchmark, and write everything under one directory. Budget: about 8 minutes.
+# benchmark, and write everything under one directory. Budget: about 10 minutes.
 #
 #   bash bench/gpu_suite.sh [OUT_DIR]      (default: bench/results/gpu_<date>)
 set -uo pipefail
@@ -21,11 +21,15 @@ $PY -m pip install --no-deps --no-build-isolation --no-index -e . > "$OUT/instal
 $PY -m fused_contrastive.info | tee "$OUT/info.txt"
 
 echo "== tests (GPU present: the gpu-marked tests run too; the AOT compile check is CI's)"
-timeout 240 $PY -m pytest -q --junitxml="$OUT/tests.xml" -k "not aot_compile" tests 2>&1 | tail -30
+timeout 200 $PY -m pytest -q --junitxml="$OUT/tests.xml" -k "not aot_compile" tests 2>&1 | tail -30
 echo "tests exit code: ${PIPESTATUS[0]}"
 
 echo "== benchmark"
-timeout 260 $PY bench/run.py --out "$OUT" --tag gpu --max-minutes 3.5 --providers "${PROVIDERS:-chunked,triton,cuda,reference,supcontrast,supcontrast-compiled,pml,infcl}"
+timeout 200 $PY bench/run.py --out "$OUT" --tag gpu --max-minutes 2.5 --providers "${PROVIDERS:-chunked,triton,cuda,reference,supcontrast,supcontrast-compiled,pml,infcl}"
 echo "benchmark exit code: $?"
+
+echo "== the loss family and the distributed path on one rank (N = 16384, bf16)"
+timeout 130 $PY bench/family.py --out "$OUT" --tag family_gpu --sizes 16384 --backends triton,chunked
+echo "family benchmark exit code: $?"
 echo "== done: $OUT"
 ls -la "$OUT"

@@ -71,8 +71,23 @@ def family_loss(loss, backend):
             bank["centers"] = centers.to(device=f.device, dtype=f.dtype).requires_grad_()
         return bank
 
+    def single_rank_group(f):  # the distributed code path on one process: its overhead, measured
+        import tempfile
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            init = os.path.join(tempfile.mkdtemp(), "init")
+            dist.init_process_group("nccl" if f.is_cuda else "gloo", init_method=f"file://{init}", rank=0,
+                                    world_size=1)
+        return dist.group.WORLD
+
     losses = {
         "supcon": lambda f, y: fc.supcon_loss(f, y, temperature=t, backend=backend),
+        "supcon_gather_1rank": lambda f, y: fc.supcon_loss(f, y, temperature=t, backend=backend,
+                                                           process_group=single_rank_group(f)),
+        "supcon_ring_1rank": lambda f, y: fc.supcon_loss(f, y, temperature=t, backend=backend, distributed="ring",
+                                                         process_group=single_rank_group(f)),
         "supcon_in": lambda f, y: fc.supcon_loss(f, y, temperature=t, variant="in", backend=backend),
         "supcon_extra_keys": lambda f, y: fc.supcon_loss(f, y, temperature=t, backend=backend,
                                                          extra_keys=fixed(f, f.shape[0])["keys"],

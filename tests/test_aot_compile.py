@@ -14,6 +14,9 @@ CASES = [f"{arch}:{dtype}:{dim}" for arch in (80, 90)
          for dtype, dim in (("bfloat16", 128), ("bfloat16", 512), ("float16", 64), ("float32", 33))]
 CASES += ["90:bfloat16:128:in", "80:bfloat16:512:in"]  # SupCon L_in carries a second online LSE
 CASES += ["90:bfloat16:128:bias", "80:bfloat16:512:bias"]  # a denominator bias table (DCL, BCL, spread, MoCo)
+# Row formulas: epsilon-SupInfoNCE's second pass, debiased's scaled terms, hard negatives' two extra LSEs.
+CASES += ["90:bfloat16:128:eps:bias", "80:float16:512:eps:bias", "90:bfloat16:512:debiased:bias",
+          "80:bfloat16:128:debiased_hard:bias", "90:bfloat16:512:debiased_hard:bias"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -35,39 +35,51 @@ def assert_rel(actual, expected, what, scale=None):
     assert err < 1e-9, f"{what}: relative error {float(err):.3g}"
 
 
-def worker(rank, world, init_file, backends):
+def run_rank(rank, world, init_file, check, backends):
+    """One gloo process: this rank's slice [lo, hi) of the global problem, then ``check``."""
     sys.path.insert(0, HERE)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         features, labels = global_problem()
         sizes = SPLITS[world]
-        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        for backend, layout in [(b, "gather") for b in backends] + [(b, "ring") for b in backends]:
-            for mode in ("all", "one"):
-                for use_labels in (True, False):
-                    for no_positive, variant in (("zero", "out"), ("exclude", "out"), ("zero", "in")):
-                        y = labels if use_labels else None
-                        kw = dict(contrast_mode=mode, no_positive=no_positive, base_temperature=0.1, backend=backend,
-                                  variant=variant)
-                        tau_ref = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-                        f_ref = features.clone().requires_grad_()
-                        ref = fc.supcon_loss(f_ref, y, temperature=tau_ref, **{**kw, "backend": "reference"})
-                        ref_grad_f, ref_grad_tau = torch.autograd.grad(ref, (f_ref, tau_ref))
-
-                        tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-                        local = features[lo:hi].clone().requires_grad_()
-                        local_labels = None if y is None else y[lo:hi]
-                        loss = fc.supcon_loss(local, local_labels, temperature=tau, process_group=dist.group.WORLD,
-                                              distributed=layout, **kw)
-                        grad_f, grad_tau = torch.autograd.grad(loss, (local, tau))
-                        what = f"rank {rank}/{world} {layout} {backend} {mode} labels={use_labels} {no_positive} {variant}"
-                        assert_rel(loss.detach(), ref.detach(), what + " loss")
-                        assert_rel(grad_f, world * ref_grad_f[lo:hi], what + " features grad")
-                        dist.all_reduce(grad_tau)
-                        assert_rel(grad_tau / world, ref_grad_tau, what + " temperature grad (DDP average)")
+        check(rank, world, sum(sizes[:rank]), sum(sizes[: rank + 1]), features, labels, backends)
         dist.barrier()  # gloo aborts a process whose peer tears down while it is still communicating
     finally:
         dist.destroy_process_group()
+
+
+def spawn(check, world):
+    from helpers import CPU_BACKENDS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(run_rank, args=(world, os.path.join(tmp, "init"), check, CPU_BACKENDS), nprocs=world, join=True)
+
+
+def check_supcon(rank, world, lo, hi, features, labels, backends):
+    """SupCon in gather and ring modes: loss, features gradient (world x slice), temperature's DDP average."""
+    for backend, layout in [(b, "gather") for b in backends] + [(b, "ring") for b in backends]:
+        for mode in ("all", "one"):
+            for use_labels in (True, False):
+                for no_positive, variant in (("zero", "out"), ("exclude", "out"), ("zero", "in")):
+                    y = labels if use_labels else None
+                    kw = dict(contrast_mode=mode, no_positive=no_positive, base_temperature=0.1, backend=backend,
+                              variant=variant)
+                    tau_ref = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+                    f_ref = features.clone().requires_grad_()
+                    ref = fc.supcon_loss(f_ref, y, temperature=tau_ref, **{**kw, "backend": "reference"})
+                    ref_grad_f, ref_grad_tau = torch.autograd.grad(ref, (f_ref, tau_ref))
+
+                    tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+                    local = features[lo:hi].clone().requires_grad_()
+                    local_labels = None if y is None else y[lo:hi]
+                    loss = fc.supcon_loss(local, local_labels, temperature=tau, process_group=dist.group.WORLD,
+                                          distributed=layout, **kw)
+                    grad_f, grad_tau = torch.autograd.grad(loss, (local, tau))
+                    what = f"rank {rank}/{world} {layout} {backend} {mode} labels={use_labels} {no_positive} {variant}"
+                    assert_rel(loss.detach(), ref.detach(), what + " loss")
+                    assert_rel(grad_f, world * ref_grad_f[lo:hi], what + " features grad")
+                    dist.all_reduce(grad_tau)
+                    assert_rel(grad_tau / world, ref_grad_tau, what + " temperature grad (DDP average)")
 
 
 def family_cases(features, labels):
@@ -94,53 +106,38 @@ def family_cases(features, labels):
     ]
 
 
-def family_worker(rank, world, init_file, backends):
+def check_family(rank, world, lo, hi, features, labels, backends):
     """Every other loss in gather mode: loss, per-sample gradients (world x slice), shared tensors' DDP average."""
-    sys.path.insert(0, HERE)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        features, labels = global_problem()
-        sizes = SPLITS[world]
-        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        for name, loss_fn, per_sample, shared in family_cases(features, labels):
-            for backend in backends:
-                full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
-                shared_ref = [t.clone().requires_grad_() for t in shared]
-                ref = loss_fn(*full, *shared_ref, backend="reference")
-                diff_inputs = [t for t in full if t.requires_grad] + shared_ref
-                ref_grads = torch.autograd.grad(ref, diff_inputs)
+    for name, loss_fn, per_sample, shared in family_cases(features, labels):
+        for backend in backends:
+            full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+            shared_ref = [t.clone().requires_grad_() for t in shared]
+            ref = loss_fn(*full, *shared_ref, backend="reference")
+            diff_inputs = [t for t in full if t.requires_grad] + shared_ref
+            ref_grads = torch.autograd.grad(ref, diff_inputs)
 
-                local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
-                shared_local = [t.clone().requires_grad_() for t in shared]
-                loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD)
-                grads = torch.autograd.grad(loss, [t for t in local if t.requires_grad] + shared_local)
-                what = f"rank {rank}/{world} {name} {backend}"
-                assert_rel(loss.detach(), ref.detach(), what + " loss")
-                n_local = sum(t.requires_grad for t in local)
-                for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
-                    assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
-                for g, e in zip(grads[n_local:], ref_grads[n_local:]):
-                    dist.all_reduce(g)
-                    assert_rel(g / world, e, what + " shared grad (DDP average)")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+            shared_local = [t.clone().requires_grad_() for t in shared]
+            loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD)
+            grads = torch.autograd.grad(loss, [t for t in local if t.requires_grad] + shared_local)
+            what = f"rank {rank}/{world} {name} {backend}"
+            assert_rel(loss.detach(), ref.detach(), what + " loss")
+            n_local = sum(t.requires_grad for t in local)
+            for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
+                assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
+            for g, e in zip(grads[n_local:], ref_grads[n_local:]):
+                dist.all_reduce(g)
+                assert_rel(g / world, e, what + " shared grad (DDP average)")
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_family_gather_mode_is_exact(world):
-    from helpers import CPU_BACKENDS
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(family_worker, args=(world, os.path.join(tmp, "init"), CPU_BACKENDS), nprocs=world, join=True)
+    spawn(check_family, world)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_gather_mode_is_exact(world):
-    from helpers import CPU_BACKENDS
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(world, os.path.join(tmp, "init"), CPU_BACKENDS), nprocs=world, join=True)
+def test_supcon_gather_and_ring_modes_are_exact(world):
+    spawn(check_supcon, world)
 
 
 def test_process_group_errors():

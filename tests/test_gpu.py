@@ -68,3 +68,43 @@ def test_triton_backward_is_deterministic():
 def test_auto_picks_triton_on_cuda():
     reasons = fc.explain_backends(torch.zeros(4, 2, 8, device="cuda"), torch.arange(4, device="cuda"))
     assert reasons["triton"] is None
+
+
+def _family_calls(bsz, dim, seed=0):
+    """(name, fn(tensors, backend), float64 tensors requiring grad) for every other loss of the family."""
+    gen = torch.Generator().manual_seed(seed)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)  # noqa: E731
+    labels = torch.randint(0, 7, (bsz,), generator=gen)
+    feats, queue, centers = unit(bsz, 2, dim), unit(bsz // 2 + 1, dim), unit(7, dim)
+    return [
+        ("eps_supinfonce", lambda t, b: fc.eps_supinfonce_loss(t[0], labels.to(t[0].device), backend=b), [feats]),
+        ("dclw", lambda t, b: fc.dcl_loss(t[0], weighted=True, backend=b), [feats]),
+        ("info_nce_queue", lambda t, b: fc.info_nce(t[0], t[1], queue=queue.to(t[0]), backend=b),
+         [feats[:, 0], feats[:, 1]]),
+        ("clip", lambda t, b: fc.clip_loss(t[0], t[1], 14.0, backend=b), [feats[:, 0], feats[:, 1]]),
+        ("debiased", lambda t, b: fc.debiased_contrastive_loss(t[0], backend=b), [feats]),
+        ("bcl_centers", lambda t, b: fc.bcl_loss(t[0], labels.to(t[0].device), class_centers=t[1], backend=b),
+         [feats, centers]),
+        ("spread", lambda t, b: fc.spread_loss(t[0], labels.to(t[0].device), backend=b), [feats]),
+        ("supcon_extra_keys", lambda t, b: fc.supcon_loss(t[0], labels.to(t[0].device), extra_keys=t[1],
+                                                           extra_key_labels=labels[: len(queue)].to(t[0].device),
+                                                           backend=b), [feats, queue]),
+    ]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 33), (torch.bfloat16, 128), (torch.float16, 255)])
+@pytest.mark.parametrize("case", range(8))
+def test_family_parity(backend, dtype, dim, case):
+    name, fn, tensors = _family_calls(1023, dim, seed=case)[case]
+    rounded = [t.to(dtype) for t in tensors]
+    expected_in = [t.double().requires_grad_() for t in rounded]
+    expected = fn(expected_in, "reference")
+    expected_grads = torch.autograd.grad(expected, expected_in)
+    actual_in = [t.cuda().requires_grad_() for t in rounded]
+    actual = fn(actual_in, backend)
+    grads = torch.autograd.grad(actual, actual_in)
+    assert_close(actual.cpu(), expected, dtype, f"{name} {backend} loss")
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == dtype
+        assert_close(g.cpu(), e, dtype, f"{name} {backend} grad")

@@ -108,18 +108,38 @@ def _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS: tl.
 
 
 @triton.jit
-def _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT: tl.constexpr):
+def _backward_row_stats(rows, row_ok, Na, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT: tl.constexpr):
     """The saved per-anchor statistics the backward tile needs: LSE, LSE with 0 for a row without keys, coef,
-    the positive scale and (row functions only) the denominator scale u_i."""
+    the positive scale and (row functions only) the denominator scales: u_i for e^{l + b - LSE}, and with
+    hard negatives (variant 4) also those of the (1+beta) and beta log-sum-exps, whose LSEs follow LSE
+    ([3, Na] buffers)."""
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
     coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
     pos_scale = tl.load(POS_SCALE + rows, mask=row_ok, other=0.0)
+    den_scale = coef
+    hard_lse_c = lse_safe
+    hard_lse_b = lse_safe
+    hard_scale_c = coef
+    hard_scale_b = coef
     if VARIANT >= 2:
         den_scale = tl.load(DEN_SCALE + rows, mask=row_ok, other=0.0)
-    else:
-        den_scale = coef
-    return lse, lse_safe, coef, pos_scale, den_scale
+    if VARIANT == 4:
+        hard_lse_c = tl.load(LSE + Na + rows, mask=row_ok, other=0.0)
+        hard_lse_b = tl.load(LSE + 2 * Na + rows, mask=row_ok, other=0.0)
+        hard_lse_c = tl.where(hard_lse_c == float("-inf"), 0.0, hard_lse_c)
+        hard_lse_b = tl.where(hard_lse_b == float("-inf"), 0.0, hard_lse_b)
+        hard_scale_c = tl.load(DEN_SCALE + Na + rows, mask=row_ok, other=0.0)
+        hard_scale_b = tl.load(DEN_SCALE + 2 * Na + rows, mask=row_ok, other=0.0)
+    return lse, lse_safe, coef, pos_scale, den_scale, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b
+
+
+@triton.jit
+def _online_lse(m, total, x):
+    """One tile's update of a running (max, sum of exp(x - max)) per row; x may hold -inf."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, total * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
 
 
 @triton.jit
@@ -129,9 +149,26 @@ def _softplus(x):
 
 
 @triton.jit
+def _row_tile(q, K, KL, MASK, start, rows, row_ok, anchor_label, offs_d, D, M, stride_km, stride_kd, stride_mm,
+              inv_tau, self_offset, mask_rows, mask_cols, BLOCK_N: tl.constexpr, HAS_SELF: tl.constexpr,
+              USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+              NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """For a row-parallel program, the key tile at ``start``: its columns, logits, keys, denominator
+    predicate (in range, not self) and positive weights."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < M
+    l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
+                        PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
+    valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
+    a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
+                          mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+    return cols, col_ok, l, k, valid, a
+
+
+@triton.jit
 def _supcon_fwd_kernel(
     Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, POS_SUM, POS_AUX,
-    Na, M, D, self_offset, mask_rows, mask_cols, epsilon,
+    Na, M, D, self_offset, mask_rows, mask_cols, epsilon, beta,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm,
     N_BUCKET,  # autotuning key only
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -150,14 +187,15 @@ def _supcon_fwd_kernel(
     pos_sum = tl.zeros([BLOCK_M], ACC)  # L_out: sum_j a_ij l_ij
     pos_max = tl.full([BLOCK_M], float("-inf"), ACC)  # L_in: online log sum_j a_ij exp(l_ij)
     pos_exp = tl.zeros([BLOCK_M], ACC)
+    hard_max_c = tl.full([BLOCK_M], float("-inf"), ACC)  # variant 4: online LSE of (1+beta) l and of beta l
+    hard_exp_c = tl.zeros([BLOCK_M], ACC)
+    hard_max_b = tl.full([BLOCK_M], float("-inf"), ACC)
+    hard_exp_b = tl.zeros([BLOCK_M], ACC)
     for start in range(0, M, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
-        l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
-                            PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
-        valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
-        a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
-                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+        cols, col_ok, l, k, valid, a = _row_tile(q, K, KL, MASK, start, rows, row_ok, anchor_label, offs_d, D, M,
+                                                 stride_km, stride_kd, stride_mm, inv_tau, self_offset, mask_rows,
+                                                 mask_cols, BLOCK_N, HAS_SELF, USE_MASK, PRECISION, ACC, DOT_IN_FP32,
+                                                 NORMALIZE, OFFSETS_64)
         if VARIANT == 1:  # L_in
             lp = tl.where(a > 0, l, float("-inf"))
             pos_max_new = tl.maximum(pos_max, tl.max(lp, 1))
@@ -173,6 +211,9 @@ def _supcon_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp() finite
         sum_exp = sum_exp * tl.exp(m_i - m_safe) + tl.sum(tl.exp(l - m_safe[:, None]), 1)
         m_i = m_new
+        if VARIANT == 4:
+            hard_max_c, hard_exp_c = _online_lse(hard_max_c, hard_exp_c, l * (1.0 + beta))
+            hard_max_b, hard_exp_b = _online_lse(hard_max_b, hard_exp_b, l * beta)
     lse = tl.where(sum_exp > 0, m_i + tl.log(sum_exp), float("-inf"))
     if VARIANT == 1:
         pos_sum = tl.where(pos_exp > 0, pos_max + tl.log(pos_exp), float("-inf"))
@@ -181,30 +222,38 @@ def _supcon_fwd_kernel(
         # pos_sum = sum_p [l - logaddexp(l - eps, LSE_N)], and R = sum_p sigmoid(LSE_N + eps - l) for the backward.
         r_sum = tl.zeros([BLOCK_M], ACC)
         for start in range(0, M, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < M
-            l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
-                                PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
-            valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
-            a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
-                                  mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+            cols, col_ok, l, k, valid, a = _row_tile(q, K, KL, MASK, start, rows, row_ok, anchor_label, offs_d, D, M,
+                                                     stride_km, stride_kd, stride_mm, inv_tau, self_offset, mask_rows,
+                                                     mask_cols, BLOCK_N, HAS_SELF, USE_MASK, PRECISION, ACC, DOT_IN_FP32,
+                                                     NORMALIZE, OFFSETS_64)
             # l - logaddexp(l - eps, LSE_N) = eps - softplus(gap); -inf without negatives: the term is eps
             gap = lse[:, None] + epsilon - l
             pos_sum += tl.sum(tl.where(a > 0, a * (epsilon - _softplus(gap)), 0.0), 1)
             r_sum += tl.sum(tl.where(a > 0, a * tl.sigmoid(gap), 0.0), 1)
         tl.store(POS_AUX + rows, r_sum, mask=row_ok)
+    if VARIANT == 4:
+        tl.store(POS_AUX + rows, tl.where(hard_exp_c > 0, hard_max_c + tl.log(hard_exp_c), float("-inf")),
+                 mask=row_ok)
+        tl.store(POS_AUX + Na + rows, tl.where(hard_exp_b > 0, hard_max_b + tl.log(hard_exp_b), float("-inf")),
+                 mask=row_ok)
     tl.store(LSE + rows, lse, mask=row_ok)
     tl.store(POS_SUM + rows, pos_sum, mask=row_ok)
 
 
 @triton.jit
-def _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, VARIANT: tl.constexpr):
+def _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, beta, hard_lse_c, hard_lse_b,
+               hard_scale_c, hard_scale_b, VARIANT: tl.constexpr):
     """g_ij = coef_i * (u_i exp(l_ij + b_ij - LSE_i) - positive part) on the denominator, 0 elsewhere, with
     u_i = 1 except where a row function scales it (epsilon-SupInfoNCE: R_i; debiased: dL/dLSE_N). Positive part:
     L_out and debiased a_ij * pos_scale_i (w_i / Z_i, or -dL/dl_p / coef); L_in a_ij exp(l_ij - LSE_P_i)
     (LSE_P passed as pos_scale, 0 on rows without positives); epsilon-SupInfoNCE a_ij sigmoid(LSE_N + eps - l_ij)."""
-    p = tl.where(valid, tl.exp(l + bias - lse_safe[:, None]), 0.0)
-    if VARIANT >= 2:
+    if VARIANT == 4:  # hard negatives: only the (1+beta) and beta log-sum-exps enter the row formula
+        l_den = l + bias
+        p = tl.where(valid, hard_scale_c[:, None] * tl.exp(l_den * (1.0 + beta) - hard_lse_c[:, None])
+                     + hard_scale_b[:, None] * tl.exp(l_den * beta - hard_lse_b[:, None]), 0.0)
+    else:
+        p = tl.where(valid, tl.exp(l + bias - lse_safe[:, None]), 0.0)
+    if VARIANT == 2 or VARIANT == 3:
         p = p * den_scale[:, None]
     if VARIANT == 1:
         positive = a * tl.exp(l - pos_scale[:, None])
@@ -218,7 +267,7 @@ def _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, eps
 @triton.jit
 def _supcon_bwd_dq_kernel(
     Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, DQ,
-    Na, M, D, self_offset, mask_rows, mask_cols, epsilon,
+    Na, M, D, self_offset, mask_rows, mask_cols, epsilon, beta,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dqm,
     N_BUCKET,
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -231,20 +280,18 @@ def _supcon_bwd_dq_kernel(
     q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
     anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
-    lse, lse_safe, coef, pos_scale, den_scale = _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE, DEN_SCALE,
-                                                                    VARIANT)
+    lse, lse_safe, coef, pos_scale, den_scale, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b = \
+        _backward_row_stats(rows, row_ok, Na, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start in range(0, M, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
-        l, k = _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok,
-                            PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
-        valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
-        a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
-                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+        cols, col_ok, l, k, valid, a = _row_tile(q, K, KL, MASK, start, rows, row_ok, anchor_label, offs_d, D, M,
+                                                 stride_km, stride_kd, stride_mm, inv_tau, self_offset, mask_rows,
+                                                 mask_cols, BLOCK_N, HAS_SELF, USE_MASK, PRECISION, ACC, DOT_IN_FP32,
+                                                 NORMALIZE, OFFSETS_64)
         bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
-        g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, VARIANT)
+        g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, beta, hard_lse_c,
+                       hard_lse_b, hard_scale_c, hard_scale_b, VARIANT)
         dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * inv_tau
     tl.store(DQ + _row_offset(rows, stride_dqm, OFFSETS_64)[:, None] + offs_d[None, :], dq,
@@ -254,7 +301,7 @@ def _supcon_bwd_dq_kernel(
 @triton.jit
 def _supcon_bwd_dk_kernel(
     Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, DK,
-    Na, M, D, self_offset, mask_rows, mask_cols, epsilon,
+    Na, M, D, self_offset, mask_rows, mask_cols, epsilon, beta,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dkm,
     N_BUCKET,
     HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -274,13 +321,14 @@ def _supcon_bwd_dk_kernel(
         q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
         l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
         anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
-        lse, lse_safe, coef, pos_scale, den_scale = _backward_row_stats(rows, row_ok, LSE, COEF, POS_SCALE, DEN_SCALE,
-                                                                    VARIANT)
+        lse, lse_safe, coef, pos_scale, den_scale, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b = \
+            _backward_row_stats(rows, row_ok, Na, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT)
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, safe_cols, row_ok, valid, anchor_label, KL, MASK,
                               mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
         bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
-        g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, VARIANT)
+        g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, beta, hard_lse_c,
+                       hard_lse_b, hard_scale_c, hard_scale_b, VARIANT)
         dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * inv_tau
     tl.store(DK + _row_offset(cols, stride_dkm, OFFSETS_64)[:, None] + offs_d[None, :], dk,
@@ -369,7 +417,12 @@ supcon_bwd_dk = _autotuned(_supcon_bwd_dk_kernel, "bwd")
 
 # The row formula per spec.variant: 0 L_out, 1 L_in, 2 epsilon-SupInfoNCE (second pass over the positives),
 # 3 debiased (L_out's statistics; the row function's derivatives scale the backward's two terms).
-VARIANTS = {"out": 0, "in": 1, "eps": 2, "debiased": 3}
+VARIANTS = {"out": 0, "in": 1, "eps": 2, "debiased": 3, "debiased_hard": 4}
+
+
+def variant_code(spec) -> int:
+    """Variant 4: debiased with hard-negative reweighting (two more online LSEs, of (1+beta) l and beta l)."""
+    return VARIANTS["debiased_hard" if spec.variant == "debiased" and spec.beta != 0 else spec.variant]
 
 
 def why_not(spec) -> str | None:
@@ -378,9 +431,6 @@ def why_not(spec) -> str | None:
         return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
     if spec.variant not in VARIANTS:
         return f"no kernel for the row formula {spec.variant!r}"
-    if spec.variant == "debiased" and spec.beta != 0:
-        return ("hard-negative reweighting (beta > 0) needs two more log-sum-exps per row than these kernels "
-                "keep; use chunked")
     dim = spec.keys.shape[1]
     if dim > MAX_D:
         return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
@@ -430,20 +480,24 @@ def _common_args(spec, Q, K, inv_tau):
         DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
         NORMALIZE=bool(spec.normalize),
         OFFSETS_64=max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim) >= 2**31,
-        epsilon=float(spec.epsilon), VARIANT=VARIANTS[spec.variant], DEN_BIAS=bias is not None,
+        epsilon=float(spec.epsilon), beta=float(spec.beta), VARIANT=variant_code(spec), DEN_BIAS=bias is not None,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
     )
 
 
 def forward_stats(spec, Q, K, inv_tau):
-    """(lse, pos_sum, pos_aux) per anchor in the accumulation dtype; pos_aux (R_i) for epsilon-SupInfoNCE only."""
+    """(lse, pos_sum, pos_aux) per anchor in the accumulation dtype; pos_aux: R_i for epsilon-SupInfoNCE,
+    [2, Na] LSEs of (1+beta) l and beta l for hard negatives."""
     args = _common_args(spec, Q, K, inv_tau)
     lse = torch.empty(Q.shape[0], dtype=spec.accum_dtype, device=K.device)
     pos_sum = torch.empty_like(lse)
-    pos_aux = torch.empty_like(lse) if spec.variant == "eps" else lse
+    code = variant_code(spec)
+    pos_aux = lse
+    if code in (2, 4):
+        pos_aux = torch.empty((2 if code == 4 else 1, Q.shape[0]), dtype=lse.dtype, device=K.device)
     grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
     supcon_fwd[grid](LSE=lse, POS_SUM=pos_sum, POS_AUX=pos_aux, **args)
-    return lse, pos_sum, pos_aux
+    return lse, pos_sum, pos_aux[0] if code == 2 else pos_aux
 
 
 def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True):
@@ -469,7 +523,7 @@ def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True):
 
 
 def row_factors(spec, lse, pos_sum, pos_aux, tau):
-    """From the forward's per-row statistics: (loss, coef, pos_scale, den_scale, tau_direct) such that the
+    """From the forward's per-row statistics: (loss, lse, coef, pos_scale, den_scale, tau_direct) such that the
     backward tile is g_ij = coef_i (den_scale_i e^{l_ij + b_ij - LSE_i} - positive part with pos_scale_i),
     for dLoss/dloss = 1; tau_direct is dLoss/dtau through the row formula itself (not through the logits)."""
     from fused_contrastive.spec import (debiased_row_losses, inverse_pos_count, mean_divisor, positive_scale,
@@ -487,15 +541,21 @@ def row_factors(spec, lse, pos_sum, pos_aux, tau):
         loss_rows = torch.where(has_pos, -c * inv_count * pos_sum, 0.0)
         coef, pos_scale, den_scale = coef * inv_count, pos_count, pos_aux
     elif spec.variant == "debiased":  # L_i = F(LSE_N, l_p, tau): its derivatives by autograd on O(N) values
+        hard = spec.beta != 0
         with torch.enable_grad():
-            lse_n = lse.detach().requires_grad_()
-            pos_logit = pos_sum.detach().requires_grad_()
+            stats = [t.detach().requires_grad_() for t in (lse, pos_sum, *(pos_aux if hard else ()))]
             tau_leaf = torch.tensor(tau, dtype=acc, device=lse.device, requires_grad=True)
-            rows = debiased_row_losses(spec, lse_n, pos_logit, spec.den_count(), tau_leaf)
-            d_lse, d_pos, d_tau = torch.autograd.grad(rows.sum(), (lse_n, pos_logit, tau_leaf))
+            n = spec.den_count()
+            log_reweighted = torch.log(n.clamp(min=1)) + stats[2] - stats[3] if hard else None
+            rows = debiased_row_losses(spec, stats[0], stats[1], n, tau_leaf, log_reweighted)
+            derivs = torch.autograd.grad(rows.sum(), (*stats, tau_leaf), allow_unused=True)
+            derivs = [torch.zeros_like(x) if d is None else d for d, x in zip(derivs, (*stats, tau_leaf))]
         loss_rows = rows.detach()
         coef = torch.full_like(lse, 1.0) / count
-        pos_scale, den_scale, tau_direct = -d_pos, d_lse, d_tau / count
+        pos_scale, den_scale, tau_direct = -derivs[1], derivs[0], derivs[-1] / count
+        if hard:  # [3, Na]: the LSEs and scales the backward reads (variant 4), each scale times its beta factor
+            lse = torch.stack([lse, *pos_aux])
+            den_scale = torch.stack([den_scale, derivs[2] * (1 + spec.beta), derivs[3] * spec.beta])
     else:
         loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
         # The backward takes LSE_P (L_in) where L_out takes w/Z.
@@ -503,7 +563,7 @@ def row_factors(spec, lse, pos_sum, pos_aux, tau):
     loss = loss_rows.sum() / count
     if tau_direct is None:
         tau_direct = torch.zeros((), dtype=acc, device=lse.device)
-    return loss, coef, pos_scale, den_scale, tau_direct
+    return loss, lse, coef, pos_scale, den_scale, tau_direct
 
 
 class RowFactors:
@@ -532,7 +592,7 @@ class TritonSupConLoss(torch.autograd.Function):
         else:
             inv_tau = torch.full((1,), 1.0 / tau, dtype=acc, device=keys.device)
         lse, pos_sum, pos_aux = forward_stats(spec, anchors, keys, inv_tau)
-        loss, coef, pos_scale, den_scale, tau_direct = row_factors(spec, lse, pos_sum, pos_aux, tau)
+        loss, lse, coef, pos_scale, den_scale, tau_direct = row_factors(spec, lse, pos_sum, pos_aux, tau)
         return loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau
 
     @staticmethod

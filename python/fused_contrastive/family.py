@@ -47,20 +47,11 @@ def _two_views(features, min_bsz: int, loss: str) -> Tensor:
     return features
 
 
-def _bias(anchor_groups: Tensor, key_groups: Tensor, same: Tensor, other: Tensor) -> DenominatorBias:
-    return DenominatorBias(anchor_groups, key_groups, same, other)
-
-
 def _without_positives(spec: ContrastSpec) -> DenominatorBias:
     """Every key sharing the anchor's label leaves its denominator (what remains is N_i)."""
     acc, groups = spec.accum_dtype, spec.num_classes
     same = torch.full((groups,), float("-inf"), dtype=acc, device=spec.device)
-    return _bias(spec.anchor_labels, spec.key_labels, same, torch.zeros_like(same))
-
-
-def _run(spec: ContrastSpec, backend: str) -> Tensor:
-    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-    return dispatch.run(spec, backend)
+    return DenominatorBias(spec.anchor_labels, spec.key_labels, same, torch.zeros_like(same))
 
 
 def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group) -> Tensor:
@@ -73,16 +64,17 @@ def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", 
     return _gathered_views(process_group, features, labels, contrast_mode, backend, build)
 
 
-def _pairs_loss(build, first: Tensor, second: Tensor, *, backend: str, process_group) -> Tensor:
-    """Same for row-paired inputs (query/key, image/text): ``build(first, second) -> spec``, anchors = rows of
-    ``first``."""
+def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group) -> list[Tensor]:
+    """Same for row-paired inputs (query/key, image/text): one loss per ``build(first, second) -> spec``, whose
+    anchors are rows of one of the two (both directions of CLIP share one gather)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     if process_group is None:
-        return dispatch.run(build(first, second), backend)
+        return [dispatch.run(build(first, second), backend) for build in builds]
     from . import distributed
 
     batch = distributed.gather_batch(process_group, first, second)
-    return distributed.run_rows(build(*batch.tensors), distributed.view_ranges(batch, 1), process_group, backend)
+    ranges = distributed.view_ranges(batch, 1)
+    return [distributed.run_rows(build(*batch.tensors), ranges, process_group, backend) for build in builds]
 
 
 _GROUP_DOC = """
@@ -176,7 +168,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
         same = torch.zeros(num_classes, dtype=acc, device=device)
         other = torch.full_like(same, float("-inf"))
         other[bsz:] = 0  # the queue's group
-        den_bias = _bias(ids, key_labels, same, other)
+        den_bias = DenominatorBias(ids, key_labels, same, other)
     return ContrastSpec(anchors=query, keys=keys, self_offset=None, anchor_labels=ids, key_labels=key_labels,
                         num_classes=num_classes, mask=None, temperature=temperature, base_temperature=None,
                         no_positive="zero", tau_float=tau_float, den_bias=den_bias)
@@ -206,13 +198,12 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
     def build(q, k):
         return _info_nce_spec(q, k, temperature, queue, in_batch_negatives)
 
-    def build_reverse(k, q):
+    def build_reverse(q, k):
         return _info_nce_spec(k, q, temperature, None, in_batch_negatives)
 
-    loss = _pairs_loss(build, query, key, backend=backend, process_group=process_group)
-    if symmetric:
-        loss = 0.5 * (loss + _pairs_loss(build_reverse, key, query, backend=backend, process_group=process_group))
-    return loss
+    losses = _pairs_loss([build, build_reverse] if symmetric else [build], query, key, backend=backend,
+                         process_group=process_group)
+    return 0.5 * (losses[0] + losses[1]) if symmetric else losses[0]
 
 
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
@@ -245,12 +236,16 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
         temperature = 1.0 / scale_value
     if logit_bias is not None and not (isinstance(logit_bias, Tensor) or isinstance(logit_bias, numbers.Real)):
         raise ValueError(f"logit_bias must be a number or a tensor, got {type(logit_bias).__name__}")
-    def build(anchors, keys):
-        return _info_nce_spec(anchors, keys, temperature, None, True, 1.0 / scale_value)
 
-    image_to_text = _pairs_loss(build, image_features, text_features, backend=backend, process_group=process_group)
-    text_to_image = _pairs_loss(build, text_features, image_features, backend=backend, process_group=process_group)
-    loss = 0.5 * (image_to_text + text_to_image)
+    def image_to_text(image, text):
+        return _info_nce_spec(image, text, temperature, None, True, 1.0 / scale_value)
+
+    def text_to_image(image, text):  # the column direction: its per-row LSE is the column LSE of the other
+        return _info_nce_spec(text, image, temperature, None, True, 1.0 / scale_value)
+
+    rows, cols = _pairs_loss([image_to_text, text_to_image], image_features, text_features, backend=backend,
+                             process_group=process_group)
+    loss = 0.5 * (rows + cols)
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
         loss = loss + 0.0 * logit_bias.sum()  # shift-invariant: a zero gradient, and a graph to carry it
     return loss
@@ -316,7 +311,7 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         # A class whose count is (or drops to) 0 has no key in that role: its entry is never used.
         same = torch.where(count > 1, -torch.log(count.clamp(min=2) - 1), 0.0)
         other = torch.where(count > 0, -torch.log(count.clamp(min=1)), 0.0)
-        return dataclasses.replace(spec, den_bias=_bias(spec.anchor_labels, key_labels, same, other))
+        return dataclasses.replace(spec, den_bias=DenominatorBias(spec.anchor_labels, key_labels, same, other))
 
     return _views_loss(build, features, labels, backend=backend, process_group=process_group)
 
@@ -335,7 +330,7 @@ def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_gr
         spec = supcon_spec(f, temperature=temperature)
         classes = ids.repeat(2)
         same = torch.zeros(int(ids.max()) + 1, dtype=spec.accum_dtype, device=spec.device)
-        den_bias = _bias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
+        den_bias = DenominatorBias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
         return dataclasses.replace(spec, den_bias=den_bias)
 
     return _views_loss(build, features, labels, backend=backend, process_group=process_group)
