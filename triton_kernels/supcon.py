@@ -136,7 +136,8 @@ def _backward_row_stats(rows, row_ok, Na, LSE, COEF, POS_SCALE, DEN_SCALE, VARIA
 
 @triton.jit
 def _online_lse(m, total, x):
-    """One tile's update of a running (max, sum of exp(x - max)) per row; x may hold -inf."""
+    """One tile's update of a running (max, sum of exp(x - max)) per row; x may hold -inf (a row with no
+    finite entry yet keeps a 0 shift, so exp() stays finite)."""
     m_new = tl.maximum(m, tl.max(x, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     return m_new, total * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
@@ -207,10 +208,7 @@ def _supcon_fwd_kernel(
         # Rows and columns outside the denominator become -inf before the max, not after.
         l = tl.where(valid, l + _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS),
                      float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(l, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp() finite
-        sum_exp = sum_exp * tl.exp(m_i - m_safe) + tl.sum(tl.exp(l - m_safe[:, None]), 1)
-        m_i = m_new
+        m_i, sum_exp = _online_lse(m_i, sum_exp, l)
         if VARIANT == 4:
             hard_max_c, hard_exp_c = _online_lse(hard_max_c, hard_exp_c, l * (1.0 + beta))
             hard_max_b, hard_exp_b = _online_lse(hard_max_b, hard_exp_b, l * beta)
