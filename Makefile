@@ -1,4 +1,4 @@
-# Two commands: `make test` and `make bench`. Each sets itself up from a fresh clone:
+# Two commands: `make test` and `make bench` (plus `make cuda-check` where nvcc is installed). Each sets itself up from a fresh clone:
 # it uses the active virtual environment (or conda env) if there is one, else creates
 # .venv (seeing system packages, so a preinstalled CUDA torch is used as is), installs
 # torch==2.13.0 (CPU build) only when no torch is importable, then this project.
@@ -11,7 +11,7 @@ endif
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench bench-quick info clean
+.PHONY: setup test bench bench-quick info cuda-check clean
 
 $(PYTHON):
 	python3 -m venv --system-site-packages .venv
@@ -28,6 +28,11 @@ bench: setup
 
 bench-quick: setup
 	$(PYTHON) bench/run.py --quick
+
+# Compiles every csrc/*.cu for sm_80 and sm_90a with nvcc (no GPU needed), checks the bindings against
+# torch's headers, and prints registers, spills and the SASS instruction mix per kernel.
+cuda-check: setup
+	$(PYTHON) bench/cuda_resources.py
 
 info: setup
 	$(PYTHON) -m fused_contrastive.info

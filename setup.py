@@ -50,9 +50,12 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fused_contrastive", "fused_contrastive.triton_kernels"],
+    # csrc/ travels in the wheel too, so that a wheel built without CUDA can still JIT-build the kernels.
+    packages=["fused_contrastive", "fused_contrastive.triton_kernels", "fused_contrastive.csrc"],
     package_dir={"fused_contrastive": "python/fused_contrastive",
-                 "fused_contrastive.triton_kernels": "triton_kernels"},
+                 "fused_contrastive.triton_kernels": "triton_kernels",
+                 "fused_contrastive.csrc": "csrc"},
+    package_data={"fused_contrastive.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "README.md"]},
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],

@@ -66,3 +66,40 @@ def test_info_command_lists_every_backend():
     for name in ("torch", "triton", "reference", "chunked", "cuda", "auto"):
         assert name in out.stdout
     assert "chunked    available" in out.stdout
+
+
+def test_cuda_backend_says_what_its_kernels_do_not_cover():
+    import dataclasses
+
+    from fused_contrastive import cuda_supcon
+    from fused_contrastive.family import _without_positives
+
+    bf16 = F.detach().to(torch.bfloat16)
+    assert cuda_supcon.unsupported(supcon_spec(bf16, L)) is None  # L_out with labels: covered
+    assert cuda_supcon.unsupported(supcon_spec(bf16, mask=torch.eye(6))) is None
+    assert "'in'" in cuda_supcon.unsupported(supcon_spec(bf16, L, variant="in"))
+    spec = supcon_spec(bf16, L)
+    assert "bias" in cuda_supcon.unsupported(dataclasses.replace(spec, den_bias=_without_positives(spec)))
+    assert "float64" in cuda_supcon.unsupported(supcon_spec(F.detach().double(), L))
+    assert "300 > 256" in cuda_supcon.unsupported(supcon_spec(torch.randn(6, 2, 300, dtype=torch.bfloat16), L))
+    assert "200 > 128" in cuda_supcon.unsupported(supcon_spec(torch.randn(6, 2, 200), L))
+    assert "cpu" in cuda_supcon.why_not(spec)  # the device is the first reason, before any build
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA torch may build the extension")
+def test_cuda_extension_reports_why_it_is_unavailable_on_cpu_torch():
+    from fused_contrastive import cuda_supcon
+
+    module, reason = cuda_supcon.extension()
+    assert module is None and "CPU-only" in reason
+
+
+def test_auto_takes_cuda_only_where_a_benchmark_showed_it_faster(monkeypatch):
+    class OnGpu:  # the auto rule reads only the device
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(dispatch, "CUDA_FASTER_THAN_TRITON", {})
+    assert "auto prefers triton on compute capability 9.x" in dispatch._cuda_auto_why_not(OnGpu())
+    monkeypatch.setattr(dispatch, "CUDA_FASTER_THAN_TRITON", {9: "bench/results/gpu_x.md"})
+    assert dispatch._cuda_auto_why_not(OnGpu()) is None

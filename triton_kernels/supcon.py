@@ -1,8 +1,9 @@
 """SupCon / SimCLR (DESIGN.md's general loss with a_ij in {labels, dense mask}) as fused Triton kernels.
 
 Read top to bottom: the three kernels (forward; dQ row-parallel; dK column-parallel),
-their launchers (grid, autotuning, argument plumbing), the autograd.Function, and the
-``loss(spec)`` entry that fused_contrastive's dispatcher calls.
+their launchers (grid, autotuning, argument plumbing), and the ``loss(spec)`` entries that
+fused_contrastive's dispatcher calls (the autograd.Function above the launchers is shared with
+the CUDA backend: ``fused_contrastive.fused``).
 
 Every tile of logits ``l = Q_blk K_blk^T / tau`` lives in registers only. The forward
 keeps per row a running max ``m``, running ``sum exp(l - m)`` and ``pos_sum = sum a*l``
@@ -19,8 +20,9 @@ import os
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+
+from fused_contrastive import fused
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -517,141 +519,22 @@ def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True):
     return dq, dk
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- autograd and API (shared)
 
-
-def row_factors(spec, lse, pos_sum, pos_aux, tau):
-    """From the forward's per-row statistics: (loss, lse, coef, pos_scale, den_scale, tau_direct) such that the
-    backward tile is g_ij = coef_i (den_scale_i e^{l_ij + b_ij - LSE_i} - positive part with pos_scale_i),
-    for dLoss/dloss = 1; tau_direct is dLoss/dtau through the row formula itself (not through the logits)."""
-    from fused_contrastive.spec import (debiased_row_losses, inverse_pos_count, mean_divisor, positive_scale,
-                                        row_losses)
-
-    acc = lse.dtype
-    pos_count = spec.pos_count()
-    has_pos = pos_count > 0
-    count = mean_divisor(spec, has_pos)
-    c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
-    coef = torch.where(has_pos, c / count, 0.0).to(acc)  # dLoss/dL_i times c
-    den_scale, tau_direct = lse, None  # den_scale is read by variants 2 and 3 only
-    if spec.variant == "eps":  # L_i = -(c / Z_i) sum_p (eps - softplus(LSE_N + eps - l_ip))
-        inv_count = inverse_pos_count(pos_count)
-        loss_rows = torch.where(has_pos, -c * inv_count * pos_sum, 0.0)
-        coef, pos_scale, den_scale = coef * inv_count, pos_count, pos_aux
-    elif spec.variant == "debiased":  # L_i = F(LSE_N, l_p, tau): its derivatives by autograd on O(N) values
-        hard = spec.beta != 0
-        with torch.enable_grad():
-            stats = [t.detach().requires_grad_() for t in (lse, pos_sum, *(pos_aux if hard else ()))]
-            tau_leaf = torch.tensor(tau, dtype=acc, device=lse.device, requires_grad=True)
-            n = spec.den_count()
-            log_reweighted = torch.log(n.clamp(min=1)) + stats[2] - stats[3] if hard else None
-            rows = debiased_row_losses(spec, stats[0], stats[1], n, tau_leaf, log_reweighted)
-            derivs = torch.autograd.grad(rows.sum(), (*stats, tau_leaf), allow_unused=True)
-            derivs = [torch.zeros_like(x) if d is None else d for d, x in zip(derivs, (*stats, tau_leaf))]
-        loss_rows = rows.detach()
-        coef = torch.full_like(lse, 1.0) / count
-        pos_scale, den_scale, tau_direct = -derivs[1], derivs[0], derivs[-1] / count
-        if hard:  # [3, Na]: the LSEs and scales the backward reads (variant 4), each scale times its beta factor
-            lse = torch.stack([lse, *pos_aux])
-            den_scale = torch.stack([den_scale, derivs[2] * (1 + spec.beta), derivs[3] * spec.beta])
-    else:
-        loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
-        # The backward takes LSE_P (L_in) where L_out takes w/Z.
-        pos_scale = torch.where(has_pos, pos_sum, 0.0) if spec.variant == "in" else positive_scale(spec, pos_count)
-    loss = loss_rows.sum() / count
-    if tau_direct is None:
-        tau_direct = torch.zeros((), dtype=acc, device=lse.device)
-    return loss, lse, coef, pos_scale, den_scale, tau_direct
-
-
-class RowFactors:
-    """The per-row tensors the backward kernels read, scaled by dLoss/dloss."""
-
-    def __init__(self, lse, coef, pos_scale, den_scale):
-        self.lse, self.coef, self.pos_scale, self.den_scale = lse, coef, pos_scale, den_scale
-
-    def scaled(self, grad):
-        # Variants 2 and 3 apply coef to both terms; den_scale stays a ratio, so only coef carries grad.
-        return RowFactors(self.lse, self.coef * grad, self.pos_scale, self.den_scale)
-
-
-class TritonSupConLoss(torch.autograd.Function):
-    """Mean loss over anchors; inputs (anchors, keys, temperature tensor or None, spec).
-    Outputs (loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau): the per-row statistics the
-    backward needs. Written with setup_context so that torch.func transforms can differentiate it."""
-
-    @staticmethod
-    def forward(anchors, keys, tau_tensor, spec):
-        acc = spec.accum_dtype
-        tau = spec.tau_value()
-        # 1/tau travels as a one-element tensor so a learnable temperature needs no host round trip.
-        if tau_tensor is not None:
-            inv_tau = (1.0 / tau_tensor.detach().to(device=keys.device, dtype=acc)).reshape(1)
-        else:
-            inv_tau = torch.full((1,), 1.0 / tau, dtype=acc, device=keys.device)
-        lse, pos_sum, pos_aux = forward_stats(spec, anchors, keys, inv_tau)
-        loss, lse, coef, pos_scale, den_scale, tau_direct = row_factors(spec, lse, pos_sum, pos_aux, tau)
-        return loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        anchors, keys, tau_tensor, spec = inputs
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(anchors, keys, *output)
-        ctx.spec = spec
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, *_):
-        anchors, keys, loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau = ctx.saved_tensors
-        rows = RowFactors(lse, coef, pos_scale, den_scale).scaled(grad_loss)
-        return (*_grads(ctx.spec, anchors, keys, inv_tau, rows, loss * grad_loss, tau_direct * grad_loss,
-                        *ctx.needs_input_grad[:3]), None)
-
-
-def _grads(spec, anchors, keys, inv_tau, rows, loss, tau_direct, need_q, need_k, need_tau):
-    """(dQ, dK, dtau) for the backward factors ``rows``, chained through the fused normalisation."""
-    from fused_contrastive.spec import normalize_backward, normalize_rows, temperature_grad
-
-    dq, dk = backward_grads(spec, anchors, keys, inv_tau, rows, need_dq=need_q or need_tau, need_dk=need_k)
-    dtau = None
-    if need_tau:
-        q_used = normalize_rows(anchors, spec.accum_dtype) if spec.normalize else anchors
-        dtau = (temperature_grad(spec, q_used, dq, loss, spec.tau_value()) + tau_direct).to(spec.temperature.dtype)
-    if spec.normalize:  # the kernels differentiated w.r.t. the normalised rows: chain through x / |x|
-        dq = normalize_backward(anchors, dq) if need_q else None
-        dk = normalize_backward(keys, dk) if need_k else None
-    return (dq.to(anchors.dtype) if need_q else None, dk.to(keys.dtype) if need_k else None, dtau)
-
-
-def loss_and_grads(spec):
-    """(loss, dQ, dK, dtau) without autograd (torch.compile's custom op calls this)."""
-    tau = spec.temperature if isinstance(spec.temperature, torch.Tensor) else None
-    loss, lse, coef, pos_scale, den_scale, tau_direct, inv_tau = TritonSupConLoss.forward(
-        spec.anchors, spec.keys, tau, spec)
-    rows = RowFactors(lse, coef, pos_scale, den_scale)
-    return (loss, *_grads(spec, spec.anchors, spec.keys, inv_tau, rows, loss, tau_direct, True, True,
-                          tau is not None))
+KERNELS = fused.Kernels("triton", forward_stats, backward_grads)
 
 
 def loss(spec):
-    tau = spec.temperature if isinstance(spec.temperature, torch.Tensor) else None
-    return TritonSupConLoss.apply(spec.anchors, spec.keys, tau, spec)[0]
+    return fused.loss(spec, KERNELS)
 
 
-# ----------------------------------------------------------------------------- ring mode (distributed)
-
-def _inv_tau(spec):
-    return torch.full((1,), 1.0 / spec.tau_value(), dtype=spec.accum_dtype, device=spec.device)
+def loss_and_grads(spec):
+    return fused.loss_and_grads(spec, KERNELS)
 
 
 def row_stats(spec):
-    """Ring mode: (LSE over this key shard's denominator, positive statistic over it) per anchor."""
-    lse, pos_sum, _ = forward_stats(spec, spec.anchors, spec.keys, _inv_tau(spec))
-    return lse, pos_sum
+    return fused.row_stats(spec, KERNELS)
 
 
 def grads_from_stats(spec, lse, coef, pos_scale):
-    """Ring mode: dQ, dK (input dtype) of this shard's tiles with the merged statistics."""
-    rows = RowFactors(lse, coef.to(lse.dtype), pos_scale.to(lse.dtype), lse)
-    return backward_grads(spec, spec.anchors, spec.keys, _inv_tau(spec), rows)
+    return fused.grads_from_stats(spec, lse, coef, pos_scale, KERNELS)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import chunked, reference
+from . import chunked, cuda_supcon, reference
 from .spec import ContrastSpec
 
 ENV_VAR = "FUSED_CONTRASTIVE_BACKEND"
@@ -32,6 +32,8 @@ class Backend:
     auto_devices: tuple = ("cpu", "cuda")
     # Ring mode's per-shard operations (row_stats, grads_from_stats); None: gather mode only.
     ring: Optional[tuple] = None
+    # Why ``auto`` passes over it although it could run (asked before why_not, which may build things).
+    auto_why_not: Optional[Callable[[ContrastSpec], Optional[str]]] = None
 
 
 def _triton_module():
@@ -67,18 +69,29 @@ def _triton_grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale):
 
 
 def _cuda_why_not(spec: ContrastSpec) -> Optional[str]:
+    return cuda_supcon.why_not(spec)
+
+
+# GPU generations (compute capability major) on which a benchmark in bench/results/ measured the CUDA
+# kernels faster than Triton's, with the result file that shows it. ``auto`` takes cuda only there:
+# empty until the CUDA kernels have been benchmarked on a GPU.
+CUDA_FASTER_THAN_TRITON: dict[int, str] = {}
+
+
+def _cuda_auto_why_not(spec: ContrastSpec) -> Optional[str]:
     if spec.device.type != "cuda":
-        return f"inputs are on {spec.device.type}; the CUDA extension needs a CUDA device"
-    return "this version ships no CUDA kernel for this loss yet"
-
-
-def _unavailable(spec: ContrastSpec) -> Tensor:
-    raise RuntimeError("unreachable: dispatch checks why_not first")
+        return None  # why_not says why
+    major = torch.cuda.get_device_capability(spec.device)[0]
+    if major in CUDA_FASTER_THAN_TRITON:
+        return None
+    return (f"auto prefers triton on compute capability {major}.x: no benchmark in bench/results/ shows the CUDA "
+            "kernels faster there (request backend='cuda' to use them)")
 
 
 # Order of preference for ``auto``; reference is the oracle and is never chosen by ``auto``.
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", _cuda_why_not, _unavailable, auto_devices=("cuda",)),
+    "cuda": Backend("cuda", _cuda_why_not, cuda_supcon.loss, cuda_supcon.loss_and_grads, auto_devices=("cuda",),
+                    ring=(cuda_supcon.row_stats, cuda_supcon.grads_from_stats), auto_why_not=_cuda_auto_why_not),
     "triton": Backend("triton", _triton_why_not, _triton_loss, _triton_loss_and_grads, auto_devices=("cuda",),
                       ring=(_triton_row_stats, _triton_grads_from_stats)),
     "chunked": Backend("chunked", chunked.why_not, chunked.loss, chunked.loss_and_grads,
@@ -111,8 +124,10 @@ def select(spec: ContrastSpec, backend: str = "auto") -> Backend:
         return BACKENDS[backend]
     reasons = {}
     for name in AUTO_ORDER:
-        reason = BACKENDS[name].why_not(spec)
-        if reason is None and spec.device.type not in BACKENDS[name].auto_devices:
+        candidate = BACKENDS[name]
+        reason = candidate.auto_why_not(spec) if candidate.auto_why_not is not None else None
+        reason = reason or candidate.why_not(spec)
+        if reason is None and spec.device.type not in candidate.auto_devices:
             reason = f"auto does not use it for {spec.device.type} tensors (request it explicitly)"
         if reason is None:
             return BACKENDS[name]

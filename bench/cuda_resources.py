@@ -1,0 +1,162 @@
+"""``make cuda-check``: compile every ``csrc/*.cu`` with nvcc for sm_80 and sm_90a (no GPU needed) and report,
+per kernel, what ptxas allocated (registers, spills, stack) and the SASS instruction mix that says whether
+the tensor cores and the exp unit are where they should be (HMMA, MUFU.EX2, shared-memory traffic, barriers).
+Also checks ``csrc/*_api.cpp`` against torch's headers when they are installed (syntax only: linking needs a
+CUDA torch). Exits non-zero on any compile error; spills are reported, not fatal.
+
+    python bench/cuda_resources.py [--out bench/results/cuda_resources_sm80_sm90.txt]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+ARCHS = ("sm_80", "sm_90a")
+NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo", f"-I{CSRC}"]
+# SASS opcodes worth counting: tensor-core MMA, the exp/log unit, shared memory, barriers, local memory.
+OPCODES = ("HMMA", "MUFU", "LDS", "LDSM", "STS", "BAR", "LDL", "STL", "SHFL")
+
+
+def _cuobjdump():
+    try:
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def _demangled(name: str) -> str:
+    """supcon_bwd_dq_kernel<bf16, 16> from the mangled name (no c++filt needed for these few templates)."""
+    m = re.search(r"(\d+)(supcon_\w+_kernel)I(\w+?)Li(\d+)E", name)
+    if not m:
+        return name
+    dtype = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}.get(m.group(3), m.group(3))
+    return f"{m.group(2)}<{dtype}, DF={m.group(4)}>"
+
+
+def compile_arch(source: str, arch: str, workdir: str):
+    """(cubin path, {kernel: ptxas line}) or raise CalledProcessError with nvcc's output."""
+    cubin = os.path.join(workdir, f"{os.path.basename(source)}.{arch}.cubin")
+    out = subprocess.run(["nvcc", *NVCC_FLAGS, "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", cubin, source],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise subprocess.CalledProcessError(out.returncode, "nvcc", out.stdout, out.stderr)
+    usage, current = {}, None
+    for line in out.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            current = _demangled(m.group(1))
+        elif current and ("registers" in line or "spill" in line):
+            usage[current] = (usage.get(current, "") + " " + line.split(":", 1)[-1].strip()).strip()
+    return cubin, usage
+
+
+def sass_mix(cubin: str, tool: str):
+    """{kernel: Counter of opcodes}"""
+    text = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    mix, current = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\w+)", line)
+        if m:
+            current = _demangled(m.group(1))
+            mix[current] = collections.Counter()
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)(?:\.[\w.]+)?", line)
+        if current and m and m.group(1) in OPCODES:
+            mix[current][m.group(1)] += 1
+    return mix
+
+
+def check_api(workdir: str) -> str:
+    """Syntax-check the bindings against torch's headers; a line saying what happened."""
+    try:
+        import torch
+    except ImportError:
+        return "api: skipped (torch is not importable)"
+    include = os.path.join(os.path.dirname(torch.__file__), "include")
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        return "api: skipped (no C++ compiler)"
+    # A CPU torch ships the c10/cuda headers without the one CMake generates for CUDA builds: an empty
+    # stand-in is enough to parse them.
+    stub = os.path.join(workdir, "stub", "c10", "cuda", "impl")
+    os.makedirs(stub, exist_ok=True)
+    open(os.path.join(stub, "cuda_cmake_macros.h"), "a").close()
+    # Where nvcc itself looks for cuda_runtime_api.h (its wrapper scripts hide the toolkit's root).
+    dryrun = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                            capture_output=True, text=True).stderr
+    cuda_includes = re.findall(r'-I"?([^"\s]+)', "".join(l for l in dryrun.splitlines() if "INCLUDES=" in l))
+    lines = []
+    for api in sorted(glob.glob(os.path.join(CSRC, "*.cpp"))):
+        cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=_C",
+               f"-I{os.path.join(workdir, 'stub')}", f"-I{include}", f"-I{os.path.join(include, 'torch/csrc/api/include')}",
+               f"-I{sysconfig.get_paths()['include']}", *(f"-I{d}" for d in cuda_includes), f"-I{CSRC}", api]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise subprocess.CalledProcessError(out.returncode, "c++", out.stdout, out.stderr)
+        lines.append(f"api: {os.path.basename(api)} parses against torch {torch.__version__}'s headers")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="also write the report here")
+    parser.add_argument("--no-api", action="store_true", help="skip the bindings' syntax check")
+    args = parser.parse_args()
+    if shutil.which("nvcc") is None:
+        print("cuda-check: nvcc not found; nothing compiled")
+        return 0
+    nvcc_version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    tool = _cuobjdump()
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+    report = [f"CUDA kernels compiled with {nvcc_version}, flags {' '.join(NVCC_FLAGS[:-1])}",
+              f"SASS from {tool or 'no cuobjdump (counts skipped)'}", ""]
+    with tempfile.TemporaryDirectory() as workdir:
+        failed = False
+        for source in sources:
+            for arch in ARCHS:
+                try:
+                    cubin, usage = compile_arch(source, arch, workdir)
+                except subprocess.CalledProcessError as err:
+                    print(f"cuda-check: {os.path.basename(source)} failed for {arch}:\n{err.stderr[-4000:]}")
+                    failed = True
+                    continue
+                mix = sass_mix(cubin, tool) if tool else {}
+                report.append(f"== {os.path.basename(source)} {arch}")
+                for kernel in sorted(usage):
+                    counts = " ".join(f"{op}={mix.get(kernel, {}).get(op, 0)}" for op in OPCODES)
+                    report.append(f"  {kernel:<40} {usage[kernel]}")
+                    report.append(f"  {'':<40} SASS: {counts}")
+        if failed:
+            return 1
+        if not args.no_api:
+            try:
+                report.append("")
+                report.append(check_api(workdir))
+            except subprocess.CalledProcessError as err:
+                print(f"cuda-check: the bindings do not compile:\n{err.stderr[-4000:]}")
+                return 1
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

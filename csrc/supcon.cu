@@ -1,0 +1,86 @@
+// Launchers and the template instantiations of the SupCon kernels: per input dtype, three padded
+// feature widths (d <= 64, 128, 256; fp32 stops at 128, where two fp32 tiles fill shared memory).
+#include "supcon_kernels.cuh"
+
+namespace fused_contrastive {
+
+namespace {
+
+using kernels::Layout;
+using kernels::kThreads;
+using kernels::kTile;
+
+using Kernel = void (*)(const SupConParams);
+
+template <typename T, int DF>
+Kernel pick_kernel(int kernel) {
+  if (kernel == 0) return kernels::supcon_fwd_kernel<T, DF>;
+  if (kernel == 1) return kernels::supcon_bwd_dq_kernel<T, DF>;
+  return kernels::supcon_bwd_dk_kernel<T, DF>;
+}
+
+// (kernel, shared bytes) for a dtype and feature width; kernel is nullptr when d is too wide.
+template <typename T>
+void select(int kernel, int d, Kernel* fn, size_t* bytes) {
+  *fn = nullptr;
+  *bytes = 0;
+  if (d <= 64) {
+    *fn = pick_kernel<T, 4>(kernel);
+    *bytes = Layout<T, 4>::kBytes;
+  } else if (d <= 128) {
+    *fn = pick_kernel<T, 8>(kernel);
+    *bytes = Layout<T, 8>::kBytes;
+  } else if constexpr (sizeof(T) == 2) {  // fp32 at d = 256 would not fit two tiles in shared memory
+    if (d <= 256) {
+      *fn = pick_kernel<T, 16>(kernel);
+      *bytes = Layout<T, 16>::kBytes;
+    }
+  }
+}
+
+void select(int kernel, DType dtype, int d, Kernel* fn, size_t* bytes) {
+  switch (dtype) {
+    case DType::kFloat32: select<float>(kernel, d, fn, bytes); break;
+    case DType::kFloat16: select<__half>(kernel, d, fn, bytes); break;
+    case DType::kBFloat16: select<__nv_bfloat16>(kernel, d, fn, bytes); break;
+  }
+}
+
+cudaError_t launch(int kernel, const SupConParams& p, DType dtype, int rows, cudaStream_t stream) {
+  Kernel fn;
+  size_t bytes;
+  select(kernel, dtype, p.d, &fn, &bytes);
+  if (fn == nullptr) return cudaErrorInvalidValue;  // the API checks d against max_dim first
+  if (rows == 0) return cudaSuccess;
+  // Above 48 KiB a kernel must opt in to dynamic shared memory; setting it on every launch costs little.
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  const dim3 grid((rows + kTile - 1) / kTile);
+  fn<<<grid, kThreads, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int max_dim(DType dtype) { return dtype == DType::kFloat32 ? 128 : 256; }
+
+size_t shared_bytes(int kernel, DType dtype, int d) {
+  Kernel fn;
+  size_t bytes;
+  select(kernel, dtype, d, &fn, &bytes);
+  return bytes;
+}
+
+cudaError_t supcon_forward(const SupConParams& p, DType dtype, cudaStream_t stream) {
+  return launch(0, p, dtype, p.na, stream);
+}
+
+cudaError_t supcon_backward_dq(const SupConParams& p, DType dtype, cudaStream_t stream) {
+  return launch(1, p, dtype, p.na, stream);
+}
+
+cudaError_t supcon_backward_dk(const SupConParams& p, DType dtype, cudaStream_t stream) {
+  return launch(2, p, dtype, p.m, stream);
+}
+
+}  // namespace fused_contrastive

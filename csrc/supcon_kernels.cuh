@@ -1,0 +1,412 @@
+// SupCon / SimCLR (DESIGN.md's general loss, a_ij from labels or a dense mask) as CUDA kernels on tensor
+// cores through the WMMA API (mma.sync on sm_80 and sm_90).
+//
+// Three kernels, as in the Triton backend: forward (row-parallel: running max, sum-exp and pos_sum per
+// anchor, saves lse), dQ (row-parallel) and dK (column-parallel), both recomputing each logit tile from
+// lse. No atomics: the backward is bit-deterministic.
+//
+// Block shape: 64 anchors x 64 keys per tile, 4 warps; warp w owns 16 rows of every tile (anchors in the
+// forward and dQ, keys in dK), so the elementwise step between the two products needs only __syncwarp.
+// A logit tile goes tensor cores -> shared memory (fp32) -> elementwise by lanes with known (row, col) ->
+// shared memory (g in the input dtype) -> tensor cores. The WMMA accumulator layout is opaque, which is
+// why the tile takes that round trip through shared memory instead of staying in registers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "supcon_params.h"
+
+namespace fused_contrastive {
+namespace kernels {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kTile = 64;  // BLOCK_M = BLOCK_N
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kWarpRows = kTile / kWarps;  // 16: one WMMA tile high
+constexpr int kLdS = kTile + 4;  // fp32 logit tile's row stride: +4 floats against bank conflicts, 32-byte rows stay aligned
+
+// ----------------------------------------------------------------------------- per-dtype arithmetic
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// 16x16 products on tensor cores, one K-step at a time (an A fragment loaded once, reused). 16-bit inputs: m16n16k16 with fp32 accumulation.
+// fp32 inputs: three tf32 products (big*big + big*small + small*big, the "3xTF32" split) keep fp32
+// accuracy on tensor cores, as the Triton backend's tf32x3.
+template <typename T>
+struct Mma {
+  static constexpr int kStep = 16;
+  static constexpr int kPad = 8;  // 16 bytes of row padding: WMMA needs ldm % 8 == 0 for 16-bit types
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, kStep, float>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kStep, T, wmma::row_major>;
+
+  static __device__ __forceinline__ void load_a(FragA& fa, const T* a, unsigned lda) { wmma::load_matrix_sync(fa, a, lda); }
+
+  template <typename LayoutB>
+  static __device__ __forceinline__ void mma(Acc& acc, const FragA& fa, const T* b, unsigned ldb) {
+    wmma::fragment<wmma::matrix_b, 16, 16, kStep, T, LayoutB> fb;
+    wmma::load_matrix_sync(fb, b, ldb);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+};
+
+template <>
+struct Mma<float> {
+  static constexpr int kStep = 8;
+  static constexpr int kPad = 4;  // ldm % 4 == 0 for fp32
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, kStep, float>;
+  using Tf32A = wmma::fragment<wmma::matrix_a, 16, 16, kStep, wmma::precision::tf32, wmma::row_major>;
+  struct FragA {
+    Tf32A big, small;
+  };
+
+  template <typename Frag>
+  static __device__ __forceinline__ void split(Frag& big, Frag& small) {
+#pragma unroll
+    for (int t = 0; t < big.num_elements; ++t) {
+      const float x = big.x[t];
+      const float hi = wmma::__float_to_tf32(x);
+      big.x[t] = hi;
+      small.x[t] = wmma::__float_to_tf32(x - hi);
+    }
+  }
+
+  static __device__ __forceinline__ void load_a(FragA& fa, const float* a, unsigned lda) {
+    wmma::load_matrix_sync(fa.big, a, lda);
+    split(fa.big, fa.small);
+  }
+
+  template <typename LayoutB>
+  static __device__ __forceinline__ void mma(Acc& acc, const FragA& fa, const float* b, unsigned ldb) {
+    wmma::fragment<wmma::matrix_b, 16, 16, kStep, wmma::precision::tf32, LayoutB> b_big, b_small;
+    wmma::load_matrix_sync(b_big, b, ldb);
+    split(b_big, b_small);
+    // Small terms first: they are the least significant, so they round least in the running sum.
+    wmma::mma_sync(acc, fa.small, b_big, acc);
+    wmma::mma_sync(acc, fa.big, b_small, acc);
+    wmma::mma_sync(acc, fa.big, b_big, acc);
+  }
+};
+
+// Shared-memory layout of one block: Q tile, K tile (each [64, DP + pad] in the input dtype), the fp32
+// logit tile S [64, kLdS], g [64, 64 + pad] in the input dtype, and per-row statistics for dK.
+template <typename T, int DF>
+struct Layout {
+  static constexpr int kDP = 16 * DF;  // d padded to whole WMMA tiles
+  static constexpr int kLdX = kDP + Mma<T>::kPad;
+  static constexpr int kLdG = kTile + Mma<T>::kPad;
+  static constexpr size_t round128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+  static constexpr size_t kQ = 0;
+  static constexpr size_t kK = kQ + round128(sizeof(T) * kTile * kLdX);
+  static constexpr size_t kS = kK + round128(sizeof(T) * kTile * kLdX);
+  static constexpr size_t kG = kS + round128(sizeof(float) * kTile * kLdS);
+  static constexpr size_t kRowStats = kG + round128(sizeof(T) * kTile * kLdG);
+  // dK's per-anchor statistics: lse, coef, pos_scale (fp32) and the anchor tag (int64)
+  static constexpr size_t kAnchorTags = kRowStats + round128(3 * sizeof(float) * kTile);
+  static constexpr size_t kBytes = kAnchorTags + round128(sizeof(int64_t) * kTile);
+  // Key tags (labels, or key indices under a mask) of the K tile in the row-parallel kernels
+  static constexpr size_t kKeyTags = kRowStats;
+};
+
+// ----------------------------------------------------------------------------- tile helpers
+
+// Rows [start, start + 64) of X into a [64, DP] shared tile, zero past the last row and past d (the
+// padding is free: zeros add nothing to a dot product).
+template <typename T, int DF>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, int start, int total, int d) {
+  constexpr int kDP = Layout<T, DF>::kDP;
+  constexpr int kLdX = Layout<T, DF>::kLdX;
+  for (int idx = threadIdx.x; idx < kTile * kDP; idx += kThreads) {
+    const int r = idx / kDP, c = idx % kDP;
+    const int row = start + r;
+    T v = from_float<T>(0.f);
+    if (row < total && c < d) v = src[static_cast<int64_t>(row) * stride + c];
+    dst[r * kLdX + c] = v;
+  }
+}
+
+// C[16, 64] (fp32, row stride kLdS) = A[16, DP] . B[64, DP]^T for one warp: its 16 rows of A against all
+// 64 rows of B; both row-major with row stride kLdX (B read as a column-major DP x 64 matrix).
+template <typename T, int DF>
+__device__ __forceinline__ void warp_logits(const T* a, const T* b, float* c) {
+  using M = Mma<T>;
+  constexpr int kLdX = Layout<T, DF>::kLdX;
+#pragma unroll
+  for (int ct = 0; ct < kTile / 16; ++ct) {
+    typename M::Acc acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll 4
+    for (int kk = 0; kk < Layout<T, DF>::kDP; kk += M::kStep) {
+      typename M::FragA fa;
+      M::load_a(fa, a + kk, kLdX);
+      M::template mma<wmma::col_major>(acc, fa, b + ct * 16 * kLdX + kk, kLdX);
+    }
+    wmma::store_matrix_sync(c + ct * 16, acc, kLdS, wmma::mem_row_major);
+  }
+}
+
+// acc[DF] (a [16, DP] fp32 accumulator) += G[16, 64] . X[64, DP] for one warp; G row stride kLdG, X kLdX.
+template <typename T, int DF>
+__device__ __forceinline__ void warp_accumulate(typename Mma<T>::Acc (&acc)[DF], const T* g, const T* x) {
+  using M = Mma<T>;
+  constexpr int kLdX = Layout<T, DF>::kLdX;
+  constexpr int kLdG = Layout<T, DF>::kLdG;
+  // One g fragment per K-step, reused across the DF output fragments.
+#pragma unroll
+  for (int kk = 0; kk < kTile; kk += M::kStep) {
+    typename M::FragA fa;
+    M::load_a(fa, g + kk, kLdG);
+#pragma unroll
+    for (int dn = 0; dn < DF; ++dn) M::template mma<wmma::row_major>(acc[dn], fa, x + kk * kLdX + dn * 16, kLdX);
+  }
+}
+
+// Writes a warp's [16, DP] accumulator, times inv_tau, into rows [row0, row0 + 16) of out (input dtype),
+// staging each 16x16 piece through the warp's own rows of the logit tile.
+template <typename T, int DF>
+__device__ __forceinline__ void warp_store(typename Mma<T>::Acc (&acc)[DF], float* scratch, T* out, int64_t stride,
+                                           int row0, int total, int d, float inv_tau) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int dn = 0; dn < DF; ++dn) {
+    wmma::store_matrix_sync(scratch, acc[dn], kLdS, wmma::mem_row_major);
+    __syncwarp();
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const int idx = lane + 32 * t;
+      const int r = idx / 16, c = dn * 16 + idx % 16;
+      const int row = row0 + r;
+      if (row < total && c < d) out[static_cast<int64_t>(row) * stride + c] = from_float<T>(scratch[r * kLdS + idx % 16] * inv_tau);
+    }
+    __syncwarp();
+  }
+}
+
+// The tag that decides positives: the label, or under a dense mask the index itself (the mask is read by it).
+__device__ __forceinline__ int64_t anchor_tag(const SupConParams& p, int row) {
+  if (row >= p.na) return -2;
+  return p.mask != nullptr ? row : p.anchor_labels[row];
+}
+__device__ __forceinline__ int64_t key_tag(const SupConParams& p, int col) {
+  if (col >= p.m) return -1;
+  return p.mask != nullptr ? col : p.key_labels[col];
+}
+
+// Key j is in anchor i's denominator: both in range and j is not i's self.
+__device__ __forceinline__ bool in_denominator(const SupConParams& p, int row, int col) {
+  return row < p.na && col < p.m && !(p.has_self && static_cast<int64_t>(col) == row + p.self_offset);
+}
+
+// a_ij for a pair in the denominator (0 elsewhere): 1 on equal labels, or the mask's weight.
+__device__ __forceinline__ float positive_weight(const SupConParams& p, bool valid, int64_t a_tag, int64_t k_tag) {
+  if (!valid) return 0.f;
+  if (p.mask != nullptr)
+    return p.mask[(a_tag % p.mask_rows) * p.stride_mask + (k_tag % p.mask_cols)];
+  return a_tag == k_tag ? 1.f : 0.f;
+}
+
+// exp(x - m) with the shift of a row that has seen no finite logit yet taken as 0, so exp(-inf - 0) = 0
+// and never exp(-inf + inf) = NaN.
+__device__ __forceinline__ float shift_of(float m) { return m == -INFINITY ? 0.f : m; }
+
+// ----------------------------------------------------------------------------- forward
+
+template <typename T, int DF>
+__global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConParams p) {
+  using L = Layout<T, DF>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
+  T* k_s = reinterpret_cast<T*>(smem + L::kK);
+  float* s_s = reinterpret_cast<float*>(smem + L::kS);
+  int64_t* key_tags = reinterpret_cast<int64_t*>(smem + L::kKeyTags);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int m0 = blockIdx.x * kTile;
+  const float inv_tau = *p.inv_tau;
+  load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+
+  // Two lanes per row: lane pair (2r, 2r + 1) of warp w takes row 16w + r, 32 columns each; each lane
+  // keeps its own running (max, sum-exp, pos_sum), merged with its partner at the end.
+  const int r_local = warp * kWarpRows + lane / 2;
+  const int row = m0 + r_local;
+  const int c0 = (lane & 1) * (kTile / 2);
+  const int64_t a_tag = anchor_tag(p, row);
+  float m_run = -INFINITY, s_run = 0.f, pos_sum = 0.f;
+
+  for (int n0 = 0; n0 < p.m; n0 += kTile) {
+    __syncthreads();  // every warp is done with the previous K tile (and the Q tile is in place)
+    load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
+    if (threadIdx.x < kTile) key_tags[threadIdx.x] = key_tag(p, n0 + threadIdx.x);
+    __syncthreads();
+    warp_logits<T, DF>(q_s + warp * kWarpRows * L::kLdX, k_s, s_s + warp * kWarpRows * kLdS);
+    __syncwarp();
+    const float* s_row = s_s + r_local * kLdS;
+    // Columns outside the denominator are -inf before the max, not after.
+    float tile_max = -INFINITY;
+#pragma unroll 4
+    for (int c = c0; c < c0 + kTile / 2; ++c) {
+      const int col = n0 + c;
+      const bool valid = in_denominator(p, row, col);
+      const float l = s_row[c] * inv_tau;
+      if (valid) tile_max = fmaxf(tile_max, l);
+      pos_sum += positive_weight(p, valid, a_tag, key_tags[c]) * l;
+    }
+    const float m_new = fmaxf(m_run, tile_max);
+    const float shift = shift_of(m_new);
+    float tile_sum = 0.f;
+#pragma unroll 4
+    for (int c = c0; c < c0 + kTile / 2; ++c)
+      if (in_denominator(p, row, n0 + c)) tile_sum += __expf(s_row[c] * inv_tau - shift);
+    s_run = s_run * __expf(m_run - shift) + tile_sum;
+    m_run = m_new;
+  }
+
+  const float m_other = __shfl_xor_sync(0xffffffffu, m_run, 1);
+  const float s_other = __shfl_xor_sync(0xffffffffu, s_run, 1);
+  const float pos_other = __shfl_xor_sync(0xffffffffu, pos_sum, 1);
+  const float m_all = fmaxf(m_run, m_other);
+  const float shift = shift_of(m_all);
+  const float s_all = s_run * __expf(m_run - shift) + s_other * __expf(m_other - shift);
+  if ((lane & 1) == 0 && row < p.na) {
+    p.lse[row] = s_all > 0.f ? m_all + __logf(s_all) : -INFINITY;
+    p.pos_sum[row] = pos_sum + pos_other;
+  }
+}
+
+// ----------------------------------------------------------------------------- backward
+
+// g_ij = coef_i (exp(l_ij - lse_i) - a_ij pos_scale_i) on the denominator, 0 elsewhere (DESIGN.md's backward
+// with r_i c G_i folded into coef_i and w_i / Z_i into pos_scale_i).
+__device__ __forceinline__ float tile_grad(bool valid, float l, float lse_safe, float coef, float a, float pos_scale) {
+  const float softmax = valid ? __expf(l - lse_safe) : 0.f;
+  return coef * (softmax - a * pos_scale);
+}
+
+__device__ __forceinline__ float safe_lse(const SupConParams& p, int row) {
+  if (row >= p.na) return 0.f;
+  const float lse = p.lse[row];
+  return lse == -INFINITY ? 0.f : lse;  // a row without keys: every g of it is 0 anyway
+}
+
+template <typename T, int DF>
+__global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupConParams p) {
+  using L = Layout<T, DF>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
+  T* k_s = reinterpret_cast<T*>(smem + L::kK);
+  float* s_s = reinterpret_cast<float*>(smem + L::kS);
+  T* g_s = reinterpret_cast<T*>(smem + L::kG);
+  int64_t* key_tags = reinterpret_cast<int64_t*>(smem + L::kKeyTags);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int m0 = blockIdx.x * kTile;
+  const float inv_tau = *p.inv_tau;
+  load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+
+  const int r_local = warp * kWarpRows + lane / 2;
+  const int row = m0 + r_local;
+  const int c0 = (lane & 1) * (kTile / 2);
+  const int64_t a_tag = anchor_tag(p, row);
+  const float lse_safe = safe_lse(p, row);
+  const float coef = row < p.na ? p.coef[row] : 0.f;
+  const float pos_scale = row < p.na ? p.pos_scale[row] : 0.f;
+
+  typename Mma<T>::Acc acc[DF];
+#pragma unroll
+  for (int dn = 0; dn < DF; ++dn) wmma::fill_fragment(acc[dn], 0.f);
+
+  for (int n0 = 0; n0 < p.m; n0 += kTile) {
+    __syncthreads();
+    load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
+    if (threadIdx.x < kTile) key_tags[threadIdx.x] = key_tag(p, n0 + threadIdx.x);
+    __syncthreads();
+    warp_logits<T, DF>(q_s + warp * kWarpRows * L::kLdX, k_s, s_s + warp * kWarpRows * kLdS);
+    __syncwarp();
+    const float* s_row = s_s + r_local * kLdS;
+    T* g_row = g_s + r_local * L::kLdG;
+#pragma unroll 4
+    for (int c = c0; c < c0 + kTile / 2; ++c) {
+      const bool valid = in_denominator(p, row, n0 + c);
+      const float a = positive_weight(p, valid, a_tag, key_tags[c]);
+      g_row[c] = from_float<T>(tile_grad(valid, s_row[c] * inv_tau, lse_safe, coef, a, pos_scale));
+    }
+    __syncwarp();
+    warp_accumulate<T, DF>(acc, g_s + warp * kWarpRows * L::kLdG, k_s);
+  }
+  warp_store<T, DF>(acc, s_s + warp * kWarpRows * kLdS, static_cast<T*>(p.dq), p.stride_dq, m0 + warp * kWarpRows,
+                    p.na, p.d, inv_tau);
+}
+
+template <typename T, int DF>
+__global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupConParams p) {
+  using L = Layout<T, DF>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
+  T* k_s = reinterpret_cast<T*>(smem + L::kK);
+  float* s_s = reinterpret_cast<float*>(smem + L::kS);
+  T* g_s = reinterpret_cast<T*>(smem + L::kG);
+  float* lse_s = reinterpret_cast<float*>(smem + L::kRowStats);
+  float* coef_s = lse_s + kTile;
+  float* pos_scale_s = coef_s + kTile;
+  int64_t* anchor_tags = reinterpret_cast<int64_t*>(smem + L::kAnchorTags);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n0 = blockIdx.x * kTile;
+  const float inv_tau = *p.inv_tau;
+  load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
+
+  // Transposed roles: lane pair (2j, 2j + 1) of warp w takes key 16w + j against 32 anchors each.
+  const int j_local = warp * kWarpRows + lane / 2;
+  const int col = n0 + j_local;
+  const int r0 = (lane & 1) * (kTile / 2);
+  const int64_t k_tag = key_tag(p, col);
+
+  typename Mma<T>::Acc acc[DF];
+#pragma unroll
+  for (int dn = 0; dn < DF; ++dn) wmma::fill_fragment(acc[dn], 0.f);
+
+  for (int m0 = 0; m0 < p.na; m0 += kTile) {
+    __syncthreads();
+    load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+    if (threadIdx.x < kTile) {
+      const int row = m0 + threadIdx.x;
+      const bool ok = row < p.na;
+      lse_s[threadIdx.x] = safe_lse(p, row);
+      coef_s[threadIdx.x] = ok ? p.coef[row] : 0.f;
+      pos_scale_s[threadIdx.x] = ok ? p.pos_scale[row] : 0.f;
+      anchor_tags[threadIdx.x] = anchor_tag(p, row);
+    }
+    __syncthreads();
+    // S^T for the warp's 16 keys against the 64 anchors: the same product with the operands swapped.
+    warp_logits<T, DF>(k_s + warp * kWarpRows * L::kLdX, q_s, s_s + warp * kWarpRows * kLdS);
+    __syncwarp();
+    const float* s_row = s_s + j_local * kLdS;
+    T* g_row = g_s + j_local * L::kLdG;
+#pragma unroll 4
+    for (int r = r0; r < r0 + kTile / 2; ++r) {
+      const bool valid = in_denominator(p, m0 + r, col);
+      const float a = positive_weight(p, valid, anchor_tags[r], k_tag);
+      g_row[r] = from_float<T>(tile_grad(valid, s_row[r] * inv_tau, lse_s[r], coef_s[r], a, pos_scale_s[r]));
+    }
+    __syncwarp();
+    warp_accumulate<T, DF>(acc, g_s + warp * kWarpRows * L::kLdG, q_s);
+  }
+  warp_store<T, DF>(acc, s_s + warp * kWarpRows * kLdS, static_cast<T*>(p.dk), p.stride_dk, n0 + warp * kWarpRows,
+                    p.m, p.d, inv_tau);
+}
+
+}  // namespace kernels
+}  // namespace fused_contrastive

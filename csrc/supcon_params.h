@@ -1,0 +1,55 @@
+// What the SupCon kernels read and write, as plain pointers and sizes: no torch header here, so the
+// kernel translation units compile with nvcc alone (`make cuda-check`, CPU-only torch is enough).
+// Notation follows DESIGN.md: anchors Q [na, d], keys K [m, d], l_ij = q_i . k_j * inv_tau.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fused_contrastive {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct SupConParams {
+  const void* q = nullptr;  // [na, d], unit stride along d
+  const void* k = nullptr;  // [m, d]
+  int64_t stride_q = 0, stride_k = 0;  // row strides, in elements
+  int na = 0, m = 0, d = 0;
+  const float* inv_tau = nullptr;  // one device scalar: a learnable temperature needs no host read
+
+  // Positive rule, exactly one of the two: labels (a_ij = [anchor_labels[i] == key_labels[j]]) or a dense
+  // [mask_rows, mask_cols] fp32 mask read at (i % mask_rows, j % mask_cols). Self is never a positive.
+  const int64_t* anchor_labels = nullptr;
+  const int64_t* key_labels = nullptr;
+  const float* mask = nullptr;
+  int mask_rows = 1, mask_cols = 1;
+  int64_t stride_mask = 0;
+
+  bool has_self = false;  // key i + self_offset is anchor i's self: out of its denominator and positives
+  int64_t self_offset = 0;
+
+  // Forward writes lse and pos_sum (sum_j a_ij l_ij) per anchor; the backward reads lse, coef and
+  // pos_scale and writes g_ij = coef_i (exp(l_ij - lse_i) - a_ij pos_scale_i) times K (dq) or Q (dk).
+  float* lse = nullptr;
+  float* pos_sum = nullptr;
+  const float* coef = nullptr;
+  const float* pos_scale = nullptr;
+  void* dq = nullptr;  // [na, d] in the input dtype, unit stride along d
+  void* dk = nullptr;  // [m, d]
+  int64_t stride_dq = 0, stride_dk = 0;
+};
+
+// Largest feature dimension per input dtype: whole padded rows of one 64-row tile of Q and of K sit in
+// shared memory, and the backward's [64, d] accumulators in registers.
+int max_dim(DType dtype);
+// Dynamic shared memory one block of the given kernel needs ("fwd", "dq" or "dk" by index 0/1/2).
+size_t shared_bytes(int kernel, DType dtype, int d);
+
+// Launchers: they return the first CUDA error (launch or attribute), cudaSuccess otherwise.
+cudaError_t supcon_forward(const SupConParams& p, DType dtype, cudaStream_t stream);
+cudaError_t supcon_backward_dq(const SupConParams& p, DType dtype, cudaStream_t stream);
+cudaError_t supcon_backward_dk(const SupConParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace fused_contrastive
