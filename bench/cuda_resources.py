@@ -96,15 +96,13 @@ def check_api(workdir: str) -> str:
     stub = os.path.join(workdir, "stub", "c10", "cuda", "impl")
     os.makedirs(stub, exist_ok=True)
     open(os.path.join(stub, "cuda_cmake_macros.h"), "a").close()
-    # Where nvcc itself looks for cuda_runtime_api.h (its wrapper scripts hide the toolkit's root).
-    dryrun = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                            capture_output=True, text=True).stderr
-    cuda_includes = re.findall(r'-I"?([^"\s]+)', "".join(l for l in dryrun.splitlines() if "INCLUDES=" in l))
+    from fused_contrastive.cuda_supcon import toolkit_include_dirs
+
     lines = []
     for api in sorted(glob.glob(os.path.join(CSRC, "*.cpp"))):
         cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=_C",
                f"-I{os.path.join(workdir, 'stub')}", f"-I{include}", f"-I{os.path.join(include, 'torch/csrc/api/include')}",
-               f"-I{sysconfig.get_paths()['include']}", *(f"-I{d}" for d in cuda_includes), f"-I{CSRC}", api]
+               f"-I{sysconfig.get_paths()['include']}", *(f"-I{d}" for d in toolkit_include_dirs()), f"-I{CSRC}", api]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise subprocess.CalledProcessError(out.returncode, "c++", out.stdout, out.stderr)

@@ -55,9 +55,13 @@ cudaError_t launch(int kernel, const SupConParams& p, DType dtype, int rows, cud
   // Above 48 KiB a kernel must opt in to dynamic shared memory; setting it on every launch costs little.
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err != cudaSuccess) return err;
-  const dim3 grid((rows + kTile - 1) / kTile);
-  fn<<<grid, kThreads, bytes, stream>>>(p);
+  const unsigned blocks = (rows + kTile - 1) / kTile;
+#ifdef FUSED_CONTRASTIVE_EMULATION  // tests/emulate/: the same kernels, each block's threads run on the CPU
+  return emulation::launch(fn, blocks, kThreads, bytes, p);
+#else
+  fn<<<blocks, kThreads, bytes, stream>>>(p);
   return cudaGetLastError();
+#endif
 }
 
 }  // namespace

@@ -1,7 +1,5 @@
 // The torch-facing side of the SupCon kernels: every argument check, then a SupConParams for the
 // launchers in supcon.cu. Bound with pybind11 as fused_contrastive._C (or the JIT-built module).
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -10,6 +8,25 @@
 #include "supcon_params.h"
 
 namespace fc = fused_contrastive;
+
+#ifdef FUSED_CONTRASTIVE_EMULATION
+// tests/emulate/ builds this file with the kernels run by CPU threads: there the tensors live on the CPU.
+namespace {
+constexpr bool kOnCuda = false;
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+}  // namespace
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+namespace {
+constexpr bool kOnCuda = true;
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+}  // namespace
+#endif
 
 namespace {
 
@@ -24,7 +41,8 @@ fc::DType dtype_of(const at::Tensor& x, const char* name) {
 }
 
 void check_cuda(const at::Tensor& x, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.is_cuda() == kOnCuda, name, " must be a ", kOnCuda ? "CUDA" : "CPU (emulation)", " tensor, got one on ",
+              x.device());
   TORCH_CHECK(x.device() == like.device(), name, " must be on ", like.device(), " like the keys, got ", x.device());
 }
 
@@ -99,13 +117,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& mask, std::optional<int64_t> self_offset) {
   fc::DType dtype;
   fc::SupConParams p = make_params(q, k, inv_tau, anchor_labels, key_labels, mask, self_offset, &dtype);
-  const c10::cuda::CUDAGuard guard(k.device());
+  const DeviceGuard guard(k.device());
   auto opts = k.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({q.size(0)}, opts);
   at::Tensor pos_sum = at::empty({q.size(0)}, opts);
   p.lse = lse.data_ptr<float>();
   p.pos_sum = pos_sum.data_ptr<float>();
-  check_launch(fc::supcon_forward(p, dtype, c10::cuda::getCurrentCUDAStream()), "forward");
+  check_launch(fc::supcon_forward(p, dtype, current_stream()), "forward");
   return {lse, pos_sum};
 }
 
@@ -124,8 +142,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
   p.lse = const_cast<float*>(lse.data_ptr<float>());  // read-only in the backward kernels
   p.coef = coef.data_ptr<float>();
   p.pos_scale = pos_scale.data_ptr<float>();
-  const c10::cuda::CUDAGuard guard(k.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(k.device());
+  cudaStream_t stream = current_stream();
   std::optional<at::Tensor> dq, dk;
   if (need_dq) {
     dq = at::empty({q.size(0), q.size(1)}, q.options());

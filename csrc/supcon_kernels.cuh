@@ -123,6 +123,16 @@ struct Layout {
 
 // ----------------------------------------------------------------------------- tile helpers
 
+// The block's dynamic shared memory (launchers size it from Layout::kBytes).
+__device__ __forceinline__ unsigned char* shared_base() {
+#ifdef FUSED_CONTRASTIVE_EMULATION  // tests/emulate/: one CPU buffer stands in for it
+  return emulation::shared_memory;
+#else
+  extern __shared__ __align__(128) unsigned char smem[];
+  return smem;
+#endif
+}
+
 // Rows [start, start + 64) of X into a [64, DP] shared tile, zero past the last row and past d (the
 // padding is free: zeros add nothing to a dot product).
 template <typename T, int DF>
@@ -227,7 +237,7 @@ __device__ __forceinline__ float shift_of(float m) { return m == -INFINITY ? 0.f
 template <typename T, int DF>
 __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConParams p) {
   using L = Layout<T, DF>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* smem = shared_base();
   T* q_s = reinterpret_cast<T*>(smem + L::kQ);
   T* k_s = reinterpret_cast<T*>(smem + L::kK);
   float* s_s = reinterpret_cast<float*>(smem + L::kS);
@@ -304,7 +314,7 @@ __device__ __forceinline__ float safe_lse(const SupConParams& p, int row) {
 template <typename T, int DF>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupConParams p) {
   using L = Layout<T, DF>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* smem = shared_base();
   T* q_s = reinterpret_cast<T*>(smem + L::kQ);
   T* k_s = reinterpret_cast<T*>(smem + L::kK);
   float* s_s = reinterpret_cast<float*>(smem + L::kS);
@@ -353,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupCon
 template <typename T, int DF>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupConParams p) {
   using L = Layout<T, DF>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* smem = shared_base();
   T* q_s = reinterpret_cast<T*>(smem + L::kQ);
   T* k_s = reinterpret_cast<T*>(smem + L::kK);
   float* s_s = reinterpret_cast<float*>(smem + L::kS);

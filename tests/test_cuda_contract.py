@@ -1,12 +1,24 @@
-"""The CUDA backend above its kernels, on CPU: argument plumbing, the shared autograd.Function, the fused
-normalisation, masks, self offsets, extra keys and a learnable temperature, with the extension replaced
-by a dense float64 model of what ``csrc/supcon_api.cpp`` promises. The kernels themselves need a GPU
-(tests/test_gpu.py runs them against the same oracle); this checks everything that feeds them.
+"""The CUDA backend on CPU, against the float64 reference (loss and every gradient), two ways:
+
+- ``dense``: the extension replaced by a dense float64 model of what ``csrc/supcon_api.cpp`` promises,
+  which tests everything above the kernels (argument plumbing, the shared autograd.Function, the fused
+  normalisation, masks, self offsets, extra keys, a learnable temperature);
+- ``emulated``: csrc/'s own sources (bindings with their checks, launchers, kernels) compiled for the CPU
+  with tests/emulate/'s stand-ins for threads, barriers, shuffles and WMMA, which tests the kernels'
+  indexing, tiling, masking, online statistics and synchronisation. Needs nvcc's headers and a C++20
+  compiler; the first run compiles for about a minute (cached by torch afterwards).
+
+On a GPU, tests/test_gpu.py runs the real kernels against the same oracle.
 """
+import dataclasses
+import functools
+import os
+
 import pytest
 import torch
 
 from fused_contrastive import cuda_supcon, reference
+from fused_contrastive.distributed import local_rows
 from fused_contrastive.losses import supcon_spec
 from helpers import assert_close, make_features, make_labels
 
@@ -45,9 +57,33 @@ class DenseExtension:
         return dq, dk
 
 
-@pytest.fixture
-def dense_extension(monkeypatch):
-    monkeypatch.setattr(cuda_supcon, "extension", lambda: (DenseExtension(), None))
+EMULATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulate")
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_extension():
+    """(module, None) or (None, why it cannot be built here)."""
+    includes = cuda_supcon.toolkit_include_dirs()
+    if not includes:
+        return None, "no CUDA toolkit headers (nvcc) to compile the kernels against"
+    from torch.utils.cpp_extension import load
+
+    sources = [os.path.join(cuda_supcon.CSRC, "supcon_api.cpp"), os.path.join(EMULATE, "emulated_supcon.cpp")]
+    flags = ["-O2", "-std=c++20", "-DFUSED_CONTRASTIVE_EMULATION", "-include", "cuda_emulation.h"]
+    return load(name="fused_contrastive_emulated", sources=sources, extra_cflags=flags,
+                extra_include_paths=[EMULATE, cuda_supcon.CSRC, *includes]), None
+
+
+@pytest.fixture(params=["dense", "emulated"])
+def extension(request, monkeypatch):
+    if request.param == "dense":
+        module = DenseExtension()
+    else:
+        module, reason = emulated_extension()
+        if module is None:
+            pytest.skip(reason)
+    monkeypatch.setattr(cuda_supcon, "extension", lambda: (module, None))
+    return request.param
 
 
 CASES = {
@@ -58,29 +94,85 @@ CASES = {
     "no_positives_excluded": dict(kind="distinct", no_positive="exclude"),
     "normalize_learnable_tau": dict(kind="random", normalize=True, learnable=True, base_temperature=0.07),
     "extra_keys": dict(kind="random", extra=5),
+    # What the distributed modes hand a backend: a rank's anchors with the global self offset (gather), and
+    # one shard of the keys, which moves each anchor's self by minus the shard's start, below 0 too (ring).
+    "rank_rows": dict(kind="random", shard="rows"),
+    "key_shard": dict(kind="random", shard="keys"),
 }
+
+
+def shard(spec, how):
+    if how == "rows":
+        return local_rows(spec, spec.num_anchors // 3, spec.num_anchors)
+    start = spec.num_keys // 2
+    return dataclasses.replace(spec, keys=spec.keys[start:], key_labels=spec.key_labels[start:],
+                               self_offset=-start)
+
+
+def check_against_reference(case, bsz, dim=33, dtype=torch.float32):
+    opts = dict(CASES[case])
+    kind, learnable, extra = opts.pop("kind"), opts.pop("learnable", False), opts.pop("extra", 0)
+    how = opts.pop("shard", None)
+    labels, mask = make_labels(kind, bsz, seed=bsz)
+    features = make_features(bsz, 2, dim, seed=bsz, normalize=not opts.get("normalize", False)).detach()
+    features = features.to(dtype).double()  # the oracle sees the same rounded inputs
+    extra_keys = torch.randn(extra, dim, dtype=torch.float64).to(dtype).double() if extra else None
+    if extra:
+        opts.update(extra_key_labels=torch.arange(extra) % 3)
+    results = []
+    for run_dtype, run in ((torch.float64, reference.loss), (dtype, cuda_supcon.loss)):
+        f = features.to(run_dtype).requires_grad_()
+        tau = torch.tensor(0.3, dtype=run_dtype, requires_grad=True) if learnable else 0.3
+        if extra:
+            opts["extra_keys"] = extra_keys.to(run_dtype)
+        spec = supcon_spec(f, labels, mask, temperature=tau, **opts)
+        loss = run(spec if how is None else shard(spec, how))
+        inputs = (f, tau) if learnable else (f,)
+        results.append((loss, *torch.autograd.grad(loss, inputs)))
+    for expected, actual, what in zip(results[0], results[1], ("loss", "features grad", "tau grad")):
+        assert actual.dtype == (torch.float32 if what == "loss" else dtype)
+        assert_close(actual, expected, dtype, f"{case} {what}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("bsz", [1, 3, 70])
-def test_cuda_python_side_matches_the_reference(dense_extension, case, bsz):
-    opts = dict(CASES[case])
-    kind, learnable, extra = opts.pop("kind"), opts.pop("learnable", False), opts.pop("extra", 0)
-    labels, mask = make_labels(kind, bsz, seed=bsz)
-    features = make_features(bsz, 2, 33, seed=bsz, normalize=not opts.get("normalize", False)).detach()
-    extra_keys = torch.randn(extra, 33, dtype=torch.float64) if extra else None
-    if extra:
-        opts.update(extra_keys=extra_keys, extra_key_labels=torch.arange(extra) % 3)
-    results = []
-    for dtype, run in ((torch.float64, reference.loss), (torch.float32, cuda_supcon.loss)):
-        f = features.to(dtype).requires_grad_()
-        tau = torch.tensor(0.3, dtype=dtype, requires_grad=True) if learnable else 0.3
-        if extra:
-            opts["extra_keys"] = extra_keys.to(dtype)
-        spec = supcon_spec(f, labels, mask, temperature=tau, **opts)
-        loss = run(spec)
-        inputs = (f, tau) if learnable else (f,)
-        results.append((loss, *torch.autograd.grad(loss, inputs)))
-    for expected, actual, what in zip(results[0], results[1], ("loss", "features grad", "tau grad")):
-        assert actual.dtype == torch.float32
-        assert_close(actual, expected, torch.float32, f"{case} {what}")
+def test_cuda_backend_matches_the_reference(extension, case, bsz):
+    check_against_reference(case, bsz)
+
+
+# Several 64-row tiles each way, every padded width (DF = 4, 8, 16) and input dtype.
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 100), (torch.float16, 130), (torch.bfloat16, 64),
+                                       (torch.bfloat16, 255)])
+@pytest.mark.parametrize("case", ["labels_all", "mask", "labels_one", "key_shard"])
+def test_cuda_backend_across_tiles_dtypes_and_widths(extension, case, dtype, dim):
+    check_against_reference(case, 97, dim, dtype)
+
+
+def _call(module, **change):
+    q = torch.randn(5, 8)
+    args = dict(anchors=q, keys=q, inv_tau=torch.ones(1), anchor_labels=torch.zeros(5, dtype=torch.long),
+                key_labels=torch.zeros(5, dtype=torch.long), mask=None, self_offset=0)
+    args.update(change)
+    return module.forward(**args)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(keys=torch.randn(5, 8).double(), anchors=torch.randn(5, 8).double()), "keys must be float32, float16 or bfloat16"),
+    (dict(anchors=torch.randn(5, 9)), "the same D"),
+    (dict(anchors=torch.randn(5, 8).half()), "share a dtype"),
+    (dict(anchors=torch.randn(8, 5).T), "unit stride along D"),
+    (dict(keys=torch.randn(5, 300).bfloat16(), anchors=torch.randn(5, 300).bfloat16()), r"D must be in \[1, 256\]"),
+    (dict(keys=torch.randn(5, 200), anchors=torch.randn(5, 200)), r"D must be in \[1, 128\]"),
+    (dict(anchor_labels=torch.zeros(4, dtype=torch.long)), "anchor_labels must be a contiguous vector of length 5"),
+    (dict(key_labels=torch.zeros(5, dtype=torch.int32)), "key_labels must be Long"),
+    (dict(anchor_labels=None, key_labels=None), "either a mask or both anchor_labels and key_labels"),
+    (dict(anchor_labels=None, key_labels=None, mask=torch.ones(3, 3, dtype=torch.uint8)), "mask must be a non-empty 2-D float32"),
+    (dict(inv_tau=torch.ones(1).double()), "inv_tau must be Float"),
+    (dict(inv_tau=torch.ones(2)), "inv_tau must be a contiguous vector of length 1"),
+])
+def test_bindings_name_the_bad_argument(change, message):
+    module, reason = emulated_extension()
+    if module is None:
+        pytest.skip(reason)
+    with pytest.raises(RuntimeError, match=message):
+        _call(module, **change)

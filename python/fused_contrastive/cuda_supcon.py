@@ -31,6 +31,20 @@ MIN_CAPABILITY = (8, 0)  # bf16 tensor-core MMA
 CUDA_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 
+def toolkit_include_dirs() -> list:
+    """The CUDA toolkit's header directories as nvcc itself uses them (its wrapper scripts and the
+    targets/ layout hide them from a plain CUDA_HOME/include), or [] without nvcc."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("nvcc") is None:
+        return []
+    dryrun = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                            capture_output=True, text=True).stderr
+    return re.findall(r'-I"?([^"\s]+)', "".join(line for line in dryrun.splitlines() if "INCLUDES=" in line))
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
     """(module, None) or (None, why it is unavailable). Builds at most once per process."""

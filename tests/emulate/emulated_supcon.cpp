@@ -1,0 +1,2 @@
+// csrc/supcon.cu compiled as C++ for the CPU emulation (a .cu source would go to nvcc).
+#include "supcon.cu"
