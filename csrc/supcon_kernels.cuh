@@ -134,11 +134,25 @@ __device__ __forceinline__ unsigned char* shared_base() {
 }
 
 // Rows [start, start + 64) of X into a [64, DP] shared tile, zero past the last row and past d (the
-// padding is free: zeros add nothing to a dot product).
+// padding is free: zeros add nothing to a dot product). 16-byte loads when d, the row stride and the base
+// pointer allow them (the usual case: D a multiple of 8 for 16-bit inputs, of 4 for fp32), else one
+// element at a time.
 template <typename T, int DF>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, int start, int total, int d) {
   constexpr int kDP = Layout<T, DF>::kDP;
   constexpr int kLdX = Layout<T, DF>::kLdX;
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vector = d % kVec == 0 && stride % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (vector) {
+    for (int idx = threadIdx.x; idx < kTile * kDP / kVec; idx += kThreads) {
+      const int r = idx / (kDP / kVec), c = idx % (kDP / kVec) * kVec;
+      const int row = start + r;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (row < total && c < d) v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row) * stride + c);
+      *reinterpret_cast<uint4*>(dst + r * kLdX + c) = v;
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < kTile * kDP; idx += kThreads) {
     const int r = idx / kDP, c = idx % kDP;
     const int row = start + r;

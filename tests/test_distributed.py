@@ -3,7 +3,8 @@
 Every rank checks: the returned loss equals the global loss, its per-sample gradients equal
 world_size x their slice of the global gradient, and the average of the ranks' gradients of shared
 tensors (temperature, logit scale, class centers, extra keys: what DDP computes) equals the global
-gradient; float64, rel. error < 1e-9. SupCon in both modes; every other loss in gather mode.
+gradient; float64, rel. error < 1e-9. SupCon in both modes (with extra keys too); every other loss in
+gather mode.
 """
 import os
 import sys
@@ -103,11 +104,15 @@ def family_cases(features, labels):
         ("spread", lambda f, y, **kw: fc.spread_loss(f, y, **kw), (features, labels), ()),
         ("supcon_extra_keys", lambda f, y, e, **kw: fc.supcon_loss(f, y, extra_keys=e, extra_key_labels=bank_labels,
                                                                    **kw), (features, labels), (bank,)),
+        ("supcon_extra_keys_ring", lambda f, y, e, **kw: fc.supcon_loss(
+            f, y, extra_keys=e, extra_key_labels=bank_labels, normalize=True, distributed="ring", **kw),
+         (features, labels), (bank,)),
     ]
 
 
 def check_family(rank, world, lo, hi, features, labels, backends):
-    """Every other loss in gather mode: loss, per-sample gradients (world x slice), shared tensors' DDP average."""
+    """Every other loss in gather mode (and SupCon with extra keys in ring mode): loss, per-sample gradients
+    (world x slice), shared tensors' DDP average."""
     for name, loss_fn, per_sample, shared in family_cases(features, labels):
         for backend in backends:
             full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]

@@ -160,34 +160,39 @@ class _RingSupCon(torch.autograd.Function):
     """SupCon (L_out / L_in) of this rank's anchors against every rank's keys, the keys travelling around the
     ring: forward merges each shard's per-row statistics (LSE by logaddexp, the positive statistic by sum or
     logaddexp, Z by sum); backward rotates each shard with its key-gradient accumulator, which arrives back
-    at its owner after world_size steps. Returns the global loss; gradients world_size x this rank's share."""
+    at its owner after world_size steps. Labelled extra keys (the same on every rank, never anchors) are one
+    more shard that stays home. Returns the global loss; gradients world_size x this rank's share."""
 
     @staticmethod
-    def forward(ctx, keys: Tensor, tau_tensor, ring):
+    def forward(ctx, keys: Tensor, tau_tensor, extra_keys, ring):
         ops, group, make_spec, shard_rows, num_anchors = ring
         row_stats = ops[0]
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        anchors = keys.detach()[:num_anchors]
+        stats = []  # (lse, positive statistic, Z) of each shard, merged below
+
+        def add(spec):
+            stats.append((*row_stats(spec), spec.pos_count()))
+            return spec
+
         shard, owner = keys.detach(), rank
-        anchors = shard[:num_anchors]
-        lse = pos_stat = pos_count = None
         for step in range(world):
             pending = []
             if step < world - 1:  # the next shard travels while this one is computed
                 (incoming,), pending = _rotate([shard], group, [(shard_rows[(owner - 1) % world], shard.shape[1])])
-            spec = make_spec(anchors, shard, owner)
-            shard_lse, shard_pos = row_stats(spec)
-            shard_count = spec.pos_count()
-            if lse is None:
-                lse, pos_stat, pos_count = shard_lse, shard_pos, shard_count
-            else:
-                lse = torch.logaddexp(lse, shard_lse)
-                pos_stat = torch.logaddexp(pos_stat, shard_pos) if spec.variant == "in" else pos_stat + shard_pos
-                pos_count = pos_count + shard_count
+            if step == 0 and extra_keys is not None:  # they stay home: computed while the first shard travels
+                add(make_spec(anchors, extra_keys.detach(), None))
+            spec = add(make_spec(anchors, shard, owner))
             for request in pending:
                 request.wait()
             if step < world - 1:
                 shard, owner = incoming, (owner - 1) % world
-        from .spec import mean_divisor, positive_scale, row_losses
+        lse, pos_stat, pos_count = stats[0]
+        for shard_lse, shard_pos, shard_count in stats[1:]:
+            lse = torch.logaddexp(lse, shard_lse)
+            pos_stat = torch.logaddexp(pos_stat, shard_pos) if spec.variant == "in" else pos_stat + shard_pos
+            pos_count = pos_count + shard_count
+        from .spec import positive_scale, row_losses
 
         tau = spec.tau_value()
         c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
@@ -197,7 +202,7 @@ class _RingSupCon(torch.autograd.Function):
         totals = torch.stack([loss_rows.sum(), local_count.to(loss_rows.dtype).to(loss_rows.device)])
         dist.all_reduce(totals, group=group)
         global_count = totals[1].clamp(min=1)
-        ctx.save_for_backward(keys, lse, torch.where(has_pos, pos_stat, 0.0) if spec.variant == "in"
+        ctx.save_for_backward(keys, extra_keys, lse, torch.where(has_pos, pos_stat, 0.0) if spec.variant == "in"
                               else positive_scale(spec, pos_count),
                               torch.where(has_pos, c * world / global_count, 0.0), world * loss_rows.sum() / global_count)
         ctx.ring = ring
@@ -209,7 +214,7 @@ class _RingSupCon(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        keys, lse, pos_scale, coef_unit, loss_share = ctx.saved_tensors
+        keys, extra_keys, lse, pos_scale, coef_unit, loss_share = ctx.saved_tensors
         ops, group, make_spec, shard_rows, num_anchors = ctx.ring
         grads_from_stats = ops[1]
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -218,16 +223,26 @@ class _RingSupCon(torch.autograd.Function):
         anchors = shard[:num_anchors]
         acc = lse.dtype
         dQ = torch.zeros(anchors.shape, dtype=acc, device=keys.device)
+        grad_extra = None
+        if extra_keys is not None:
+            extra_dQ, grad_extra = grads_from_stats(make_spec(anchors, extra_keys, None), lse, coef, pos_scale)
+            dQ += extra_dQ.to(acc)
+            grad_extra = grad_extra.to(extra_keys.dtype) if ctx.needs_input_grad[2] else None
         carried = torch.zeros(shard.shape, dtype=acc, device=keys.device)
-        for _ in range(world):
+        for step in range(world):
+            prev_rows = shard_rows[(owner - 1) % world]
+            pending = []
+            if world > 1 and step < world - 1:  # keys do not change: they travel while this step computes
+                (incoming,), pending = _rotate([shard], group, [(prev_rows, shard.shape[1])])
             shard_dQ, shard_dK = grads_from_stats(make_spec(anchors, shard, owner), lse, coef, pos_scale)
             dQ += shard_dQ.to(acc)
             carried += shard_dK.to(acc)
-            if world > 1:  # each shard moves on with its accumulated key gradient; after world steps, home
-                prev_rows = shard_rows[(owner - 1) % world]
-                (shard, carried), pending = _rotate([shard, carried], group, [(prev_rows, shard.shape[1])] * 2)
-                for request in pending:
+            if world > 1:  # the accumulated key gradient follows its shard; after world steps it is home
+                (carried,), more = _rotate([carried], group, [(prev_rows, shard.shape[1])])
+                for request in pending + more:
                     request.wait()
+                if step < world - 1:
+                    shard = incoming
                 owner = (owner - 1) % world
         grad_keys = carried
         grad_keys[:num_anchors] += dQ
@@ -237,27 +252,33 @@ class _RingSupCon(torch.autograd.Function):
             if ctx.base_temperature is not None:
                 grad_tau = grad_tau + loss_share * grad_loss / ctx.tau
             grad_tau = grad_tau.to(ctx.tau_dtype)
-        return grad_keys.to(keys.dtype), grad_tau, None
+        return grad_keys.to(keys.dtype), grad_tau, grad_extra, None
 
 
 def supcon_loss_ring(features: Tensor, labels: Optional[Tensor], *, group, temperature, tau_float: float,
                      base_temperature, contrast_mode: str, no_positive: str, normalize: bool, variant: str,
-                     backend: str) -> Tensor:
-    """SupCon in ring mode: features [b, V, D] and labels [b] (or None: SimCLR) of this rank; only label ids
-    (O(N) integers) are gathered, never the keys. Same value and gradients as the gather mode."""
+                     backend: str, extra_keys: Optional[Tensor] = None,
+                     extra_key_labels: Optional[Tensor] = None) -> Tensor:
+    """SupCon in ring mode: features [b, V, D] and labels [b] (or None: SimCLR) of this rank, and validated
+    extra keys [E, D] with their labels (the same on every rank); only label ids (O(N) integers) are
+    gathered, never the keys. Same value and gradients as the gather mode."""
     check_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     b, n_views, dim = features.shape
     if normalize:  # differentiably here, so that every shard is already unit-norm
         features = torch.nn.functional.normalize(features, dim=-1, eps=1e-12)
+        if extra_keys is not None:
+            extra_keys = torch.nn.functional.normalize(extra_keys, dim=-1, eps=1e-12)
     ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
     batch = gather_batch(group, ids if labels is None else labels, layout=(n_views, dim, labels is None))
     sizes = batch.sizes
     if labels is None:  # SimCLR: a sample's views are its only positives
         class_ids, num_classes = torch.arange(batch.total, device=features.device), batch.total
-    else:
-        _, class_ids = torch.unique(batch.tensors[0], return_inverse=True)
-        num_classes = int(class_ids.max()) + 1
+    else:  # one id per distinct label of the global batch and of the extra keys alike
+        every = batch.tensors[0] if extra_keys is None else torch.cat([batch.tensors[0], extra_key_labels])
+        _, every_ids = torch.unique(every, return_inverse=True)
+        class_ids, extra_ids = every_ids[:batch.total], every_ids[batch.total:]
+        num_classes = int(every_ids.max()) + 1
     offsets = [sum(sizes[:r]) for r in range(world)]
     shard_labels = [class_ids[offsets[r]: offsets[r] + sizes[r]].repeat(n_views) for r in range(world)]
     num_anchors = b * (n_views if contrast_mode == "all" else 1)
@@ -272,10 +293,12 @@ def supcon_loss_ring(features: Tensor, labels: Optional[Tensor], *, group, tempe
 
     def make_spec(anchors, shard, owner):
         # Self (same global row) only among this rank's own keys: local row i of anchors is key row i.
+        # owner None: the extra keys.
         return dataclasses.replace(probe, anchors=anchors, keys=shard, self_offset=0 if owner == rank else None,
-                                   anchor_labels=shard_labels[rank][:num_anchors], key_labels=shard_labels[owner])
+                                   anchor_labels=shard_labels[rank][:num_anchors],
+                                   key_labels=extra_ids if owner is None else shard_labels[owner])
 
     tau_tensor = temperature if isinstance(temperature, Tensor) else None
     ring = (chosen.ring, group, make_spec, [n_views * n for n in sizes], num_anchors)
     with torch.autocast(features.device.type, enabled=False):
-        return _RingSupCon.apply(keys, tau_tensor, ring)
+        return _RingSupCon.apply(keys, tau_tensor, extra_keys, ring)

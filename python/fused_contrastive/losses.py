@@ -195,7 +195,8 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     equal to world_size x its share of the global gradient, so that DDP's averaging matches
     single-process training exactly (see ``fused_contrastive.distributed``). ``distributed="gather"``
     all-gathers the keys (O(global N · D) per rank); ``"ring"`` passes them around the ring instead, one
-    rank's keys at a time (for when the gathered keys themselves do not fit): same results.
+    rank's keys at a time (for when the gathered keys themselves do not fit; extra keys stay home): same
+    results.
     ``extra_keys [E, D]`` with ``extra_key_labels [E]``: labelled keys that are never anchors (a memory
     bank or a labelled MoCo queue, PaCo-style class centers, TSC targets): positives of the samples sharing
     their label, in every anchor's denominator; they get gradients only if they require grad.
@@ -228,13 +229,14 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     if distributed == "ring":
         from .distributed import supcon_loss_ring
 
-        if extra_keys is not None:
-            raise ValueError("extra_keys cannot be combined with distributed='ring' in this version; use 'gather'")
         features = _flatten_views(features)
         labels = None if labels is None else _check_labels(labels, features.shape[0], features.device)
+        if extra_keys is not None:
+            extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
         return supcon_loss_ring(features, labels, group=process_group, temperature=spec.temperature, tau_float=spec.tau_float,
                                 base_temperature=spec.base_temperature, contrast_mode=contrast_mode,
-                                no_positive=no_positive, normalize=normalize, variant=variant, backend=backend)
+                                no_positive=no_positive, normalize=normalize, variant=variant, backend=backend,
+                                extra_keys=extra_keys, extra_key_labels=extra_key_labels)
     return _gathered_views(process_group, features, labels, contrast_mode, backend,
                            lambda f, y: supcon_spec(f, y, temperature=spec.temperature, temperature_value=spec.tau_float,
                                                     **{k: v for k, v in kwargs.items() if k != "temperature"}))
