@@ -188,8 +188,10 @@ __device__ __forceinline__ void warp_accumulate(typename Mma<T>::Acc (&acc)[DF],
   using M = Mma<T>;
   constexpr int kLdX = Layout<T, DF>::kLdX;
   constexpr int kLdG = Layout<T, DF>::kLdG;
-  // One g fragment per K-step, reused across the DF output fragments.
-#pragma unroll
+  // One g fragment per K-step, reused across the DF output fragments. At DF = 16 the accumulator alone holds
+  // 128 registers: unrolling the K-steps as well would spill.
+  constexpr int kUnroll = DF < 16 ? kTile / M::kStep : 1;
+#pragma unroll kUnroll
   for (int kk = 0; kk < kTile; kk += M::kStep) {
     typename M::FragA fa;
     M::load_a(fa, g + kk, kLdG);
@@ -246,54 +248,78 @@ __device__ __forceinline__ float positive_weight(const SupConParams& p, bool val
 // and never exp(-inf + inf) = NaN.
 __device__ __forceinline__ float shift_of(float m) { return m == -INFINITY ? 0.f : m; }
 
-// ----------------------------------------------------------------------------- forward
-
+// What the two row-parallel kernels (forward, dQ) share: the block's shared tiles, its 64 anchors loaded
+// once, and the lane's place. Two lanes per row: lane pair (2r, 2r + 1) of warp w takes row 16w + r,
+// 32 columns of each key tile apiece.
 template <typename T, int DF>
-__global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConParams p) {
+struct RowParallel {
   using L = Layout<T, DF>;
-  unsigned char* smem = shared_base();
-  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
-  T* k_s = reinterpret_cast<T*>(smem + L::kK);
-  float* s_s = reinterpret_cast<float*>(smem + L::kS);
-  int64_t* key_tags = reinterpret_cast<int64_t*>(smem + L::kKeyTags);
+  T* q_s;
+  T* k_s;
+  float* s_s;
+  T* g_s;
+  int64_t* key_tags;
+  int warp, lane, m0, r_local, row, c0;
+  int64_t a_tag;
+  float inv_tau;
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int m0 = blockIdx.x * kTile;
-  const float inv_tau = *p.inv_tau;
-  load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+  __device__ __forceinline__ explicit RowParallel(const SupConParams& p) {
+    unsigned char* smem = shared_base();
+    q_s = reinterpret_cast<T*>(smem + L::kQ);
+    k_s = reinterpret_cast<T*>(smem + L::kK);
+    s_s = reinterpret_cast<float*>(smem + L::kS);
+    g_s = reinterpret_cast<T*>(smem + L::kG);
+    key_tags = reinterpret_cast<int64_t*>(smem + L::kKeyTags);
+    warp = threadIdx.x / 32;
+    lane = threadIdx.x % 32;
+    m0 = blockIdx.x * kTile;
+    r_local = warp * kWarpRows + lane / 2;
+    row = m0 + r_local;
+    c0 = (lane & 1) * (kTile / 2);
+    a_tag = anchor_tag(p, row);
+    inv_tau = *p.inv_tau;
+    load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+  }
 
-  // Two lanes per row: lane pair (2r, 2r + 1) of warp w takes row 16w + r, 32 columns each; each lane
-  // keeps its own running (max, sum-exp, pos_sum), merged with its partner at the end.
-  const int r_local = warp * kWarpRows + lane / 2;
-  const int row = m0 + r_local;
-  const int c0 = (lane & 1) * (kTile / 2);
-  const int64_t a_tag = anchor_tag(p, row);
-  float m_run = -INFINITY, s_run = 0.f, pos_sum = 0.f;
-
-  for (int n0 = 0; n0 < p.m; n0 += kTile) {
+  // Key tile [n0, n0 + 64) into shared memory and this warp's 16 rows of its logits (unscaled) into s_s;
+  // returns the lane's row of them.
+  __device__ __forceinline__ const float* logits(const SupConParams& p, int n0) {
     __syncthreads();  // every warp is done with the previous K tile (and the Q tile is in place)
     load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
     if (threadIdx.x < kTile) key_tags[threadIdx.x] = key_tag(p, n0 + threadIdx.x);
     __syncthreads();
     warp_logits<T, DF>(q_s + warp * kWarpRows * L::kLdX, k_s, s_s + warp * kWarpRows * kLdS);
     __syncwarp();
-    const float* s_row = s_s + r_local * kLdS;
+    return s_s + r_local * kLdS;
+  }
+};
+
+// ----------------------------------------------------------------------------- forward
+
+template <typename T, int DF>
+__global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConParams p) {
+  RowParallel<T, DF> t(p);
+  // Each lane keeps its own running (max, sum-exp, pos_sum), merged with its partner at the end.
+  float m_run = -INFINITY, s_run = 0.f, pos_sum = 0.f;
+
+  for (int n0 = 0; n0 < p.m; n0 += kTile) {
+    const float* s_row = t.logits(p, n0);
     // Columns outside the denominator are -inf before the max, not after.
     float tile_max = -INFINITY;
 #pragma unroll 4
-    for (int c = c0; c < c0 + kTile / 2; ++c) {
+    for (int c = t.c0; c < t.c0 + kTile / 2; ++c) {
       const int col = n0 + c;
-      const bool valid = in_denominator(p, row, col);
-      const float l = s_row[c] * inv_tau;
+      const bool valid = in_denominator(p, t.row, col);
+      const float l = s_row[c] * t.inv_tau;
       if (valid) tile_max = fmaxf(tile_max, l);
-      pos_sum += positive_weight(p, valid, a_tag, key_tags[c]) * l;
+      pos_sum += positive_weight(p, valid, t.a_tag, t.key_tags[c]) * l;
     }
     const float m_new = fmaxf(m_run, tile_max);
     const float shift = shift_of(m_new);
     float tile_sum = 0.f;
 #pragma unroll 4
-    for (int c = c0; c < c0 + kTile / 2; ++c)
-      if (in_denominator(p, row, n0 + c)) tile_sum += __expf(s_row[c] * inv_tau - shift);
+    for (int c = t.c0; c < t.c0 + kTile / 2; ++c)
+      if (in_denominator(p, t.row, n0 + c)) tile_sum += __expf(s_row[c] * t.inv_tau - shift);
     s_run = s_run * __expf(m_run - shift) + tile_sum;
     m_run = m_new;
   }
@@ -304,9 +330,9 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
   const float m_all = fmaxf(m_run, m_other);
   const float shift = shift_of(m_all);
   const float s_all = s_run * __expf(m_run - shift) + s_other * __expf(m_other - shift);
-  if ((lane & 1) == 0 && row < p.na) {
-    p.lse[row] = s_all > 0.f ? m_all + __logf(s_all) : -INFINITY;
-    p.pos_sum[row] = pos_sum + pos_other;
+  if ((t.lane & 1) == 0 && t.row < p.na) {
+    p.lse[t.row] = s_all > 0.f ? m_all + __logf(s_all) : -INFINITY;
+    p.pos_sum[t.row] = pos_sum + pos_other;
   }
 }
 
@@ -327,51 +353,29 @@ __device__ __forceinline__ float safe_lse(const SupConParams& p, int row) {
 
 template <typename T, int DF>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupConParams p) {
-  using L = Layout<T, DF>;
-  unsigned char* smem = shared_base();
-  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
-  T* k_s = reinterpret_cast<T*>(smem + L::kK);
-  float* s_s = reinterpret_cast<float*>(smem + L::kS);
-  T* g_s = reinterpret_cast<T*>(smem + L::kG);
-  int64_t* key_tags = reinterpret_cast<int64_t*>(smem + L::kKeyTags);
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int m0 = blockIdx.x * kTile;
-  const float inv_tau = *p.inv_tau;
-  load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
-
-  const int r_local = warp * kWarpRows + lane / 2;
-  const int row = m0 + r_local;
-  const int c0 = (lane & 1) * (kTile / 2);
-  const int64_t a_tag = anchor_tag(p, row);
-  const float lse_safe = safe_lse(p, row);
-  const float coef = row < p.na ? p.coef[row] : 0.f;
-  const float pos_scale = row < p.na ? p.pos_scale[row] : 0.f;
+  RowParallel<T, DF> t(p);
+  const float lse_safe = safe_lse(p, t.row);
+  const float coef = t.row < p.na ? p.coef[t.row] : 0.f;
+  const float pos_scale = t.row < p.na ? p.pos_scale[t.row] : 0.f;
 
   typename Mma<T>::Acc acc[DF];
 #pragma unroll
   for (int dn = 0; dn < DF; ++dn) wmma::fill_fragment(acc[dn], 0.f);
 
   for (int n0 = 0; n0 < p.m; n0 += kTile) {
-    __syncthreads();
-    load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
-    if (threadIdx.x < kTile) key_tags[threadIdx.x] = key_tag(p, n0 + threadIdx.x);
-    __syncthreads();
-    warp_logits<T, DF>(q_s + warp * kWarpRows * L::kLdX, k_s, s_s + warp * kWarpRows * kLdS);
-    __syncwarp();
-    const float* s_row = s_s + r_local * kLdS;
-    T* g_row = g_s + r_local * L::kLdG;
+    const float* s_row = t.logits(p, n0);
+    T* g_row = t.g_s + t.r_local * Layout<T, DF>::kLdG;
 #pragma unroll 4
-    for (int c = c0; c < c0 + kTile / 2; ++c) {
-      const bool valid = in_denominator(p, row, n0 + c);
-      const float a = positive_weight(p, valid, a_tag, key_tags[c]);
-      g_row[c] = from_float<T>(tile_grad(valid, s_row[c] * inv_tau, lse_safe, coef, a, pos_scale));
+    for (int c = t.c0; c < t.c0 + kTile / 2; ++c) {
+      const bool valid = in_denominator(p, t.row, n0 + c);
+      const float a = positive_weight(p, valid, t.a_tag, t.key_tags[c]);
+      g_row[c] = from_float<T>(tile_grad(valid, s_row[c] * t.inv_tau, lse_safe, coef, a, pos_scale));
     }
     __syncwarp();
-    warp_accumulate<T, DF>(acc, g_s + warp * kWarpRows * L::kLdG, k_s);
+    warp_accumulate<T, DF>(acc, t.g_s + t.warp * kWarpRows * Layout<T, DF>::kLdG, t.k_s);
   }
-  warp_store<T, DF>(acc, s_s + warp * kWarpRows * kLdS, static_cast<T*>(p.dq), p.stride_dq, m0 + warp * kWarpRows,
-                    p.na, p.d, inv_tau);
+  warp_store<T, DF>(acc, t.s_s + t.warp * kWarpRows * kLdS, static_cast<T*>(p.dq), p.stride_dq,
+                    t.m0 + t.warp * kWarpRows, p.na, p.d, t.inv_tau);
 }
 
 template <typename T, int DF>
