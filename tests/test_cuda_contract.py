@@ -109,8 +109,8 @@ def shard(spec, how):
                                self_offset=-start)
 
 
-def check_against_reference(case, bsz, dim=33, dtype=torch.float32):
-    opts = dict(CASES[case])
+def check_against_reference(case, bsz, dim=33, dtype=torch.float32, temperature=0.3, **more):
+    opts = {**CASES[case], **more}
     kind, learnable, extra = opts.pop("kind"), opts.pop("learnable", False), opts.pop("extra", 0)
     how = opts.pop("shard", None)
     labels, mask = make_labels(kind, bsz, seed=bsz)
@@ -122,7 +122,7 @@ def check_against_reference(case, bsz, dim=33, dtype=torch.float32):
     results = []
     for run_dtype, run in ((torch.float64, reference.loss), (dtype, cuda_supcon.loss)):
         f = features.to(run_dtype).requires_grad_()
-        tau = torch.tensor(0.3, dtype=run_dtype, requires_grad=True) if learnable else 0.3
+        tau = torch.tensor(temperature, dtype=run_dtype, requires_grad=True) if learnable else temperature
         if extra:
             opts["extra_keys"] = extra_keys.to(run_dtype)
         spec = supcon_spec(f, labels, mask, temperature=tau, **opts)
@@ -138,6 +138,19 @@ def check_against_reference(case, bsz, dim=33, dtype=torch.float32):
 @pytest.mark.parametrize("bsz", [1, 3, 70])
 def test_cuda_backend_matches_the_reference(extension, case, bsz):
     check_against_reference(case, bsz)
+
+
+# The sizes and label kinds every backend is held to (1000 rows and beyond run on a GPU: tests/test_gpu.py).
+@pytest.mark.parametrize("bsz", [2, 127, 129])
+@pytest.mark.parametrize("kind", ["random", "same", "distinct", "none", "mask"])
+def test_cuda_backend_sizes_and_label_kinds(extension, bsz, kind):
+    check_against_reference("labels_all", bsz, kind=kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.005, 0.05, 1.0])
+def test_cuda_backend_extreme_temperatures(extension, dtype, temperature):
+    check_against_reference("labels_all", 90, 64, dtype, temperature)
 
 
 # Several 64-row tiles each way, every padded width (DF = 4, 8, 16) and input dtype.
