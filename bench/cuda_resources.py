@@ -40,12 +40,13 @@ def _cuobjdump():
 
 
 def _demangled(name: str) -> str:
-    """supcon_bwd_dq_kernel<bf16, 16> from the mangled name (no c++filt needed for these few templates)."""
+    """mma::supcon_bwd_dq_kernel<bf16, DF=16> from the mangled name (no c++filt needed for these templates)."""
     m = re.search(r"(\d+)(supcon_\w+_kernel)I(\w+?)Li(\d+)E", name)
     if not m:
         return name
     dtype = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}.get(m.group(3), m.group(3))
-    return f"{m.group(2)}<{dtype}, DF={m.group(4)}>"
+    family = "mma" if "mma_kernels" in name else "wmma"
+    return f"{family}::{m.group(2)}<{dtype}, DF={m.group(4)}>"
 
 
 def compile_arch(source: str, arch: str, workdir: str):

@@ -1,6 +1,8 @@
 // Launchers and the template instantiations of the SupCon kernels: per input dtype, three padded
-// feature widths (d <= 64, 128, 256; fp32 stops at 128, where two fp32 tiles fill shared memory).
+// feature widths (d <= 64, 128, 256; fp32 stops at 128, where two fp32 tiles fill shared memory); for
+// fp16 / bf16 both the register-tile (mma.sync) and the WMMA kernels.
 #include "supcon_kernels.cuh"
+#include "supcon_mma.cuh"
 
 namespace fused_contrastive {
 
@@ -13,43 +15,46 @@ using kernels::kTile;
 using Kernel = void (*)(const SupConParams);
 
 template <typename T, int DF>
-Kernel pick_kernel(int kernel) {
-  if (kernel == 0) return kernels::supcon_fwd_kernel<T, DF>;
-  if (kernel == 1) return kernels::supcon_bwd_dq_kernel<T, DF>;
-  return kernels::supcon_bwd_dk_kernel<T, DF>;
+void pick_kernel(int kernel, bool wmma, Kernel* fn, size_t* bytes) {
+  if constexpr (sizeof(T) == 2) {
+    if (!wmma) {
+      *fn = kernel == 0 ? mma_kernels::supcon_fwd_kernel<T, DF>
+            : kernel == 1 ? mma_kernels::supcon_bwd_dq_kernel<T, DF> : mma_kernels::supcon_bwd_dk_kernel<T, DF>;
+      *bytes = mma_kernels::Layout<T, DF>::kBytes;
+      return;
+    }
+  }
+  *fn = kernel == 0 ? kernels::supcon_fwd_kernel<T, DF>
+        : kernel == 1 ? kernels::supcon_bwd_dq_kernel<T, DF> : kernels::supcon_bwd_dk_kernel<T, DF>;
+  *bytes = Layout<T, DF>::kBytes;
 }
 
 // (kernel, shared bytes) for a dtype and feature width; kernel is nullptr when d is too wide.
 template <typename T>
-void select(int kernel, int d, Kernel* fn, size_t* bytes) {
+void select(int kernel, bool wmma, int d, Kernel* fn, size_t* bytes) {
   *fn = nullptr;
   *bytes = 0;
   if (d <= 64) {
-    *fn = pick_kernel<T, 4>(kernel);
-    *bytes = Layout<T, 4>::kBytes;
+    pick_kernel<T, 4>(kernel, wmma, fn, bytes);
   } else if (d <= 128) {
-    *fn = pick_kernel<T, 8>(kernel);
-    *bytes = Layout<T, 8>::kBytes;
+    pick_kernel<T, 8>(kernel, wmma, fn, bytes);
   } else if constexpr (sizeof(T) == 2) {  // fp32 at d = 256 would not fit two tiles in shared memory
-    if (d <= 256) {
-      *fn = pick_kernel<T, 16>(kernel);
-      *bytes = Layout<T, 16>::kBytes;
-    }
+    if (d <= 256) pick_kernel<T, 16>(kernel, wmma, fn, bytes);
   }
 }
 
-void select(int kernel, DType dtype, int d, Kernel* fn, size_t* bytes) {
+void select(int kernel, DType dtype, bool wmma, int d, Kernel* fn, size_t* bytes) {
   switch (dtype) {
-    case DType::kFloat32: select<float>(kernel, d, fn, bytes); break;
-    case DType::kFloat16: select<__half>(kernel, d, fn, bytes); break;
-    case DType::kBFloat16: select<__nv_bfloat16>(kernel, d, fn, bytes); break;
+    case DType::kFloat32: select<float>(kernel, true, d, fn, bytes); break;
+    case DType::kFloat16: select<__half>(kernel, wmma, d, fn, bytes); break;
+    case DType::kBFloat16: select<__nv_bfloat16>(kernel, wmma, d, fn, bytes); break;
   }
 }
 
 cudaError_t launch(int kernel, const SupConParams& p, DType dtype, int rows, cudaStream_t stream) {
   Kernel fn;
   size_t bytes;
-  select(kernel, dtype, p.d, &fn, &bytes);
+  select(kernel, dtype, p.wmma, p.d, &fn, &bytes);
   if (fn == nullptr) return cudaErrorInvalidValue;  // the API checks d against max_dim first
   if (rows == 0) return cudaSuccess;
   // Above 48 KiB a kernel must opt in to dynamic shared memory; setting it on every launch costs little.
@@ -71,7 +76,7 @@ int max_dim(DType dtype) { return dtype == DType::kFloat32 ? 128 : 256; }
 size_t shared_bytes(int kernel, DType dtype, int d) {
   Kernel fn;
   size_t bytes;
-  select(kernel, dtype, d, &fn, &bytes);
+  select(kernel, dtype, true, d, &fn, &bytes);
   return bytes;
 }
 

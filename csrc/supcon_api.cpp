@@ -114,9 +114,11 @@ void check_launch(cudaError_t err, const char* what) {
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_tau,
                                            const std::optional<at::Tensor>& anchor_labels,
                                            const std::optional<at::Tensor>& key_labels,
-                                           const std::optional<at::Tensor>& mask, std::optional<int64_t> self_offset) {
+                                           const std::optional<at::Tensor>& mask, std::optional<int64_t> self_offset,
+                                           bool wmma) {
   fc::DType dtype;
   fc::SupConParams p = make_params(q, k, inv_tau, anchor_labels, key_labels, mask, self_offset, &dtype);
+  p.wmma = wmma;
   const DeviceGuard guard(k.device());
   auto opts = k.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({q.size(0)}, opts);
@@ -133,9 +135,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_tau, const std::optional<at::Tensor>& anchor_labels,
     const std::optional<at::Tensor>& key_labels, const std::optional<at::Tensor>& mask,
     std::optional<int64_t> self_offset, const at::Tensor& lse, const at::Tensor& coef, const at::Tensor& pos_scale,
-    bool need_dq, bool need_dk) {
+    bool need_dq, bool need_dk, bool wmma) {
   fc::DType dtype;
   fc::SupConParams p = make_params(q, k, inv_tau, anchor_labels, key_labels, mask, self_offset, &dtype);
+  p.wmma = wmma;
   check_vector(lse, k, "lse", at::kFloat, q.size(0));
   check_vector(coef, k, "coef", at::kFloat, q.size(0));
   check_vector(pos_scale, k, "pos_scale", at::kFloat, q.size(0));
@@ -179,10 +182,12 @@ int64_t shared_bytes(int64_t kernel, const std::string& dtype, int64_t d) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_contrastive's CUDA kernels for SupCon / SimCLR (L_out; labels or a dense mask)";
   m.def("forward", &forward, "(lse, pos_sum) per anchor", py::arg("anchors"), py::arg("keys"), py::arg("inv_tau"),
-        py::arg("anchor_labels"), py::arg("key_labels"), py::arg("mask"), py::arg("self_offset"));
+        py::arg("anchor_labels"), py::arg("key_labels"), py::arg("mask"), py::arg("self_offset"),
+        py::arg("wmma") = false);
   m.def("backward", &backward, "(dQ, dK) from the saved per-row statistics", py::arg("anchors"), py::arg("keys"),
         py::arg("inv_tau"), py::arg("anchor_labels"), py::arg("key_labels"), py::arg("mask"), py::arg("self_offset"),
-        py::arg("lse"), py::arg("coef"), py::arg("pos_scale"), py::arg("need_dq"), py::arg("need_dk"));
+        py::arg("lse"), py::arg("coef"), py::arg("pos_scale"), py::arg("need_dq"), py::arg("need_dk"),
+        py::arg("wmma") = false);
   m.def("max_dim", &max_dim, "largest feature dimension for an input dtype", py::arg("dtype"));
   m.def("shared_bytes", &shared_bytes, "dynamic shared memory of one block (kernel 0 fwd, 1 dQ, 2 dK)",
         py::arg("kernel"), py::arg("dtype"), py::arg("d"));

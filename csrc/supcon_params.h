@@ -39,12 +39,17 @@ struct SupConParams {
   void* dq = nullptr;  // [na, d] in the input dtype, unit stride along d
   void* dk = nullptr;  // [m, d]
   int64_t stride_dq = 0, stride_dk = 0;
+
+  // 16-bit inputs run the register-tile kernels (supcon_mma.cuh) unless this asks for the WMMA ones
+  // (supcon_kernels.cuh, which fp32 always uses): both stay so that a benchmark can compare them.
+  bool wmma = false;
 };
 
 // Largest feature dimension per input dtype: whole padded rows of one 64-row tile of Q and of K sit in
 // shared memory, and the backward's [64, d] accumulators in registers.
 int max_dim(DType dtype);
-// Dynamic shared memory one block of the given kernel needs ("fwd", "dq" or "dk" by index 0/1/2).
+// Dynamic shared memory one block of the given kernel needs ("fwd", "dq" or "dk" by index 0/1/2), at most
+// (the WMMA kernels' figure).
 size_t shared_bytes(int kernel, DType dtype, int d);
 
 // Launchers: they return the first CUDA error (launch or attribute), cudaSuccess otherwise.

@@ -40,13 +40,13 @@ class DenseExtension:
             a = (anchor_labels[:, None] == key_labels[None, :]).double()
         return logits, valid, torch.where(valid, a, 0.0)
 
-    def forward(self, q, k, inv_tau, *, anchor_labels, key_labels, mask, self_offset):
+    def forward(self, q, k, inv_tau, *, anchor_labels, key_labels, mask, self_offset, wmma):
         logits, valid, a = self._tile(q, k, inv_tau, anchor_labels, key_labels, mask, self_offset)
         lse = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), 1)
         return lse.float(), (a * logits).sum(1).float()
 
     def backward(self, q, k, inv_tau, *, anchor_labels, key_labels, mask, self_offset, lse, coef, pos_scale,
-                 need_dq, need_dk):
+                 need_dq, need_dk, wmma):
         assert lse.dtype == coef.dtype == pos_scale.dtype == torch.float32
         logits, valid, a = self._tile(q, k, inv_tau, anchor_labels, key_labels, mask, self_offset)
         lse_safe = torch.where(lse == float("-inf"), 0.0, lse.double())
@@ -74,6 +74,8 @@ def emulated_extension():
                 extra_include_paths=[EMULATE, cuda_supcon.CSRC, *includes]), None
 
 
+# "emulated" runs fp16/bf16 through the register-tile kernels (the default), fp32 through the WMMA ones;
+# test_register_tile_and_wmma_kernels_agree ties the two families together for 16-bit inputs.
 @pytest.fixture(params=["dense", "emulated"])
 def extension(request, monkeypatch):
     if request.param == "dense":
@@ -82,6 +84,7 @@ def extension(request, monkeypatch):
         module, reason = emulated_extension()
         if module is None:
             pytest.skip(reason)
+        monkeypatch.delenv(cuda_supcon.KERNELS_ENV, raising=False)
     monkeypatch.setattr(cuda_supcon, "extension", lambda: (module, None))
     return request.param
 
@@ -159,6 +162,38 @@ def test_cuda_backend_extreme_temperatures(extension, dtype, temperature):
 @pytest.mark.parametrize("case", ["labels_all", "mask", "labels_one", "key_shard"])
 def test_cuda_backend_across_tiles_dtypes_and_widths(extension, case, dtype, dim):
     check_against_reference(case, 97, dim, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [33, 64, 130, 255])
+@pytest.mark.parametrize("positives", ["labels", "mask"])
+def test_register_tile_and_wmma_kernels_agree(dtype, dim, positives):
+    """The two 16-bit kernel families round at the same points (fp32 logits and statistics, g rounded to the
+    input dtype, fp32 accumulation) and differ only in summation order, so they agree far more closely than
+    either agrees with the float64 oracle: a fragment-layout slip shows here even where the bf16 tolerance
+    of the loss-level tests would hide it. Anchors and keys differ, the self offset is 20, and the backward
+    factors are O(1), so every g matters."""
+    module, reason = emulated_extension()
+    if module is None:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(dim)
+    q, k = torch.randn(150, dim, generator=gen).to(dtype), torch.randn(130, dim, generator=gen).to(dtype)
+    rule = dict(anchor_labels=torch.randint(0, 6, (150,), generator=gen), key_labels=torch.randint(0, 6, (130,), generator=gen),
+                mask=None)
+    if positives == "mask":
+        rule = dict(anchor_labels=None, key_labels=None, mask=torch.rand(7, 9, generator=gen))
+    args = dict(inv_tau=torch.tensor([1.5]), self_offset=20, **rule)
+    lse, _ = module.forward(q, k, wmma=True, **args)
+    factors = dict(lse=lse, coef=torch.rand(150, generator=gen) + 0.5, pos_scale=torch.rand(150, generator=gen),
+                   need_dq=True, need_dk=True)
+    results = [(*module.forward(q, k, wmma=wmma, **args), *module.backward(q, k, wmma=wmma, **args, **factors))
+               for wmma in (False, True)]
+    for mma, wmma, what in zip(*results, ("lse", "pos_sum", "dQ", "dK")):
+        mma, wmma = mma.float(), wmma.float()
+        assert torch.isfinite(mma).all(), what
+        # dQ and dK are rounded to 16 bits at the end: one unit in the last place apart at most.
+        rtol = 2.0 ** -7 if what in ("dQ", "dK") else 1e-5
+        torch.testing.assert_close(mma, wmma, rtol=rtol, atol=1e-4 * float(wmma.abs().max()), msg=lambda m: f"{what}: {m}")
 
 
 def _call(module, **change):

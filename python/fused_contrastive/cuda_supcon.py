@@ -25,6 +25,16 @@ CSRC = next((d for d in (os.path.join(_HERE, "csrc"), os.path.join(_HERE, "..", 
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 MAX_D = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}  # as csrc's max_dim; checked there too
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core MMA
+# fp16/bf16 inputs run the register-tile kernels (mma.sync); "wmma" selects the shared-memory-tile ones
+# that fp32 always uses, so that one build can benchmark both.
+KERNELS_ENV = "FUSED_CONTRASTIVE_CUDA_KERNELS"
+
+
+def _wmma() -> bool:
+    choice = os.environ.get(KERNELS_ENV, "mma")
+    if choice not in ("mma", "wmma"):
+        raise ValueError(f"{KERNELS_ENV} must be 'mma' or 'wmma', got {choice!r}")
+    return choice == "wmma"
 
 
 # The JIT build compiles for TORCH_CUDA_ARCH_LIST when set, else for the GPU in hand (torch's rule).
@@ -127,7 +137,8 @@ def _kernel_args(spec: ContrastSpec, Q, K):
 def forward_stats(spec: ContrastSpec, Q, K, inv_tau):
     """(lse, pos_sum, pos_aux) per anchor, fp32; L_out has no auxiliary statistic (pos_aux is lse)."""
     Q, K, labels = _kernel_args(spec, Q, K)
-    lse, pos_sum = extension()[0].forward(Q, K, inv_tau.to(torch.float32), self_offset=spec.self_offset, **labels)
+    lse, pos_sum = extension()[0].forward(Q, K, inv_tau.to(torch.float32), self_offset=spec.self_offset,
+                                          wmma=_wmma(), **labels)
     return lse, pos_sum, lse
 
 
@@ -137,7 +148,7 @@ def backward_grads(spec: ContrastSpec, Q, K, inv_tau, rows, need_dq=True, need_d
     f32 = torch.float32
     return extension()[0].backward(Q, K, inv_tau.to(f32), self_offset=spec.self_offset, lse=rows.lse.to(f32),
                                    coef=rows.coef.to(f32), pos_scale=rows.pos_scale.to(f32), need_dq=need_dq,
-                                   need_dk=need_dk, **labels)
+                                   need_dk=need_dk, wmma=_wmma(), **labels)
 
 
 # ----------------------------------------------------------------------------- API (autograd shared in fused.py)

@@ -13,6 +13,7 @@
 #include <cuda_runtime_api.h>
 #include <vector_types.h>
 
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -28,12 +29,15 @@
 namespace emulation {
 
 struct Block {
-  explicit Block(unsigned threads) : all(threads), shuffle(threads) {
+  explicit Block(unsigned threads) : all(threads), shuffle(threads), address(threads), fragment(threads) {
     for (unsigned w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
   }
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> shuffle;
+  // What lanes hand to a warp-collective operation (ldmatrix row addresses, mma fragments).
+  std::vector<std::uintptr_t> address;
+  std::vector<std::array<std::uint32_t, 6>> fragment;
 };
 
 inline thread_local uint3 thread_idx;

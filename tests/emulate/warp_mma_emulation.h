@@ -1,0 +1,74 @@
+// The warp-collective PTX operations of csrc/warp_mma.cuh (ldmatrix, mma.sync m16n8k16) on the CPU
+// threads of tests/emulate/cuda_emulation.h: every lane publishes its operands, the warp meets at a
+// barrier, and each lane computes exactly the registers the PTX ISA assigns to it, so a kernel that gets
+// a fragment layout wrong computes a wrong number here too.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace fused_contrastive {
+namespace warp {
+
+namespace detail {
+
+inline std::uint32_t halves(std::uint16_t lo, std::uint16_t hi) { return lo | (static_cast<std::uint32_t>(hi) << 16); }
+
+inline void ldmatrix(std::uint32_t (&r)[4], const void* row, bool trans) {
+  auto* block = emulation::block;
+  const unsigned t = threadIdx.x, base = t & ~31u, l = t & 31u;
+  if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0) emulation::fail("ldmatrix: row address not 16-byte aligned");
+  block->address[t] = reinterpret_cast<std::uintptr_t>(row);
+  __syncwarp();
+  for (unsigned m = 0; m < 4; ++m) {
+    const auto row_of = [&](unsigned i) { return reinterpret_cast<const std::uint16_t*>(block->address[base + m * 8 + i]); };
+    if (!trans) {
+      const std::uint16_t* p = row_of(l / 4);
+      r[m] = halves(p[2 * (l % 4)], p[2 * (l % 4) + 1]);
+    } else {
+      r[m] = halves(row_of(2 * (l % 4))[l / 4], row_of(2 * (l % 4) + 1)[l / 4]);
+    }
+  }
+  __syncwarp();
+}
+
+template <typename T>
+float element(std::uint32_t reg, unsigned half) {
+  const std::uint16_t bits = static_cast<std::uint16_t>(half ? reg >> 16 : reg & 0xFFFFu);
+  T value;
+  std::memcpy(&value, &bits, 2);
+  return nvcuda::wmma::as_float(value);
+}
+
+}  // namespace detail
+
+inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* row) { detail::ldmatrix(r, row, false); }
+inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row) { detail::ldmatrix(r, row, true); }
+
+template <typename T>
+void mma_16816(float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
+  auto* block = emulation::block;
+  const unsigned t = threadIdx.x, base = t & ~31u, l = t & 31u;
+  block->fragment[t] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  __syncwarp();
+  // A(row, k) sits in lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8), half k % 2;
+  // B(k, n) in lane n * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2.
+  const auto A = [&](unsigned row, unsigned k) {
+    return detail::element<T>(block->fragment[base + (row % 8) * 4 + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k % 2);
+  };
+  const auto B = [&](unsigned k, unsigned n) {
+    return detail::element<T>(block->fragment[base + n * 4 + (k % 8) / 2][4 + (k >= 8)], k % 2);
+  };
+  float out[4];
+  for (unsigned i = 0; i < 4; ++i) {
+    const unsigned row = l / 4 + 8 * (i / 2), col = 2 * (l % 4) + i % 2;
+    float sum = d[i];
+    for (unsigned k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
+    out[i] = sum;
+  }
+  __syncwarp();
+  for (unsigned i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+}  // namespace warp
+}  // namespace fused_contrastive
