@@ -44,6 +44,10 @@ echo "== CUDA C++ against Triton at the issue's size (N = 32768, D = 128, bf16 f
 timeout 150 $PY bench/run.py --out "$OUT" --tag cuda_vs_triton --providers triton,cuda --sizes 8192,32768 \
   --dims 128 --dtypes bfloat16
 echo "cuda vs triton exit code: $?"
+# The WMMA family on the same inputs, for the register-tile kernels' own comparison.
+FUSED_CONTRASTIVE_CUDA_KERNELS=wmma timeout 90 $PY bench/run.py --out "$OUT" --tag cuda_wmma --providers cuda \
+  --sizes 8192,32768 --dims 128 --dtypes bfloat16
+echo "cuda (wmma) exit code: $?"
 }
 
 want bench && {

@@ -165,7 +165,7 @@ def test_cuda_backend_across_tiles_dtypes_and_widths(extension, case, dtype, dim
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("dim", [33, 64, 130, 255])
+@pytest.mark.parametrize("dim", [64, 100, 255])  # padded widths 64, 128, 256; 16-byte and scalar loads
 @pytest.mark.parametrize("positives", ["labels", "mask"])
 def test_register_tile_and_wmma_kernels_agree(dtype, dim, positives):
     """The two 16-bit kernel families round at the same points (fp32 logits and statistics, g rounded to the
