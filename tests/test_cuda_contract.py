@@ -63,10 +63,13 @@ EMULATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulate")
 @functools.lru_cache(maxsize=None)
 def emulated_extension():
     """(module, None) or (None, why it cannot be built here)."""
+    from torch.utils.cpp_extension import is_ninja_available, load
+
     includes = cuda_supcon.toolkit_include_dirs()
     if not includes:
         return None, "no CUDA toolkit headers (nvcc) to compile the kernels against"
-    from torch.utils.cpp_extension import load
+    if not is_ninja_available():
+        return None, "ninja is not installed (pip install ninja): torch builds extensions with it"
 
     sources = [os.path.join(cuda_supcon.CSRC, "supcon_api.cpp"), os.path.join(EMULATE, "emulated_supcon.cpp")]
     flags = ["-O2", "-std=c++20", "-DFUSED_CONTRASTIVE_EMULATION", "-include", "cuda_emulation.h"]

@@ -66,8 +66,10 @@ def extension():
         pass
     if torch.version.cuda is None:
         return None, "torch is a CPU-only build (the CUDA extension needs a CUDA torch)"
-    from torch.utils.cpp_extension import CUDA_HOME, load
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available, load
 
+    if not is_ninja_available():
+        return None, "ninja is not installed (pip install ninja): the CUDA extension is built with it on first use"
     if CUDA_HOME is None:
         return None, "no CUDA toolkit found to build the extension (set CUDA_HOME, or install with one present)"
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "*.cu")))
