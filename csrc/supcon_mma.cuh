@@ -16,7 +16,6 @@ namespace fused_contrastive {
 namespace mma_kernels {
 
 using kernels::anchor_tag;
-using kernels::in_denominator;
 using kernels::key_tag;
 using kernels::kThreads;
 using kernels::kTile;
@@ -112,6 +111,25 @@ __device__ __forceinline__ void zero(float (&acc)[2 * DF][4]) {
     for (int i = 0; i < 4; ++i) acc[dt][i] = 0.f;
 }
 
+// What the elementwise step needs of a tile row, fixed for the whole kernel: is it in range, and which
+// column is its self (-1: none among the columns). Row-parallel kernels: rows are anchors, columns keys,
+// self = row + self_offset; dK: rows are keys, columns anchors, self = row - self_offset. A pair (row, col)
+// is in the denominator when the row is in range, col < columns and col != self.
+struct TileRow {
+  bool ok;
+  int self;
+};
+
+__device__ __forceinline__ TileRow tile_row(const SupConParams& p, int row, bool anchors_are_rows) {
+  const int rows = anchors_are_rows ? p.na : p.m, columns = anchors_are_rows ? p.m : p.na;
+  const int64_t self = anchors_are_rows ? row + p.self_offset : row - p.self_offset;
+  return {row < rows, p.has_self && self >= 0 && self < columns ? static_cast<int>(self) : -1};
+}
+
+__device__ __forceinline__ bool in_denominator(const TileRow& r, int col, int columns) {
+  return r.ok && col < columns && col != r.self;
+}
+
 // Merges a running (max, sum of exp(x - max)) and a sum across the 4 lanes of a quad.
 __device__ __forceinline__ void quad_merge(float& m, float& total, float& sum) {
 #pragma unroll
@@ -139,6 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
   const int m0 = blockIdx.x * kTile, row0 = m0 + warp * kWarpRows + lane / 4;
   const float inv_tau = *p.inv_tau;
   const int64_t a_tag[2] = {anchor_tag(p, row0), anchor_tag(p, row0 + 8)};
+  const TileRow rows[2] = {tile_row(p, row0, true), tile_row(p, row0 + 8, true)};
   load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
 
   float m_run[2] = {-INFINITY, -INFINITY}, s_run[2] = {0.f, 0.f}, pos_sum[2] = {0.f, 0.f};
@@ -156,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int h = i / 2, c = nt * 8 + 2 * (lane % 4) + i % 2;
-        const bool valid = in_denominator(p, row0 + 8 * h, n0 + c);
+        const bool valid = in_denominator(rows[h], n0 + c, p.m);
         const float l = s[nt][i] * inv_tau;
         pos_sum[h] += positive_weight(p, valid, a_tag[h], key_tags[c]) * l;
         s[nt][i] = valid ? l : -INFINITY;
@@ -197,11 +216,13 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupCon
   const int m0 = blockIdx.x * kTile, row0 = m0 + warp * kWarpRows + lane / 4;
   const float inv_tau = *p.inv_tau;
   int64_t a_tag[2];
+  TileRow rows[2];
   float lse_safe[2], coef[2], pos_scale[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = row0 + 8 * h;
     a_tag[h] = anchor_tag(p, row);
+    rows[h] = tile_row(p, row, true);
     lse_safe[h] = safe_lse(p, row);
     coef[h] = row < p.na ? p.coef[row] : 0.f;
     pos_scale[h] = row < p.na ? p.pos_scale[row] : 0.f;
@@ -222,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupCon
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int h = i / 2, c = nt * 8 + 2 * (lane % 4) + i % 2;
-        const bool valid = in_denominator(p, row0 + 8 * h, n0 + c);
+        const bool valid = in_denominator(rows[h], n0 + c, p.m);
         const float a = positive_weight(p, valid, a_tag[h], key_tags[c]);
         s[nt][i] = tile_grad(valid, s[nt][i] * inv_tau, lse_safe[h], coef[h], a, pos_scale[h]);
       }
@@ -247,6 +268,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupCon
   const int n0 = blockIdx.x * kTile, col0 = n0 + warp * kWarpRows + lane / 4;
   const float inv_tau = *p.inv_tau;
   const int64_t k_tag[2] = {key_tag(p, col0), key_tag(p, col0 + 8)};
+  const TileRow keys[2] = {tile_row(p, col0, false), tile_row(p, col0 + 8, false)};
   load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
 
   float acc[2 * DF][4];
@@ -270,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupCon
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int h = i / 2, r = nt * 8 + 2 * (lane % 4) + i % 2;
-        const bool valid = in_denominator(p, m0 + r, col0 + 8 * h);
+        const bool valid = in_denominator(keys[h], m0 + r, p.na);
         const float a = positive_weight(p, valid, anchor_tags[r], k_tag[h]);
         s[nt][i] = tile_grad(valid, s[nt][i] * inv_tau, lse_s[r], coef_s[r], a, pos_scale_s[r]);
       }

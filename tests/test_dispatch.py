@@ -92,6 +92,7 @@ def test_cuda_extension_reports_why_it_is_unavailable_on_cpu_torch():
 
     module, reason = cuda_supcon.extension()
     assert module is None and "CPU-only" in reason
+    assert "CPU-only" in cuda_supcon.status()
 
 
 def test_auto_takes_cuda_only_where_a_benchmark_showed_it_faster(monkeypatch):

@@ -55,26 +55,58 @@ def toolkit_include_dirs() -> list:
     return re.findall(r'-I"?([^"\s]+)', "".join(line for line in dryrun.splitlines() if "INCLUDES=" in line))
 
 
-@functools.lru_cache(maxsize=None)
-def extension():
-    """(module, None) or (None, why it is unavailable). Builds at most once per process."""
+def _prebuilt():
     try:
         from . import _C  # built by setup.py
 
-        return _C, None
+        return _C
     except ImportError:
-        pass
+        return None
+
+
+def _sources():
+    return sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "*.cu")))
+
+
+def _cannot_build() -> Optional[str]:
+    """Why the extension cannot be JIT-built here (None: it can), without building it."""
     if torch.version.cuda is None:
-        return None, "torch is a CPU-only build (the CUDA extension needs a CUDA torch)"
-    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available, load
+        return "torch is a CPU-only build (the CUDA extension needs a CUDA torch)"
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
 
     if not is_ninja_available():
-        return None, "ninja is not installed (pip install ninja): the CUDA extension is built with it on first use"
+        return "ninja is not installed (pip install ninja): the CUDA extension is built with it on first use"
     if CUDA_HOME is None:
-        return None, "no CUDA toolkit found to build the extension (set CUDA_HOME, or install with one present)"
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "*.cu")))
-    if not sources:
-        return None, f"the CUDA sources are not installed (looked in {CSRC}); use an editable install or a wheel built with CUDA"
+        return "no CUDA toolkit found to build the extension (set CUDA_HOME, or install with one present)"
+    if not _sources():
+        return f"the CUDA sources are not installed (looked in {CSRC}); use an editable install or a wheel built with CUDA"
+    return None
+
+
+def status() -> str:
+    """One line for ``python -m fused_contrastive.info``; builds nothing."""
+    if _prebuilt() is not None:
+        return "built at install (fused_contrastive._C)"
+    if extension.cache_info().currsize:
+        module, reason = extension()
+        return "built on first use (JIT)" if module is not None else f"unavailable: {reason}"
+    reason = _cannot_build()
+    return "not built yet: the first backend='cuda' call compiles it (about a minute)" if reason is None else (
+        f"unavailable: {reason}")
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """(module, None) or (None, why it is unavailable). Builds at most once per process."""
+    module = _prebuilt()
+    if module is not None:
+        return module, None
+    reason = _cannot_build()
+    if reason is not None:
+        return None, reason
+    from torch.utils.cpp_extension import load
+
+    sources = _sources()
     try:
         module = load(name="fused_contrastive_cuda", sources=sources, extra_include_paths=[CSRC],
                       extra_cflags=["-O3"], extra_cuda_cflags=CUDA_FLAGS, verbose=False)

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import __version__, dispatch
+from . import __version__, cuda_supcon, dispatch
 from .losses import supcon_spec
 
 
@@ -23,6 +23,7 @@ def report() -> str:
         f"python {platform.python_version()} ({platform.machine()})",
         f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, threads: {torch.get_num_threads()})",
         f"triton {_version('triton')}",
+        f"CUDA extension: {cuda_supcon.status()}",
         f"numpy {_version('numpy')}",
     ]
     devices = [torch.device("cpu")]
