@@ -3,7 +3,8 @@
 // registers directly and g becomes the next product's A operand without leaving them (the WMMA kernels
 // of supcon_kernels.cuh take a round trip through shared memory instead, and remain for fp32).
 //
-// Same blocks as there: 64 x 64 tiles, 4 warps, warp w owning 16 rows of every tile. Per lane (g = lane / 4,
+// Same blocks as there: 64 x 64 tiles, 4 warps, warp w owning 16 rows of every tile; the streamed tile
+// (keys, or anchors in dK) is double-buffered, the next one arriving by cp.async during this one. Per lane (g = lane / 4,
 // t = lane % 4) a tile's 16 x 64 warp slice is s[8][4]: s[nt][i] is row g + 8 (i / 2), column
 // 8 nt + 2t + i % 2. Row statistics are per lane over its 16 columns and merged across the 4 lanes of a
 // quad at the end (two shuffles).
@@ -28,19 +29,92 @@ using kernels::tile_grad;
 
 constexpr int kNTiles = kTile / 8;  // n8 MMA tiles across a 64-wide tile
 
-// Shared memory: the Q and K tiles (as the WMMA kernels lay them out: ldmatrix reads their padded rows
-// without bank conflicts), then the key tags (row-parallel kernels) or the anchors' statistics (dK).
+// Shared memory: the block's fixed tile (Q in the row-parallel kernels, K in dK), two buffers for the
+// streamed tile (the next one arrives by cp.async while this one is computed), and beside each buffer
+// its rows' metadata (key tags; in dK the anchors' lse, coef, pos_scale and tags). Tiles are laid out as
+// the WMMA kernels lay them out: ldmatrix reads their padded rows without bank conflicts.
 template <typename T, int DF>
 struct Layout {
   using Tiles = kernels::Layout<T, DF>;
   static constexpr int kLdX = Tiles::kLdX;
-  static constexpr size_t kQ = 0;
-  static constexpr size_t kK = Tiles::kK;
-  static constexpr size_t kRowStats = Tiles::kS;  // no logit or g tile in shared memory
-  static constexpr size_t kKeyTags = kRowStats;
-  static constexpr size_t kAnchorTags = kRowStats + Tiles::round128(3 * sizeof(float) * kTile);
-  static constexpr size_t kBytes = kAnchorTags + Tiles::round128(sizeof(int64_t) * kTile);
+  static constexpr size_t kTileBytes = Tiles::round128(sizeof(T) * kTile * kLdX);
+  static constexpr size_t kStatsBytes = Tiles::round128(3 * sizeof(float) * kTile);
+  static constexpr size_t kSideBytes = kStatsBytes + Tiles::round128(sizeof(int64_t) * kTile);
+  static constexpr size_t kFixed = 0;
+  static constexpr size_t kStream = kTileBytes;
+  static constexpr size_t kSide = kStream + 2 * kTileBytes;
+  static constexpr size_t kBytes = kSide + 2 * kSideBytes;
 };
+
+template <typename T, int DF>
+struct Smem {
+  using L = Layout<T, DF>;
+  unsigned char* base;
+  __device__ __forceinline__ T* fixed() const { return reinterpret_cast<T*>(base + L::kFixed); }
+  __device__ __forceinline__ T* stream(int b) const { return reinterpret_cast<T*>(base + L::kStream + b * L::kTileBytes); }
+  __device__ __forceinline__ float* stats(int b) const {  // lse, coef, pos_scale: kTile each
+    return reinterpret_cast<float*>(base + L::kSide + b * L::kSideBytes);
+  }
+  __device__ __forceinline__ int64_t* tags(int b) const {
+    return reinterpret_cast<int64_t*>(base + L::kSide + b * L::kSideBytes + L::kStatsBytes);
+  }
+};
+
+// Rows [start, start + 64) of X into a [64, DP] shared tile by cp.async (zero past the last row and past d)
+// where 16-byte copies are possible; otherwise element by element, at once.
+template <typename T, int DF>
+__device__ __forceinline__ void load_rows_async(T* dst, const T* src, int64_t stride, int start, int total, int d) {
+  constexpr int kDP = kernels::Layout<T, DF>::kDP;
+  constexpr int kLdX = kernels::Layout<T, DF>::kLdX;
+  constexpr int kVec = 16 / sizeof(T);
+  if (d % kVec != 0 || stride % kVec != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    load_rows<T, DF>(dst, src, stride, start, total, d);
+    return;
+  }
+  for (int idx = threadIdx.x; idx < kTile * kDP / kVec; idx += kThreads) {
+    const int r = idx / (kDP / kVec), c = idx % (kDP / kVec) * kVec;
+    const int row = start + r;
+    const bool ok = row < total && c < d;
+    warp::cp_async_16(dst + r * kLdX + c, ok ? src + static_cast<int64_t>(row) * stride + c : src, ok ? 16 : 0);
+  }
+}
+
+// Starts key tile i (row-parallel kernels) into buffer i % 2, with its key tags, as one cp.async group.
+template <typename T, int DF>
+__device__ __forceinline__ void issue_keys(const SupConParams& p, const Smem<T, DF>& sm, int i) {
+  load_rows_async<T, DF>(sm.stream(i & 1), static_cast<const T*>(p.k), p.stride_k, i * kTile, p.m, p.d);
+  if (threadIdx.x < kTile) sm.tags(i & 1)[threadIdx.x] = key_tag(p, i * kTile + threadIdx.x);
+  warp::cp_async_commit();
+}
+
+// Starts anchor tile i (dK) into buffer i % 2, with the anchors' backward statistics and tags.
+template <typename T, int DF>
+__device__ __forceinline__ void issue_anchors(const SupConParams& p, const Smem<T, DF>& sm, int i) {
+  load_rows_async<T, DF>(sm.stream(i & 1), static_cast<const T*>(p.q), p.stride_q, i * kTile, p.na, p.d);
+  if (threadIdx.x < kTile) {
+    const int row = i * kTile + threadIdx.x;
+    const bool ok = row < p.na;
+    float* stats = sm.stats(i & 1);
+    stats[threadIdx.x] = safe_lse(p, row);
+    stats[kTile + threadIdx.x] = ok ? p.coef[row] : 0.f;
+    stats[2 * kTile + threadIdx.x] = ok ? p.pos_scale[row] : 0.f;
+    sm.tags(i & 1)[threadIdx.x] = anchor_tag(p, row);
+  }
+  warp::cp_async_commit();
+}
+
+// Before tile i: tile i + 1 goes out (if there is one), tile i is waited for by every thread.
+template <typename T, int DF, bool kKeys>
+__device__ __forceinline__ void advance(const SupConParams& p, const Smem<T, DF>& sm, int i, int tiles) {
+  if (i + 1 < tiles) {
+    if constexpr (kKeys) issue_keys<T, DF>(p, sm, i + 1);
+    else issue_anchors<T, DF>(p, sm, i + 1);
+    warp::cp_async_wait<1>();
+  } else {
+    warp::cp_async_wait<0>();
+  }
+  __syncthreads();
+}
 
 // s = A[16 rows, DP] . B[64 rows, DP]^T for one warp; A and B row-major in shared memory, row stride kLdX.
 template <typename T, int DF>
@@ -149,37 +223,35 @@ __device__ __forceinline__ void quad_merge(float& m, float& total, float& sum) {
 template <typename T, int DF>
 __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConParams p) {
   using L = Layout<T, DF>;
-  unsigned char* smem = kernels::shared_base();
-  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
-  T* k_s = reinterpret_cast<T*>(smem + L::kK);
-  int64_t* key_tags = reinterpret_cast<int64_t*>(smem + L::kKeyTags);
+  const Smem<T, DF> sm{kernels::shared_base()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int m0 = blockIdx.x * kTile, row0 = m0 + warp * kWarpRows + lane / 4;
   const float inv_tau = *p.inv_tau;
   const int64_t a_tag[2] = {anchor_tag(p, row0), anchor_tag(p, row0 + 8)};
   const TileRow rows[2] = {tile_row(p, row0, true), tile_row(p, row0 + 8, true)};
-  load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+  load_rows<T, DF>(sm.fixed(), static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+  const int tiles = (p.m + kTile - 1) / kTile;
+  if (tiles > 0) issue_keys<T, DF>(p, sm, 0);
 
   float m_run[2] = {-INFINITY, -INFINITY}, s_run[2] = {0.f, 0.f}, pos_sum[2] = {0.f, 0.f};
-  for (int n0 = 0; n0 < p.m; n0 += kTile) {
-    __syncthreads();  // every warp is done with the previous K tile (and the Q tile is in place)
-    load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
-    if (threadIdx.x < kTile) key_tags[threadIdx.x] = key_tag(p, n0 + threadIdx.x);
-    __syncthreads();
+  for (int i = 0; i < tiles; ++i) {
+    advance<T, DF, true>(p, sm, i, tiles);
+    const int n0 = i * kTile;
+    const int64_t* key_tags = sm.tags(i & 1);
     float s[kNTiles][4];
-    warp_scores<T, DF>(s, q_s + warp * kWarpRows * L::kLdX, k_s);
+    warp_scores<T, DF>(s, sm.fixed() + warp * kWarpRows * L::kLdX, sm.stream(i & 1));
     // Entries outside the denominator become -inf before the max, not after.
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int h = i / 2, c = nt * 8 + 2 * (lane % 4) + i % 2;
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, c = nt * 8 + 2 * (lane % 4) + e % 2;
         const bool valid = in_denominator(rows[h], n0 + c, p.m);
-        const float l = s[nt][i] * inv_tau;
+        const float l = s[nt][e] * inv_tau;
         pos_sum[h] += positive_weight(p, valid, a_tag[h], key_tags[c]) * l;
-        s[nt][i] = valid ? l : -INFINITY;
-        tile_max[h] = fmaxf(tile_max[h], s[nt][i]);
+        s[nt][e] = valid ? l : -INFINITY;
+        tile_max[h] = fmaxf(tile_max[h], s[nt][e]);
       }
     float shift[2];
 #pragma unroll
@@ -192,7 +264,8 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s_run[i / 2] += __expf(s[nt][i] - shift[i / 2]);
+      for (int e = 0; e < 4; ++e) s_run[e / 2] += __expf(s[nt][e] - shift[e / 2]);
+    __syncthreads();  // every warp is done with buffer i % 2 before it is refilled
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -208,10 +281,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
 template <typename T, int DF>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupConParams p) {
   using L = Layout<T, DF>;
-  unsigned char* smem = kernels::shared_base();
-  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
-  T* k_s = reinterpret_cast<T*>(smem + L::kK);
-  int64_t* key_tags = reinterpret_cast<int64_t*>(smem + L::kKeyTags);
+  const Smem<T, DF> sm{kernels::shared_base()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int m0 = blockIdx.x * kTile, row0 = m0 + warp * kWarpRows + lane / 4;
   const float inv_tau = *p.inv_tau;
@@ -227,27 +297,30 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupCon
     coef[h] = row < p.na ? p.coef[row] : 0.f;
     pos_scale[h] = row < p.na ? p.pos_scale[row] : 0.f;
   }
-  load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+  load_rows<T, DF>(sm.fixed(), static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
+  const int tiles = (p.m + kTile - 1) / kTile;
+  if (tiles > 0) issue_keys<T, DF>(p, sm, 0);
 
   float acc[2 * DF][4];
   zero<T, DF>(acc);
-  for (int n0 = 0; n0 < p.m; n0 += kTile) {
-    __syncthreads();
-    load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
-    if (threadIdx.x < kTile) key_tags[threadIdx.x] = key_tag(p, n0 + threadIdx.x);
-    __syncthreads();
+  for (int i = 0; i < tiles; ++i) {
+    advance<T, DF, true>(p, sm, i, tiles);
+    const int n0 = i * kTile;
+    const int64_t* key_tags = sm.tags(i & 1);
+    const T* k_s = sm.stream(i & 1);
     float s[kNTiles][4];
-    warp_scores<T, DF>(s, q_s + warp * kWarpRows * L::kLdX, k_s);
+    warp_scores<T, DF>(s, sm.fixed() + warp * kWarpRows * L::kLdX, k_s);
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int h = i / 2, c = nt * 8 + 2 * (lane % 4) + i % 2;
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, c = nt * 8 + 2 * (lane % 4) + e % 2;
         const bool valid = in_denominator(rows[h], n0 + c, p.m);
         const float a = positive_weight(p, valid, a_tag[h], key_tags[c]);
-        s[nt][i] = tile_grad(valid, s[nt][i] * inv_tau, lse_safe[h], coef[h], a, pos_scale[h]);
+        s[nt][e] = tile_grad(valid, s[nt][e] * inv_tau, lse_safe[h], coef[h], a, pos_scale[h]);
       }
     warp_accumulate<T, DF>(acc, s, k_s);
+    __syncthreads();  // every warp is done with buffer i % 2 before it is refilled
   }
   warp_store<T, DF>(acc, static_cast<T*>(p.dq), p.stride_dq, row0, p.na, p.d, inv_tau);
 }
@@ -255,13 +328,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupCon
 template <typename T, int DF>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupConParams p) {
   using L = Layout<T, DF>;
-  unsigned char* smem = kernels::shared_base();
-  T* q_s = reinterpret_cast<T*>(smem + L::kQ);
-  T* k_s = reinterpret_cast<T*>(smem + L::kK);
-  float* lse_s = reinterpret_cast<float*>(smem + L::kRowStats);
-  float* coef_s = lse_s + kTile;
-  float* pos_scale_s = coef_s + kTile;
-  int64_t* anchor_tags = reinterpret_cast<int64_t*>(smem + L::kAnchorTags);
+  const Smem<T, DF> sm{kernels::shared_base()};
   // Transposed roles: the warp's rows are keys (col0 = the warp's first key + g, and col0 + 8), its
   // columns anchors.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -269,34 +336,33 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupCon
   const float inv_tau = *p.inv_tau;
   const int64_t k_tag[2] = {key_tag(p, col0), key_tag(p, col0 + 8)};
   const TileRow keys[2] = {tile_row(p, col0, false), tile_row(p, col0 + 8, false)};
-  load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
+  load_rows<T, DF>(sm.fixed(), static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
+  const int tiles = (p.na + kTile - 1) / kTile;
+  if (tiles > 0) issue_anchors<T, DF>(p, sm, 0);
 
   float acc[2 * DF][4];
   zero<T, DF>(acc);
-  for (int m0 = 0; m0 < p.na; m0 += kTile) {
-    __syncthreads();
-    load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
-    if (threadIdx.x < kTile) {
-      const int row = m0 + threadIdx.x;
-      const bool ok = row < p.na;
-      lse_s[threadIdx.x] = safe_lse(p, row);
-      coef_s[threadIdx.x] = ok ? p.coef[row] : 0.f;
-      pos_scale_s[threadIdx.x] = ok ? p.pos_scale[row] : 0.f;
-      anchor_tags[threadIdx.x] = anchor_tag(p, row);
-    }
-    __syncthreads();
+  for (int i = 0; i < tiles; ++i) {
+    advance<T, DF, false>(p, sm, i, tiles);
+    const int m0 = i * kTile;
+    const float* lse_s = sm.stats(i & 1);
+    const float* coef_s = lse_s + kTile;
+    const float* pos_scale_s = coef_s + kTile;
+    const int64_t* anchor_tags = sm.tags(i & 1);
+    const T* q_s = sm.stream(i & 1);
     float s[kNTiles][4];
-    warp_scores<T, DF>(s, k_s + warp * kWarpRows * L::kLdX, q_s);
+    warp_scores<T, DF>(s, sm.fixed() + warp * kWarpRows * L::kLdX, q_s);
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int h = i / 2, r = nt * 8 + 2 * (lane % 4) + i % 2;
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, r = nt * 8 + 2 * (lane % 4) + e % 2;
         const bool valid = in_denominator(keys[h], m0 + r, p.na);
         const float a = positive_weight(p, valid, anchor_tags[r], k_tag[h]);
-        s[nt][i] = tile_grad(valid, s[nt][i] * inv_tau, lse_s[r], coef_s[r], a, pos_scale_s[r]);
+        s[nt][e] = tile_grad(valid, s[nt][e] * inv_tau, lse_s[r], coef_s[r], a, pos_scale_s[r]);
       }
     warp_accumulate<T, DF>(acc, s, q_s);
+    __syncthreads();  // every warp is done with buffer i % 2 before it is refilled
   }
   warp_store<T, DF>(acc, static_cast<T*>(p.dk), p.stride_dk, col0, p.m, p.d, inv_tau);
 }

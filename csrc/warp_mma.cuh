@@ -1,5 +1,6 @@
 // Warp-level tensor-core operations with known register layouts (PTX mma.sync m16n8k16 and ldmatrix),
-// for kernels that keep a logit tile in registers. Per lane, with g = lane / 4 and t = lane % 4:
+// for kernels that keep a logit tile in registers, and cp.async (global to shared copies that complete
+// in the background, sm_80+). Per lane, with g = lane / 4 and t = lane % 4:
 //   A 16x16 (row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
 //   B 16x8 (k x n):       b0 = (2t..2t+1, g), b1 = (2t+8.., g)
 //   C 16x8 fp32:          c0, c1 = (g, 2t), (g, 2t+1); c2, c3 = (g+8, 2t), (g+8, 2t+1)
@@ -53,6 +54,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address(row)));
+}
+
+// 16 bytes global -> shared in the background; the first src_bytes (0 or 16) are read, the rest zero-filled.
+// Visible to the issuing thread after cp_async_wait, to the block after a __syncthreads that follows it.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `pending` of this thread's committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
 }
 
 // d += A . B (16x16 by 16x8, fp32 accumulation).

@@ -1,11 +1,15 @@
-// The warp-collective PTX operations of csrc/warp_mma.cuh (ldmatrix, mma.sync m16n8k16) on the CPU
-// threads of tests/emulate/cuda_emulation.h: every lane publishes its operands, the warp meets at a
-// barrier, and each lane computes exactly the registers the PTX ISA assigns to it, so a kernel that gets
-// a fragment layout wrong computes a wrong number here too.
+// The PTX operations of csrc/warp_mma.cuh on the CPU threads of tests/emulate/cuda_emulation.h.
+// ldmatrix, mma.sync m16n8k16: every lane publishes its operands, the warp meets at a barrier, and each
+// lane computes exactly the registers the PTX ISA assigns to it, so a kernel that gets a fragment layout
+// wrong computes a wrong number here too. cp.async: the copies are queued per thread and land only when
+// cp_async_wait lets their group complete, so a kernel that reads a buffer before waiting for it (or
+// before the __syncthreads after everyone's wait) reads the poisoned or stale bytes it would risk on a GPU.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <vector>
 
 namespace fused_contrastive {
 namespace warp {
@@ -41,6 +45,34 @@ float element(std::uint32_t reg, unsigned half) {
 }
 
 }  // namespace detail
+
+struct Copy {
+  void* dst;
+  const void* src;
+  int src_bytes;
+};
+inline thread_local std::vector<Copy> open_group;
+inline thread_local std::deque<std::vector<Copy>> committed;
+
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 != 0 || reinterpret_cast<std::uintptr_t>(src) % 16 != 0)
+    emulation::fail("cp.async: 16-byte copy not 16-byte aligned");
+  open_group.push_back({dst, src, src_bytes});
+}
+inline void cp_async_commit() {
+  committed.push_back(std::move(open_group));
+  open_group.clear();
+}
+template <int pending>
+void cp_async_wait() {
+  while (committed.size() > static_cast<std::size_t>(pending)) {
+    for (const Copy& c : committed.front()) {
+      std::memset(c.dst, 0, 16);
+      std::memcpy(c.dst, c.src, c.src_bytes);
+    }
+    committed.pop_front();
+  }
+}
 
 inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* row) { detail::ldmatrix(r, row, false); }
 inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row) { detail::ldmatrix(r, row, true); }
