@@ -75,9 +75,10 @@ int max_dim(DType dtype) { return dtype == DType::kFloat32 ? 128 : 256; }
 
 size_t shared_bytes(int kernel, DType dtype, int d) {
   Kernel fn;
-  size_t bytes;
-  select(kernel, dtype, true, d, &fn, &bytes);
-  return bytes;
+  size_t wmma_bytes, mma_bytes;
+  select(kernel, dtype, true, d, &fn, &wmma_bytes);
+  select(kernel, dtype, false, d, &fn, &mma_bytes);
+  return wmma_bytes > mma_bytes ? wmma_bytes : mma_bytes;
 }
 
 cudaError_t supcon_forward(const SupConParams& p, DType dtype, cudaStream_t stream) {

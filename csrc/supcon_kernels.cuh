@@ -30,7 +30,8 @@ constexpr int kTile = 64;  // BLOCK_M = BLOCK_N
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kWarpRows = kTile / kWarps;  // 16: one WMMA tile high
-constexpr int kLdS = kTile + 4;  // fp32 logit tile's row stride: +4 floats against bank conflicts, 32-byte rows stay aligned
+// The fp32 logit tile's row stride: +4 floats against bank conflicts; 32-byte row starts stay aligned.
+constexpr int kLdS = kTile + 4;
 
 // ----------------------------------------------------------------------------- per-dtype arithmetic
 
@@ -41,9 +42,12 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
-// 16x16 products on tensor cores, one K-step at a time (an A fragment loaded once, reused). 16-bit inputs: m16n16k16 with fp32 accumulation.
+// 16x16 products on tensor cores, one K-step at a time (an A fragment loaded once, reused). 16-bit inputs:
+// m16n16k16 with fp32 accumulation.
 // fp32 inputs: three tf32 products (big*big + big*small + small*big, the "3xTF32" split) keep fp32
 // accuracy on tensor cores, as the Triton backend's tf32x3.
 template <typename T>
@@ -53,7 +57,9 @@ struct Mma {
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, kStep, float>;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kStep, T, wmma::row_major>;
 
-  static __device__ __forceinline__ void load_a(FragA& fa, const T* a, unsigned lda) { wmma::load_matrix_sync(fa, a, lda); }
+  static __device__ __forceinline__ void load_a(FragA& fa, const T* a, unsigned lda) {
+    wmma::load_matrix_sync(fa, a, lda);
+  }
 
   template <typename LayoutB>
   static __device__ __forceinline__ void mma(Acc& acc, const FragA& fa, const T* b, unsigned ldb) {
@@ -215,7 +221,8 @@ __device__ __forceinline__ void warp_store(typename Mma<T>::Acc (&acc)[DF], floa
       const int idx = lane + 32 * t;
       const int r = idx / 16, c = dn * 16 + idx % 16;
       const int row = row0 + r;
-      if (row < total && c < d) out[static_cast<int64_t>(row) * stride + c] = from_float<T>(scratch[r * kLdS + idx % 16] * inv_tau);
+      if (row < total && c < d)
+        out[static_cast<int64_t>(row) * stride + c] = from_float<T>(scratch[r * kLdS + idx % 16] * inv_tau);
     }
     __syncwarp();
   }

@@ -4,10 +4,10 @@
 // of supcon_kernels.cuh take a round trip through shared memory instead, and remain for fp32).
 //
 // Same blocks as there: 64 x 64 tiles, 4 warps, warp w owning 16 rows of every tile; the streamed tile
-// (keys, or anchors in dK) is double-buffered, the next one arriving by cp.async during this one. Per lane (g = lane / 4,
-// t = lane % 4) a tile's 16 x 64 warp slice is s[8][4]: s[nt][i] is row g + 8 (i / 2), column
-// 8 nt + 2t + i % 2. Row statistics are per lane over its 16 columns and merged across the 4 lanes of a
-// quad at the end (two shuffles).
+// (keys, or anchors in dK) is double-buffered, the next one arriving by cp.async during this one.
+// Per lane (g = lane / 4, t = lane % 4) a tile's 16 x 64 warp slice is s[8][4]: s[nt][e] is row
+// g + 8 (e / 2), column 8 nt + 2t + e % 2. Row statistics are per lane over its 16 columns and merged
+// across the 4 lanes of a quad at the end (two shuffles).
 #pragma once
 
 #include "supcon_kernels.cuh"
@@ -51,7 +51,9 @@ struct Smem {
   using L = Layout<T, DF>;
   unsigned char* base;
   __device__ __forceinline__ T* fixed() const { return reinterpret_cast<T*>(base + L::kFixed); }
-  __device__ __forceinline__ T* stream(int b) const { return reinterpret_cast<T*>(base + L::kStream + b * L::kTileBytes); }
+  __device__ __forceinline__ T* stream(int b) const {
+    return reinterpret_cast<T*>(base + L::kStream + b * L::kTileBytes);
+  }
   __device__ __forceinline__ float* stats(int b) const {  // lse, coef, pos_scale: kTile each
     return reinterpret_cast<float*>(base + L::kSide + b * L::kSideBytes);
   }
@@ -173,7 +175,8 @@ __device__ __forceinline__ void warp_store(const float (&acc)[2 * DF][4], T* out
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = row0 + 8 * (i / 2), c = dt * 8 + 2 * t + i % 2;
-      if (row < total && c < d) out[static_cast<int64_t>(row) * stride + c] = kernels::from_float<T>(acc[dt][i] * inv_tau);
+      if (row < total && c < d)
+        out[static_cast<int64_t>(row) * stride + c] = kernels::from_float<T>(acc[dt][i] * inv_tau);
     }
 }
 

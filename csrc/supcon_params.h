@@ -48,8 +48,8 @@ struct SupConParams {
 // Largest feature dimension per input dtype: whole padded rows of one 64-row tile of Q and of K sit in
 // shared memory, and the backward's [64, d] accumulators in registers.
 int max_dim(DType dtype);
-// Dynamic shared memory one block of the given kernel needs ("fwd", "dq" or "dk" by index 0/1/2), at most
-// (the WMMA kernels' figure).
+// Dynamic shared memory one block of the given kernel needs ("fwd", "dq" or "dk" by index 0/1/2): the
+// larger of the two kernel families' figures.
 size_t shared_bytes(int kernel, DType dtype, int d);
 
 // Launchers: they return the first CUDA error (launch or attribute), cudaSuccess otherwise.

@@ -25,7 +25,9 @@ inline void ldmatrix(std::uint32_t (&r)[4], const void* row, bool trans) {
   block->address[t] = reinterpret_cast<std::uintptr_t>(row);
   __syncwarp();
   for (unsigned m = 0; m < 4; ++m) {
-    const auto row_of = [&](unsigned i) { return reinterpret_cast<const std::uint16_t*>(block->address[base + m * 8 + i]); };
+    const auto row_of = [&](unsigned i) {
+      return reinterpret_cast<const std::uint16_t*>(block->address[base + m * 8 + i]);
+    };
     if (!trans) {
       const std::uint16_t* p = row_of(l / 4);
       r[m] = halves(p[2 * (l % 4)], p[2 * (l % 4) + 1]);
