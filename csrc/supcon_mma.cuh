@@ -281,93 +281,80 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
   }
 }
 
-template <typename T, int DF>
-__global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupConParams p) {
+// The two backward kernels in one body. kAnchorRows: rows are anchors, the streamed tiles keys, and the
+// result dQ (row-parallel); otherwise rows are keys, the streamed tiles anchors with their statistics,
+// and the result dK (column-parallel). Either way the warp's 16 rows accumulate [16, D] in registers.
+template <typename T, int DF, bool kAnchorRows>
+__device__ __forceinline__ void backward(const SupConParams& p) {
   using L = Layout<T, DF>;
   const Smem<T, DF> sm{kernels::shared_base()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int m0 = blockIdx.x * kTile, row0 = m0 + warp * kWarpRows + lane / 4;
+  const int b0 = blockIdx.x * kTile, row0 = b0 + warp * kWarpRows + lane / 4;
+  const int rows_total = kAnchorRows ? p.na : p.m, columns = kAnchorRows ? p.m : p.na;
   const float inv_tau = *p.inv_tau;
-  int64_t a_tag[2];
+  // What is fixed per row: its tag and denominator facts; for anchor rows also their backward factors.
+  int64_t row_tag[2];
   TileRow rows[2];
-  float lse_safe[2], coef[2], pos_scale[2];
+  float lse_safe[2] = {0.f, 0.f}, coef[2] = {0.f, 0.f}, pos_scale[2] = {0.f, 0.f};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = row0 + 8 * h;
-    a_tag[h] = anchor_tag(p, row);
-    rows[h] = tile_row(p, row, true);
-    lse_safe[h] = safe_lse(p, row);
-    coef[h] = row < p.na ? p.coef[row] : 0.f;
-    pos_scale[h] = row < p.na ? p.pos_scale[row] : 0.f;
+    row_tag[h] = kAnchorRows ? anchor_tag(p, row) : key_tag(p, row);
+    rows[h] = tile_row(p, row, kAnchorRows);
+    if constexpr (kAnchorRows) {
+      lse_safe[h] = safe_lse(p, row);
+      coef[h] = row < p.na ? p.coef[row] : 0.f;
+      pos_scale[h] = row < p.na ? p.pos_scale[row] : 0.f;
+    }
   }
-  load_rows<T, DF>(sm.fixed(), static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
-  const int tiles = (p.m + kTile - 1) / kTile;
-  if (tiles > 0) issue_keys<T, DF>(p, sm, 0);
+  load_rows<T, DF>(sm.fixed(), static_cast<const T*>(kAnchorRows ? p.q : p.k), kAnchorRows ? p.stride_q : p.stride_k,
+                   b0, rows_total, p.d);
+  const int tiles = (columns + kTile - 1) / kTile;
+  if (tiles > 0) {
+    if constexpr (kAnchorRows) issue_keys<T, DF>(p, sm, 0);
+    else issue_anchors<T, DF>(p, sm, 0);
+  }
 
   float acc[2 * DF][4];
   zero<T, DF>(acc);
   for (int i = 0; i < tiles; ++i) {
-    advance<T, DF, true>(p, sm, i, tiles);
-    const int n0 = i * kTile;
-    const int64_t* key_tags = sm.tags(i & 1);
-    const T* k_s = sm.stream(i & 1);
+    advance<T, DF, kAnchorRows>(p, sm, i, tiles);
+    const int c0 = i * kTile;
+    const int64_t* tags = sm.tags(i & 1);
+    const float* stats = sm.stats(i & 1);  // dK: the streamed anchors' lse, coef, pos_scale
+    const T* streamed = sm.stream(i & 1);
     float s[kNTiles][4];
-    warp_scores<T, DF>(s, sm.fixed() + warp * kWarpRows * L::kLdX, k_s);
+    warp_scores<T, DF>(s, sm.fixed() + warp * kWarpRows * L::kLdX, streamed);
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e / 2, c = nt * 8 + 2 * (lane % 4) + e % 2;
-        const bool valid = in_denominator(rows[h], n0 + c, p.m);
-        const float a = positive_weight(p, valid, a_tag[h], key_tags[c]);
-        s[nt][e] = tile_grad(valid, s[nt][e] * inv_tau, lse_safe[h], coef[h], a, pos_scale[h]);
+        const bool valid = in_denominator(rows[h], c0 + c, columns);
+        const float l = s[nt][e] * inv_tau;
+        if constexpr (kAnchorRows) {
+          const float a = positive_weight(p, valid, row_tag[h], tags[c]);
+          s[nt][e] = tile_grad(valid, l, lse_safe[h], coef[h], a, pos_scale[h]);
+        } else {
+          const float a = positive_weight(p, valid, tags[c], row_tag[h]);
+          s[nt][e] = tile_grad(valid, l, stats[c], stats[kTile + c], a, stats[2 * kTile + c]);
+        }
       }
-    warp_accumulate<T, DF>(acc, s, k_s);
+    warp_accumulate<T, DF>(acc, s, streamed);
     __syncthreads();  // every warp is done with buffer i % 2 before it is refilled
   }
-  warp_store<T, DF>(acc, static_cast<T*>(p.dq), p.stride_dq, row0, p.na, p.d, inv_tau);
+  warp_store<T, DF>(acc, static_cast<T*>(kAnchorRows ? p.dq : p.dk), kAnchorRows ? p.stride_dq : p.stride_dk, row0,
+                    rows_total, p.d, inv_tau);
+}
+
+template <typename T, int DF>
+__global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupConParams p) {
+  backward<T, DF, true>(p);
 }
 
 template <typename T, int DF>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupConParams p) {
-  using L = Layout<T, DF>;
-  const Smem<T, DF> sm{kernels::shared_base()};
-  // Transposed roles: the warp's rows are keys (col0 = the warp's first key + g, and col0 + 8), its
-  // columns anchors.
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int n0 = blockIdx.x * kTile, col0 = n0 + warp * kWarpRows + lane / 4;
-  const float inv_tau = *p.inv_tau;
-  const int64_t k_tag[2] = {key_tag(p, col0), key_tag(p, col0 + 8)};
-  const TileRow keys[2] = {tile_row(p, col0, false), tile_row(p, col0 + 8, false)};
-  load_rows<T, DF>(sm.fixed(), static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
-  const int tiles = (p.na + kTile - 1) / kTile;
-  if (tiles > 0) issue_anchors<T, DF>(p, sm, 0);
-
-  float acc[2 * DF][4];
-  zero<T, DF>(acc);
-  for (int i = 0; i < tiles; ++i) {
-    advance<T, DF, false>(p, sm, i, tiles);
-    const int m0 = i * kTile;
-    const float* lse_s = sm.stats(i & 1);
-    const float* coef_s = lse_s + kTile;
-    const float* pos_scale_s = coef_s + kTile;
-    const int64_t* anchor_tags = sm.tags(i & 1);
-    const T* q_s = sm.stream(i & 1);
-    float s[kNTiles][4];
-    warp_scores<T, DF>(s, sm.fixed() + warp * kWarpRows * L::kLdX, q_s);
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2, r = nt * 8 + 2 * (lane % 4) + e % 2;
-        const bool valid = in_denominator(keys[h], m0 + r, p.na);
-        const float a = positive_weight(p, valid, anchor_tags[r], k_tag[h]);
-        s[nt][e] = tile_grad(valid, s[nt][e] * inv_tau, lse_s[r], coef_s[r], a, pos_scale_s[r]);
-      }
-    warp_accumulate<T, DF>(acc, s, q_s);
-    __syncthreads();  // every warp is done with buffer i % 2 before it is refilled
-  }
-  warp_store<T, DF>(acc, static_cast<T*>(p.dk), p.stride_dk, col0, p.m, p.d, inv_tau);
+  backward<T, DF, false>(p);
 }
 
 }  // namespace mma_kernels
