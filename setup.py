@@ -59,7 +59,6 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "cuda": ["ninja"],
         # ninja: torch's JIT builds (the CUDA extension on first use; its CPU emulation in the tests).
         "test": ["pytest", "hypothesis", "scikit-learn", "triton>=3.6", "ninja"],
         "bench": ["matplotlib", "tqdm", "pytorch-metric-learning"],

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "supcon_params.h"
+#include "warp_mma.cuh"
 
 namespace fused_contrastive {
 namespace kernels {
@@ -140,10 +141,11 @@ __device__ __forceinline__ unsigned char* shared_base() {
 }
 
 // Rows [start, start + 64) of X into a [64, DP] shared tile, zero past the last row and past d (the
-// padding is free: zeros add nothing to a dot product). 16-byte loads when d, the row stride and the base
+// padding is free: zeros add nothing to a dot product). 16-byte copies when d, the row stride and the base
 // pointer allow them (the usual case: D a multiple of 8 for 16-bit inputs, of 4 for fp32), else one
-// element at a time.
-template <typename T, int DF>
+// element at a time. kAsync: the 16-byte copies go by cp.async (in flight until the caller commits and
+// waits for them); element copies are always done at once.
+template <typename T, int DF, bool kAsync = false>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, int start, int total, int d) {
   constexpr int kDP = Layout<T, DF>::kDP;
   constexpr int kLdX = Layout<T, DF>::kLdX;
@@ -153,9 +155,14 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, 
     for (int idx = threadIdx.x; idx < kTile * kDP / kVec; idx += kThreads) {
       const int r = idx / (kDP / kVec), c = idx % (kDP / kVec) * kVec;
       const int row = start + r;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (row < total && c < d) v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row) * stride + c);
-      *reinterpret_cast<uint4*>(dst + r * kLdX + c) = v;
+      const bool ok = row < total && c < d;
+      if constexpr (kAsync) {
+        warp::cp_async_16(dst + r * kLdX + c, ok ? src + static_cast<int64_t>(row) * stride + c : src, ok ? 16 : 0);
+      } else {
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (ok) v = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row) * stride + c);
+        *reinterpret_cast<uint4*>(dst + r * kLdX + c) = v;
+      }
     }
     return;
   }
@@ -238,9 +245,23 @@ __device__ __forceinline__ int64_t key_tag(const SupConParams& p, int col) {
   return p.mask != nullptr ? col : p.key_labels[col];
 }
 
-// Key j is in anchor i's denominator: both in range and j is not i's self.
-__device__ __forceinline__ bool in_denominator(const SupConParams& p, int row, int col) {
-  return row < p.na && col < p.m && !(p.has_self && static_cast<int64_t>(col) == row + p.self_offset);
+// What the elementwise step needs of a tile row, fixed for the whole kernel: is it in range, and which
+// column is its self (-1: none among the columns). Row-parallel kernels (forward, dQ): rows are anchors,
+// columns keys, self = row + self_offset; dK: rows are keys, columns anchors, self = row - self_offset. A pair (row, col)
+// is in the denominator when the row is in range, col < columns and col != self.
+struct TileRow {
+  bool ok;
+  int self;
+};
+
+__device__ __forceinline__ TileRow tile_row(const SupConParams& p, int row, bool anchors_are_rows) {
+  const int rows = anchors_are_rows ? p.na : p.m, columns = anchors_are_rows ? p.m : p.na;
+  const int64_t self = anchors_are_rows ? row + p.self_offset : row - p.self_offset;
+  return {row < rows, p.has_self && self >= 0 && self < columns ? static_cast<int>(self) : -1};
+}
+
+__device__ __forceinline__ bool in_denominator(const TileRow& r, int col, int columns) {
+  return r.ok && col < columns && col != r.self;
 }
 
 // a_ij for a pair in the denominator (0 elsewhere): 1 on equal labels, or the mask's weight.
@@ -268,6 +289,7 @@ struct RowParallel {
   int64_t* key_tags;
   int warp, lane, m0, r_local, row, c0;
   int64_t a_tag;
+  TileRow facts;
   float inv_tau;
 
   __device__ __forceinline__ explicit RowParallel(const SupConParams& p) {
@@ -284,6 +306,7 @@ struct RowParallel {
     row = m0 + r_local;
     c0 = (lane & 1) * (kTile / 2);
     a_tag = anchor_tag(p, row);
+    facts = tile_row(p, row, true);
     inv_tau = *p.inv_tau;
     load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
   }
@@ -316,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
 #pragma unroll 4
     for (int c = t.c0; c < t.c0 + kTile / 2; ++c) {
       const int col = n0 + c;
-      const bool valid = in_denominator(p, t.row, col);
+      const bool valid = in_denominator(t.facts, col, p.m);
       const float l = s_row[c] * t.inv_tau;
       if (valid) tile_max = fmaxf(tile_max, l);
       pos_sum += positive_weight(p, valid, t.a_tag, t.key_tags[c]) * l;
@@ -326,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
     float tile_sum = 0.f;
 #pragma unroll 4
     for (int c = t.c0; c < t.c0 + kTile / 2; ++c)
-      if (in_denominator(p, t.row, n0 + c)) tile_sum += __expf(s_row[c] * t.inv_tau - shift);
+      if (in_denominator(t.facts, n0 + c, p.m)) tile_sum += __expf(s_row[c] * t.inv_tau - shift);
     s_run = s_run * __expf(m_run - shift) + tile_sum;
     m_run = m_new;
   }
@@ -374,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupCon
     T* g_row = t.g_s + t.r_local * Layout<T, DF>::kLdG;
 #pragma unroll 4
     for (int c = t.c0; c < t.c0 + kTile / 2; ++c) {
-      const bool valid = in_denominator(p, t.row, n0 + c);
+      const bool valid = in_denominator(t.facts, n0 + c, p.m);
       const float a = positive_weight(p, valid, t.a_tag, t.key_tags[c]);
       g_row[c] = from_float<T>(tile_grad(valid, s_row[c] * t.inv_tau, lse_safe, coef, a, pos_scale));
     }
@@ -408,6 +431,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupCon
   const int col = n0 + j_local;
   const int r0 = (lane & 1) * (kTile / 2);
   const int64_t k_tag = key_tag(p, col);
+  const TileRow key = tile_row(p, col, false);
 
   typename Mma<T>::Acc acc[DF];
 #pragma unroll
@@ -432,7 +456,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupCon
     T* g_row = g_s + j_local * L::kLdG;
 #pragma unroll 4
     for (int r = r0; r < r0 + kTile / 2; ++r) {
-      const bool valid = in_denominator(p, m0 + r, col);
+      const bool valid = in_denominator(key, m0 + r, p.na);
       const float a = positive_weight(p, valid, anchor_tags[r], k_tag);
       g_row[r] = from_float<T>(tile_grad(valid, s_row[r] * inv_tau, lse_s[r], coef_s[r], a, pos_scale_s[r]));
     }

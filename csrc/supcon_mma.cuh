@@ -11,12 +11,12 @@
 #pragma once
 
 #include "supcon_kernels.cuh"
-#include "warp_mma.cuh"
 
 namespace fused_contrastive {
 namespace mma_kernels {
 
 using kernels::anchor_tag;
+using kernels::in_denominator;
 using kernels::key_tag;
 using kernels::kThreads;
 using kernels::kTile;
@@ -26,6 +26,8 @@ using kernels::positive_weight;
 using kernels::safe_lse;
 using kernels::shift_of;
 using kernels::tile_grad;
+using kernels::tile_row;
+using kernels::TileRow;
 
 constexpr int kNTiles = kTile / 8;  // n8 MMA tiles across a 64-wide tile
 
@@ -62,29 +64,10 @@ struct Smem {
   }
 };
 
-// Rows [start, start + 64) of X into a [64, DP] shared tile by cp.async (zero past the last row and past d)
-// where 16-byte copies are possible; otherwise element by element, at once.
-template <typename T, int DF>
-__device__ __forceinline__ void load_rows_async(T* dst, const T* src, int64_t stride, int start, int total, int d) {
-  constexpr int kDP = kernels::Layout<T, DF>::kDP;
-  constexpr int kLdX = kernels::Layout<T, DF>::kLdX;
-  constexpr int kVec = 16 / sizeof(T);
-  if (d % kVec != 0 || stride % kVec != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-    load_rows<T, DF>(dst, src, stride, start, total, d);
-    return;
-  }
-  for (int idx = threadIdx.x; idx < kTile * kDP / kVec; idx += kThreads) {
-    const int r = idx / (kDP / kVec), c = idx % (kDP / kVec) * kVec;
-    const int row = start + r;
-    const bool ok = row < total && c < d;
-    warp::cp_async_16(dst + r * kLdX + c, ok ? src + static_cast<int64_t>(row) * stride + c : src, ok ? 16 : 0);
-  }
-}
-
 // Starts key tile i (row-parallel kernels) into buffer i % 2, with its key tags, as one cp.async group.
 template <typename T, int DF>
 __device__ __forceinline__ void issue_keys(const SupConParams& p, const Smem<T, DF>& sm, int i) {
-  load_rows_async<T, DF>(sm.stream(i & 1), static_cast<const T*>(p.k), p.stride_k, i * kTile, p.m, p.d);
+  load_rows<T, DF, true>(sm.stream(i & 1), static_cast<const T*>(p.k), p.stride_k, i * kTile, p.m, p.d);
   if (threadIdx.x < kTile) sm.tags(i & 1)[threadIdx.x] = key_tag(p, i * kTile + threadIdx.x);
   warp::cp_async_commit();
 }
@@ -92,7 +75,7 @@ __device__ __forceinline__ void issue_keys(const SupConParams& p, const Smem<T, 
 // Starts anchor tile i (dK) into buffer i % 2, with the anchors' backward statistics and tags.
 template <typename T, int DF>
 __device__ __forceinline__ void issue_anchors(const SupConParams& p, const Smem<T, DF>& sm, int i) {
-  load_rows_async<T, DF>(sm.stream(i & 1), static_cast<const T*>(p.q), p.stride_q, i * kTile, p.na, p.d);
+  load_rows<T, DF, true>(sm.stream(i & 1), static_cast<const T*>(p.q), p.stride_q, i * kTile, p.na, p.d);
   if (threadIdx.x < kTile) {
     const int row = i * kTile + threadIdx.x;
     const bool ok = row < p.na;
@@ -186,25 +169,6 @@ __device__ __forceinline__ void zero(float (&acc)[2 * DF][4]) {
   for (int dt = 0; dt < 2 * DF; ++dt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[dt][i] = 0.f;
-}
-
-// What the elementwise step needs of a tile row, fixed for the whole kernel: is it in range, and which
-// column is its self (-1: none among the columns). Row-parallel kernels: rows are anchors, columns keys,
-// self = row + self_offset; dK: rows are keys, columns anchors, self = row - self_offset. A pair (row, col)
-// is in the denominator when the row is in range, col < columns and col != self.
-struct TileRow {
-  bool ok;
-  int self;
-};
-
-__device__ __forceinline__ TileRow tile_row(const SupConParams& p, int row, bool anchors_are_rows) {
-  const int rows = anchors_are_rows ? p.na : p.m, columns = anchors_are_rows ? p.m : p.na;
-  const int64_t self = anchors_are_rows ? row + p.self_offset : row - p.self_offset;
-  return {row < rows, p.has_self && self >= 0 && self < columns ? static_cast<int>(self) : -1};
-}
-
-__device__ __forceinline__ bool in_denominator(const TileRow& r, int col, int columns) {
-  return r.ok && col < columns && col != r.self;
 }
 
 // Merges a running (max, sum of exp(x - max)) and a sum across the 4 lanes of a quad.

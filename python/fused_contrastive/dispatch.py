@@ -68,10 +68,6 @@ def _triton_grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale):
     return _triton_module()[0].grads_from_stats(spec, lse, coef, pos_scale)
 
 
-def _cuda_why_not(spec: ContrastSpec) -> Optional[str]:
-    return cuda_supcon.why_not(spec)
-
-
 # GPU generations (compute capability major) on which a benchmark in bench/results/ measured the CUDA
 # kernels faster than Triton's, with the result file that shows it. ``auto`` takes cuda only there:
 # empty until the CUDA kernels have been benchmarked on a GPU.
@@ -90,7 +86,7 @@ def _cuda_auto_why_not(spec: ContrastSpec) -> Optional[str]:
 
 # Order of preference for ``auto``; reference is the oracle and is never chosen by ``auto``.
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", _cuda_why_not, cuda_supcon.loss, cuda_supcon.loss_and_grads, auto_devices=("cuda",),
+    "cuda": Backend("cuda", cuda_supcon.why_not, cuda_supcon.loss, cuda_supcon.loss_and_grads, auto_devices=("cuda",),
                     ring=(cuda_supcon.row_stats, cuda_supcon.grads_from_stats), auto_why_not=_cuda_auto_why_not),
     "triton": Backend("triton", _triton_why_not, _triton_loss, _triton_loss_and_grads, auto_devices=("cuda",),
                       ring=(_triton_row_stats, _triton_grads_from_stats)),
