@@ -56,3 +56,41 @@ def test_aot_specialises_like_the_jit():
     neither and compiled scalar loads with far more registers."""
     out = _run(["-c", SPECIALISATION])
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr[-3000:]
+
+
+SASS_LOOP = """
+        /*0100*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0110*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0120*/                   MUFU.EX2 R3, R2 ;
+        /*0130*/                   NOP ;
+        /*0140*/              @!P2 BRA `(.L_x_1) ;
+.L_x_0:
+        /*0150*/              @!P0 EXIT ;
+.L_x_2:
+        /*0160*/                   BRA `(.L_x_2);
+"""
+
+
+def test_sass_loop_finder():
+    """The back edge (a branch to an earlier label) bounds the tile loop; NOPs and the trailing self-loop
+    (no matrix instruction) do not count."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    try:
+        os.environ.pop("TRITON_INTERPRET", None)
+        import sass_per_pair
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+        sys.path.pop(0)
+    loops = sass_per_pair.tile_loops(SASS_LOOP)
+    assert [(lp.start, lp.end, lp.instructions) for lp in loops] == [(0x110, 0x140, 3)]
+    assert sass_per_pair.per_pair(3, 64, 64, 4) == 3 * 32 / 1024
+
+
+def test_sass_per_pair_one_config():
+    """bench/sass_per_pair.py compiles one shipped config as the JIT would and finds its tile loop."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "sass_per_pair.py")
+    out = _run([script, "--arch", "90", "--variants", "labels", "--kernels", "fwd", "--configs", "1"])
+    rows = [line for line in out.stdout.splitlines() if line.startswith("fwd")]
+    assert out.returncode == 0 and len(rows) == 1 and "per_pair" in rows[0], out.stdout + out.stderr[-3000:]
+    assert 0 < float(rows[0].split("per_pair")[1].split()[0]) < 100, rows[0]
