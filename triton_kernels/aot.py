@@ -127,8 +127,19 @@ def example_kwargs(kernel: str, spec, config) -> dict:
         kwargs.update(LSE=rows, COEF=rows.clone(), POS_SCALE=rows.clone(), DEN_SCALE=rows.clone())
         kwargs.update({"DQ" if kernel == "bwd_dq" else "DK": out,
                        "stride_dqm" if kernel == "bwd_dq" else "stride_dkm": out.stride(0)})
+        if supcon.VARIANTS[variant_name(spec)] in supcon._POSITIVES_IN_LOOP:
+            pos_grad = torch.zeros(1, dtype=torch.float32)
+        else:  # the positive part of the gradient, [rows, D] fp32 from the launcher
+            pos_grad = torch.empty(Q.shape, dtype=torch.float32)
+        kwargs.update(POS_GRAD=pos_grad, stride_pgm=pos_grad.stride(0))
+        if kernel == "bwd_dk":  # L_out's per-row exponent shift and the common sign of coef
+            kwargs.update(ROW_SHIFT=rows.clone(), COEF_SIGN=torch.ones(1, dtype=torch.float32))
     kwargs.update(config.kwargs)
     return kwargs
+
+
+def variant_name(spec) -> str:
+    return next(name for name, code in supcon.VARIANTS.items() if code == supcon.variant_code(spec))
 
 
 def jit_source(fn, arch: int, kwargs: dict, num_warps: int, num_stages: int):
