@@ -6,13 +6,15 @@ fused_contrastive's dispatcher calls (the autograd.Function above the launchers 
 the CUDA backend: ``fused_contrastive.fused``).
 
 Every tile of logits ``l = Q_blk K_blk^T / tau`` lives in registers only. The forward
-keeps per row a running max ``m``, running ``sum exp(l - m)`` and ``pos_sum = sum a*l``
-and saves ``lse`` (fp32). The backward recomputes each tile from ``lse``:
-``g = coef_i * (exp(l - lse_i) - a_ij / Z_i)`` (``coef_i`` carries dLoss/dL_i and the
-scale c), then ``dQ = g K / tau`` in one kernel and ``dK = g^T Q / tau`` in another:
-no atomics, so results are bit-deterministic. Positives come from label vectors or
-from the user's ``[B, B]`` mask (bytes for a 0/1 mask, fp32 weights otherwise), read
-tile by tile; nothing of size Na x M is ever written.
+keeps per row a running max ``m`` and running ``sum exp(l - m)`` and saves ``lse`` (fp32).
+The backward recomputes each tile from ``lse``: ``g = coef_i * (exp(l - lse_i) - a_ij / Z_i)``
+(``coef_i`` carries dLoss/dL_i and the scale c), then ``dQ = g K / tau`` in one kernel and
+``dK = g^T Q / tau`` in another: no atomics, so results are bit-deterministic. For L_out the
+positive part (``pos_sum = sum_j a_ij l_ij`` and the ``a_ij / Z_i`` term of ``g``) is linear in
+the rows, so the launchers form it from per-class sums (labels) or per-mask-column sums (the
+user's ``[B, B]`` mask) in O((Na + M) D) and the tile loops only see the denominator; L_in and
+epsilon-SupInfoNCE read labels or the mask (bytes for a 0/1 mask, fp32 weights otherwise) tile
+by tile. Nothing of size Na x M is ever written.
 """
 from __future__ import annotations
 
@@ -450,7 +452,10 @@ def _dk_step(dk, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCA
     if VARIANT == 0:
         # L_out: |coef_i| rides in the exponent, g_ij / sign = exp2(l_ij log2(e) - (LSE_i log2(e) - log2|coef_i|)),
         # one shift per row from the launcher (+inf where coef_i = 0); the common sign is applied to dK.
-        shift2 = tl.load(ROW_SHIFT + rows, mask=row_ok, other=float("inf"))
+        if CHECKED:
+            shift2 = tl.load(ROW_SHIFT + rows, mask=row_ok, other=float("inf"))
+        else:  # a full tile: no predicate, so the load can take the accumulator's row layout directly
+            shift2 = tl.load(ROW_SHIFT + rows)
         g = _tile_grad(s, bias, 0.0, valid, inv_tau, scale2, shift2, shift2, shift2, shift2, epsilon, beta, shift2,
                        shift2, shift2, shift2, VARIANT, RAW, CHECKED)
     else:
@@ -542,8 +547,10 @@ TILE_CONFIGS = {
     ("fwd", 4): {64: [(32, 32, 4, 2)]},
     ("bwd", 4): {64: [(32, 32, 4, 2)]},
 }
-# Before Hopper, mma.sync keeps more of the tile in registers: the 128-row backward tile spills there.
-PRE_HOPPER_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
+# Before Hopper, mma.sync keeps more of the tile in registers: the 128-row backward tile spills there at
+# D = 128, dK's 64 x 64 tile at D = 64 (8 bytes, Triton 3.9) and dQ's 16-row tile at D = 256 (24 bytes,
+# Triton 3.6.0).
+PRE_HOPPER_DROP = {("bwd", 2): {64: [(64, 64, 4, 3)], 128: [(128, 64, 8, 3)], 256: [(16, 32, 4, 2)]}}
 # The bias tile (two table lookups per key) costs the 128-row backward tile its last registers; the row
 # formulas' extra per-row scale (epsilon-SupInfoNCE, debiased) costs the 32-row one at D = 512 on sm_90.
 DEN_BIAS_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
@@ -562,12 +569,12 @@ def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int, d
     """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may try for one launch."""
     bucket = max(64, block_d)
     shapes = TILE_CONFIGS[(family, elem_bytes)][bucket]
-    if n <= 64:  # one tile does it all: the smallest shape, no tuning
-        return shapes[-1:]
     for drop, applies in ((PRE_HOPPER_DROP, arch < 90), (DEN_BIAS_DROP, den_bias), (ROW_SCALE_DROP, variant >= 2)):
         if applies:
             dropped = drop.get((family, elem_bytes), {}).get(bucket, [])
             shapes = [sh for sh in shapes if sh not in dropped]
+    if n <= 64:  # one tile does it all: the smallest shape left, no tuning
+        return shapes[-1:]
     return shapes
 
 
