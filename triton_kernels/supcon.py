@@ -545,7 +545,7 @@ TILE_CONFIGS = {
                  256: [(64, 32, 8, 3), (16, 32, 4, 2)],
                  512: [(32, 32, 8, 2), (16, 32, 8, 2)]},
     ("fwd", 4): {64: [(32, 32, 4, 2)]},
-    ("bwd", 4): {64: [(32, 32, 4, 2)]},
+    ("bwd", 4): {64: [(16, 32, 4, 2)]},  # 32 rows: dQ spills 8-16 bytes (POS_GRAD in the epilogue)
 }
 # Before Hopper, mma.sync keeps more of the tile in registers: the 128-row backward tile spills there at
 # D = 128, dK's 64 x 64 tile at D = 64 (8 bytes, Triton 3.9) and dQ's 16-row tile at D = 256 (24 bytes,
