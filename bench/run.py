@@ -161,8 +161,9 @@ def clip_provider(name):
 
         def run(f, y):
             image, text = pairs(f)
-            return 0.5 * (cal_inf_loss(image, text, scale=1.0 / TEMPERATURE)
-                          + cal_inf_loss(text, image, scale=1.0 / TEMPERATURE))
+            head = min(256, image.shape[1])  # it splits D into heads of this width (16 to 256), summed
+            return 0.5 * (cal_inf_loss(image, text, scale=1.0 / TEMPERATURE, head_dim=head)
+                          + cal_inf_loss(text, image, scale=1.0 / TEMPERATURE, head_dim=head))
 
         return run
     # memeff: its own L2 normalisation off (the rows are unit already) and the textbook gradient scale
