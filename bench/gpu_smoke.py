@@ -205,6 +205,7 @@ def main():
     per_job = len(sizes) * len(temps) * len(backends)
     workers = args.workers if args.workers is not None else max(1, min(len(jobs), (os.cpu_count() or 2) - 4))
     counts = {"PASS": 0, "FAIL": 0, "ERROR": 0, "n/a": 0}
+    reasons = {}
     started = time.perf_counter()
     finished = 0
     interrupted = None
@@ -223,6 +224,9 @@ def main():
                 finished += 1
                 for line in lines:
                     counts[line.split()[0]] += 1
+                    if line.startswith("n/a"):  # the text after the case's five fields: the reason
+                        why = line.split(None, 6)[-1]
+                        reasons[why[:150]] = reasons.get(why[:150], 0) + 1
                     print(line, flush=True)
                 out.write("".join(line + "\n" for line in lines))
                 out.flush()
@@ -238,6 +242,8 @@ def main():
         summary = (f"SUMMARY {','.join(backends)} on {device}: {len(jobs) * per_job} cases: {counts['PASS']} passed, "
                    f"{failed} failed, {counts['n/a']} n/a, {not_run} not run"
                    f"{f' ({interrupted})' if interrupted else ''}; {time.perf_counter() - started:.0f} s")
+        # Why cases were n/a, most frequent first: a backend that covers nothing shows up here at a glance.
+        out.write("".join(f"# n/a x{k}: {why}\n" for why, k in sorted(reasons.items(), key=lambda x: -x[1])))
         out.write(summary + "\n")
     print(summary, flush=True)
     sys.exit(1 if failed else 0)
