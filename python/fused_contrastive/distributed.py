@@ -116,7 +116,7 @@ _NOT_COMPARED = ("backend", "process_group")  # a backend does not change the re
 def _describe(name: str, value):
     """What must be the same on every rank about one argument (printable, comparable with ==)."""
     if value is None or isinstance(value, (bool, str)):
-        return value
+        return repr(value)  # the string "0.1" is not the number 0.1
     if isinstance(value, numbers.Real):
         return repr(float(value))  # 1 and 1.0 alike; NaN equals NaN here (the local checks refuse it)
     if not isinstance(value, Tensor) and name in PER_SAMPLE:
@@ -165,11 +165,12 @@ class _Pending:
             if first == rank:
                 raise error
             raise RuntimeError(f"{text} ({kind} on that rank)")
-        for name, value in self.record.items():
+        first_record = records[0]["record"]  # every rank compares with rank 0, so all raise the same message
+        for name, value in first_record.items():
             differ = [r for r, theirs in enumerate(records) if theirs["record"].get(name) != value]
             if differ:
                 other = differ[0]
-                raise ValueError(f"the ranks of process_group disagree on {name}: rank {rank} passed {value}, rank "
+                raise ValueError(f"the ranks of process_group disagree on {name}: rank 0 passed {value}, rank "
                                  f"{other} passed {records[other]['record'].get(name)}; every argument but the batch "
                                  "size must be the same on every rank")
         return self.sizes
