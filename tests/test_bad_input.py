@@ -42,7 +42,8 @@ def _feature_cases(loss):
 
 def _temperature_cases(loss):
     if loss == "clip_loss":
-        return [("scale zero", {"logit_scale": 0.0}, "logit_scale"), ("scale inf", {"logit_scale": float("inf")}, "logit_scale"),
+        return [("scale zero", {"logit_scale": 0.0}, "logit_scale"),
+                ("scale inf", {"logit_scale": float("inf")}, "logit_scale"),
                 ("scale beyond fp32", {"logit_scale": 1e39}, "logit_scale"),
                 ("scale 3 elements", {"logit_scale": torch.ones(3)}, "logit_scale"),
                 ("scale string", {"logit_scale": "10"}, "logit_scale"),
@@ -105,7 +106,8 @@ SPECIFIC = {
                  ("queue non-finite (check on)", {"queue": torch.full((5, 8), float("nan"))}, "queue"),
                  ("queue and symmetric", {"queue": torch.randn(5, 8), "symmetric": True}, "symmetric"),
                  ("in_batch_negatives", {"in_batch_negatives": "no"}, "in_batch_negatives")],
-    "debiased_contrastive_loss": [("tau_plus one", {"tau_plus": 1.0}, "tau_plus"), ("beta negative", {"beta": -1.0}, "beta"),
+    "debiased_contrastive_loss": [("tau_plus one", {"tau_plus": 1.0}, "tau_plus"),
+                                  ("beta negative", {"beta": -1.0}, "beta"),
                                   ("beta beyond fp32", {"beta": 1e38, "temperature": 0.1}, "beta"),
                                   ("three views", {"features": torch.randn(4, 3, 8)}, "features")],
     "bcl_loss": [("centers D", {"class_centers": torch.randn(2, 5)}, "class_centers"),

@@ -181,7 +181,8 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
         check_finite = "(check on)" in name and rank == bad_rank  # the setting itself differs across ranks
         os.environ.update({"FUSED_CONTRASTIVE_CHECK_FINITE": "1"} if check_finite else {})
         try:
-            message = raised_together(name, lambda: call_bad(loss, bad if rank == bad_rank else {}, process_group=group),
+            mine_or_good = bad if rank == bad_rank else {}
+            message = raised_together(name, lambda: call_bad(loss, mine_or_good, process_group=group),
                                       world, word, *(f"disagree on {k}" for k in bad))
         finally:
             os.environ.pop("FUSED_CONTRASTIVE_CHECK_FINITE", None)
@@ -189,32 +190,38 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
 
     f, y = features[lo:hi], labels[lo:hi]
     mine = (lambda a, b: b) if rank == bad_rank else (lambda a, b: a)  # the other ranks' value, then this one's
-    differ = [  # (what differs, call, the argument the error must name)
-        ("features dtype", lambda **kw: fc.supcon_loss(mine(f, f.float()), y, **kw), "features"),
-        ("labels int64 / int32", lambda **kw: fc.supcon_loss(f, mine(y, y.int()), **kw), "labels"),
-        ("labels int64 / float64", lambda **kw: fc.supcon_loss(f, mine(y, y.double()), **kw), "labels"),
-        ("labels on one rank only", lambda **kw: fc.supcon_loss(f, mine(y, None), **kw), "labels"),
-        ("temperature", lambda **kw: fc.supcon_loss(f, y, temperature=mine(0.1, 0.5), **kw), "temperature"),
-        ("contrast_mode", lambda **kw: fc.supcon_loss(f, y, contrast_mode=mine("all", "one"), **kw), "contrast_mode"),
+    both, gather = ("gather", "ring"), ("gather",)
+    differ = [  # (what differs, call, the argument the error must name, distributed modes)
+        ("features dtype", lambda **kw: fc.supcon_loss(mine(f, f.float()), y, **kw), "features", both),
+        ("labels int64 / int32", lambda **kw: fc.supcon_loss(f, mine(y, y.int()), **kw), "labels", both),
+        ("labels int64 / float64", lambda **kw: fc.supcon_loss(f, mine(y, y.double()), **kw), "labels", both),
+        ("labels on one rank only", lambda **kw: fc.supcon_loss(f, mine(y, None), **kw), "labels", both),
+        ("temperature", lambda **kw: fc.supcon_loss(f, y, temperature=mine(0.1, 0.5), **kw), "temperature", both),
+        ("contrast_mode", lambda **kw: fc.supcon_loss(f, y, contrast_mode=mine("all", "one"), **kw), "contrast_mode",
+         both),
         ("features requires grad", lambda **kw: fc.supcon_loss(f.clone().requires_grad_(rank != bad_rank), y, **kw),
-         "features"),
+         "features", both),
         ("empty local batch", lambda **kw: fc.supcon_loss(mine(f, f[:0]), mine(y, y[:0]), **kw),
-         f"rank {bad_rank} of the process group ({world} ranks): features must have at least one sample"),
-        ("logit_scale", lambda **kw: fc.clip_loss(f[:, 0], f[:, 1], mine(10.0, 20.0), **kw), "logit_scale"),
-        ("bcl labels", lambda **kw: fc.bcl_loss(f, mine(y, y.float()), **kw), "labels"),
+         f"rank {bad_rank} of the process group ({world} ranks): features must have at least one sample", both),
+        ("gather / ring", lambda **kw: fc.supcon_loss(f, y, distributed=mine("gather", "ring"), **kw), "distributed",
+         gather),
+        ("logit_scale", lambda **kw: fc.clip_loss(f[:, 0], f[:, 1], mine(10.0, 20.0), **kw), "logit_scale", gather),
+        ("bcl labels", lambda **kw: fc.bcl_loss(f, mine(y, y.float()), **kw), "labels", gather),
     ]
-    for what, call, word in differ:
-        for mode in ("gather", "ring") if "logit" not in what and "bcl" not in what else ("gather",):
+    for what, call, word, modes in differ:
+        for mode in modes:
             kw = dict(process_group=group) if mode == "gather" else dict(process_group=group, distributed="ring")
             raised_together(f"{what} ({mode})", lambda: call(**kw), world, word)
-    raised_together("gather / ring", lambda: fc.supcon_loss(f, y, distributed=mine("gather", "ring"), process_group=group), world,
-                    "disagree on distributed")
 
     # Any other exception before the exchange: that rank re-raises it, the others name it.
     from fused_contrastive import losses
+
+    def broken(*_):
+        raise RuntimeError("injected failure")
+
     original = losses._flatten_views
     if rank == bad_rank:
-        losses._flatten_views = lambda *a: (_ for _ in ()).throw(RuntimeError("injected failure"))
+        losses._flatten_views = broken
     try:
         with pytest.raises(RuntimeError, match="injected failure") as err:
             fc.supcon_loss(f, y, process_group=group)
@@ -232,7 +239,8 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
 
     # One comparison rule in both modes: int8 labels against an extra label 256 (no sample has it) and a
     # float one; then the group still computes the global loss exactly.
-    bank = torch.nn.functional.normalize(torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), dim=-1)
+    bank = torch.nn.functional.normalize(torch.randn(3, 6, dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(3)), dim=-1)
     expected = fc.supcon_loss(features, labels, extra_keys=bank, extra_key_labels=[1000, 2, 1001], backend="reference")
     for mode in ("gather", "ring"):
         got = fc.supcon_loss(f, y.to(torch.int8), extra_keys=bank, extra_key_labels=torch.tensor([256, 2, 0.5]),

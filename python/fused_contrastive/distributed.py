@@ -179,49 +179,47 @@ class _Pending:
 _PENDING: contextvars.ContextVar = contextvars.ContextVar("fused_contrastive_pending_exchange", default=None)
 
 
-def agreed(per_sample: tuple = ()):
+def agreed(fn):
     """Decorate a public loss so that, with ``process_group``, its ranks agree before computing: the local
     validation runs, then the first collective of the call (``gather_batch``) is the metadata exchange,
     which raises the same error on every rank when any rank failed or the ranks' arguments differ. A call
     that fails before reaching it exchanges its error instead, so no peer is left waiting."""
-    def wrap(fn):
-        signature = inspect.signature(fn)
+    signature = inspect.signature(fn)
 
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            group = kwargs.get("process_group")
-            if group is None or torch.compiler.is_compiling():
-                return fn(*args, **kwargs)
-            check_group(group)
-            bound = signature.bind_partial(*args, **kwargs)
-            bound.apply_defaults()
-            from .losses import CHECK_FINITE_ENV, finite_check_on  # (losses imports this module)
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        group = kwargs.get("process_group")
+        if group is None or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        check_group(group)
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        from .losses import CHECK_FINITE_ENV, finite_check_on  # (losses imports this module)
 
-            # The finite check may run on the global batch: a rank that skips it must not wait for one that raises.
-            record = {"loss": fn.__name__, CHECK_FINITE_ENV: finite_check_on()}
-            for name, value in bound.arguments.items():
-                if name not in _NOT_COMPARED:
-                    try:
-                        record[name] = _describe(name, value)
-                    except Exception as err:  # a value that cannot even be described: the local check names it
-                        record[name] = f"{type(value).__name__} ({type(err).__name__})"
-            device = next((v.device for n, v in bound.arguments.items() if n in per_sample
-                           and isinstance(v, Tensor) and v.device.type != "meta"), None)
-            pending = _Pending(group, record, device)
-            token = _PENDING.set(pending)
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as err:
-                if pending.sizes is None:  # failed before the exchange: tell the peers, raise together
-                    pending.exchange(0, err)
-                raise  # after it: every rank has the same global inputs, so every rank fails alike
-            finally:
-                _PENDING.reset(token)
-            if pending.sizes is None:
-                pending.exchange(0)
-            return result
-        return call
-    return wrap
+        # The finite check may run on the global batch: a rank that skips it must not wait for one that raises.
+        record = {"loss": fn.__name__, CHECK_FINITE_ENV: finite_check_on()}
+        for name, value in bound.arguments.items():
+            if name not in _NOT_COMPARED:
+                try:
+                    record[name] = _describe(name, value)
+                except Exception as err:  # a value that cannot even be described: the local check names it
+                    record[name] = f"{type(value).__name__} ({type(err).__name__})"
+        device = next((v.device for n, v in bound.arguments.items() if n in PER_SAMPLE
+                       and isinstance(v, Tensor) and v.device.type != "meta"), None)
+        pending = _Pending(group, record, device)
+        token = _PENDING.set(pending)
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:
+            if pending.sizes is None:  # failed before the exchange: tell the peers, raise together
+                pending.exchange(0, err)
+            raise  # after it: every rank has the same global inputs, so every rank fails alike
+        finally:
+            _PENDING.reset(token)
+        if pending.sizes is None:
+            pending.exchange(0)
+        return result
+    return call
 
 
 def _exchanged_sizes(group, size: int) -> Optional[list]:
@@ -242,8 +240,8 @@ def gather_batch(group, *tensors: Optional[Tensor], layout: tuple = ()) -> Globa
     device = first.device
     sizes = _exchanged_sizes(group, first.shape[0])  # the arguments already agree (see agreed)
     if sizes is None:
-        layout = [first.shape[0], *layout] + [x for t in tensors for x in
-                                              ((-1,) * 4 if t is None else (t.dim(), *(list(t.shape[1:]) + [0] * 3)[:3]))]
+        layout = [first.shape[0], *layout] + [
+            x for t in tensors for x in ((-1,) * 4 if t is None else (t.dim(), *(list(t.shape[1:]) + [0] * 3)[:3]))]
         shapes = _gather_rows(torch.tensor([layout], device=device), [1] * world, group, differentiable=False)
         if not bool((shapes[:, 1:] == shapes[0, 1:]).all()):
             raise ValueError("every rank must pass inputs of the same trailing shape (views, feature size), and "

@@ -84,12 +84,17 @@ _GROUP_DOC = """
     ``process_group``: a torch.distributed group; each rank passes its local batch and gets the loss of
     the global batch (ranks' batches concatenated in rank order), every gradient being world_size x this
     rank's share so that DDP's averaging matches single-process training (fused_contrastive.distributed).
-    Non-per-sample tensors (queue, extra keys, class centers, temperature) must be the same on every rank."""
+    Non-per-sample tensors (queue, extra keys, class centers, temperature) must be the same on every rank,
+    and every other argument too: the ranks compare them first, and all raise the same ValueError when one
+    rank's input is invalid or the ranks differ (only the batch size may).
+    Labels (where taken) of any real dtype compare by value as ``torch.eq`` does; NaN labels are refused (NaN
+    equals no label, so such a sample would have no positive). Non-finite features give a non-finite loss, as
+    torch's losses do, unless FUSED_CONTRASTIVE_CHECK_FINITE=1 (then a ValueError; a host sync per input)."""
 
 
 # ----------------------------------------------------------------------------- epsilon-SupInfoNCE
 
-@agreed(per_sample=("features", "labels"))
+@agreed
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
@@ -116,7 +121,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 
 # ----------------------------------------------------------------------------- DCL / DCLW
 
-@agreed(per_sample=("features",))
+@agreed
 def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
 
@@ -188,7 +193,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
                         no_positive="zero", tau_float=tau_float, den_bias=den_bias)
 
 
-@agreed(per_sample=("query", "key"))
+@agreed
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
              backend="auto", process_group=None) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
@@ -222,7 +227,7 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
     return 0.5 * (losses[0] + losses[1]) if symmetric else losses[0]
 
 
-@agreed(per_sample=("image_features", "text_features"))
+@agreed
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
               process_group=None) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
@@ -278,7 +283,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
 # ----------------------------------------------------------------------------- debiased / hard negatives
 
-@agreed(per_sample=("features",))
+@agreed
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
                               process_group=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
@@ -306,7 +311,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 
 # ----------------------------------------------------------------------------- BCL
 
-@agreed(per_sample=("features", "labels"))
+@agreed
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
@@ -328,7 +333,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         extra_labels = torch.arange(num_centers, device=features.device)
         # Checked here with their own name (supcon_spec would call them extra_keys).
         _extra_keys(class_centers, extra_labels, features, name="class_centers", rows="C")
-        if labels.is_floating_point() or labels.dtype == torch.bool or bool(((labels < 0) | (labels >= num_centers)).any()):
+        not_ids = labels.is_floating_point() or labels.dtype == torch.bool
+        if not_ids or bool(((labels < 0) | (labels >= num_centers)).any()):
             raise ValueError(f"labels must be integers in [0, C) = [0, {num_centers}) when class_centers are given "
                              "(center c belongs to class c)")
 
@@ -347,7 +353,7 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
 
-@agreed(per_sample=("features", "labels"))
+@agreed
 def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
     a view's positive is the other view of its sample, its denominator the keys of its own class only

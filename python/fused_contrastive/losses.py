@@ -216,8 +216,8 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     if isinstance(base_temperature, Tensor):
         raise ValueError("base_temperature must be a number, not a tensor that requires grad")
     if base_temperature is not None:
-        _check_scale("base_temperature", tau_float / base_temperature, acc, "the loss scale temperature / base_temperature",
-                     overflows="the loss")
+        _check_scale("base_temperature", tau_float / base_temperature, acc,
+                     "the loss scale temperature / base_temperature", overflows="the loss")
     _check_finite(features=features)
     _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
     _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
@@ -265,7 +265,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     )
 
 
-@agreed(per_sample=("features", "labels", "mask"))
+@agreed
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out", backend="auto",
                 process_group=None, distributed="gather", extra_keys=None, extra_key_labels=None) -> Tensor:
