@@ -258,7 +258,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
         temperature = 1.0 / logit_scale.reshape(())
     else:
         temperature = 1.0 / scale_value
-    if isinstance(logit_bias, Tensor):  # one bias added to every logit, as open_clip's SigLIP-style bias
+    if isinstance(logit_bias, Tensor):  # one bias, added to every logit
         _check_data("logit_bias", logit_bias)
         if logit_bias.numel() != 1 or logit_bias.is_complex() or logit_bias.dtype == torch.bool:
             raise ValueError(f"logit_bias must be a number or a one-element real tensor, got shape "
