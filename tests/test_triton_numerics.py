@@ -1,5 +1,6 @@
 """The Triton kernels' numerics and launch plumbing: 16-bit gradients at realistic N, L_in at low temperature,
 the bf16 temperature gradient, dense masks (strides, 64-bit offsets), the device guard and the autotuner."""
+import contextlib
 import dataclasses
 import os
 
@@ -9,7 +10,8 @@ import torch
 import fused_contrastive as fc
 from fused_contrastive import reference
 from fused_contrastive.losses import supcon_spec
-from helpers import assert_close, make_features, naive_supcon, relative_error
+from fused_contrastive.spec import ContrastSpec
+from helpers import assert_close, make_features, naive_supcon, relative_error, supcontrast_float64
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -129,3 +131,119 @@ def test_bf16_learnable_temperature(normalize, base_temperature):
                                           results["exact"]):
         err, naive_err = relative_error(actual, exact), relative_error(naive, exact)
         assert err <= 2 * naive_err, f"{what} grad: triton {err:.3g}, naive bf16 {naive_err:.3g}"
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_transposed_mask(weights):
+    """A non-contiguous mask: the kernels read its rows with column stride 1 (issue 13 §1.3)."""
+    gen = torch.Generator().manual_seed(4)
+    mask = torch.rand(12, 12, generator=gen) if weights else (torch.rand(12, 12, generator=gen) < 0.4).float()
+    mask = mask.to(DEVICE).T
+    assert not mask.is_contiguous()
+    x = make_features(12, 2, 16, seed=4).detach().to(DEVICE)
+    expected, expected_grad = _loss_and_grad(x, lambda f: supcontrast_float64(f, mask=mask))
+    actual, grad = _loss_and_grad(x, lambda f: fc.supcon_loss(f, mask=mask, backend="triton"))
+    assert_close(actual, expected, torch.float64, "loss")
+    assert_close(grad, expected_grad, torch.float64, "grad")
+    spec = dataclasses.replace(supcon_spec(x, mask=mask), mask=mask)  # past losses.py: the launcher refuses it
+    with pytest.raises(AssertionError, match="column stride"):
+        supcon.forward_stats(spec, spec.anchors, spec.keys, torch.ones(1, dtype=torch.float64, device=DEVICE))
+
+
+def _meta_spec(bsz, mask_bsz=None):
+    keys = torch.empty(2 * bsz, 128, dtype=torch.float16, device="meta")
+    mask = None if mask_bsz is None else torch.empty(mask_bsz, mask_bsz, dtype=torch.uint8, device="meta")
+    labels = None if mask is not None else torch.empty(2 * bsz, dtype=torch.long, device="meta")
+    return ContrastSpec(anchors=keys, keys=keys, self_offset=0, anchor_labels=labels, key_labels=labels,
+                        num_classes=1, mask=mask, temperature=0.1, base_temperature=None, no_positive="zero",
+                        tau_float=0.1)
+
+
+def test_dense_mask_decides_64_bit_offsets():
+    """(row % B) * stride passes int32 from B = 46341 even where Q and K are small (issue 13 §1.4); meta tensors:
+    nothing allocated."""
+    def offsets_64(spec):
+        return supcon._common_args(spec, spec.anchors, spec.keys, torch.ones(1, device="meta"))["OFFSETS_64"]
+    assert not offsets_64(_meta_spec(46341))  # labels: the [N, 128] rows stay far below 2**31
+    assert not offsets_64(_meta_spec(46340, 46340))  # 46340**2 < 2**31
+    assert offsets_64(_meta_spec(46341, 46341))
+
+
+def test_64_bit_mask_offsets_give_the_same_numbers(monkeypatch):
+    """The 64-bit path (mask offsets included) on a small input, by lowering the switch's threshold."""
+    monkeypatch.setattr(supcon, "INT32_LIMIT", 1)
+    mask = (torch.rand(9, 9, generator=torch.Generator().manual_seed(2)) < 0.4).float().to(DEVICE)
+    x = make_features(9, 2, 8, seed=2).detach().to(DEVICE)
+    spec = supcon_spec(x, mask=mask)
+    assert supcon._common_args(spec, spec.anchors, spec.keys, torch.ones(1, device=DEVICE))["OFFSETS_64"]
+    expected, expected_grad = _loss_and_grad(x, lambda f: supcontrast_float64(f, mask=mask))
+    actual, grad = _loss_and_grad(x, lambda f: fc.supcon_loss(f, mask=mask, backend="triton"))
+    assert_close(actual, expected, torch.float64, "loss")
+    assert_close(grad, expected_grad, torch.float64, "grad")
+
+
+def test_every_launch_is_under_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device: each kernel runs inside a guard for its inputs' device
+    (issue 13 §1.5; tests/test_gpu.py runs it on a second GPU)."""
+    guarded, launches = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        guarded.append(device)
+        yield
+        guarded.pop()
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(**args):
+                launches.append((self.name, list(guarded)))
+                return self.kernel[grid](**args)
+            return launch
+
+    monkeypatch.setattr(supcon, "_device_guard", guard)
+    for name in ("supcon_fwd", "supcon_bwd_dq", "supcon_bwd_dk"):
+        tuned = getattr(supcon, name)
+        monkeypatch.setattr(tuned, "kernel", Spy(name, tuned.kernel))
+        monkeypatch.setattr(tuned, "tuner", Spy(name, tuned.tuner))
+    x = make_features(6, 2, 8).detach().to(DEVICE).requires_grad_()
+    fc.supcon_loss(x, torch.arange(6, device=DEVICE) % 2, backend="triton").backward()
+    assert [name for name, _ in launches] == ["supcon_fwd", "supcon_bwd_dq", "supcon_bwd_dk"]
+    assert all(devices == [x.device] for _, devices in launches), launches
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda **args: self.calls.append(args)
+
+
+def test_autotuner_options_and_single_config_launch(monkeypatch):
+    """Tuning results kept on disk across processes (cache_results), and a config that survives pruning alone
+    launched directly: triton 3.6's autotuner would benchmark it (issue 13 §1.7)."""
+    made = {}
+
+    def fake_autotune(configs, key, prune_configs_by=None, cache_results=False):  # triton >= 3.6's parameters
+        made.update(configs=configs, key=key, cache_results=cache_results)
+        return lambda kernel: tuner
+
+    kernel, tuner = _Recorder(), _Recorder()
+    monkeypatch.setattr(supcon.triton, "autotune", fake_autotune)
+    tuned = supcon.TunedKernel(kernel, "bwd")
+    assert made["cache_results"] is True and made["key"] == supcon.TUNING_KEY
+    assert len(made["configs"]) > 1
+    monkeypatch.setattr(supcon.triton, "autotune", lambda configs, key, prune_configs_by=None: None)
+    assert supcon._autotune_options() == {}  # a triton without the parameter is not passed it
+    monkeypatch.setattr(supcon, "_interpreting", lambda: False)
+    monkeypatch.setattr(supcon.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q = torch.zeros(1, 1, dtype=torch.float16)
+    args = dict(Q=q, K=q, BLOCK_D=128, DEN_BIAS=False, VARIANT=0)
+    tuned[(1,)](Na=64, M=64, **args)  # n <= 64: one shape survives
+    assert len(kernel.calls) == 1 and not tuner.calls
+    assert (kernel.calls[0]["BLOCK_M"], kernel.calls[0]["BLOCK_N"], kernel.calls[0]["num_warps"]) == (64, 32, 4)
+    tuned[(1,)](Na=4096, M=4096, **args)  # two shapes: the autotuner chooses
+    assert len(kernel.calls) == 1 and len(tuner.calls) == 1
