@@ -259,9 +259,10 @@ def _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, eps
     if VARIANT == 2 or VARIANT == 3:
         p = p * den_scale[:, None]
     if VARIANT == 1:
-        # Off the positives l - LSE_P can be large (at tau = 0.01, or LSE_P = 0 on a row without positives):
-        # exp would overflow and inf * 0 give NaN, so those entries take exp(-inf) = 0 instead.
-        positive = a * tl.exp(tl.where(a > 0, l - pos_scale[:, None], float("-inf")))
+        # Off the positives l - LSE_P can pass 88 (tau = 0.01, or LSE_P = 0 on a row without positives): exp
+        # would overflow and inf * 0 give NaN. On a positive l - LSE_P <= -log a_ij, so capping it at 80 (exp
+        # finite in fp32) changes nothing there unless a_ij < e^-80; a min costs fewer registers than a select.
+        positive = a * tl.exp(tl.minimum(l - pos_scale[:, None], 80.0))
     elif VARIANT == 2:
         positive = tl.where(a > 0, a * tl.sigmoid(lse[:, None] + epsilon - l), 0.0)
     else:
@@ -288,9 +289,9 @@ def _supcon_bwd_dq_kernel(
     lse, lse_safe, coef, pos_scale, den_scale, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b = \
         _backward_row_stats(rows, row_ok, Na, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT)
 
-    # g is about coef / M, below fp16's subnormals at large N: the operand of the product is g times a per-row
-    # power of two (coef included) that puts its bound near the dtype's top; dq is unscaled in fp32 below.
-    g_scale = tl.load(G_SCALE + rows, mask=row_ok, other=1.0)
+    # g is about coef / M, below fp16's subnormals at large N: the operand of the product is g times a power of
+    # two that puts its bound near the dtype's top (one for all rows, as dK needs); dq is unscaled in fp32 below.
+    g_scale = tl.load(G_SCALE)
     coef = coef * g_scale
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     # TAU_GRAD: sum_j g_ij l_ij per row from the fp32 tile (dLoss/dtau = -(1/tau) times its sum). It cancels
@@ -307,7 +308,7 @@ def _supcon_bwd_dq_kernel(
         if TAU_GRAD:
             gl += tl.sum(g * l, 1)
         dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-    dq = dq * (inv_tau / g_scale)[:, None]
+    dq = dq * (inv_tau / g_scale)
     if TAU_GRAD:
         tl.store(GL + rows, gl / g_scale, mask=row_ok)
     tl.store(DQ + _row_offset(rows, stride_dqm, OFFSETS_64)[:, None] + offs_d[None, :], dq,
@@ -329,8 +330,7 @@ def _supcon_bwd_dk_kernel(
     col_ok = cols < M
     k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
-    # dK sums g over anchor rows, so one power of two (the smallest row scale) scales every row's g.
-    g_scale = tl.load(G_SCALE)
+    g_scale = tl.load(G_SCALE)  # as in dQ: the power of two that brings g's operand into the dtype's range
     safe_cols = tl.where(col_ok, cols, -1)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start in range(0, Na, BLOCK_M):
@@ -563,12 +563,14 @@ def forward_stats(spec, Q, K, inv_tau):
     return lse, pos_sum, pos_aux[0] if code == 2 else pos_aux
 
 
-def grad_scales(spec, rows, dtype: torch.dtype):
-    """Powers of two for the gradient tiles' operand of the dQ and dK products: ([Na] per anchor row, [1] for
-    all rows), on the device (no host sync). g_ij = coef_i h_ij is about coef / M, under fp16's subnormals at
-    large N, so each row's operand is g times the largest power of two that keeps a bound of |g| at or below
-    the largest power of two under the dtype's finite maximum (2**15 for fp16: a factor of about 2 spare
-    for rounding in the bound); the fp32 accumulator then divides it out. The bound, from the
+def grad_scale(spec, rows, dtype: torch.dtype):
+    """The power of two that multiplies the gradient tile g before its cast to ``dtype`` for the dQ and dK
+    products, a one-element tensor computed on the device (no host sync). g_ij = coef_i h_ij is about coef / M,
+    under fp16's subnormals from N of a few thousand, so the operand is g times the largest power of two that
+    keeps a bound of |g| at or below the largest power of two under the dtype's finite maximum (2**15 for fp16:
+    a factor of about 2 spare for rounding in the bound); the fp32 accumulators divide it out. One scale for
+    all rows: dK sums over rows, and a per-row one in dQ cost registers (spills at D = 512) for rows whose
+    coef differs from the others' (the mean loss has one coef). The bound, from the
     per-row factors: |h_ij| <= (denominator part) + (positive part), each of |exp(l + b - LSE)| <= 1 times its
     row scale, with the positive weights a_ij at most ``a_max``."""
     code = variant_code(spec)
@@ -586,8 +588,7 @@ def grad_scales(spec, rows, dtype: torch.dtype):
     top = math.floor(math.log2(torch.finfo(dtype).max))
     exponent = torch.floor(top - torch.log2(bound))
     # |exponent| <= 64 keeps the scale and its inverse normal in fp32; a zero bound (no gradient) takes 2**64.
-    row_scale = torch.exp2(exponent.clamp(-64.0, 64.0)).to(rows.coef.dtype)
-    return row_scale, row_scale.amin().reshape(1)
+    return torch.exp2(exponent.clamp(-64.0, 64.0)).amin().reshape(1).to(rows.coef.dtype)
 
 
 def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True, logit_sums=False):
@@ -595,7 +596,7 @@ def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True, logit_
     tile from lse; with ``logit_sums`` also sum_j g_ij l_ij per anchor (accumulation dtype), from the dQ pass."""
     args = _common_args(spec, Q, K, inv_tau)
     factors = dict(LSE=rows.lse, COEF=rows.coef, POS_SCALE=rows.pos_scale, DEN_SCALE=rows.den_scale)
-    row_scale, all_rows_scale = grad_scales(spec, rows, K.dtype)
+    g_scale = grad_scale(spec, rows, K.dtype)
     dq = dk = sums = None
     if need_dq or logit_sums:
         # Stored in the input dtype (accumulated in fp32 registers): at N = 1M, D = 128 fp32 copies
@@ -603,12 +604,12 @@ def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True, logit_
         dq = torch.empty(Q.shape, dtype=Q.dtype, device=K.device)
         sums = torch.empty(Q.shape[0] if logit_sums else 1, dtype=spec.accum_dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
-        supcon_bwd_dq[grid](DQ=dq, stride_dqm=dq.stride(0), G_SCALE=row_scale, GL=sums, TAU_GRAD=bool(logit_sums),
+        supcon_bwd_dq[grid](DQ=dq, stride_dqm=dq.stride(0), G_SCALE=g_scale, GL=sums, TAU_GRAD=bool(logit_sums),
                             **factors, **args)
     if need_dk:
         dk = torch.empty(K.shape, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(K.shape[0], meta["BLOCK_N"]),)  # noqa: E731
-        supcon_bwd_dk[grid](DK=dk, stride_dkm=dk.stride(0), G_SCALE=all_rows_scale, **factors, **args)
+        supcon_bwd_dk[grid](DK=dk, stride_dkm=dk.stride(0), G_SCALE=g_scale, **factors, **args)
     return (dq if need_dq else None, dk, sums) if logit_sums else (dq if need_dq else None, dk)
 
 
