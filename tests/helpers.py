@@ -128,3 +128,19 @@ def loss_and_grad(fn, features):
     loss = fn(features)
     (grad,) = torch.autograd.grad(loss, features)
     return loss, grad
+
+
+def naive_supcon(features, labels, temperature, base_temperature=None, normalize=True):
+    """SupCon L_out written the obvious way, every op in the features' dtype (what a user's own code would get
+    in that dtype): the yardstick for a fused backend's low-precision error."""
+    f = torch.nn.functional.normalize(features, dim=-1) if normalize else features
+    x = torch.cat(torch.unbind(f, dim=1))
+    n = x.shape[0]
+    is_self = torch.eye(n, dtype=torch.bool, device=x.device)
+    views = labels.repeat(f.shape[1])
+    positive = (views[:, None] == views[None, :]) & ~is_self
+    logits = (x @ x.T / temperature).masked_fill(is_self, float("-inf"))
+    log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).masked_fill(~positive, 0.0)
+    rows = -log_prob.sum(1) / positive.sum(1).clamp(min=1)
+    scale = 1.0 if base_temperature is None else temperature / base_temperature
+    return (scale * rows).mean()

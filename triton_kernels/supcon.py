@@ -16,6 +16,9 @@ tile by tile; nothing of size Na x M is ever written.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
 import os
 
 import torch
@@ -64,10 +67,10 @@ def _tile_logits(q, K, cols, offs_d, D, stride_km, stride_kd, inv_tau, col_ok, P
 
 @triton.jit
 def _positive_weights(rows, cols, row_ok, valid, anchor_label, KL, MASK, mask_rows, mask_cols, stride_mm,
-                      USE_MASK: tl.constexpr, ACC: tl.constexpr):
-    """a_ij for one tile (0 outside the denominator), from labels or the [B, B] mask."""
+                      USE_MASK: tl.constexpr, ACC: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """a_ij for one tile (0 outside the denominator), from labels or the [B, B] mask (column stride 1)."""
     if USE_MASK:
-        a = tl.load(MASK + (rows % mask_rows)[:, None] * stride_mm + (cols % mask_cols)[None, :],
+        a = tl.load(MASK + _row_offset(rows % mask_rows, stride_mm, OFFSETS_64)[:, None] + (cols % mask_cols)[None, :],
                     mask=row_ok[:, None] & valid, other=0).to(ACC)
     else:
         key_label = tl.load(KL + cols, mask=cols >= 0, other=-1)
@@ -164,7 +167,7 @@ def _row_tile(q, K, KL, MASK, start, rows, row_ok, anchor_label, offs_d, D, M, s
                         PRECISION, ACC, DOT_IN_FP32, NORMALIZE, OFFSETS_64)
     valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
     a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
-                          mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+                          mask_rows, mask_cols, stride_mm, USE_MASK, ACC, OFFSETS_64)
     return cols, col_ok, l, k, valid, a
 
 
@@ -256,7 +259,10 @@ def _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, eps
     if VARIANT == 2 or VARIANT == 3:
         p = p * den_scale[:, None]
     if VARIANT == 1:
-        positive = a * tl.exp(l - pos_scale[:, None])
+        # Off the positives l - LSE_P can pass 88 (tau = 0.01, or LSE_P = 0 on a row without positives): exp
+        # would overflow and inf * 0 give NaN. On a positive l - LSE_P <= -log a_ij, so capping it at 80 (exp
+        # finite in fp32) changes nothing there unless a_ij < e^-80; a min costs fewer registers than a select.
+        positive = a * tl.exp(tl.minimum(l - pos_scale[:, None], 80.0))
     elif VARIANT == 2:
         positive = tl.where(a > 0, a * tl.sigmoid(lse[:, None] + epsilon - l), 0.0)
     else:
@@ -266,11 +272,11 @@ def _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, eps
 
 @triton.jit
 def _supcon_bwd_dq_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, DQ,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, G_SCALE, DQ, GL,
     Na, M, D, self_offset, mask_rows, mask_cols, epsilon, beta,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dqm,
     N_BUCKET,
-    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    TAU_GRAD: tl.constexpr, HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, NORMALIZE: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT: tl.constexpr,
     DEN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -283,7 +289,14 @@ def _supcon_bwd_dq_kernel(
     lse, lse_safe, coef, pos_scale, den_scale, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b = \
         _backward_row_stats(rows, row_ok, Na, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT)
 
+    # g is about coef / M, below fp16's subnormals at large N: the operand of the product is g times a power of
+    # two that puts its bound near the dtype's top (one for all rows, as dK needs); dq is unscaled in fp32 below.
+    g_scale = tl.load(G_SCALE)
+    coef = coef * g_scale
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    # TAU_GRAD: sum_j g_ij l_ij per row from the fp32 tile (dLoss/dtau = -(1/tau) times its sum). It cancels
+    # between the softmax and positive terms, so q_i . dQ_i after g's 16-bit rounding would lose most of it.
+    gl = tl.zeros([BLOCK_M], ACC)
     for start in range(0, M, BLOCK_N):
         cols, col_ok, l, k, valid, a = _row_tile(q, K, KL, MASK, start, rows, row_ok, anchor_label, offs_d, D, M,
                                                  stride_km, stride_kd, stride_mm, inv_tau, self_offset, mask_rows,
@@ -292,15 +305,19 @@ def _supcon_bwd_dq_kernel(
         bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
         g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, beta, hard_lse_c,
                        hard_lse_b, hard_scale_c, hard_scale_b, VARIANT)
+        if TAU_GRAD:
+            gl += tl.sum(g * l, 1)
         dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-    dq = dq * inv_tau
+    dq = dq * (inv_tau / g_scale)
+    if TAU_GRAD:
+        tl.store(GL + rows, gl / g_scale, mask=row_ok)
     tl.store(DQ + _row_offset(rows, stride_dqm, OFFSETS_64)[:, None] + offs_d[None, :], dq,
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def _supcon_bwd_dk_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, DK,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, G_SCALE, DK,
     Na, M, D, self_offset, mask_rows, mask_cols, epsilon, beta,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_dkm,
     N_BUCKET,
@@ -313,6 +330,7 @@ def _supcon_bwd_dk_kernel(
     col_ok = cols < M
     k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, NORMALIZE, ACC, OFFSETS_64)
     inv_tau = tl.load(INV_TAU)
+    g_scale = tl.load(G_SCALE)  # as in dQ: the power of two that brings g's operand into the dtype's range
     safe_cols = tl.where(col_ok, cols, -1)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start in range(0, Na, BLOCK_M):
@@ -325,12 +343,12 @@ def _supcon_bwd_dk_kernel(
             _backward_row_stats(rows, row_ok, Na, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT)
         valid = _in_denominator(rows, cols, row_ok, col_ok, self_offset, HAS_SELF)
         a = _positive_weights(rows, safe_cols, row_ok, valid, anchor_label, KL, MASK,
-                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC, OFFSETS_64)
         bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
-        g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef, pos_scale, den_scale, epsilon, beta, hard_lse_c,
-                       hard_lse_b, hard_scale_c, hard_scale_b, VARIANT)
+        g = _tile_grad(l, bias, a, valid, lse, lse_safe, coef * g_scale, pos_scale, den_scale, epsilon, beta,
+                       hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b, VARIANT)
         dk += tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
-    dk = dk * inv_tau
+    dk = dk * (inv_tau / g_scale)
     tl.store(DK + _row_offset(cols, stride_dkm, OFFSETS_64)[:, None] + offs_d[None, :], dk,
              mask=col_ok[:, None] & (offs_d[None, :] < D))
 
@@ -392,7 +410,7 @@ def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int, d
 def _pruner(family: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launchers pass everything by keyword
-        if _interpreting():  # exactly one config: the autotuner then runs it without benchmarking
+        if _interpreting():  # one config: launched directly, never benchmarked
             return [_config(INTERPRETER)]
         q = args["Q"]
         major, minor = torch.cuda.get_device_capability(q.device)
@@ -402,17 +420,47 @@ def _pruner(family: str):
     return prune
 
 
-def _autotuned(kernel, family):
-    shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
-                     for sh in t})
-    return triton.autotune(configs=[_config(sh) for sh in shapes],
-                           key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION", "DEN_BIAS", "VARIANT"],
-                           prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
+TUNING_KEY = ["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION", "DEN_BIAS", "VARIANT"]
 
 
-supcon_fwd = _autotuned(_supcon_fwd_kernel, "fwd")
-supcon_bwd_dq = _autotuned(_supcon_bwd_dq_kernel, "bwd")
-supcon_bwd_dk = _autotuned(_supcon_bwd_dk_kernel, "bwd")
+def _autotune_options() -> dict:
+    """Keep the tuning results on disk (under TRITON_CACHE_DIR) so that a new process does not benchmark the
+    same key again; every triton this package supports (>= 3.6) takes ``cache_results``."""
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the inputs' device for the launch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class TunedKernel:
+    """``kernel[grid](**args)`` with the autotuner's configs pruned by ``_pruner``, under the inputs' device.
+    When one config survives the pruning it is launched directly: triton 3.6 would still benchmark it
+    (about 100 ms of repeated launches per new key), and there is nothing to choose."""
+
+    def __init__(self, kernel, family: str):
+        self.kernel, self.family = kernel, family
+        shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
+                         for sh in t})
+        self.configs = [_config(sh) for sh in shapes]
+        self.tuner = triton.autotune(configs=self.configs, key=TUNING_KEY,
+                                     prune_configs_by={"early_config_prune": _pruner(family)},
+                                     **_autotune_options())(kernel)
+
+    def __getitem__(self, grid):
+        def launch(**args):
+            with _device_guard(args["K"].device):
+                configs = _pruner(self.family)(self.configs, {}, **args)
+                if len(configs) == 1:
+                    return self.kernel[grid](**args, **configs[0].all_kwargs())
+                return self.tuner[grid](**args)
+        return launch
+
+
+supcon_fwd = TunedKernel(_supcon_fwd_kernel, "fwd")
+supcon_bwd_dq = TunedKernel(_supcon_bwd_dq_kernel, "bwd")
+supcon_bwd_dk = TunedKernel(_supcon_bwd_dk_kernel, "bwd")
 
 
 # The row formula per spec.variant: 0 L_out, 1 L_in, 2 epsilon-SupInfoNCE (second pass over the positives),
@@ -455,8 +503,23 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else FP32_PRECISION
 
 
+INT32_LIMIT = 2**31
+
+
+def offsets_64(Q, K, mask) -> bool:
+    """Whether some element offset the kernels form (row index times row stride, plus the column) can pass
+    int32: in Q, K, dQ, dK, or in the dense mask, whose [B, B] can be the largest of them (B >= 46341)."""
+    dim = K.shape[1]
+    span = max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim)
+    if mask is not None:
+        span = max(span, mask.shape[0] * max(mask.stride(0), mask.shape[1]))
+    return span >= INT32_LIMIT
+
+
 def _common_args(spec, Q, K, inv_tau):
     mask = spec.mask
+    # The kernels index the mask's columns with stride 1 (losses.py makes it contiguous).
+    assert mask is None or mask.shape[1] <= 1 or mask.stride(1) == 1, f"mask column stride {mask.stride(1)} != 1"
     dummy = torch.zeros(1, dtype=torch.int32, device=K.device)
     al = spec.anchor_labels if mask is None else dummy
     kl = spec.key_labels if mask is None else dummy
@@ -479,7 +542,7 @@ def _common_args(spec, Q, K, inv_tau):
         ACC=tl.float64 if K.dtype == torch.float64 else tl.float32,
         DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
         NORMALIZE=bool(spec.normalize),
-        OFFSETS_64=max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim) >= 2**31,
+        OFFSETS_64=offsets_64(Q, K, mask),
         epsilon=float(spec.epsilon), beta=float(spec.beta), VARIANT=variant_code(spec), DEN_BIAS=bias is not None,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
     )
@@ -500,28 +563,59 @@ def forward_stats(spec, Q, K, inv_tau):
     return lse, pos_sum, pos_aux[0] if code == 2 else pos_aux
 
 
-def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True):
+def grad_scale(spec, rows, dtype: torch.dtype):
+    """The power of two that multiplies the gradient tile g before its cast to ``dtype`` for the dQ and dK
+    products, a one-element tensor computed on the device (no host sync). g_ij = coef_i h_ij is about coef / M,
+    under fp16's subnormals from N of a few thousand, so the operand is g times the largest power of two that
+    keeps a bound of |g| at or below the largest power of two under the dtype's finite maximum (2**15 for fp16:
+    a factor of about 2 spare for rounding in the bound); the fp32 accumulators divide it out. One scale for
+    all rows: dK sums over rows, and a per-row one in dQ cost registers (spills at D = 512) for rows whose
+    coef differs from the others' (the mean loss has one coef). The bound, from the
+    per-row factors: |h_ij| <= (denominator part) + (positive part), each of |exp(l + b - LSE)| <= 1 times its
+    row scale, with the positive weights a_ij at most ``a_max``."""
+    code = variant_code(spec)
+    mask = spec.mask
+    a_max = 1.0 if mask is None or mask.dtype == torch.uint8 else mask.amax().to(rows.coef.dtype)
+    if code in (0, 1):
+        den = 1.0
+    elif code in (2, 3):
+        den = rows.den_scale.abs()
+    else:  # hard negatives: the (1+beta) and beta terms' scales
+        den = rows.den_scale[1].abs() + rows.den_scale[2].abs()
+    # L_in's a_ij exp(l_ij - LSE_P) <= 1; epsilon-SupInfoNCE's a_ij sigmoid(.) <= a_ij; otherwise a_ij pos_scale_i.
+    pos = 1.0 if code == 1 else a_max if code == 2 else a_max * rows.pos_scale.abs()
+    bound = (rows.coef.abs() * (den + pos)).to(torch.float32)
+    top = math.floor(math.log2(torch.finfo(dtype).max))
+    exponent = torch.floor(top - torch.log2(bound))
+    # |exponent| <= 64 keeps the scale and its inverse normal in fp32; a zero bound (no gradient) takes 2**64.
+    return torch.exp2(exponent.clamp(-64.0, 64.0)).amin().reshape(1).to(rows.coef.dtype)
+
+
+def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True, logit_sums=False):
     """dQ and dK (input dtype) for the per-row backward factors ``rows`` (RowFactors), recomputing every
-    tile from lse."""
+    tile from lse; with ``logit_sums`` also sum_j g_ij l_ij per anchor (accumulation dtype), from the dQ pass."""
     args = _common_args(spec, Q, K, inv_tau)
     factors = dict(LSE=rows.lse, COEF=rows.coef, POS_SCALE=rows.pos_scale, DEN_SCALE=rows.den_scale)
-    dq = dk = None
-    if need_dq:
+    g_scale = grad_scale(spec, rows, K.dtype)
+    dq = dk = sums = None
+    if need_dq or logit_sums:
         # Stored in the input dtype (accumulated in fp32 registers): at N = 1M, D = 128 fp32 copies
         # of dQ and dK alone would take 1 GB.
         dq = torch.empty(Q.shape, dtype=Q.dtype, device=K.device)
+        sums = torch.empty(Q.shape[0] if logit_sums else 1, dtype=spec.accum_dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
-        supcon_bwd_dq[grid](DQ=dq, stride_dqm=dq.stride(0), **factors, **args)
+        supcon_bwd_dq[grid](DQ=dq, stride_dqm=dq.stride(0), G_SCALE=g_scale, GL=sums, TAU_GRAD=bool(logit_sums),
+                            **factors, **args)
     if need_dk:
         dk = torch.empty(K.shape, dtype=K.dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(K.shape[0], meta["BLOCK_N"]),)  # noqa: E731
-        supcon_bwd_dk[grid](DK=dk, stride_dkm=dk.stride(0), **factors, **args)
-    return dq, dk
+        supcon_bwd_dk[grid](DK=dk, stride_dkm=dk.stride(0), G_SCALE=g_scale, **factors, **args)
+    return (dq if need_dq else None, dk, sums) if logit_sums else (dq if need_dq else None, dk)
 
 
 # ----------------------------------------------------------------------------- autograd and API (shared)
 
-KERNELS = fused.Kernels("triton", forward_stats, backward_grads)
+KERNELS = fused.Kernels("triton", forward_stats, backward_grads, logit_sums=True)
 
 
 def loss(spec):

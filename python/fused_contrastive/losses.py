@@ -170,7 +170,7 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
         raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
     if mask.is_complex():
         raise ValueError(f"mask must be a bool or real tensor of non-negative weights, got dtype {mask.dtype}")
-    mask = mask.to(device)
+    mask = mask.to(device).contiguous()  # the fused kernels read the mask's rows with column stride 1
     weights = mask.to(dtype)
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError("mask must hold finite, non-negative weights (1 marks a positive pair)")
