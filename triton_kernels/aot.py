@@ -28,7 +28,7 @@ KERNELS = {
 POINTER_ARGS = {"Q": "in", "K": "in", "INV_TAU": "acc", "AL": "*i64", "KL": "*i64", "MASK": "*u8",
                 "AG": "*i64", "KG": "*i64", "B_SAME": "acc", "B_OTHER": "acc",
                 "LSE": "acc", "POS_SUM": "acc", "POS_AUX": "acc", "COEF": "acc", "POS_SCALE": "acc", "DEN_SCALE": "acc",
-                "DQ": "acc", "DK": "acc", "epsilon": "fp32"}
+                "DQ": "acc", "DK": "acc", "G_SCALE": "acc", "GL": "acc", "epsilon": "fp32"}
 TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -109,6 +109,8 @@ def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: 
                       NORMALIZE=False, OFFSETS_64=False, VARIANT=supcon.VARIANTS[variant], DEN_BIAS=den_bias,
                       BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
                       BLOCK_D=max(16, triton.next_power_of_2(dim)))
+    if "TAU_GRAD" in fn.arg_names:  # dQ's per-row sum_j g_ij l_ij (only for a learnable temperature)
+        constexprs["TAU_GRAD"] = False
     for name in constexprs:
         signature[name] = "constexpr"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
