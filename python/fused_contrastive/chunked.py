@@ -276,7 +276,9 @@ def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: T
         W = (spec.anchor_labels[r0:r1, None] == spec.key_labels[None, :]).to(acc)
         W[local[blk_self], self_cols[r0:r1][blk_self]] = 0
         if spec.variant == "in":
-            W.mul_(torch.exp(S - pos_scale[r0:r1, None]))
+            # a_ij exp(l_ij - LSE_P) as exp(l + log a - LSE_P): off the positives exp(-inf) = 0, where
+            # a * exp(l - LSE_P) is 0 * inf = NaN once exp(l) overflows (small tau, rows without positives)
+            W.log_().add_(S).sub_(pos_scale[r0:r1, None]).exp_()
         else:
             W.mul_(pos_scale[r0:r1, None])
         if spec.den_bias is not None:
