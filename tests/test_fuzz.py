@@ -184,7 +184,9 @@ def pair_problems(draw, max_rows=24, skip=()):
     tau, tau_value = tau_of(draw, dtype, skip=skip)
     name = f"{loss} bsz={bsz} D={dim} tau={tau_value:.4g}"
     if loss == "clip":
-        scale = torch.tensor(1.0 / tau_value, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        # an fp32 logit scale with fp64 features too (1 / s must still be taken in fp64)
+        scale_dtype = draw(st.sampled_from([torch.float64, torch.float32])) if dtype == torch.float64 else torch.float32
+        scale = torch.tensor(1.0 / tau_value, dtype=scale_dtype)
         learnable = isinstance(tau, torch.Tensor)
 
         def package(i, t, *s, backend):
