@@ -108,13 +108,19 @@ def check(backend, dtype, package_fn, formula_fn, inputs, what, tau: float, c: f
         g = torch.zeros_like(x) if g is None else g
         e = torch.zeros_like(x, dtype=torch.float64) if e is None else e
         assert g.dtype == x.dtype and g.shape == x.shape, f"{what} grad {i}: {g.dtype} {tuple(g.shape)}"
-        # a learnable temperature keeps its own dtype; it is compared at the features' precision. Its
-        # gradient -(1/tau) sum g l has logit-sized terms; a row's gradient is 1/rows of the mean's.
+        # A row's gradient is 1/rows of the mean's. The 0-dim leaf is a temperature, dL/dtau = -(1/tau) sum g l
+        # (+ L / tau through c), or CLIP's scale s, dL/ds = sum g x.y: sums of logit-sized terms.
         rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 1
-        allowance = grad_allowance * rows ** 0.5 / max(rows, 1) if x.dim() >= 2 else \
-            loss_allowance * (1 + (1 if normalized else float(inputs[0].detach().double().norm(dim=-1).max()) ** 2)
-                              / tau) / tau
-        assert_close_rounded(g, e, dtype, allowance, f"{what} grad {i} of shape {tuple(x.shape)}")
+        square_max = 1.0 if normalized else float(inputs[0].detach().double().norm(dim=-1).max()) ** 2
+        if x.dim() >= 2:
+            allowance = grad_allowance * rows ** 0.5 / rows
+        elif what.startswith("clip"):
+            allowance = loss_allowance * (1 + square_max)
+        else:
+            allowance = loss_allowance * (1 + square_max / tau) / tau
+        # a gradient is returned in its leaf's dtype: an fp32 scale's, with fp64 features, is rounded to fp32
+        tol_dtype = torch.float32 if dtype == torch.float64 and x.dtype == torch.float32 else dtype
+        assert_close_rounded(g, e, tol_dtype, allowance, f"{what} grad {i} of shape {tuple(x.shape)}")
 
 
 # ----------------------------------------------------------------------------- problems

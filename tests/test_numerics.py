@@ -132,6 +132,23 @@ def check_ring_small_tau(rank, world, lo, hi, features, labels, backends):
                 / float((world * ref_grad).norm())
             assert err <= 1e-4, f"{what} grad: relative error {err:.3g}"
 
+    # normalize=True with an fp16 zero row: ring mode normalised in fp16 too (0 / 0 = NaN). It normalises in
+    # fp32 and sends the rows rounded to fp16: the oracle takes the same rounded rows.
+    f = features.clone()
+    f[0, 0] = 0
+    f16 = f.half()
+
+    def rounded_unit_rows(x):
+        return normalize_rows(x.reshape(-1, x.shape[-1]), torch.float64).half().double().reshape(x.shape)
+    ref, (ref_grad,) = loss_and_grads(lambda x: supcontrast_float64(rounded_unit_rows(x), labels), f16.double())
+    for backend in BACKENDS:
+        loss, (grad,) = loss_and_grads(lambda x: fc.supcon_loss(x, labels[lo:hi], normalize=True, backend=backend,
+                                                                process_group=dist.group.WORLD, distributed="ring"),
+                                       f16[lo:hi])
+        assert_close(loss, ref, torch.float16, f"rank {rank} ring {backend} fp16 zero row: loss")
+        rows = slice(1 if lo == 0 else 0, None)  # the zero row's gradient, ~1e12, is +-inf in fp16
+        assert_close(grad[rows], world * ref_grad[lo:hi][rows], torch.float16, f"rank {rank} ring {backend} grad")
+
 
 def test_ring_in_variant_small_tau_fp32():
     from test_distributed import spawn
