@@ -112,7 +112,7 @@ def test_clip_fp32_scale_with_fp64_features(backend):
 
 # ----------------------------------------------------------------------------- ring mode, L_in, small tau
 
-def check_ring_small_tau(rank, world, lo, hi, features, labels, backends):
+def check_ring_numerics(rank, world, lo, hi, features, labels, backends):
     import torch.distributed as dist
     from helpers import relative_error
 
@@ -150,7 +150,7 @@ def check_ring_small_tau(rank, world, lo, hi, features, labels, backends):
         assert_close(grad[rows], world * ref_grad[lo:hi][rows], torch.float16, f"rank {rank} ring {backend} grad")
 
 
-def test_ring_in_variant_small_tau_fp32():
+def test_ring_mode_small_tau_and_fp16_zero_row():
     from test_distributed import spawn
 
-    spawn(check_ring_small_tau, 2)
+    spawn(check_ring_numerics, 2)

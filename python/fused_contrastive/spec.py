@@ -72,8 +72,8 @@ class ContrastSpec:
 
     def normalized_inputs(self) -> tuple[Tensor, Tensor]:
         """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it, in the
-        accumulation dtype: in fp16 the eps 1e-12 of a zero row underflows to 0 and 0/0 is NaN, and squares
-        of ordinary fp16 values overflow. The fused kernels call normalize_rows and normalize_backward."""
+        accumulation dtype: in fp16 the eps 1e-12 underflows to 0, so a zero row would give 0 / 0 = NaN.
+        The fused kernels call normalize_rows and normalize_backward."""
         if not self.normalize:
             return self.anchors, self.keys
         keys = normalize_rows(self.keys, self.accum_dtype)
@@ -156,8 +156,8 @@ class ContrastSpec:
 
 def _scaled_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x / s, |x / s|, s, |x|) per row with s = max_k |x_k|: the squares of x itself overflow in fp32 from
-    |x| ~ 1e19 and underflow below ~1e-23, those of x / s lie in [1, D]. s is a constant to autograd: x / |x|
-    does not depend on it. On a zero row s and |x / s| are 1 (no 0 / 0) and |x| is 0; |x| may be inf."""
+    |x| ~ 1e19 (then |x| = inf and x / |x| is a zero vector), those of x / s lie in [1, D]. s is a constant to autograd: x / |x| does not depend on it. On a zero row
+    s and |x / s| are 1 (no 0 / 0) and |x| is 0; |x| may be inf."""
     scale = x.detach().abs().amax(dim=1, keepdim=True)
     nonzero = scale > 0
     scale = torch.where(nonzero, scale, torch.ones_like(scale))
