@@ -115,7 +115,8 @@ def supcontrast_float64(features, labels=None, mask=None, *, temperature=0.07, b
     if variant == "in":
         weighted = log_prob + torch.log(torch.where(pair > 0, pair, torch.ones_like(pair)))
         weighted = weighted.masked_fill(pair == 0, float("-inf")).masked_fill(~has_pos[:, None], 0.0)
-        mean_log_prob_pos = torch.logsumexp(weighted, dim=1) - torch.log(safe_pairs)
+        # a row without positives has loss 0 (its all-zero row would otherwise give log M)
+        mean_log_prob_pos = torch.where(has_pos, torch.logsumexp(weighted, dim=1) - torch.log(safe_pairs), 0.0)
     else:
         mean_log_prob_pos = (pair * log_prob).sum(1) / safe_pairs
     loss = -(temperature / base_temperature) * mean_log_prob_pos

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
-from .spec import ContrastSpec
+from .spec import ContrastSpec, normalize_rows
 
 
 class _AllGather(torch.autograd.Function):
@@ -416,10 +416,11 @@ def supcon_loss_ring(features: Tensor, labels: Optional[Tensor], *, group, tempe
     check_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     b, n_views, dim = features.shape
-    if normalize:  # differentiably here, so that every shard is already unit-norm
-        features = torch.nn.functional.normalize(features, dim=-1, eps=1e-12)
+    if normalize:  # differentiably here, so that every shard is already unit-norm; in fp32 for 16-bit inputs
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        features = normalize_rows(features.reshape(-1, dim), acc).to(features.dtype).reshape(b, n_views, dim)
         if extra_keys is not None:
-            extra_keys = torch.nn.functional.normalize(extra_keys, dim=-1, eps=1e-12)
+            extra_keys = normalize_rows(extra_keys, acc).to(extra_keys.dtype)
     ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
     batch = gather_batch(group, ids if labels is None else labels, layout=(n_views, dim, labels is None))
     sizes = batch.sizes

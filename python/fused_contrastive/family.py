@@ -255,7 +255,10 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
         raise ValueError(f"logit_scale must be a finite number > 0 (the exponentiated scale), got {scale_value}")
     _check_scale("logit_scale", scale_value, _accum_dtype(image_features), "logit_scale")
     if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
-        temperature = 1.0 / logit_scale.reshape(())
+        # 1 / s in the features' accumulation dtype: an fp32 scale with fp64 features would otherwise round
+        # tau to fp32 (a relative 1e-8 off) before any backend sees it.
+        acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+        temperature = 1.0 / logit_scale.reshape(()).to(acc)
     else:
         temperature = 1.0 / scale_value
     if isinstance(logit_bias, Tensor):  # one bias, added to every logit
