@@ -289,17 +289,10 @@ def test_fuzz_cpu_backends(family):
     run()
 
 
-# Known Triton bugs in another engineer's area (reported, with reproducers, in the rel_numerics report):
-# L_in gives a NaN gradient, e.g. supcon_loss(torch.tensor([[[1.5410]]]).requires_grad_(), torch.tensor([0]),
-# temperature=0.005, variant="in", backend="triton") (one anchor without keys or positives); a learnable
-# temperature's gradient with 16-bit features is off by up to O(1), e.g. features
-# torch.tensor([[[1.5391]], [[-0.2930]], [[-2.1719]]], dtype=torch.bfloat16), labels [3, 3, 3], a learnable
-# fp32 temperature 0.01, base_temperature 0.07: dL/dtau is 5.38 on triton, 1e-4 on reference and chunked
-# (the float64 value is 2e-13).
-# normalize=True with rows of norm ~1e20 in fp32 (the kernels square x in registers, which overflows): e.g.
+# Triton still squares x in registers when normalize=True, which overflows for rows of norm ~1e20 in fp32, e.g.
 # features torch.tensor([[[1.5410e20]], [[-2.9343e19]], [[-2.1788e20]]]), labels [3, 3, 3], tau 0.005: loss
-# 0.6931 (log 2) instead of 133.56. The kernels are to call spec.normalize_rows (another engineer's change).
-TRITON_SKIP = ("supcon_in", "learnable_tau_16bit", "extreme_norms")
+# 0.6931 (log 2) instead of 133.56; fixed where the kernels normalise through spec.normalize_rows.
+TRITON_SKIP = ("extreme_norms",)  # until the kernels normalise through spec.normalize_rows
 
 
 @pytest.mark.parametrize("family", list(PROBLEMS))
