@@ -145,3 +145,33 @@ def naive_supcon(features, labels, temperature, base_temperature=None, normalize
     rows = -log_prob.sum(1) / positive.sum(1).clamp(min=1)
     scale = 1.0 if base_temperature is None else temperature / base_temperature
     return (scale * rows).mean()
+
+
+def rounding_allowance(inputs, tau: float, c: float, dtype, normalized: bool) -> tuple[float, float]:
+    """(for the loss, for a gradient per unit of its row count) the error that rounding the logits in the
+    accumulation dtype alone causes: each logit l = x . y / tau is off by about D eps |l|, and L and g are
+    2c-Lipschitz in the logits (a row's softmax and positive weights each sum to at most 1). Where the
+    expected value is far above it (almost always), this adds nothing to the table's relative tolerance;
+    it matters only where the value is a cancellation of logit-sized terms: L = LSE - l_p ~ 0 with one
+    dominant positive at tau = 0.005, or g = softmax - 1 ~ 0, where no floating-point order is exact.
+    ``normalized``: the loss sees x / max(|x|, 1e-12), whose gradient is 1 / max(|x|, 1e-12) times larger."""
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    rows = torch.cat([x.detach().double().reshape(-1, x.shape[-1]) for x in inputs if x.dim() >= 2])
+    grad_factor = 1.0
+    if normalized:
+        grad_factor = 1.0 / max(float(rows.norm(dim=1).min()), 1e-12)
+        rows = torch.nn.functional.normalize(rows, dim=1)
+    dim = rows.shape[1]
+    logit_max = float((rows @ rows.T).abs().max()) / tau
+    row_max = float(rows.norm(dim=1).max())
+    per_logit = (dim + 4) * eps * (logit_max + 1)  # + 1: exp and log of O(1) values
+    return 2 * c * per_logit, 2 * c * per_logit * row_max / tau * grad_factor
+
+
+def assert_close_rounded(actual, expected, dtype, allowance: float, what: str):
+    """helpers.assert_close, or an absolute error within the logits' rounding allowance (see above)."""
+    err = float((actual.detach().double() - expected.detach().double()).norm())
+    if err <= allowance:
+        assert torch.isfinite(actual.detach().double()).all(), f"{what}: non-finite values"
+        return
+    assert_close(actual, expected, dtype, what + f" (rounding allowance {allowance:.3g})")
