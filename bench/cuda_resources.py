@@ -129,6 +129,29 @@ def loop_summary(arch: str, loops) -> list:
             for (name, dtype), cells in sorted(rows.items())]
 
 
+def parse_summary(lines) -> dict:
+    """{(arch, kernel, dtype, DF): {rule: "instructions/per-pair"}} from loop_summary's lines."""
+    table = collections.defaultdict(dict)
+    for line in lines:
+        m = re.match(r"\s+(sm_\w+)\s+(\w+::\w+)\s+(\w+)\s+(DF=.*)$", line)
+        if not m:
+            continue
+        for cell in m.group(4).split():
+            df, rule_fig = cell.split(",", 1)
+            rule, fig = rule_fig.split(":")
+            table[(m.group(1), m.group(2), m.group(3), df)][rule] = fig
+    return table
+
+
+def compare(before: dict, after: dict) -> list:
+    lines = []
+    for key in sorted(set(before) & set(after), key=lambda k: (k[0], k[1], k[2], int(k[3][3:]))):
+        old = " ".join(f"{rule}:{fig}" for rule, fig in sorted(before[key].items()))
+        new = " ".join(f"{rule}:{fig}" for rule, fig in sorted(after[key].items()))
+        lines.append(f"  {key[0]:<7} {key[1]:<28} {key[2]:<5} {key[3]:<6} {old:<16} -> {new}")
+    return lines
+
+
 def check_api(workdir: str) -> str:
     """Syntax-check the bindings against torch's headers; a line saying what happened."""
     try:
@@ -164,6 +187,8 @@ def main() -> int:
     parser.add_argument("--no-api", action="store_true", help="skip the bindings' syntax check")
     parser.add_argument("--csrc", default=CSRC, help="the kernel sources to compile (default: this checkout's csrc/)")
     parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated, default %(default)s")
+    parser.add_argument("--compare", default=None,
+                        help="an earlier report of this script: print its hot-loop figures beside these (before -> after)")
     args = parser.parse_args()
     if shutil.which("nvcc") is None:
         print("cuda-check: nvcc not found; nothing compiled")
@@ -201,6 +226,10 @@ def main() -> int:
             return 1
         report.extend(["", "Hot loop per kernel (instructions per tile iteration / lane-instructions per pair), "
                        "by arch, D width and positive rule:", *summary])
+        if args.compare:
+            report.extend(["", f"Before ({args.compare}) -> after, instructions per tile iteration / lane-instructions "
+                           "per pair; a kernel without a rule argument ran every rule through one loop:",
+                           *compare(parse_summary(open(args.compare).read().splitlines()), parse_summary(summary))])
         if not args.no_api:
             try:
                 report.append("")
