@@ -11,7 +11,7 @@ endif
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench bench-quick info cuda-check clean
+.PHONY: setup test bench bench-quick info cuda-check gpu-wheels gpu-rehearsal clean
 
 $(PYTHON):
 	python3 -m venv --system-site-packages .venv
@@ -33,6 +33,15 @@ bench-quick: setup
 # torch's headers, and prints registers, spills and the SASS instruction mix per kernel.
 cuda-check: setup
 	$(PYTHON) bench/cuda_resources.py
+
+# The GPU suite (bench/gpu_suite.sh: its header has the exact call for a lent GPU machine). gpu-wheels
+# fetches the two packages its CLIP headline compares with into .whl/, which that call carries;
+# gpu-rehearsal runs the suite on CPU as CI does (tests/test_gpu_suite.py).
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: -d .whl inf-cl==1.2.1 memeff==0.3.1
+
+gpu-rehearsal: setup
+	REHEARSAL=1 PYTHON=$(PYTHON) bash bench/gpu_suite.sh bench/results/gpu_rehearsal
 
 info: setup
 	$(PYTHON) -m fused_contrastive.info

@@ -15,7 +15,8 @@ import argparse
 import json
 import os
 
-from run import HERE, ROOT, environment, fmt_bytes, fmt_time, spawn_case
+from run import HERE, ROOT, environment, fmt_bytes, fmt_noise, fmt_time, spawn_case
+from timing import load_average
 
 LOSSES = ["supcon", "supcon_in", "supcon_extra_keys", "eps_supinfonce", "dcl", "dclw", "info_nce", "info_nce_queue",
           "clip", "debiased", "bcl", "spread"]
@@ -25,16 +26,22 @@ DISTRIBUTED = ["supcon_gather_1rank", "supcon_ring_1rank"]
 
 def markdown(rows, env, args):
     lines = [f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · "
-             f"commit {env['git_commit']} · {env['date']}", "",
-             f"fwd+bwd of each loss at N = feature rows (bsz = N/2, 2 views), D = {args.dims}, {args.dtypes}; peak "
+             f"commit {env['git_commit']} · {env['date']} · load average {env.get('load_average')} at the start, "
+             f"{env.get('load_average_end')} at the end", "",
+             f"fwd+bwd of each loss at N = feature rows (bsz = N/2, 2 views), D = {args.dims}, {args.dtypes}; fwd and "
+             "bwd timed separately in each repeat (bench/timing.py), medians over the repeats, `noise` half the "
+             "20-80% quantile spread of fwd+bwd over its median; peak "
              "memory beyond the inputs; `memory vs reference`: this backend's peak over the reference backend's for "
              "the same loss; `time vs supcon`: this loss over SupCon (L_out) on the same backend (for the `_1rank` rows: "
              "the overhead of the distributed code path on one process).", "",
-             "| loss | backend | N | D | dtype | fwd+bwd | peak extra memory | memory vs reference | time vs supcon | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| loss | backend | N | D | dtype | fwd | bwd | fwd+bwd | min | noise | reps | peak extra memory | "
+             "memory vs reference | time vs supcon | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['loss']} | {r['backend']} | {r['n']} | {r['dim']} | {r['dtype']} | "
-                     f"{fmt_time(r.get('fwd_bwd_s'))} | {fmt_bytes(r.get('peak_extra_bytes'))} | "
+                     f"{fmt_time(r.get('fwd_s'))} | {fmt_time(r.get('bwd_s'))} | {fmt_time(r.get('fwd_bwd_s'))} | "
+                     f"{fmt_time(r.get('fwd_bwd_min_s'))} | {fmt_noise(r)} | {r.get('reps', '-')} | "
+                     f"{fmt_bytes(r.get('peak_extra_bytes'))} | "
                      f"{r.get('memory_vs_reference', '-')} | {r.get('time_vs_supcon', '-')} | {r['status']} |")
     return "\n".join(lines) + "\n"
 
@@ -80,6 +87,7 @@ def main():
         row.update(spawn_case(f"{loss}:{backend}", n, dim, dtype, device, 20.0 if gpu else 15.0, 300.0))
         rows.append(row)
     add_ratios(rows)
+    env["load_average_end"] = load_average()
     md = markdown(rows, env, args)
     print("\n" + md)
     os.makedirs(args.out, exist_ok=True)

@@ -17,13 +17,14 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import timing  # noqa: E402  (bench/timing.py: how every benchmark here times)
 NUM_CLASSES = 100
 TEMPERATURE = 0.1
 
@@ -136,27 +137,69 @@ def make_provider(name):
         from inf_cl import cal_inf_loss
 
         return lambda f, y: cal_inf_loss(f[:, 0].contiguous(), f[:, 1].contiguous(), scale=1.0 / TEMPERATURE)
+    if name in CLIP_PROVIDERS:
+        return clip_provider(name)
+    raise ValueError(name)
+
+
+# CLIP (both directions, mean) from other packages, on the rows that family_loss("clip") builds from the
+# two views, with logit scale 1 / TEMPERATURE: the same loss as clip:<backend>.
+CLIP_PROVIDERS = {"infcl-clip": ("inf_cl", "inf-cl==1.2.1"), "memeff-clip": ("memeff", "memeff==0.3.1")}
+
+
+def clip_provider(name):
+    import torch
+
+    def pairs(f):
+        return torch.cat([f[:, 0], f[:, 1]]), torch.cat([f[:, 1], f[:, 0]])
+
+    if name == "infcl-clip":
+        # cal_inf_loss is one direction (rows of its first argument); its own CLIP recipe averages both.
+        # It upcasts its inputs to fp32 itself.
+        from inf_cl import cal_inf_loss
+
+        def run(f, y):
+            image, text = pairs(f)
+            head = min(256, image.shape[1])  # it splits D into heads of this width (16 to 256), summed
+            return 0.5 * (cal_inf_loss(image, text, scale=1.0 / TEMPERATURE, head_dim=head)
+                          + cal_inf_loss(text, image, scale=1.0 / TEMPERATURE, head_dim=head))
+
+        return run
+    # memeff: its own L2 normalisation off (the rows are unit already) and the textbook gradient scale
+    # (stable=False), so that loss and gradients are those of the other providers.
+    from memeff import MemoryEfficientCLIPLoss
+
+    memeff = MemoryEfficientCLIPLoss(temperature=TEMPERATURE, normalized_inputs=True, stable=False)
+    return lambda f, y: memeff(*pairs(f))
+
+
     raise ValueError(name)
 
 
 def provider_skip_reason(name, device):
+    """Why ``name`` cannot run on ``device`` here (None: it can). Asks only the backend named, so that asking
+    about triton never builds the CUDA extension."""
     import importlib.util
 
-    import fused_contrastive as fc
     import torch
 
-    if name in ("chunked", "reference", "triton", "cuda"):
+    if name in ("chunked", "reference", "triton", "cuda") or ":" in name:
+        from fused_contrastive import dispatch
+        from fused_contrastive.losses import supcon_spec
+
+        backend = name.split(":")[-1]
         probe = torch.zeros(4, 2, 8, device=device)
-        return fc.explain_backends(probe, torch.arange(4, device=device))[name]
+        return dispatch.BACKENDS[backend].why_not(supcon_spec(probe, torch.arange(4, device=device)))
     if name == "pml" and importlib.util.find_spec("pytorch_metric_learning") is None:
         return "pytorch-metric-learning is not installed (pip install pytorch-metric-learning)"
     if name == "supcontrast-compiled" and device == "cpu":
         return "torch.compile is measured on GPU only"
-    if name == "infcl":
+    if name == "infcl" or name in CLIP_PROVIDERS:
+        module, pin = CLIP_PROVIDERS.get(name, ("inf_cl", "inf-cl==1.2.1"))
+        if importlib.util.find_spec(module) is None:
+            return f"{pin} is not installed (not carried: bench/gpu_suite.sh installs it from .whl/ when there)"
         if device == "cpu":
-            return "Inf-CL runs on CUDA devices only"
-        if importlib.util.find_spec("inf_cl") is None:
-            return "inf-cl is not installed (pip install inf-cl)"
+            return f"{module} runs on CUDA devices only"
     return None
 
 
@@ -191,17 +234,13 @@ def run_case(provider, n, dim, dtype_name, device, budget_s):
         if cuda:
             torch.cuda.synchronize()
 
-    def fwd_bwd():
+    def step():
         f = features.detach().requires_grad_()
-        fn(f, labels).backward()
+        return fn(f, labels), (f,)
 
-    def fwd():
-        with torch.no_grad():
-            fn(features, labels)
-
-    if cuda:  # Triton compiles and autotunes on the first call: keep that out of time and memory
-        fwd_bwd()
-        fwd()
+    if cuda:  # compilation and Triton's autotuning happen on the first calls: keep them out of time and memory
+        for _ in range(2):
+            step()[0].backward()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -210,63 +249,53 @@ def run_case(provider, n, dim, dtype_name, device, budget_s):
         _reset_peak_rss()
         base = _proc_status_bytes("VmRSS")
     t0 = time.perf_counter()
-    fwd_bwd()  # the peak-memory measurement, and the time when one call is already long
+    loss, _ = step()  # the peak-memory measurement, and the only timing when one call is already long
     sync()
-    first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    loss.backward()
+    sync()
+    first = (t1 - t0, time.perf_counter() - t1)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _proc_status_bytes("VmHWM") - base
-
-    def median_time(step):
-        if cuda:
-            import triton.testing
-
-            return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median") / 1e3
-        times, spent = [], 0.0
-        while len(times) < 5 and (not times or spent + times[-1] < budget_s):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-            spent += times[-1]
-            if times[-1] > budget_s / 3:
-                break
-        return statistics.median(times)
-
-    # A call already this long is timed once: repeats would not change the picture, only the run time.
-    long_s = budget_s / 20 if cuda else budget_s / 3
-
-    def single(step):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        return time.perf_counter() - t0
-
-    fwd_bwd_s = first if first > long_s else median_time(fwd_bwd)
-    fwd_single = single(fwd)
-    fwd_s = fwd_single if fwd_single > long_s else median_time(fwd)
-    return {"fwd_s": fwd_s, "fwd_bwd_s": fwd_bwd_s, "bwd_s": max(fwd_bwd_s - fwd_s, 0.0), "peak_extra_bytes": max(peak, 0)}
+    first_loss = float(loss.detach().float())
+    del loss
+    # Many repeats of short GPU calls cost little; on CPU a handful keeps `make bench` to minutes.
+    result = timing.measure(step, cuda=cuda, budget_s=budget_s, first=first, max_reps=50 if cuda else 7)
+    return {"fwd_s": result["fwd"]["median"], "bwd_s": result["bwd"]["median"],
+            "fwd_bwd_s": result["fwd_bwd"]["median"], "fwd_bwd_min_s": result["fwd_bwd"]["min"],
+            "noise": timing.noise(result["fwd_bwd"]), "reps": result["fwd_bwd"]["n"],
+            "fwd": result["fwd"], "bwd": result["bwd"], "fwd_bwd": result["fwd_bwd"],
+            "loss_value": result["loss"] if result["loss"] is not None else first_loss,
+            "peak_extra_bytes": max(peak, 0)}
 
 
-def gemm_rate(device, n=8192, dim=128):
-    """bf16 (GPU) or fp32 (CPU) torch.matmul rate in FLOP/s for the loss's GEMM shape [n, D] x [D, n]."""
+def gemm_rate(device, m=8192, k=128, n=None, dtype=None):
+    """torch.matmul rate in FLOP/s of [m, k] x [k, n] (default: the loss's own product [8192, 128] x [128,
+    8192]) on random data, bf16 on a GPU and fp32 on CPU unless ``dtype``: (median rate, dtype name,
+    timing summary). On a GPU triton.testing.do_bench times it (CUDA events, quantiles)."""
     import torch
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    a = torch.randn(n, dim, device=device, dtype=dtype)
-    if device.startswith("cuda"):
+    n = m if n is None else n
+    gpu = device.startswith("cuda")
+    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    if gpu:
         import triton.testing
 
-        t = triton.testing.do_bench(lambda: a @ a.T, return_mode="median") / 1e3
+        q20, med, q80, lo = triton.testing.do_bench(lambda: a @ b, quantiles=[0.2, 0.5, 0.8, 0.0])
+        stats = {"n": None, "min": lo / 1e3, "median": med / 1e3, "q20": q20 / 1e3, "q80": q80 / 1e3}
     else:
-        a @ a.T
+        a @ b
         times = []
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
-            a @ a.T
+            a @ b
             times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
-    return 2 * n * n * dim / t, str(dtype).replace("torch.", "")
+        stats = timing.summary(times)
+    return 2 * m * n * k / stats["median"], str(dtype).replace("torch.", ""), stats
 
 
 # ---------------------------------------------------------------- the driver
@@ -277,9 +306,13 @@ def environment(device):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "timer": "cuda" if device.startswith("cuda") else "host",
         "python": platform.python_version(),
+        "load_average": timing.load_average(),
+        "cpu_count": os.cpu_count(),
     }
-    for dist in ("triton", "pytorch-metric-learning", "fused_contrastive"):
+    for dist in ("triton", "pytorch-metric-learning", "fused_contrastive", "inf-cl", "memeff"):
         try:
             import importlib.metadata
 
@@ -322,24 +355,32 @@ def fmt_bytes(b):
     return "-" if b is None else (f"{b / 2**30:.2f} GB" if b >= 2**30 else f"{b / 2**20:.0f} MB")
 
 
-def fmt_time(t):
-    return "-" if t is None else (f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.1f} ms")
+fmt_time = timing.fmt_time
+
+
+def fmt_noise(r):
+    return "-" if r.get("noise") is None else f"±{50 * r['noise']:.0f}%"
 
 
 def markdown(rows, env, baseline):
     lines = [f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · "
-             f"commit {env['git_commit']} · {env['date']}", "",
-             f"SupCon (L_out, 'all', 2 views, temperature {TEMPERATURE}); bwd = fwd+bwd - fwd (no-grad forward); "
-             f"peak memory beyond the inputs; ratios of fwd+bwd time and peak memory against `{baseline}` in the same run; "
-             f"GEMM rate: torch.matmul {env.get('gemm_dtype')} at {env.get('gemm_flops', 0) / 1e12:.3f} TFLOP/s.", "",
-             "| provider | N | D | dtype | fwd | bwd | fwd+bwd | peak extra memory | time vs " + baseline
-             + " | memory vs " + baseline + " | TFLOP/s (6N²D) | of GEMM rate | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"commit {env['git_commit']} · {env['date']} · load average {env.get('load_average')}", "",
+             f"SupCon (L_out, 'all', 2 views, temperature {TEMPERATURE}). fwd (with autograd recording) and bwd "
+             f"timed separately in each repeat ({'CUDA events' if env.get('timer') == 'cuda' else 'host clock'}); "
+             "medians over the repeats (reps), `min` the fastest fwd+bwd, `noise` half the 20-80% quantile "
+             "spread of fwd+bwd over its median (differences inside it are noise); "
+             f"peak memory beyond the inputs; ratios of median fwd+bwd time and peak memory against `{baseline}` in the "
+             f"same run; GEMM rate: torch.matmul {env.get('gemm_dtype')} at {env.get('gemm_flops', 0) / 1e12:.3f} TFLOP/s.",
+             "",
+             "| provider | N | D | dtype | fwd | bwd | fwd+bwd | min | noise | reps | peak extra memory | time vs "
+             + baseline + " | memory vs " + baseline + " | TFLOP/s (6N²D) | of GEMM rate | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tflops = f"{r['tflops']:.3f}" if "tflops" in r else "-"
         frac = f"{100 * r['fraction_of_gemm']:.0f}%" if "fraction_of_gemm" in r else "-"
         lines.append(f"| {r['provider']} | {r['n']} | {r['dim']} | {r['dtype']} | {fmt_time(r.get('fwd_s'))} | "
-                     f"{fmt_time(r.get('bwd_s'))} | {fmt_time(r.get('fwd_bwd_s'))} | {fmt_bytes(r.get('peak_extra_bytes'))} | "
+                     f"{fmt_time(r.get('bwd_s'))} | {fmt_time(r.get('fwd_bwd_s'))} | {fmt_time(r.get('fwd_bwd_min_s'))} | "
+                     f"{fmt_noise(r)} | {r.get('reps', '-')} | {fmt_bytes(r.get('peak_extra_bytes'))} | "
                      f"{r.get('time_ratio', '-')} | {r.get('memory_ratio', '-')} | {tflops} | {frac} | {r['status']} |")
     return "\n".join(lines) + "\n"
 
@@ -431,7 +472,7 @@ def main():
 
     env = environment(device)
     memory_limit = 0.8 * available_memory_bytes(device)
-    rate, rate_dtype = gemm_rate(device)
+    rate, rate_dtype, _ = gemm_rate(device)
     env["gemm_flops"], env["gemm_dtype"] = rate, rate_dtype
     print(f"{env['device']}: torch.matmul {rate_dtype} [8192x128]x[128x8192] at {rate / 1e9:.1f} GFLOP/s")
 
@@ -471,6 +512,7 @@ def main():
                 row["fraction_of_gemm"] = flops / row["fwd_bwd_s"] / rate
         rows.append(row)
     add_ratios(rows, baseline)
+    env["load_average_end"] = timing.load_average()
 
     md = markdown(rows, env, baseline)
     print("\n" + md)

@@ -87,11 +87,15 @@ fc::SupConParams make_params(const at::Tensor& q, const at::Tensor& k, const at:
   if (mask.has_value()) {
     const at::Tensor& mk = *mask;
     check_cuda(mk, k, "mask");
-    TORCH_CHECK(mk.scalar_type() == at::kFloat && mk.dim() == 2 && mk.stride(1) == 1 && mk.size(0) > 0 &&
+    const bool bytes = mk.scalar_type() == at::kByte || mk.scalar_type() == at::kBool;
+    TORCH_CHECK((bytes || mk.scalar_type() == at::kFloat) && mk.dim() == 2 && mk.stride(1) == 1 && mk.size(0) > 0 &&
                     mk.size(1) > 0,
-                "mask must be a non-empty 2-D float32 tensor with unit column stride, got ", mk.scalar_type(), " ",
-                mk.sizes());
-    p.mask = mk.data_ptr<float>();
+                "mask must be a non-empty 2-D uint8 (0/1), bool or float32 tensor with unit column stride, got ",
+                mk.scalar_type(), " ", mk.sizes(), " with strides ", mk.strides());
+    TORCH_CHECK((mk.size(0) - 1) * mk.stride(0) + mk.size(1) < (int64_t{1} << 31),
+                "mask must span fewer than 2^31 elements, got shape ", mk.sizes(), " with strides ", mk.strides());
+    p.mask = mk.data_ptr();
+    p.mask_bytes = bytes;
     p.mask_rows = static_cast<int>(mk.size(0));
     p.mask_cols = static_cast<int>(mk.size(1));
     p.stride_mask = mk.stride(0);
@@ -104,6 +108,13 @@ fc::SupConParams make_params(const at::Tensor& q, const at::Tensor& k, const at:
   p.has_self = self_offset.has_value();
   p.self_offset = self_offset.value_or(0);
   return p;
+}
+
+// ceil(log2(n)) for n >= 1, 0 for n = 0.
+int ceil_log2(int64_t n) {
+  int k = 0;
+  while (k < 62 && (int64_t{1} << k) < n) ++k;
+  return k;
 }
 
 void check_launch(cudaError_t err, const char* what) {
@@ -142,10 +153,26 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
   check_vector(lse, k, "lse", at::kFloat, q.size(0));
   check_vector(coef, k, "coef", at::kFloat, q.size(0));
   check_vector(pos_scale, k, "pos_scale", at::kFloat, q.size(0));
+  const DeviceGuard guard(k.device());
   p.lse = const_cast<float*>(lse.data_ptr<float>());  // read-only in the backward kernels
   p.coef = coef.data_ptr<float>();
   p.pos_scale = pos_scale.data_ptr<float>();
-  const DeviceGuard guard(k.device());
+  // What the kernels scale g by before its 16-bit cast (supcon_params.h): the targets m and na m from the
+  // sizes, and the bounds as device scalars (reductions queued on the stream: nothing is read on the host).
+  p.dq_scale_log2 = ceil_log2(k.size(0));
+  p.dk_scale_log2 = ceil_log2(q.size(0) * k.size(0));
+  at::Tensor a_max;  // undefined: labels or a byte mask, weights at most 1
+  if (mask.has_value() && !p.mask_bytes) {
+    a_max = mask->amax().reshape({1});
+    p.a_max = a_max.data_ptr<float>();
+  }
+  at::Tensor g_bound = at::zeros({1}, lse.options());
+  if (need_dk && q.size(0) > 0) {
+    at::Tensor weight_bound = pos_scale.abs();
+    if (a_max.defined()) weight_bound = weight_bound * a_max;
+    g_bound = (coef.abs() * (weight_bound + 1)).amax().reshape({1});
+  }
+  p.g_bound = g_bound.data_ptr<float>();
   cudaStream_t stream = current_stream();
   std::optional<at::Tensor> dq, dk;
   if (need_dq) {

@@ -1,5 +1,9 @@
-// SupCon / SimCLR (DESIGN.md's general loss, a_ij from labels or a dense mask) as CUDA kernels on tensor
+// SupCon / SimCLR (the general loss with a_ij from labels or a dense mask) as CUDA kernels on tensor
 // cores through the WMMA API (mma.sync on sm_80 and sm_90).
+//
+// Every kernel is instantiated per positive rule (Rule: labels, byte mask, fp32 mask), so the per-pair
+// step holds only its own rule, and a mask's row and column are found once per row and per streamed column
+// (the tags below), never by a division per pair.
 //
 // Three kernels, as in the Triton backend: forward (row-parallel: running max, sum-exp and pos_sum per
 // anchor, saves lse), dQ (row-parallel) and dK (column-parallel), both recomputing each logit tile from
@@ -213,11 +217,11 @@ __device__ __forceinline__ void warp_accumulate(typename Mma<T>::Acc (&acc)[DF],
   }
 }
 
-// Writes a warp's [16, DP] accumulator, times inv_tau, into rows [row0, row0 + 16) of out (input dtype),
-// staging each 16x16 piece through the warp's own rows of the logit tile.
-template <typename T, int DF>
+// Writes a warp's [16, DP] accumulator, row r times factor(r), into rows [row0, row0 + 16) of out (input
+// dtype), staging each 16x16 piece through the warp's own rows of the logit tile.
+template <typename T, int DF, typename Factor>
 __device__ __forceinline__ void warp_store(typename Mma<T>::Acc (&acc)[DF], float* scratch, T* out, int64_t stride,
-                                           int row0, int total, int d, float inv_tau) {
+                                           int row0, int total, int d, Factor factor) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int dn = 0; dn < DF; ++dn) {
@@ -229,20 +233,28 @@ __device__ __forceinline__ void warp_store(typename Mma<T>::Acc (&acc)[DF], floa
       const int r = idx / 16, c = dn * 16 + idx % 16;
       const int row = row0 + r;
       if (row < total && c < d)
-        out[static_cast<int64_t>(row) * stride + c] = from_float<T>(scratch[r * kLdS + idx % 16] * inv_tau);
+        out[static_cast<int64_t>(row) * stride + c] = from_float<T>(scratch[r * kLdS + idx % 16] * factor(row));
     }
     __syncwarp();
   }
 }
 
-// The tag that decides positives: the label, or under a dense mask the index itself (the mask is read by it).
+// Which a_ij the kernels compute, a template argument of every kernel.
+enum class Rule : int { kLabels = 0, kMaskBytes = 1, kMaskFloats = 2 };
+
+// The tags that decide a_ij, computed once per row of a kernel and once per streamed column of a tile:
+// under labels the labels themselves; under a mask the anchor's offset of its mask row,
+// (i % mask_rows) * stride_mask, and the key's mask column j % mask_cols, so that a pair's weight is one
+// load at the tags' sum. Rows and columns past the end wrap like the others: their mask reads stay in range.
+template <Rule R>
 __device__ __forceinline__ int64_t anchor_tag(const SupConParams& p, int row) {
-  if (row >= p.na) return -2;
-  return p.mask != nullptr ? row : p.anchor_labels[row];
+  if constexpr (R == Rule::kLabels) return row < p.na ? p.anchor_labels[row] : -2;
+  else return static_cast<int64_t>(row % p.mask_rows) * p.stride_mask;
 }
+template <Rule R>
 __device__ __forceinline__ int64_t key_tag(const SupConParams& p, int col) {
-  if (col >= p.m) return -1;
-  return p.mask != nullptr ? col : p.key_labels[col];
+  if constexpr (R == Rule::kLabels) return col < p.m ? p.key_labels[col] : -1;
+  else return col % p.mask_cols;
 }
 
 // What the elementwise step needs of a tile row, fixed for the whole kernel: is it in range, and which
@@ -264,12 +276,22 @@ __device__ __forceinline__ bool in_denominator(const TileRow& r, int col, int co
   return r.ok && col < columns && col != r.self;
 }
 
-// a_ij for a pair in the denominator (0 elsewhere): 1 on equal labels, or the mask's weight.
+// a_ij for a pair in the denominator (0 elsewhere): 1 on equal labels, 1 on a nonzero mask byte, or the
+// mask's weight.
+template <Rule R>
 __device__ __forceinline__ float positive_weight(const SupConParams& p, bool valid, int64_t a_tag, int64_t k_tag) {
-  if (!valid) return 0.f;
-  if (p.mask != nullptr)
-    return p.mask[(a_tag % p.mask_rows) * p.stride_mask + (k_tag % p.mask_cols)];
-  return a_tag == k_tag ? 1.f : 0.f;
+  if constexpr (R == Rule::kLabels) {
+    return valid && a_tag == k_tag ? 1.f : 0.f;
+  } else {
+    // The binding keeps a mask below 2^31 elements: a 32-bit offset, fewer registers per load in flight
+    // (the DF = 16 backward would spill otherwise).
+    const int32_t offset = static_cast<int32_t>(a_tag) + static_cast<int32_t>(k_tag);
+    // Bytes: min(byte, 1) rather than byte != 0 (the same for a 0/1 mask): the compare cost registers.
+    const float w = R == Rule::kMaskBytes
+                        ? fminf(static_cast<float>(static_cast<const uint8_t*>(p.mask)[offset]), 1.f)
+                        : static_cast<const float*>(p.mask)[offset];
+    return valid ? w : 0.f;
+  }
 }
 
 // exp(x - m) with the shift of a row that has seen no finite logit yet taken as 0, so exp(-inf - 0) = 0
@@ -279,7 +301,7 @@ __device__ __forceinline__ float shift_of(float m) { return m == -INFINITY ? 0.f
 // What the two row-parallel kernels (forward, dQ) share: the block's shared tiles, its 64 anchors loaded
 // once, and the lane's place. Two lanes per row: lane pair (2r, 2r + 1) of warp w takes row 16w + r,
 // 32 columns of each key tile apiece.
-template <typename T, int DF>
+template <typename T, int DF, Rule R>
 struct RowParallel {
   using L = Layout<T, DF>;
   T* q_s;
@@ -305,7 +327,7 @@ struct RowParallel {
     r_local = warp * kWarpRows + lane / 2;
     row = m0 + r_local;
     c0 = (lane & 1) * (kTile / 2);
-    a_tag = anchor_tag(p, row);
+    a_tag = anchor_tag<R>(p, row);
     facts = tile_row(p, row, true);
     inv_tau = *p.inv_tau;
     load_rows<T, DF>(q_s, static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
@@ -316,7 +338,7 @@ struct RowParallel {
   __device__ __forceinline__ const float* logits(const SupConParams& p, int n0) {
     __syncthreads();  // every warp is done with the previous K tile (and the Q tile is in place)
     load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
-    if (threadIdx.x < kTile) key_tags[threadIdx.x] = key_tag(p, n0 + threadIdx.x);
+    if (threadIdx.x < kTile) key_tags[threadIdx.x] = key_tag<R>(p, n0 + threadIdx.x);
     __syncthreads();
     warp_logits<T, DF>(q_s + warp * kWarpRows * L::kLdX, k_s, s_s + warp * kWarpRows * kLdS);
     __syncwarp();
@@ -326,9 +348,9 @@ struct RowParallel {
 
 // ----------------------------------------------------------------------------- forward
 
-template <typename T, int DF>
+template <typename T, int DF, Rule R>
 __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConParams p) {
-  RowParallel<T, DF> t(p);
+  RowParallel<T, DF, R> t(p);
   // Each lane keeps its own running (max, sum-exp, pos_sum), merged with its partner at the end.
   float m_run = -INFINITY, s_run = 0.f, pos_sum = 0.f;
 
@@ -342,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
       const bool valid = in_denominator(t.facts, col, p.m);
       const float l = s_row[c] * t.inv_tau;
       if (valid) tile_max = fmaxf(tile_max, l);
-      pos_sum += positive_weight(p, valid, t.a_tag, t.key_tags[c]) * l;
+      pos_sum += positive_weight<R>(p, valid, t.a_tag, t.key_tags[c]) * l;
     }
     const float m_new = fmaxf(m_run, tile_max);
     const float shift = shift_of(m_new);
@@ -368,11 +390,14 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
 
 // ----------------------------------------------------------------------------- backward
 
-// g_ij = coef_i (exp(l_ij - lse_i) - a_ij pos_scale_i) on the denominator, 0 elsewhere (DESIGN.md's backward
-// with r_i c G_i folded into coef_i and w_i / Z_i into pos_scale_i).
-__device__ __forceinline__ float tile_grad(bool valid, float l, float lse_safe, float coef, float a, float pos_scale) {
-  const float softmax = valid ? __expf(l - lse_safe) : 0.f;
-  return coef * (softmax - a * pos_scale);
+// scale * exp(l_ij - lse_i) - a_ij pos_part_i on the denominator, 0 elsewhere, pos_part_i = scale *
+// pos_scale_i: the backward's g_ij (r_i c G_i folded into coef_i, w_i / Z_i into pos_scale_i) up to the
+// per-row or per-product factor `scale`, which is what the tensor cores get (pow2_scale below).
+__device__ __forceinline__ float tile_grad(bool valid, float l, float lse, float scale, float a, float pos_part) {
+  // valid is false on every pair of a row whose lse is -inf (its denominator is empty): exp(+inf) is
+  // selected away there, never multiplied.
+  const float softmax = valid ? __expf(l - lse) : 0.f;
+  return scale * softmax - a * pos_part;
 }
 
 __device__ __forceinline__ float safe_lse(const SupConParams& p, int row) {
@@ -381,12 +406,40 @@ __device__ __forceinline__ float safe_lse(const SupConParams& p, int row) {
   return lse == -INFINITY ? 0.f : lse;  // a row without keys: every g of it is 0 anyway
 }
 
-template <typename T, int DF>
+// 2^k, k = min(k_target, the largest k with 2^k * bound < 2^15); exact in fp32. bound >= |every g it
+// scales|: the scaled g stays a factor 2 below fp16's largest value (65504) whatever the rounding of the
+// exp, and 2^k_target lifts a typical g of size 1/m (dQ, coef left out) or 1/(na m) (dK) to about 1, far
+// from fp16's subnormals. bound 0 (every g is 0), inf or NaN: the target alone.
+__device__ __forceinline__ float pow2_scale(float bound, int k_target) {
+  int k = k_target;
+  if (bound > 0.f && bound <= FLT_MAX) {
+    int e;
+    frexpf(bound, &e);  // bound in [2^(e - 1), 2^e)
+    k = k < 15 - e ? k : 15 - e;
+  }
+  return ldexpf(1.f, k > -100 ? k : -100);
+}
+
+// The largest positive weight (1 under labels and byte masks).
+__device__ __forceinline__ float max_weight(const SupConParams& p) { return p.a_max != nullptr ? *p.a_max : 1.f; }
+
+// dQ's scale of anchor row i's g (coef_i left out: it multiplies the accumulator after the product):
+// |exp(l - lse) - a pos_scale| <= 1 + a_max |pos_scale|.
+__device__ __forceinline__ float dq_row_scale(const SupConParams& p, float a_max, float pos_scale) {
+  return pow2_scale(1.f + a_max * fabsf(pos_scale), p.dq_scale_log2);
+}
+
+// dK's one scale of every g of the product (columns of g are anchors, each with its own coef).
+__device__ __forceinline__ float dk_scale(const SupConParams& p) { return pow2_scale(*p.g_bound, p.dk_scale_log2); }
+
+template <typename T, int DF, Rule R>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupConParams p) {
-  RowParallel<T, DF> t(p);
+  RowParallel<T, DF, R> t(p);
   const float lse_safe = safe_lse(p, t.row);
-  const float coef = t.row < p.na ? p.coef[t.row] : 0.f;
   const float pos_scale = t.row < p.na ? p.pos_scale[t.row] : 0.f;
+  const float a_max = max_weight(p);
+  const float row_scale = dq_row_scale(p, a_max, pos_scale);
+  const float pos_part = row_scale * pos_scale;
 
   typename Mma<T>::Acc acc[DF];
 #pragma unroll
@@ -398,17 +451,19 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupCon
 #pragma unroll 4
     for (int c = t.c0; c < t.c0 + kTile / 2; ++c) {
       const bool valid = in_denominator(t.facts, n0 + c, p.m);
-      const float a = positive_weight(p, valid, t.a_tag, t.key_tags[c]);
-      g_row[c] = from_float<T>(tile_grad(valid, s_row[c] * t.inv_tau, lse_safe, coef, a, pos_scale));
+      const float a = positive_weight<R>(p, valid, t.a_tag, t.key_tags[c]);
+      g_row[c] = from_float<T>(tile_grad(valid, s_row[c] * t.inv_tau, lse_safe, row_scale, a, pos_part));
     }
     __syncwarp();
     warp_accumulate<T, DF>(acc, t.g_s + t.warp * kWarpRows * Layout<T, DF>::kLdG, t.k_s);
   }
+  const float inv_tau = t.inv_tau;
   warp_store<T, DF>(acc, t.s_s + t.warp * kWarpRows * kLdS, static_cast<T*>(p.dq), p.stride_dq,
-                    t.m0 + t.warp * kWarpRows, p.na, p.d, t.inv_tau);
+                    t.m0 + t.warp * kWarpRows, p.na, p.d,
+                    [&](int row) { return p.coef[row] * inv_tau / dq_row_scale(p, a_max, p.pos_scale[row]); });
 }
 
-template <typename T, int DF>
+template <typename T, int DF, Rule R>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupConParams p) {
   using L = Layout<T, DF>;
   unsigned char* smem = shared_base();
@@ -424,13 +479,14 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupCon
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = blockIdx.x * kTile;
   const float inv_tau = *p.inv_tau;
+  const float scale = dk_scale(p);
   load_rows<T, DF>(k_s, static_cast<const T*>(p.k), p.stride_k, n0, p.m, p.d);
 
   // Transposed roles: lane pair (2j, 2j + 1) of warp w takes key 16w + j against 32 anchors each.
   const int j_local = warp * kWarpRows + lane / 2;
   const int col = n0 + j_local;
   const int r0 = (lane & 1) * (kTile / 2);
-  const int64_t k_tag = key_tag(p, col);
+  const int64_t k_tag = key_tag<R>(p, col);
   const TileRow key = tile_row(p, col, false);
 
   typename Mma<T>::Acc acc[DF];
@@ -444,9 +500,9 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupCon
       const int row = m0 + threadIdx.x;
       const bool ok = row < p.na;
       lse_s[threadIdx.x] = safe_lse(p, row);
-      coef_s[threadIdx.x] = ok ? p.coef[row] : 0.f;
-      pos_scale_s[threadIdx.x] = ok ? p.pos_scale[row] : 0.f;
-      anchor_tags[threadIdx.x] = anchor_tag(p, row);
+      coef_s[threadIdx.x] = ok ? p.coef[row] * scale : 0.f;
+      pos_scale_s[threadIdx.x] = ok ? p.coef[row] * scale * p.pos_scale[row] : 0.f;  // the positive part
+      anchor_tags[threadIdx.x] = anchor_tag<R>(p, row);
     }
     __syncthreads();
     // S^T for the warp's 16 keys against the 64 anchors: the same product with the operands swapped.
@@ -457,14 +513,15 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupCon
 #pragma unroll 4
     for (int r = r0; r < r0 + kTile / 2; ++r) {
       const bool valid = in_denominator(key, m0 + r, p.na);
-      const float a = positive_weight(p, valid, anchor_tags[r], k_tag);
+      const float a = positive_weight<R>(p, valid, anchor_tags[r], k_tag);
       g_row[r] = from_float<T>(tile_grad(valid, s_row[r] * inv_tau, lse_s[r], coef_s[r], a, pos_scale_s[r]));
     }
     __syncwarp();
     warp_accumulate<T, DF>(acc, g_s + warp * kWarpRows * L::kLdG, q_s);
   }
+  const float unscale = inv_tau / scale;
   warp_store<T, DF>(acc, s_s + warp * kWarpRows * kLdS, static_cast<T*>(p.dk), p.stride_dk, n0 + warp * kWarpRows,
-                    p.m, p.d, inv_tau);
+                    p.m, p.d, [=](int) { return unscale; });
 }
 
 }  // namespace kernels

@@ -23,6 +23,7 @@ using kernels::kTile;
 using kernels::kWarpRows;
 using kernels::load_rows;
 using kernels::positive_weight;
+using kernels::Rule;
 using kernels::safe_lse;
 using kernels::shift_of;
 using kernels::tile_grad;
@@ -64,36 +65,51 @@ struct Smem {
   }
 };
 
+// A streamed column's tag into shared memory: under labels a cp.async of its 8-byte label (zero past the
+// end, where every pair is out of the denominator), under a mask its mask row offset or column, computed.
+// Either way it lands with the tile's group, so no thread waits on a global load before the barrier.
+template <Rule R, bool kKey>
+__device__ __forceinline__ void stage_tag(const SupConParams& p, int64_t* dst, int index) {
+  if constexpr (R == Rule::kLabels) {
+    const int64_t* labels = kKey ? p.key_labels : p.anchor_labels;
+    const bool ok = index < (kKey ? p.m : p.na);
+    warp::cp_async_8(dst, ok ? labels + index : labels, ok ? 8 : 0);
+  } else {
+    *dst = kKey ? key_tag<R>(p, index) : anchor_tag<R>(p, index);
+  }
+}
+
 // Starts key tile i (row-parallel kernels) into buffer i % 2, with its key tags, as one cp.async group.
-template <typename T, int DF>
+template <typename T, int DF, Rule R>
 __device__ __forceinline__ void issue_keys(const SupConParams& p, const Smem<T, DF>& sm, int i) {
   load_rows<T, DF, true>(sm.stream(i & 1), static_cast<const T*>(p.k), p.stride_k, i * kTile, p.m, p.d);
-  if (threadIdx.x < kTile) sm.tags(i & 1)[threadIdx.x] = key_tag(p, i * kTile + threadIdx.x);
+  if (threadIdx.x < kTile) stage_tag<R, true>(p, sm.tags(i & 1) + threadIdx.x, i * kTile + threadIdx.x);
   warp::cp_async_commit();
 }
 
-// Starts anchor tile i (dK) into buffer i % 2, with the anchors' backward statistics and tags.
-template <typename T, int DF>
+// Starts anchor tile i (dK) into buffer i % 2, with the anchors' backward statistics and tags (zero past
+// the last anchor: coef 0 there, and those columns are out of the denominator anyway).
+template <typename T, int DF, Rule R>
 __device__ __forceinline__ void issue_anchors(const SupConParams& p, const Smem<T, DF>& sm, int i) {
   load_rows<T, DF, true>(sm.stream(i & 1), static_cast<const T*>(p.q), p.stride_q, i * kTile, p.na, p.d);
   if (threadIdx.x < kTile) {
     const int row = i * kTile + threadIdx.x;
     const bool ok = row < p.na;
     float* stats = sm.stats(i & 1);
-    stats[threadIdx.x] = safe_lse(p, row);
-    stats[kTile + threadIdx.x] = ok ? p.coef[row] : 0.f;
-    stats[2 * kTile + threadIdx.x] = ok ? p.pos_scale[row] : 0.f;
-    sm.tags(i & 1)[threadIdx.x] = anchor_tag(p, row);
+    warp::cp_async_4(stats + threadIdx.x, ok ? p.lse + row : p.lse, ok ? 4 : 0);
+    warp::cp_async_4(stats + kTile + threadIdx.x, ok ? p.coef + row : p.coef, ok ? 4 : 0);
+    warp::cp_async_4(stats + 2 * kTile + threadIdx.x, ok ? p.pos_scale + row : p.pos_scale, ok ? 4 : 0);
+    stage_tag<R, false>(p, sm.tags(i & 1) + threadIdx.x, row);
   }
   warp::cp_async_commit();
 }
 
 // Before tile i: tile i + 1 goes out (if there is one), tile i is waited for by every thread.
-template <typename T, int DF, bool kKeys>
+template <typename T, int DF, Rule R, bool kKeys>
 __device__ __forceinline__ void advance(const SupConParams& p, const Smem<T, DF>& sm, int i, int tiles) {
   if (i + 1 < tiles) {
-    if constexpr (kKeys) issue_keys<T, DF>(p, sm, i + 1);
-    else issue_anchors<T, DF>(p, sm, i + 1);
+    if constexpr (kKeys) issue_keys<T, DF, R>(p, sm, i + 1);
+    else issue_anchors<T, DF, R>(p, sm, i + 1);
     warp::cp_async_wait<1>();
   } else {
     warp::cp_async_wait<0>();
@@ -148,10 +164,11 @@ __device__ __forceinline__ void warp_accumulate(float (&acc)[2 * DF][4], const f
   }
 }
 
-// Rows row0 (= the warp's first + g) and row0 + 8 of out, times inv_tau, straight from the accumulator.
+// Rows row0 (= the warp's first + g) and row0 + 8 of out, times factor[0] and factor[1], straight from the
+// accumulator.
 template <typename T, int DF>
 __device__ __forceinline__ void warp_store(const float (&acc)[2 * DF][4], T* out, int64_t stride, int row0, int total,
-                                           int d, float inv_tau) {
+                                           int d, const float (&factor)[2]) {
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int dt = 0; dt < 2 * DF; ++dt)
@@ -159,7 +176,7 @@ __device__ __forceinline__ void warp_store(const float (&acc)[2 * DF][4], T* out
     for (int i = 0; i < 4; ++i) {
       const int row = row0 + 8 * (i / 2), c = dt * 8 + 2 * t + i % 2;
       if (row < total && c < d)
-        out[static_cast<int64_t>(row) * stride + c] = kernels::from_float<T>(acc[dt][i] * inv_tau);
+        out[static_cast<int64_t>(row) * stride + c] = kernels::from_float<T>(acc[dt][i] * factor[i / 2]);
     }
 }
 
@@ -187,22 +204,22 @@ __device__ __forceinline__ void quad_merge(float& m, float& total, float& sum) {
 
 // ----------------------------------------------------------------------------- kernels
 
-template <typename T, int DF>
+template <typename T, int DF, Rule R>
 __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConParams p) {
   using L = Layout<T, DF>;
   const Smem<T, DF> sm{kernels::shared_base()};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int m0 = blockIdx.x * kTile, row0 = m0 + warp * kWarpRows + lane / 4;
   const float inv_tau = *p.inv_tau;
-  const int64_t a_tag[2] = {anchor_tag(p, row0), anchor_tag(p, row0 + 8)};
+  const int64_t a_tag[2] = {anchor_tag<R>(p, row0), anchor_tag<R>(p, row0 + 8)};
   const TileRow rows[2] = {tile_row(p, row0, true), tile_row(p, row0 + 8, true)};
   load_rows<T, DF>(sm.fixed(), static_cast<const T*>(p.q), p.stride_q, m0, p.na, p.d);
   const int tiles = (p.m + kTile - 1) / kTile;
-  if (tiles > 0) issue_keys<T, DF>(p, sm, 0);
+  if (tiles > 0) issue_keys<T, DF, R>(p, sm, 0);
 
   float m_run[2] = {-INFINITY, -INFINITY}, s_run[2] = {0.f, 0.f}, pos_sum[2] = {0.f, 0.f};
   for (int i = 0; i < tiles; ++i) {
-    advance<T, DF, true>(p, sm, i, tiles);
+    advance<T, DF, R, true>(p, sm, i, tiles);
     const int n0 = i * kTile;
     const int64_t* key_tags = sm.tags(i & 1);
     float s[kNTiles][4];
@@ -216,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
         const int h = e / 2, c = nt * 8 + 2 * (lane % 4) + e % 2;
         const bool valid = in_denominator(rows[h], n0 + c, p.m);
         const float l = s[nt][e] * inv_tau;
-        pos_sum[h] += positive_weight(p, valid, a_tag[h], key_tags[c]) * l;
+        pos_sum[h] += positive_weight<R>(p, valid, a_tag[h], key_tags[c]) * l;
         s[nt][e] = valid ? l : -INFINITY;
         tile_max[h] = fmaxf(tile_max[h], s[nt][e]);
       }
@@ -248,7 +265,9 @@ __global__ void __launch_bounds__(kThreads, 1) supcon_fwd_kernel(const SupConPar
 // The two backward kernels in one body. kAnchorRows: rows are anchors, the streamed tiles keys, and the
 // result dQ (row-parallel); otherwise rows are keys, the streamed tiles anchors with their statistics,
 // and the result dK (column-parallel). Either way the warp's 16 rows accumulate [16, D] in registers.
-template <typename T, int DF, bool kAnchorRows>
+// What goes into the product is g times a power of two (kernels::pow2_scale), undone in fp32 at the store:
+// dQ leaves coef_i out of g and scales each anchor row by about m; dK scales every g by about na m.
+template <typename T, int DF, Rule R, bool kAnchorRows>
 __device__ __forceinline__ void backward(const SupConParams& p) {
   using L = Layout<T, DF>;
   const Smem<T, DF> sm{kernels::shared_base()};
@@ -256,33 +275,36 @@ __device__ __forceinline__ void backward(const SupConParams& p) {
   const int b0 = blockIdx.x * kTile, row0 = b0 + warp * kWarpRows + lane / 4;
   const int rows_total = kAnchorRows ? p.na : p.m, columns = kAnchorRows ? p.m : p.na;
   const float inv_tau = *p.inv_tau;
+  const float a_max = kernels::max_weight(p);
+  const float product_scale = kAnchorRows ? 1.f : kernels::dk_scale(p);
   // What is fixed per row: its tag and denominator facts; for anchor rows also their backward factors.
   int64_t row_tag[2];
   TileRow rows[2];
-  float lse_safe[2] = {0.f, 0.f}, coef[2] = {0.f, 0.f}, pos_scale[2] = {0.f, 0.f};
+  float lse_safe[2] = {0.f, 0.f}, row_scale[2] = {1.f, 1.f}, pos_part[2] = {0.f, 0.f};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = row0 + 8 * h;
-    row_tag[h] = kAnchorRows ? anchor_tag(p, row) : key_tag(p, row);
+    row_tag[h] = kAnchorRows ? anchor_tag<R>(p, row) : key_tag<R>(p, row);
     rows[h] = tile_row(p, row, kAnchorRows);
     if constexpr (kAnchorRows) {
       lse_safe[h] = safe_lse(p, row);
-      coef[h] = row < p.na ? p.coef[row] : 0.f;
-      pos_scale[h] = row < p.na ? p.pos_scale[row] : 0.f;
+      const float pos_scale = row < p.na ? p.pos_scale[row] : 0.f;
+      row_scale[h] = kernels::dq_row_scale(p, a_max, pos_scale);
+      pos_part[h] = row_scale[h] * pos_scale;
     }
   }
   load_rows<T, DF>(sm.fixed(), static_cast<const T*>(kAnchorRows ? p.q : p.k), kAnchorRows ? p.stride_q : p.stride_k,
                    b0, rows_total, p.d);
   const int tiles = (columns + kTile - 1) / kTile;
   if (tiles > 0) {
-    if constexpr (kAnchorRows) issue_keys<T, DF>(p, sm, 0);
-    else issue_anchors<T, DF>(p, sm, 0);
+    if constexpr (kAnchorRows) issue_keys<T, DF, R>(p, sm, 0);
+    else issue_anchors<T, DF, R>(p, sm, 0);
   }
 
   float acc[2 * DF][4];
   zero<T, DF>(acc);
   for (int i = 0; i < tiles; ++i) {
-    advance<T, DF, kAnchorRows>(p, sm, i, tiles);
+    advance<T, DF, R, kAnchorRows>(p, sm, i, tiles);
     const int c0 = i * kTile;
     const int64_t* tags = sm.tags(i & 1);
     const float* stats = sm.stats(i & 1);  // dK: the streamed anchors' lse, coef, pos_scale
@@ -297,28 +319,36 @@ __device__ __forceinline__ void backward(const SupConParams& p) {
         const bool valid = in_denominator(rows[h], c0 + c, columns);
         const float l = s[nt][e] * inv_tau;
         if constexpr (kAnchorRows) {
-          const float a = positive_weight(p, valid, row_tag[h], tags[c]);
-          s[nt][e] = tile_grad(valid, l, lse_safe[h], coef[h], a, pos_scale[h]);
+          const float a = positive_weight<R>(p, valid, row_tag[h], tags[c]);
+          s[nt][e] = tile_grad(valid, l, lse_safe[h], row_scale[h], a, pos_part[h]);
         } else {
-          const float a = positive_weight(p, valid, tags[c], row_tag[h]);
-          s[nt][e] = tile_grad(valid, l, stats[c], stats[kTile + c], a, stats[2 * kTile + c]);
+          const float a = positive_weight<R>(p, valid, tags[c], row_tag[h]);
+          const float scale = stats[kTile + c] * product_scale;
+          s[nt][e] = tile_grad(valid, l, stats[c], scale, a, scale * stats[2 * kTile + c]);
         }
       }
     warp_accumulate<T, DF>(acc, s, streamed);
     __syncthreads();  // every warp is done with buffer i % 2 before it is refilled
   }
+  // The factors that undo the scaling (and apply dQ's coef_i), read only now: fewer registers in the loop.
+  float out_factor[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 8 * h;
+    out_factor[h] = !kAnchorRows ? inv_tau / product_scale : row < p.na ? p.coef[row] * inv_tau / row_scale[h] : 0.f;
+  }
   warp_store<T, DF>(acc, static_cast<T*>(kAnchorRows ? p.dq : p.dk), kAnchorRows ? p.stride_dq : p.stride_dk, row0,
-                    rows_total, p.d, inv_tau);
+                    rows_total, p.d, out_factor);
 }
 
-template <typename T, int DF>
+template <typename T, int DF, Rule R>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dq_kernel(const SupConParams p) {
-  backward<T, DF, true>(p);
+  backward<T, DF, R, true>(p);
 }
 
-template <typename T, int DF>
+template <typename T, int DF, Rule R>
 __global__ void __launch_bounds__(kThreads, 1) supcon_bwd_dk_kernel(const SupConParams p) {
-  backward<T, DF, false>(p);
+  backward<T, DF, R, false>(p);
 }
 
 }  // namespace mma_kernels

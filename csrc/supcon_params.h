@@ -1,6 +1,6 @@
 // What the SupCon kernels read and write, as plain pointers and sizes: no torch header here, so the
 // kernel translation units compile with nvcc alone (`make cuda-check`, CPU-only torch is enough).
-// Notation follows DESIGN.md: anchors Q [na, d], keys K [m, d], l_ij = q_i . k_j * inv_tau.
+// Notation: anchors Q [na, d], keys K [m, d], l_ij = q_i . k_j * inv_tau.
 #pragma once
 
 #include <cstddef>
@@ -20,10 +20,12 @@ struct SupConParams {
   const float* inv_tau = nullptr;  // one device scalar: a learnable temperature needs no host read
 
   // Positive rule, exactly one of the two: labels (a_ij = [anchor_labels[i] == key_labels[j]]) or a dense
-  // [mask_rows, mask_cols] fp32 mask read at (i % mask_rows, j % mask_cols). Self is never a positive.
+  // [mask_rows, mask_cols] mask read at (i % mask_rows, j % mask_cols): bytes (a 0/1 mask: a_ij = 1 where the
+  // byte is not 0) or fp32 weights (>= 0). Self is never a positive.
   const int64_t* anchor_labels = nullptr;
   const int64_t* key_labels = nullptr;
-  const float* mask = nullptr;
+  const void* mask = nullptr;
+  bool mask_bytes = false;
   int mask_rows = 1, mask_cols = 1;
   int64_t stride_mask = 0;
 
@@ -39,6 +41,17 @@ struct SupConParams {
   void* dq = nullptr;  // [na, d] in the input dtype, unit stride along d
   void* dk = nullptr;  // [m, d]
   int64_t stride_dq = 0, stride_dk = 0;
+
+  // g goes into the tensor-core product in the input dtype, where coef_i e^(l - lse) ~ 1/(na m) is below
+  // fp16's subnormals at realistic sizes. So g is scaled by a power of two before that cast and unscaled
+  // in fp32 after the product. dQ: coef_i leaves g (applied to row i's accumulator) and row i's scale is
+  // 2^dq_scale_log2 (about m) capped so that its largest |g| stays below 2^15. dK: one scale for the whole
+  // product, 2^dk_scale_log2 (about na m) capped by g_bound, a device scalar >= max_ij |g_ij| that the
+  // binding computes from the per-row factors without reading it on the host. a_max (device scalar, or
+  // nullptr for 1) bounds the positive weights.
+  int dq_scale_log2 = 0, dk_scale_log2 = 0;
+  const float* g_bound = nullptr;
+  const float* a_max = nullptr;
 
   // 16-bit inputs run the register-tile kernels (supcon_mma.cuh) unless this asks for the WMMA ones
   // (supcon_kernels.cuh, which fp32 always uses): both stay so that a benchmark can compare them.

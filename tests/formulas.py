@@ -157,11 +157,13 @@ def clip(image, text, logit_scale, *, logit_bias=None):
     img = image.to(torch.float64)
     txt = text.to(torch.float64)
     logits = logit_scale * (img @ txt.T)
-    if logit_bias is not None:
-        logits = logits + logit_bias
+    bias = 0.0 if logit_bias is None else logit_bias
     bsz = logits.shape[0]
-    image_to_text = [-logits[i, i] + _lse(logits[i, :]) for i in range(bsz)]
-    text_to_image = [-logits[i, i] + _lse(logits[:, i]) for i in range(bsz)]
+    # LSE(l + b) = b + LSE(l): written so, the bias's gradient is -1 + 1 = 0 exactly in each term, where
+    # autograd through logsumexp(l + b) leaves a rounding residue (~1e-16) that a relative comparison with
+    # the exact 0 of the package cannot take.
+    image_to_text = [-(logits[i, i] + bias) + (bias + _lse(logits[i, :])) for i in range(bsz)]
+    text_to_image = [-(logits[i, i] + bias) + (bias + _lse(logits[:, i])) for i in range(bsz)]
     return 0.5 * (_mean(image_to_text) + _mean(text_to_image))
 
 

@@ -20,7 +20,7 @@ import torch
 from fused_contrastive import cuda_supcon, reference
 from fused_contrastive.distributed import local_rows
 from fused_contrastive.losses import supcon_spec
-from helpers import assert_close, make_features, make_labels
+from helpers import assert_close, make_features, make_labels, relative_error
 
 
 class DenseExtension:
@@ -29,12 +29,15 @@ class DenseExtension:
     @staticmethod
     def _tile(q, k, inv_tau, anchor_labels, key_labels, mask, self_offset):
         assert q.stride(-1) == 1 and k.stride(-1) == 1 and inv_tau.dtype == torch.float32 and inv_tau.shape == (1,)
-        logits = (q.double() @ k.double().T) * inv_tau.double()
+        # fp32 logits, as the kernels hold them: a row with one key then has lse == its logit exactly in both
+        # passes (e^0 = 1), so a gradient that is 0 in float64 comes out 0, not 1e-9.
+        logits = ((q.double() @ k.double().T) * inv_tau.double()).float().double()
         rows, cols = torch.arange(q.shape[0])[:, None], torch.arange(k.shape[0])[None, :]
         valid = torch.ones_like(logits, dtype=torch.bool) if self_offset is None else cols != rows + self_offset
-        if mask is not None:
-            assert mask.dtype == torch.float32 and anchor_labels is None and key_labels is None
-            a = mask.double()[rows % mask.shape[0], cols % mask.shape[1]]
+        if mask is not None:  # bytes: a 0/1 mask (any nonzero byte is a positive); fp32: weights
+            assert mask.dtype in (torch.uint8, torch.float32) and mask.stride(-1) == 1
+            assert anchor_labels is None and key_labels is None
+            a = (mask != 0 if mask.dtype == torch.uint8 else mask).double()[rows % mask.shape[0], cols % mask.shape[1]]
         else:
             assert anchor_labels.dtype == key_labels.dtype == torch.int64
             a = (anchor_labels[:, None] == key_labels[None, :]).double()
@@ -97,6 +100,8 @@ CASES = {
     "labels_one": dict(kind="random", contrast_mode="one"),
     "simclr": dict(kind="none"),
     "mask": dict(kind="mask"),
+    # a transposed mask (not contiguous: copied once) and float weights (read as fp32, not bytes)
+    "mask_transposed_weights": dict(kind="mask", transpose_mask=True, mask_weights=True),
     "no_positives_excluded": dict(kind="distinct", no_positive="exclude"),
     "normalize_learnable_tau": dict(kind="random", normalize=True, learnable=True, base_temperature=0.07),
     "extra_keys": dict(kind="random", extra=5),
@@ -120,6 +125,10 @@ def check_against_reference(case, bsz, dim=33, dtype=torch.float32, temperature=
     kind, learnable, extra = opts.pop("kind"), opts.pop("learnable", False), opts.pop("extra", 0)
     how = opts.pop("shard", None)
     labels, mask = make_labels(kind, bsz, seed=bsz)
+    if opts.pop("mask_weights", False):
+        mask = mask * (0.5 + torch.rand(bsz, bsz, generator=torch.Generator().manual_seed(bsz)))
+    if opts.pop("transpose_mask", False):
+        mask = mask.T
     features = make_features(bsz, 2, dim, seed=bsz, normalize=not opts.get("normalize", False)).detach()
     features = features.to(dtype).double()  # the oracle sees the same rounded inputs
     extra_keys = torch.randn(extra, dim, dtype=torch.float64).to(dtype).double() if extra else None
@@ -170,7 +179,7 @@ def test_cuda_backend_across_tiles_dtypes_and_widths(extension, case, dtype, dim
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 120, 255])  # padded widths 64, 128, 256; 16-byte and scalar loads
-@pytest.mark.parametrize("positives", ["labels", "mask"])
+@pytest.mark.parametrize("positives", ["labels", "mask", "mask_bytes"])
 def test_register_tile_and_wmma_kernels_agree(dtype, dim, positives):
     """The two 16-bit kernel families round at the same points (fp32 logits and statistics, g rounded to the
     input dtype, fp32 accumulation) and differ only in summation order, so they agree far more closely than
@@ -184,8 +193,10 @@ def test_register_tile_and_wmma_kernels_agree(dtype, dim, positives):
     q, k = torch.randn(150, dim, generator=gen).to(dtype), torch.randn(130, dim, generator=gen).to(dtype)
     rule = dict(anchor_labels=torch.randint(0, 6, (150,), generator=gen), key_labels=torch.randint(0, 6, (130,), generator=gen),
                 mask=None)
-    if positives == "mask":
-        rule = dict(anchor_labels=None, key_labels=None, mask=torch.rand(7, 9, generator=gen))
+    if positives != "labels":
+        mask = torch.rand(7, 9, generator=gen)
+        mask = (mask < 0.4).to(torch.uint8) if positives == "mask_bytes" else mask
+        rule = dict(anchor_labels=None, key_labels=None, mask=mask)
     args = dict(inv_tau=torch.tensor([1.5]), self_offset=20, **rule)
     lse, _ = module.forward(q, k, wmma=True, **args)
     factors = dict(lse=lse, coef=torch.rand(150, generator=gen) + 0.5, pos_scale=torch.rand(150, generator=gen),
@@ -218,7 +229,8 @@ def _call(module, **change):
     (dict(anchor_labels=torch.zeros(4, dtype=torch.long)), "anchor_labels must be a contiguous vector of length 5"),
     (dict(key_labels=torch.zeros(5, dtype=torch.int32)), "key_labels must be Long"),
     (dict(anchor_labels=None, key_labels=None), "either a mask or both anchor_labels and key_labels"),
-    (dict(anchor_labels=None, key_labels=None, mask=torch.ones(3, 3, dtype=torch.uint8)), "mask must be a non-empty 2-D float32"),
+    (dict(anchor_labels=None, key_labels=None, mask=torch.ones(3, 3, dtype=torch.int32)), "mask must be a non-empty 2-D uint8"),
+    (dict(anchor_labels=None, key_labels=None, mask=torch.ones(3, 3).T), "unit column stride"),
     (dict(inv_tau=torch.ones(1).double()), "inv_tau must be Float"),
     (dict(inv_tau=torch.ones(2)), "inv_tau must be a contiguous vector of length 1"),
 ])
@@ -228,3 +240,68 @@ def test_bindings_name_the_bad_argument(change, message):
         pytest.skip(reason)
     with pytest.raises(RuntimeError, match=message):
         _call(module, **change)
+
+
+def use_emulated(monkeypatch):
+    module, reason = emulated_extension()
+    if module is None:
+        pytest.skip(reason)
+    monkeypatch.delenv(cuda_supcon.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(cuda_supcon, "extension", lambda: (module, None))
+
+
+# fp16 backward: g_ij ~ coef_i e^(l - lse) ~ 1 / (Na M) falls below fp16's subnormals from N of a few thousand,
+# and g enters the tensor-core product in fp16. The bar: the gradient's error against float64 (same fp16
+# inputs) at most twice that of the reference backend on the same fp16 inputs (dense fp32 math, rounded to
+# fp16 once). `weight` scales the loss and so g, as a larger N would: 2^-6 at N = 256 gives the g of
+# N = 2048 for a sixteenth of the emulation's time. Both register-tile and WMMA kernels.
+@pytest.mark.parametrize("family", ["mma", "wmma"])
+@pytest.mark.parametrize("bsz,weight", [(128, 2.0 ** -6), pytest.param(512, 1.0, marks=pytest.mark.slow)])
+def test_fp16_gradient_does_not_vanish(monkeypatch, family, bsz, weight):
+    use_emulated(monkeypatch)
+    monkeypatch.setenv(cuda_supcon.KERNELS_ENV, family)
+    labels, _ = make_labels("random", bsz, seed=bsz)
+    features = make_features(bsz, 2, 32, seed=bsz).detach().half()
+    grads = []
+    for dtype, run in ((torch.float64, reference.loss), (torch.float16, reference.loss), (torch.float16, cuda_supcon.loss)):
+        f = features.to(dtype).requires_grad_()
+        (grad,) = torch.autograd.grad(weight * run(supcon_spec(f, labels, temperature=0.1)), f)
+        grads.append(grad)
+    exact, naive, fused = grads
+    assert relative_error(fused, exact) <= 2 * relative_error(naive, exact), \
+        f"fused {relative_error(fused, exact):.3g} vs reference on fp16 {relative_error(naive, exact):.3g}"
+
+
+def test_mask_is_converted_once_and_transposed_right(monkeypatch):
+    """A transposed 0/1 mask: made contiguous once per loss call (forward and backward get the same bytes),
+    kept as bytes, and giving the reference's loss and gradient."""
+    seen = []
+
+    class Recording(DenseExtension):
+        def forward(self, *args, mask, **kw):
+            seen.append(mask)
+            return super().forward(*args, mask=mask, **kw)
+
+        def backward(self, *args, mask, **kw):
+            seen.append(mask)
+            return super().backward(*args, mask=mask, **kw)
+
+    monkeypatch.setattr(cuda_supcon, "extension", lambda: (Recording(), None))
+    check_against_reference("mask", 40, transpose_mask=True)
+    assert len(seen) == 2 and seen[0] is seen[1]
+    assert seen[0].dtype == torch.uint8 and seen[0].is_contiguous()
+
+
+def test_unit_feature_dimension_with_any_last_stride(extension):
+    """D = 1 rows whose last stride is not 1 (.contiguous() leaves them so): the launcher restates it."""
+    base = torch.randn(6, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1])
+    results = []
+    for dtype, run in ((torch.float64, reference.loss), (torch.float32, cuda_supcon.loss)):
+        f = base.to(dtype).as_strided((4, 1), (1, 5)).requires_grad_()
+        spec = supcon_spec(f, labels, temperature=0.5)
+        assert spec.keys.stride(-1) != 1  # what the kernels must not be handed
+        loss = run(spec)
+        results.append((loss, *torch.autograd.grad(loss, f)))
+    for expected, actual, what in zip(*results, ("loss", "grad")):
+        assert_close(actual, expected, torch.float32, what)

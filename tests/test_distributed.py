@@ -6,6 +6,7 @@ tensors (temperature, logit scale, class centers, extra keys: what DDP computes)
 gradient; float64, rel. error < 1e-9. SupCon in both modes (with extra keys too); every other loss in
 gather mode.
 """
+import datetime
 import os
 import sys
 import tempfile
@@ -36,10 +37,11 @@ def assert_rel(actual, expected, what, scale=None):
     assert err < 1e-9, f"{what}: relative error {float(err):.3g}"
 
 
-def run_rank(rank, world, init_file, check, backends):
+def run_rank(rank, world, init_file, check, backends, timeout_s=None):
     """One gloo process: this rank's slice [lo, hi) of the global problem, then ``check``."""
     sys.path.insert(0, HERE)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, **timeout)
     try:
         features, labels = global_problem()
         sizes = SPLITS[world]
@@ -49,11 +51,13 @@ def run_rank(rank, world, init_file, check, backends):
         dist.destroy_process_group()
 
 
-def spawn(check, world):
+def spawn(check, world, timeout_s=None):
+    """Run ``check`` on ``world`` gloo processes; ``timeout_s``: the group's timeout (a hang fails instead)."""
     from helpers import CPU_BACKENDS
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(run_rank, args=(world, os.path.join(tmp, "init"), check, CPU_BACKENDS), nprocs=world, join=True)
+        mp.spawn(run_rank, args=(world, os.path.join(tmp, "init"), check, CPU_BACKENDS, timeout_s), nprocs=world,
+                 join=True)
 
 
 def check_supcon(rank, world, lo, hi, features, labels, backends):
@@ -149,3 +153,100 @@ def test_process_group_errors():
     features = torch.randn(4, 2, 3)
     with pytest.raises(ValueError, match="not initialised"):
         fc.supcon_loss(features, process_group=object())
+
+
+def raised_together(what, call, world, *words, error=ValueError):
+    """Run ``call`` on every rank: each must raise ``error`` with the same message, containing one of ``words``."""
+    message = None
+    try:
+        call()
+    except error as err:
+        message = str(err)
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    assert messages[0] is not None and len(set(messages)) == 1, f"{what}: the ranks did not fail alike: {messages}"
+    assert any(w in messages[0] for w in words), f"{what}: {messages[0]!r} names none of {words}"
+    return messages[0]
+
+
+def check_agreement(rank, world, lo, hi, features, labels, backends):
+    """Bad input on one rank, or arguments that differ across ranks: every rank raises the same error (the
+    group's short timeout turns a hang into a failure), and the group still works afterwards."""
+    from test_bad_input import BAD_INPUTS, call_bad
+
+    group, bad_rank = dist.group.WORLD, world - 1
+    for name, loss, bad, word in BAD_INPUTS:  # every local check travels in the exchange
+        if "local only" in name:
+            continue
+        check_finite = "(check on)" in name and rank == bad_rank  # the setting itself differs across ranks
+        os.environ.update({"FUSED_CONTRASTIVE_CHECK_FINITE": "1"} if check_finite else {})
+        try:
+            mine_or_good = bad if rank == bad_rank else {}
+            message = raised_together(name, lambda: call_bad(loss, mine_or_good, process_group=group),
+                                      world, word, *(f"disagree on {k}" for k in bad))
+        finally:
+            os.environ.pop("FUSED_CONTRASTIVE_CHECK_FINITE", None)
+        assert f"rank {bad_rank}" in message or "disagree" in message, f"{name}: {message}"
+
+    f, y = features[lo:hi], labels[lo:hi]
+    mine = (lambda a, b: b) if rank == bad_rank else (lambda a, b: a)  # the other ranks' value, then this one's
+    both, gather = ("gather", "ring"), ("gather",)
+    differ = [  # (what differs, call, the argument the error must name, distributed modes)
+        ("features dtype", lambda **kw: fc.supcon_loss(mine(f, f.float()), y, **kw), "features", both),
+        ("labels int64 / int32", lambda **kw: fc.supcon_loss(f, mine(y, y.int()), **kw), "labels", both),
+        ("labels int64 / float64", lambda **kw: fc.supcon_loss(f, mine(y, y.double()), **kw), "labels", both),
+        ("labels on one rank only", lambda **kw: fc.supcon_loss(f, mine(y, None), **kw), "labels", both),
+        ("temperature", lambda **kw: fc.supcon_loss(f, y, temperature=mine(0.1, 0.5), **kw), "temperature", both),
+        ("contrast_mode", lambda **kw: fc.supcon_loss(f, y, contrast_mode=mine("all", "one"), **kw), "contrast_mode",
+         both),
+        ("features requires grad", lambda **kw: fc.supcon_loss(f.clone().requires_grad_(rank != bad_rank), y, **kw),
+         "features", both),
+        ("empty local batch", lambda **kw: fc.supcon_loss(mine(f, f[:0]), mine(y, y[:0]), **kw),
+         f"rank {bad_rank} of the process group ({world} ranks): features must have at least one sample", both),
+        ("gather / ring", lambda **kw: fc.supcon_loss(f, y, distributed=mine("gather", "ring"), **kw), "distributed",
+         gather),
+        ("logit_scale", lambda **kw: fc.clip_loss(f[:, 0], f[:, 1], mine(10.0, 20.0), **kw), "logit_scale", gather),
+        ("bcl labels", lambda **kw: fc.bcl_loss(f, mine(y, y.float()), **kw), "labels", gather),
+    ]
+    for what, call, word, modes in differ:
+        for mode in modes:
+            kw = dict(process_group=group) if mode == "gather" else dict(process_group=group, distributed="ring")
+            raised_together(f"{what} ({mode})", lambda: call(**kw), world, word)
+
+    # Any other exception before the exchange: that rank re-raises it, the others name it.
+    from fused_contrastive import losses
+
+    def broken(*_):
+        raise RuntimeError("injected failure")
+
+    original = losses._flatten_views
+    if rank == bad_rank:
+        losses._flatten_views = broken
+    try:
+        with pytest.raises(RuntimeError, match="injected failure") as err:
+            fc.supcon_loss(f, y, process_group=group)
+        assert rank == bad_rank or f"rank {bad_rank}" in str(err.value), str(err.value)
+    finally:
+        losses._flatten_views = original
+
+    # A group without this rank is an error here; its members compute without it.
+    solo = dist.new_group([0])
+    if rank == 0:
+        assert_rel(fc.supcon_loss(f, y, process_group=solo), fc.supcon_loss(f, y), "group of rank 0 alone")
+    else:
+        with pytest.raises(ValueError, match="process_group does not include this process"):
+            fc.supcon_loss(f, y, process_group=solo)
+
+    # One comparison rule in both modes: int8 labels against an extra label 256 (no sample has it) and a
+    # float one; then the group still computes the global loss exactly.
+    bank = torch.nn.functional.normalize(torch.randn(3, 6, dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(3)), dim=-1)
+    expected = fc.supcon_loss(features, labels, extra_keys=bank, extra_key_labels=[1000, 2, 1001], backend="reference")
+    for mode in ("gather", "ring"):
+        got = fc.supcon_loss(f, y.to(torch.int8), extra_keys=bank, extra_key_labels=torch.tensor([256, 2, 0.5]),
+                             process_group=group, distributed=mode, backend="reference")
+        assert_rel(got, expected, f"{mode} with promoted extra labels")
+
+
+def test_ranks_agree_or_fail_together():
+    spawn(check_agreement, 2, timeout_s=60)

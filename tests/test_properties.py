@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import fused_contrastive as fc
 
-from helpers import assert_close
+from helpers import assert_close, assert_close_rounded, rounding_allowance
 
 
 @st.composite
@@ -42,8 +42,12 @@ def test_chunked_equals_reference(problem):
     features, labels, mask, kw = problem
     ref_loss, ref_grad = loss_grad(features, labels, mask, "reference", **kw)
     loss, grad = loss_grad(features, labels, mask, "chunked", **kw)
-    assert_close(loss, ref_loss, torch.float64, "loss")
-    assert_close(grad, ref_grad, torch.float64, "grad")
+    # Where the true value is 0 (one sample's identical views: g = softmax - 1 = 0), both backends return
+    # rounding residue that no relative comparison can take: an absolute error within the logits' rounding.
+    loss_allowance, grad_allowance = rounding_allowance([features], kw["temperature"], 1.0, torch.float64, False)
+    rows = features.shape[0] * features.shape[1]
+    assert_close_rounded(loss, ref_loss, torch.float64, loss_allowance, "loss")
+    assert_close_rounded(grad, ref_grad, torch.float64, grad_allowance * rows ** 0.5 / rows, "grad")
 
 
 @settings(max_examples=30, deadline=None)

@@ -51,3 +51,15 @@ def test_labels_on_another_form_are_accepted():
     for labels in (L[:, None], L.float(), L.tolist()):
         torch.testing.assert_close(fc.supcon_loss(F, labels), expected)
     torch.testing.assert_close(fc.supcon_loss(F, mask=(L[:, None] == L[None]).int()), expected)
+
+
+@pytest.mark.parametrize("labels, extra, unmatched", [
+    (L, [0.5, 1.7], [100, 101]),  # cast to int64 they were 0 and 1: positives of classes 0 and 1
+    (L.to(torch.int8), [256, 1], [100, 1]),  # cast to int8, 256 wrapped around to 0
+])
+def test_extra_key_labels_compare_by_value_as_torch_eq(labels, extra, unmatched):
+    """Labels and extra_key_labels are compared in their promoted dtype, never cast to the labels' dtype."""
+    bank = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    got = fc.supcon_loss(F, labels, extra_keys=bank, extra_key_labels=extra, backend="reference")
+    expected = fc.supcon_loss(F, L, extra_keys=bank, extra_key_labels=unmatched, backend="reference")
+    torch.testing.assert_close(got, expected)

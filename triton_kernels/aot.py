@@ -131,7 +131,9 @@ def example_kwargs(kernel: str, spec, config) -> dict:
             pos_grad = torch.zeros(1, dtype=torch.float32)
         else:  # the positive part of the gradient, [rows, D] fp32 from the launcher
             pos_grad = torch.empty(Q.shape, dtype=torch.float32)
-        kwargs.update(POS_GRAD=pos_grad, stride_pgm=pos_grad.stride(0))
+        kwargs.update(POS_GRAD=pos_grad, stride_pgm=pos_grad.stride(0), G_LOG2=torch.zeros(1, dtype=torch.float32))
+        if kernel == "bwd_dq":  # the temperature's per-row sums: off unless the temperature is learnable
+            kwargs.update(GL=torch.zeros(1, dtype=torch.float32), TAU_GRAD=False)
         if kernel == "bwd_dk":  # L_out's per-row exponent shift and the common sign of coef
             kwargs.update(ROW_SHIFT=rows.clone(), COEF_SIGN=torch.ones(1, dtype=torch.float32))
     kwargs.update(config.kwargs)

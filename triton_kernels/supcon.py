@@ -18,6 +18,9 @@ by tile. Nothing of size Na x M is ever written.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
 import os
 
 import torch
@@ -101,10 +104,10 @@ def _checked_tile(t, tile_lo, tile_hi, n_full):
 
 @triton.jit
 def _positive_weights(rows, cols, row_ok, valid, anchor_label, KL, MASK, mask_rows, mask_cols, stride_mm,
-                      USE_MASK: tl.constexpr, ACC: tl.constexpr):
-    """a_ij for one tile (0 outside ``valid``), from labels or the [B, B] mask."""
+                      USE_MASK: tl.constexpr, ACC: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """a_ij for one tile (0 outside ``valid``), from labels or the [B, B] mask (column stride 1)."""
     if USE_MASK:
-        a = tl.load(MASK + (rows % mask_rows)[:, None] * stride_mm + (cols % mask_cols)[None, :],
+        a = tl.load(MASK + _row_offset(rows % mask_rows, stride_mm, OFFSETS_64)[:, None] + (cols % mask_cols)[None, :],
                     mask=row_ok[:, None] & valid, other=0).to(ACC)
     else:
         key_label = tl.load(KL + cols, mask=cols >= 0, other=-1)
@@ -214,7 +217,7 @@ def _row_tile(q, K, KL, MASK, start, rows, row_ok, anchor_label, offs_d, D, M, s
         valid = cols[None, :] >= 0
     if VARIANT == 1 or VARIANT == 2:  # see _POSITIVES_IN_LOOP
         a = _positive_weights(rows, tl.where(col_ok, cols, -1), row_ok, valid, anchor_label, KL, MASK,
-                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC)
+                              mask_rows, mask_cols, stride_mm, USE_MASK, ACC, OFFSETS_64)
     else:
         a = 0.0
     return cols, col_ok, s, k, valid, a
@@ -361,16 +364,21 @@ def _tile_grad(s, bias, a, valid, inv_tau, scale2, lse, lse2, pos_scale, den_sca
     if VARIANT == 2 or VARIANT == 3:
         p = p * den_scale[:, None]
     if VARIANT == 1:
-        p = p - a * tl.math.exp2(s * scale2 - pos_scale[:, None])
+        # Off the positives l - LSE_P can pass 88 nats (tau = 0.01, or LSE_P = 0 on a row without positives):
+        # exp2 would overflow and inf * 0 give NaN. On a positive l - LSE_P <= -log a_ij, so capping the exponent
+        # at 115 bits (exp2 finite in fp32) changes nothing there unless a_ij < 2^-115; a min costs fewer
+        # registers than a select.
+        p = p - a * tl.math.exp2(tl.minimum(s * scale2 - pos_scale[:, None], 115.0))
     elif VARIANT == 2:
         p = p - tl.where(a > 0, a * tl.sigmoid(lse[:, None] + epsilon - s * inv_tau), 0.0)
     return p
 
 
 @triton.jit
-def _dq_step(dq, q, K, KL, MASK, AG, KG, B_SAME, B_OTHER, start, rows, row_ok, anchor_label, offs_d, D, M,
-             stride_km, stride_kd, stride_mm, inv_tau, scale2, self_offset, mask_rows, mask_cols, epsilon, beta, lse,
-             lse2, pos_scale, den_scale, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b, BLOCK_N: tl.constexpr,
+def _dq_step(dq, gl, g_scale, q, K, KL, MASK, AG, KG, B_SAME, B_OTHER, start, rows, row_ok, anchor_label, offs_d,
+             D, M, stride_km, stride_kd, stride_mm, inv_tau, scale2, self_offset, mask_rows, mask_cols, epsilon, beta,
+             lse, lse2, pos_scale, den_scale, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b,
+             TAU_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
              DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT: tl.constexpr, DEN_BIAS: tl.constexpr,
              RAW: tl.constexpr, CHECKED: tl.constexpr):
@@ -379,24 +387,30 @@ def _dq_step(dq, q, K, KL, MASK, AG, KG, B_SAME, B_OTHER, start, rows, row_ok, a
                                              BLOCK_N, HAS_SELF, USE_MASK, PRECISION, ACC, DOT_IN_FP32, OFFSETS_64,
                                              VARIANT, CHECKED)
     bias = _den_bias(rows, cols, row_ok, col_ok, AG, KG, B_SAME, B_OTHER, DEN_BIAS)
+    if VARIANT == 2:  # the row shifts carry g_scale into every other term; this one is a plain weight
+        a = a * g_scale
     g = _tile_grad(s, bias, a, valid, inv_tau, scale2, lse, lse2, pos_scale, den_scale, epsilon, beta, hard_lse_c,
                    hard_lse_b, hard_scale_c, hard_scale_b, VARIANT, RAW, CHECKED)
-    return dq + tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+    if TAU_GRAD:  # sum_j (g_ij / coef_i) s_ij from the fp32 tile, before g's 16-bit rounding
+        gl += tl.sum(g * s, 1)
+    return dq + tl.dot(g.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC), gl
 
 
 @triton.jit
 def _supcon_bwd_dq_kernel(
-    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, POS_GRAD, DQ,
+    Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, POS_GRAD, G_LOG2, DQ, GL,
     Na, M, D, self_offset, mask_rows, mask_cols, epsilon, beta,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_pgm, stride_dqm,
     N_BUCKET,
-    HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    TAU_GRAD: tl.constexpr, HAS_SELF: tl.constexpr, USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr, VARIANT: tl.constexpr,
     DEN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ_i = coef_i (sum_j (g_ij / coef_i) k_j - pos_scale_i POS_GRAD_i) / tau: coef is applied to the fp32
-    product, so the 16-bit tile holds values near 1, not near 1/(Na M); POS_GRAD_i = sum_j a_ij k_j (fp32,
-    from the launcher) where the loop has no positives."""
+    product; POS_GRAD_i = sum_j a_ij k_j (fp32, from the launcher) where the loop has no positives. The tile's
+    16-bit operand is g_ij / coef_i times 2^G_LOG2 (about 1/M unscaled: fp16 subnormals at large N), carried in
+    the row shifts of its exponentials at no cost per pair, and divided out of the fp32 product. TAU_GRAD:
+    also GL_i = sum_j (g_ij / coef_i) l_ij from the fp32 tile (the temperature's gradient)."""
     RAW: tl.constexpr = (VARIANT == 0 or VARIANT == 3) and not DEN_BIAS
     first_row = tl.program_id(0) * BLOCK_M
     rows = first_row + tl.arange(0, BLOCK_M)
@@ -408,23 +422,34 @@ def _supcon_bwd_dq_kernel(
     anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
     lse, lse2, coef, pos_scale, den_scale, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b = \
         _backward_row_stats(rows, row_ok, Na, LSE, COEF, POS_SCALE, DEN_SCALE, VARIANT)
+    g_log2 = tl.load(G_LOG2)
+    g_scale = tl.math.exp2(g_log2)
+    lse2 = lse2 - g_log2  # e^{l - LSE} 2^G_LOG2
+    if VARIANT == 1:
+        pos_scale = pos_scale - g_log2  # L_in's positive term, an exponential too
+    hard_scale_c = hard_scale_c * g_scale
+    hard_scale_b = hard_scale_b * g_scale
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    gl = tl.zeros([BLOCK_M], ACC)
     n_full = M // BLOCK_N
     tile_lo, tile_hi = _self_tiles(first_row + self_offset, n_full, BLOCK_M, BLOCK_N, HAS_SELF)
     for t in range(0, n_full - (tile_hi - tile_lo)):
-        dq = _dq_step(dq, q, K, KL, MASK, AG, KG, B_SAME, B_OTHER, _plain_tile(t, tile_lo, tile_hi) * BLOCK_N, rows,
+        dq, gl = _dq_step(dq, gl, g_scale, q, K, KL, MASK, AG, KG, B_SAME, B_OTHER, _plain_tile(t, tile_lo, tile_hi) * BLOCK_N, rows,
                       row_ok, anchor_label, offs_d, D, M, stride_km, stride_kd, stride_mm, inv_tau, scale2,
                       self_offset, mask_rows, mask_cols, epsilon, beta, lse, lse2, pos_scale, den_scale, hard_lse_c,
-                      hard_lse_b, hard_scale_c, hard_scale_b, BLOCK_N, HAS_SELF, USE_MASK, PRECISION, ACC,
+                      hard_lse_b, hard_scale_c, hard_scale_b, TAU_GRAD, BLOCK_N, HAS_SELF, USE_MASK, PRECISION, ACC,
                       DOT_IN_FP32, OFFSETS_64, VARIANT, DEN_BIAS, RAW, False)
     for t in range(0, tile_hi - tile_lo + tl.cdiv(M, BLOCK_N) - n_full):
-        dq = _dq_step(dq, q, K, KL, MASK, AG, KG, B_SAME, B_OTHER, _checked_tile(t, tile_lo, tile_hi, n_full) * BLOCK_N,
+        dq, gl = _dq_step(dq, gl, g_scale, q, K, KL, MASK, AG, KG, B_SAME, B_OTHER, _checked_tile(t, tile_lo, tile_hi, n_full) * BLOCK_N,
                       rows, row_ok, anchor_label, offs_d, D, M, stride_km, stride_kd, stride_mm, inv_tau, scale2,
                       self_offset, mask_rows, mask_cols, epsilon, beta, lse, lse2, pos_scale, den_scale, hard_lse_c,
-                      hard_lse_b, hard_scale_c, hard_scale_b, BLOCK_N, HAS_SELF, USE_MASK, PRECISION, ACC,
+                      hard_lse_b, hard_scale_c, hard_scale_b, TAU_GRAD, BLOCK_N, HAS_SELF, USE_MASK, PRECISION, ACC,
                       DOT_IN_FP32, OFFSETS_64, VARIANT, DEN_BIAS, RAW, True)
     d_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    dq = dq * (1.0 / g_scale)
+    if TAU_GRAD:
+        tl.store(GL + rows, gl * (inv_tau / g_scale), mask=row_ok)
     if VARIANT != 1 and VARIANT != 2:  # see _POSITIVES_IN_LOOP
         pos_grad = tl.load(POS_GRAD + _row_offset(rows, stride_pgm, OFFSETS_64)[:, None] + offs_d[None, :],
                            mask=d_ok, other=0.0)
@@ -434,7 +459,7 @@ def _supcon_bwd_dq_kernel(
 
 
 @triton.jit
-def _dk_step(dk, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, ROW_SHIFT, start, cols,
+def _dk_step(dk, g_scale, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, ROW_SHIFT, start, cols,
              col_ok, safe_cols, offs_d, D, Na, stride_qm, stride_qd, stride_mm, inv_tau, scale2, self_offset,
              mask_rows, mask_cols, epsilon, beta, BLOCK_M: tl.constexpr, HAS_SELF: tl.constexpr,
              USE_MASK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -464,10 +489,10 @@ def _dk_step(dk, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCA
         if VARIANT == 1 or VARIANT == 2:  # see _POSITIVES_IN_LOOP
             anchor_label = _anchor_label(AL, rows, row_ok, USE_MASK)
             a = _positive_weights(rows, safe_cols, row_ok, valid, anchor_label, KL, MASK, mask_rows, mask_cols,
-                                  stride_mm, USE_MASK, ACC)
+                                  stride_mm, USE_MASK, ACC, OFFSETS_64)
         else:
             a = 0.0
-        g = coef[:, None] * _tile_grad(s, bias, a, valid, inv_tau, scale2, lse, lse2, pos_scale, den_scale, epsilon,
+        g = (coef * g_scale)[:, None] * _tile_grad(s, bias, a, valid, inv_tau, scale2, lse, lse2, pos_scale, den_scale, epsilon,
                                        beta, hard_lse_c, hard_lse_b, hard_scale_c, hard_scale_b, VARIANT, RAW,
                                        CHECKED)
     return dk + tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
@@ -476,7 +501,7 @@ def _dk_step(dk, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCA
 @triton.jit
 def _supcon_bwd_dk_kernel(
     Q, K, INV_TAU, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, ROW_SHIFT, COEF_SIGN,
-    POS_GRAD, DK,
+    POS_GRAD, G_LOG2, DK,
     Na, M, D, self_offset, mask_rows, mask_cols, epsilon, beta,
     stride_qm, stride_qd, stride_km, stride_kd, stride_mm, stride_pgm, stride_dkm,
     N_BUCKET,
@@ -486,7 +511,9 @@ def _supcon_bwd_dk_kernel(
 ):
     """dK_j = (sum_i g_ij q_i - POS_GRAD_j) / tau; POS_GRAD_j = sum_i coef_i pos_scale_i a_ij q_i (fp32, from
     the launcher) where the loop has no positives. L_out reads ROW_SHIFT (LSE_i log2(e) - log2|coef_i|) and
-    COEF_SIGN (the sign all coef_i share) instead of LSE and COEF."""
+    COEF_SIGN (the sign all coef_i share) instead of LSE and COEF. The tile's 16-bit operand is g times 2^G_LOG2
+    (g ~ 1/(Na M) is below fp16's subnormals at large N; L_out's ROW_SHIFT already holds G_LOG2), divided out of
+    the fp32 product."""
     RAW: tl.constexpr = (VARIANT == 0 or VARIANT == 3) and not DEN_BIAS
     first_col = tl.program_id(0) * BLOCK_N
     cols = first_col + tl.arange(0, BLOCK_N)
@@ -495,24 +522,26 @@ def _supcon_bwd_dk_kernel(
     k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, OFFSETS_64, True)
     inv_tau = tl.load(INV_TAU)
     scale2 = inv_tau * LOG2E
+    g_scale = tl.math.exp2(tl.load(G_LOG2))
     safe_cols = tl.where(col_ok, cols, -1)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     n_full = Na // BLOCK_M
     # anchor i's self is key i + self_offset: the anchors whose self is in this block start at first - offset
     tile_lo, tile_hi = _self_tiles(first_col - self_offset, n_full, BLOCK_N, BLOCK_M, HAS_SELF)
     for t in range(0, n_full - (tile_hi - tile_lo)):
-        dk = _dk_step(dk, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, ROW_SHIFT,
+        dk = _dk_step(dk, g_scale, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, ROW_SHIFT,
                       _plain_tile(t, tile_lo, tile_hi) * BLOCK_M, cols, col_ok, safe_cols, offs_d, D, Na, stride_qm,
                       stride_qd, stride_mm, inv_tau, scale2, self_offset, mask_rows, mask_cols, epsilon, beta,
                       BLOCK_M, HAS_SELF, USE_MASK, PRECISION, ACC, DOT_IN_FP32, OFFSETS_64, VARIANT, DEN_BIAS, RAW,
                       False)
     for t in range(0, tile_hi - tile_lo + tl.cdiv(Na, BLOCK_M) - n_full):
-        dk = _dk_step(dk, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, ROW_SHIFT,
+        dk = _dk_step(dk, g_scale, k, Q, AL, KL, MASK, AG, KG, B_SAME, B_OTHER, LSE, COEF, POS_SCALE, DEN_SCALE, ROW_SHIFT,
                       _checked_tile(t, tile_lo, tile_hi, n_full) * BLOCK_M, cols, col_ok, safe_cols, offs_d, D, Na,
                       stride_qm, stride_qd, stride_mm, inv_tau, scale2, self_offset, mask_rows, mask_cols, epsilon,
                       beta, BLOCK_M, HAS_SELF, USE_MASK, PRECISION, ACC, DOT_IN_FP32, OFFSETS_64, VARIANT, DEN_BIAS,
                       RAW, True)
     d_ok = col_ok[:, None] & (offs_d[None, :] < D)
+    dk = dk * (1.0 / g_scale)
     if VARIANT == 0:
         dk = dk * tl.load(COEF_SIGN)
     if VARIANT != 1 and VARIANT != 2:  # see _POSITIVES_IN_LOOP
@@ -581,7 +610,7 @@ def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int, d
 def _pruner(family: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launchers pass everything by keyword
-        if _interpreting():  # exactly one config: the autotuner then runs it without benchmarking
+        if _interpreting():  # one config: launched directly, never benchmarked
             return [_config(INTERPRETER)]
         q = args["Q"]
         major, minor = torch.cuda.get_device_capability(q.device)
@@ -591,17 +620,47 @@ def _pruner(family: str):
     return prune
 
 
-def _autotuned(kernel, family):
-    shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
-                     for sh in t})
-    return triton.autotune(configs=[_config(sh) for sh in shapes],
-                           key=["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION", "DEN_BIAS", "VARIANT"],
-                           prune_configs_by={"early_config_prune": _pruner(family)})(kernel)
+TUNING_KEY = ["D", "N_BUCKET", "HAS_SELF", "USE_MASK", "PRECISION", "DEN_BIAS", "VARIANT"]
 
 
-supcon_fwd = _autotuned(_supcon_fwd_kernel, "fwd")
-supcon_bwd_dq = _autotuned(_supcon_bwd_dq_kernel, "bwd")
-supcon_bwd_dk = _autotuned(_supcon_bwd_dk_kernel, "bwd")
+def _autotune_options() -> dict:
+    """Keep the tuning results on disk (under TRITON_CACHE_DIR) so that a new process does not benchmark the
+    same key again; every triton this package supports (>= 3.6) takes ``cache_results``."""
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the inputs' device for the launch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class TunedKernel:
+    """``kernel[grid](**args)`` with the autotuner's configs pruned by ``_pruner``, under the inputs' device.
+    When one config survives the pruning it is launched directly: triton 3.6 would still benchmark it
+    (about 100 ms of repeated launches per new key), and there is nothing to choose."""
+
+    def __init__(self, kernel, family: str):
+        self.kernel, self.family = kernel, family
+        shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
+                         for sh in t})
+        self.configs = [_config(sh) for sh in shapes]
+        self.tuner = triton.autotune(configs=self.configs, key=TUNING_KEY,
+                                     prune_configs_by={"early_config_prune": _pruner(family)},
+                                     **_autotune_options())(kernel)
+
+    def __getitem__(self, grid):
+        def launch(**args):
+            with _device_guard(args["K"].device):
+                configs = _pruner(self.family)(self.configs, {}, **args)
+                if len(configs) == 1:
+                    return self.kernel[grid](**args, **configs[0].all_kwargs())
+                return self.tuner[grid](**args)
+        return launch
+
+
+supcon_fwd = TunedKernel(_supcon_fwd_kernel, "fwd")
+supcon_bwd_dq = TunedKernel(_supcon_bwd_dq_kernel, "bwd")
+supcon_bwd_dk = TunedKernel(_supcon_bwd_dk_kernel, "bwd")
 
 
 # The row formula per spec.variant: 0 L_out, 1 L_in, 2 epsilon-SupInfoNCE (second pass over the positives),
@@ -644,8 +703,23 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else FP32_PRECISION
 
 
+INT32_LIMIT = 2**31
+
+
+def offsets_64(Q, K, mask) -> bool:
+    """Whether some element offset the kernels form (row index times row stride, plus the column) can pass
+    int32: in Q, K, dQ, dK, or in the dense mask, whose [B, B] can be the largest of them (B >= 46341)."""
+    dim = K.shape[1]
+    span = max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim)
+    if mask is not None:
+        span = max(span, mask.shape[0] * max(mask.stride(0), mask.shape[1]))
+    return span >= INT32_LIMIT
+
+
 def _common_args(spec, Q, K, inv_tau):
     mask = spec.mask
+    # The kernels index the mask's columns with stride 1 (losses.py makes it contiguous).
+    assert mask is None or mask.shape[1] <= 1 or mask.stride(1) == 1, f"mask column stride {mask.stride(1)} != 1"
     dummy = torch.zeros(1, dtype=torch.int32, device=K.device)
     al = spec.anchor_labels if mask is None else dummy
     kl = spec.key_labels if mask is None else dummy
@@ -667,7 +741,7 @@ def _common_args(spec, Q, K, inv_tau):
         HAS_SELF=spec.self_offset is not None, USE_MASK=mask is not None, PRECISION=_precision(K.dtype),
         ACC=tl.float64 if K.dtype == torch.float64 else tl.float32,
         DOT_IN_FP32=_interpreting() and K.dtype == torch.bfloat16,
-        OFFSETS_64=max(Q.shape[0], K.shape[0]) * max(Q.stride(0), K.stride(0), dim) >= 2**31,
+        OFFSETS_64=offsets_64(Q, K, mask),
         epsilon=float(spec.epsilon), beta=float(spec.beta), VARIANT=variant_code(spec), DEN_BIAS=bias is not None,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
     )
@@ -752,51 +826,90 @@ def forward_stats(spec, Q, K, inv_tau):
     return lse, pos_sum, pos_aux[0] if code == 2 else pos_aux
 
 
-def _coef_in_exponent(rows):
-    """(LSE_i log2(e) - log2|coef_i|, +inf where coef_i = 0 or the row has no key; the sign every coef_i
-    shares, [1]) for L_out's dK, whose tile then needs no multiply by coef. coef_i = c / count times the
+def _coef_in_exponent(rows, dk_log2):
+    """(LSE_i log2(e) - log2|coef_i| - dk_log2, +inf where coef_i = 0 or the row has no key; the sign every
+    coef_i shares, [1]) for L_out's dK, whose tile then needs no multiply by coef. coef_i = c / count times the
     upstream gradient, one scalar, so the signs agree; checked on the device without a host sync."""
     coef, lse = rows.coef, rows.lse
     negative = (coef < 0).any()
     torch._assert_async(~(negative & (coef > 0).any()), "coef_i of mixed signs")
     keep = (coef != 0) & (lse > float("-inf"))
-    shift = torch.where(keep, lse * LOG2E.value - torch.log2(torch.where(keep, coef.abs(), 1.0)), float("inf"))
-    return shift, torch.where(negative, -1.0, 1.0).to(coef.dtype).reshape(1)
+    shift = lse * LOG2E.value - torch.log2(torch.where(keep, coef.abs(), 1.0)) - dk_log2
+    return torch.where(keep, shift, float("inf")), torch.where(negative, -1.0, 1.0).to(coef.dtype).reshape(1)
 
 
-def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True):
+def grad_scales(spec, rows, dtype: torch.dtype):
+    """log2 of the powers of two that multiply the 16-bit operands of the dQ and dK products (one-element
+    tensors, computed on the device: no host sync). Only fp16 needs them: bf16 and fp32 have fp32's exponent
+    range, while in fp16 the dK tile g_ij ~ coef_i / M ~ 1 / (Na M) and dQ's g_ij / coef_i ~ 1 / M fall below
+    its subnormals from N of a few thousand. Each is the largest power of two keeping a bound of the operand at
+    or below 2^15 (the largest power of two under fp16's maximum), so neither the operand nor the fp32
+    accumulator (a row's softmax weights sum to 1) can overflow. Bound of |g_ij / coef_i| in the tile loop:
+    the denominator part (|exp(l + b - LSE)| <= 1 times its row scale) plus the positives read in the loop
+    (L_in: a_ij exp(l - LSE_P) <= 1; epsilon-SupInfoNCE: a_ij sigmoid(.) <= a_ij); dK's adds |coef_i|."""
+    acc = rows.coef.dtype
+    zero = torch.zeros(1, dtype=acc, device=rows.coef.device)
+    if dtype != torch.float16:
+        return zero, zero
+    code = variant_code(spec)
+    if code in (0, 1):
+        den = torch.ones_like(rows.coef)
+    elif code in (2, 3):
+        den = rows.den_scale.abs()
+    else:  # hard negatives: the (1+beta) and beta terms' scales
+        den = rows.den_scale[1].abs() + rows.den_scale[2].abs()
+    mask = spec.mask
+    a_max = 1.0 if mask is None or mask.dtype == torch.uint8 else mask.amax().to(acc)
+    h = den + (1.0 if code == 1 else a_max if code == 2 else 0.0)
+    top = math.floor(math.log2(torch.finfo(dtype).max))
+
+    def log2_scale(bound):  # |exponent| <= 64 keeps 2^e and 2^-e normal in fp32; a zero bound takes 64
+        return torch.floor(top - torch.log2(bound.amax().to(acc))).clamp(-64.0, 64.0).reshape(1)
+
+    return log2_scale(h), log2_scale(rows.coef.abs() * h)
+
+
+def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True, logit_sums=False):
     """dQ and dK (input dtype) for the per-row backward factors ``rows`` (RowFactors), recomputing every
-    tile from lse; with respect to the normalised rows when the spec normalises."""
+    tile from lse; with respect to the normalised rows when the spec normalises. ``logit_sums``: also
+    sum_j g_ij l_ij per anchor (accumulation dtype), from the dQ pass (the temperature's gradient)."""
     Q, K = _normalized(spec, Q, K)
     args = _common_args(spec, Q, K, inv_tau)
     factors = dict(LSE=rows.lse, COEF=rows.coef, POS_SCALE=rows.pos_scale, DEN_SCALE=rows.den_scale)
     outside = variant_code(spec) not in _POSITIVES_IN_LOOP
     dummy = torch.zeros(1, dtype=spec.accum_dtype, device=K.device)
-    dq = dk = None
-    if need_dq:
+    dq_log2, dk_log2 = grad_scales(spec, rows, K.dtype)
+    dq = dk = sums = None
+    if need_dq or logit_sums:
         # Stored in the input dtype (accumulated in fp32 registers): at N = 1M, D = 128 fp32 copies
         # of dQ and dK alone would take 1 GB.
         dq = torch.empty(Q.shape, dtype=Q.dtype, device=K.device)
         pos_grad = anchor_positive_sums(spec, K) if outside else dummy
+        sums = torch.empty(Q.shape[0] if logit_sums else 1, dtype=spec.accum_dtype, device=K.device)
         grid = lambda meta: (triton.cdiv(Q.shape[0], meta["BLOCK_M"]),)  # noqa: E731
         supcon_bwd_dq[grid](DQ=dq, stride_dqm=dq.stride(0), POS_GRAD=pos_grad, stride_pgm=pos_grad.stride(0),
-                            **factors, **args)
+                            G_LOG2=dq_log2, GL=sums, TAU_GRAD=bool(logit_sums), **factors, **args)
+        if logit_sums:  # the loop saw g / coef without the positives that ride outside it: add them here
+            if outside:
+                sums = sums - rows.pos_scale * (Q.to(pos_grad.dtype) * pos_grad).sum(1) * inv_tau
+            sums = sums * rows.coef
     if need_dk:
         dk = torch.empty(K.shape, dtype=K.dtype, device=K.device)
         if outside:  # sum_i coef_i pos_scale_i a_ij q_i
             pos_grad = key_positive_sums(spec, Q.to(dummy.dtype) * (rows.coef * rows.pos_scale)[:, None])
         else:
             pos_grad = dummy
-        row_shift, coef_sign = _coef_in_exponent(rows) if variant_code(spec) == 0 else (dummy, dummy)
+        row_shift, coef_sign = _coef_in_exponent(rows, dk_log2) if variant_code(spec) == 0 else (dummy, dummy)
         grid = lambda meta: (triton.cdiv(K.shape[0], meta["BLOCK_N"]),)  # noqa: E731
         supcon_bwd_dk[grid](DK=dk, stride_dkm=dk.stride(0), POS_GRAD=pos_grad, stride_pgm=pos_grad.stride(0),
-                            ROW_SHIFT=row_shift, COEF_SIGN=coef_sign, **factors, **args)
-    return dq, dk
+                            ROW_SHIFT=row_shift, COEF_SIGN=coef_sign, G_LOG2=dk_log2, **factors, **args)
+    dq = dq if need_dq else None
+    return (dq, dk, sums) if logit_sums else (dq, dk)
 
 
 # ----------------------------------------------------------------------------- autograd and API (shared)
 
-KERNELS = fused.Kernels("triton", forward_stats, backward_grads)
+KERNELS = fused.Kernels("triton", forward_stats, backward_grads, logit_sums=True)
 
 
 def loss(spec):

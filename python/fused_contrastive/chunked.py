@@ -63,6 +63,21 @@ def _softmax_rows(x: Tensor, lse: Tensor) -> Tensor:
     return x.sub_(torch.where(torch.isfinite(lse), lse, 0.0)[:, None]).exp_()
 
 
+def lone_rows(spec: ContrastSpec, rows: Tensor, grad_rows: Tensor, lone_loss: Tensor) -> None:
+    """Of anchor ``rows`` with one positive and one key in the denominator, those whose key is the positive:
+    clears them in ``grad_rows`` and sets ``lone_loss`` to that key's bias b (0 without a bias)."""
+    acc = spec.accum_dtype
+    positive = (spec.anchor_labels[rows][:, None] == spec.key_labels[None, :])
+    positive[torch.arange(len(rows), device=rows.device), spec.self_columns()[rows].clamp(min=0)] &= \
+        spec.self_columns()[rows] < 0
+    bias = spec.den_bias.tile(rows).to(acc) if spec.den_bias is not None else torch.zeros(positive.shape, dtype=acc,
+                                                                                          device=rows.device)
+    b = torch.where(positive, bias, 0.0).sum(1)  # -inf: the positive is not in the denominator
+    lone = torch.isfinite(b)
+    grad_rows[rows[lone]] = False
+    lone_loss[rows[lone]] = b[lone]
+
+
 def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bool) -> _Stats:
     acc = spec.accum_dtype
     Na, M = Q.shape[0], K.shape[0]
@@ -80,6 +95,15 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     inv_count = inverse_pos_count(pos_count)
 
     class_sums = spec.mask is None and variant in ("out", "debiased")
+    # Rows whose denominator is a single key, their only positive (a batch of one sample, InfoNCE without
+    # negatives): L_i = (l + b) - l = b for every logit, a constant without gradient. The class sums below
+    # would leave a rounding residue of q . k there (two dot products summed in different orders), so those
+    # rows are found in the block loop (lone_rows) and given exactly b and no gradient.
+    grad_rows = has_pos.clone()
+    lone_loss = torch.zeros(Na, dtype=acc, device=K.device)
+    lone_candidates = None
+    if class_sums and variant == "out" and spec.pos_row_weight is None:
+        lone_candidates = has_pos & (pos_count == 1) & (spec.den_count() == 1)
     if class_sums:
         # Class sums of keys (and of weighted anchors for dK) replace the [Na, M] positive mask.
         class_key_sum = torch.zeros(spec.num_classes, K.shape[1], dtype=acc, device=K.device)
@@ -103,7 +127,9 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     for r0 in range(0, Na, step):
         r1 = min(Na, r0 + step)
         rows = torch.arange(r0, r1, device=K.device)
-        keep = has_pos[r0:r1]
+        if lone_candidates is not None and bool(lone_candidates[r0:r1].any()):
+            lone_rows(spec, rows[lone_candidates[r0:r1]], grad_rows, lone_loss)
+        keep = grad_rows[r0:r1]
         S = torch.mm(Q[r0:r1], K.T).div_(tau)
         local = torch.arange(r1 - r0, device=K.device)
         blk_self = has_self[r0:r1]
@@ -172,9 +198,10 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
             dK.addmm_(E.T, Q[r0:r1])
 
     if loss_rows is None:
-        loss_rows = row_losses(spec, lse, pos_sum, pos_count, c)
+        loss_rows = torch.where(grad_rows, row_losses(spec, lse, pos_sum, pos_count, c), c * lone_loss)
     if want_grad:
         if class_sums:
+            pos_scale = torch.where(grad_rows, pos_scale, 0.0)
             dQ.addcmul_(pos_keys, pos_scale[:, None], value=-1)
             del pos_keys
             weighted_anchors = Q * pos_scale[:, None]
@@ -276,7 +303,9 @@ def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: T
         W = (spec.anchor_labels[r0:r1, None] == spec.key_labels[None, :]).to(acc)
         W[local[blk_self], self_cols[r0:r1][blk_self]] = 0
         if spec.variant == "in":
-            W.mul_(torch.exp(S - pos_scale[r0:r1, None]))
+            # a_ij exp(l_ij - LSE_P) as exp(l + log a - LSE_P): off the positives exp(-inf) = 0, where
+            # a * exp(l - LSE_P) is 0 * inf = NaN once exp(l) overflows (small tau, rows without positives)
+            W.log_().add_(S).sub_(pos_scale[r0:r1, None]).exp_()
         else:
             W.mul_(pos_scale[r0:r1, None])
         if spec.den_bias is not None:

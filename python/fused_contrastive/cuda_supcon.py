@@ -8,6 +8,7 @@ under torch's extension directory, so only the first process pays the minute of 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import os
@@ -153,15 +154,44 @@ def why_not(spec: ContrastSpec) -> Optional[str]:
 # ----------------------------------------------------------------------------- launchers
 
 
+def _unit_stride_rows(x):
+    """x with unit stride along D, as the kernels read rows. A tensor with D = 1 counts as contiguous
+    whatever its last stride, so .contiguous() would return it unchanged: there the stride is simply
+    restated as 1 (a view: with one column it is never used to step)."""
+    if x.stride(-1) == 1:
+        return x
+    if x.shape[-1] == 1:
+        return x.as_strided(x.shape, (x.stride(0), 1))
+    return x.contiguous()
+
+
+def _kernel_mask(mask):
+    """The dense mask as the kernels read it: bytes for a 0/1 mask (the spec's uint8 or a bool), else fp32
+    weights; with unit column stride (a transposed mask is copied)."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    elif mask.dtype != torch.uint8:
+        mask = mask.to(torch.float32)
+    return mask if mask.stride(-1) == 1 else mask.contiguous()
+
+
+def _prepared(spec: ContrastSpec) -> ContrastSpec:
+    """The spec with its mask in the kernels' form, made once per loss call rather than in every launcher
+    (the forward and the backward both read it)."""
+    if spec.mask is None:
+        return spec
+    mask = _kernel_mask(spec.mask)
+    return spec if mask is spec.mask else dataclasses.replace(spec, mask=mask)
+
+
 def _kernel_args(spec: ContrastSpec, Q, K):
     """(anchors, keys) as the kernels read them, and the positive rule's tensors."""
     if spec.normalize:  # the kernels take the normalised rows; fused.py chains the gradient through x / |x|
         K = normalize_rows(K, torch.float32).to(K.dtype)
         Q = K if Q is spec.keys else normalize_rows(Q, torch.float32).to(Q.dtype)
-    Q = Q if Q.stride(-1) == 1 else Q.contiguous()
-    K = K if K.stride(-1) == 1 else K.contiguous()
+    Q, K = _unit_stride_rows(Q), _unit_stride_rows(K)
     if spec.mask is not None:
-        labels = dict(anchor_labels=None, key_labels=None, mask=spec.mask.to(torch.float32).contiguous())
+        labels = dict(anchor_labels=None, key_labels=None, mask=_kernel_mask(spec.mask))  # as is once prepared
     else:
         labels = dict(anchor_labels=spec.anchor_labels.to(torch.int64).contiguous(),
                       key_labels=spec.key_labels.to(torch.int64).contiguous(), mask=None)
@@ -191,16 +221,16 @@ KERNELS = fused.Kernels("cuda", forward_stats, backward_grads)
 
 
 def loss(spec: ContrastSpec):
-    return fused.loss(spec, KERNELS)
+    return fused.loss(_prepared(spec), KERNELS)
 
 
 def loss_and_grads(spec: ContrastSpec):
-    return fused.loss_and_grads(spec, KERNELS)
+    return fused.loss_and_grads(_prepared(spec), KERNELS)
 
 
 def row_stats(spec: ContrastSpec):
-    return fused.row_stats(spec, KERNELS)
+    return fused.row_stats(_prepared(spec), KERNELS)
 
 
 def grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale):
-    return fused.grads_from_stats(spec, lse, coef, pos_scale, KERNELS)
+    return fused.grads_from_stats(_prepared(spec), lse, coef, pos_scale, KERNELS)

@@ -16,10 +16,24 @@ Gradient contract (DDP-exact): the value returned on every rank is the global lo
 every gradient (features, temperature, centers, ...) is ``world_size x`` this rank's share
 of the global gradient, so that DDP's averaging of parameter gradients reproduces
 single-process training on the global batch exactly.
+
+Ranks agree or fail together: every public loss validates its local arguments first, and the
+call's first collective is one exchange of a small record per rank (``all_gather_object``):
+the loss, a description of every argument (dtype and trailing shape of per-sample tensors,
+dtype and shape of shared ones, the value of every scalar and mode), the local batch size,
+and the local validation error if there was one. Then every rank raises the same ValueError
+naming the failing rank and its error, or the argument on which the ranks differ; only the
+batch size may differ. A rank that never reaches the exchange (it crashed, it is not in the
+group, torch.distributed is not initialised there, it does not call the loss) leaves the
+others waiting in it until the process group's timeout (``init_process_group(timeout=...)``).
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
+import inspect
+import numbers
 from typing import Optional
 
 import torch
@@ -28,7 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
-from .spec import ContrastSpec
+from .spec import ContrastSpec, normalize_rows
 
 
 class _AllGather(torch.autograd.Function):
@@ -80,6 +94,141 @@ def check_group(group) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group was given but torch.distributed is not initialised "
                          "(call torch.distributed.init_process_group first)")
+    try:
+        rank = dist.get_rank(group)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"process_group must be a torch.distributed process group, got {type(group).__name__} "
+                         f"({err})") from None
+    if rank < 0:
+        raise ValueError(f"process_group does not include this process (global rank {dist.get_rank()}): call the "
+                         "loss with a group only on that group's ranks")
+
+
+# ----------------------------------------------------------------------------- agreement before any collective
+
+# Arguments describing one sample per row: only their dtype and trailing shape must agree across ranks.
+PER_SAMPLE = ("features", "labels", "mask", "query", "key", "image_features", "text_features")
+# Compared by value in the loss's label dtype: where they live and whether they require grad do not matter.
+LABEL_ARGS = ("labels", "extra_key_labels")
+_NOT_COMPARED = ("backend", "process_group")  # a backend does not change the result; the group is the group
+
+
+def _describe(name: str, value):
+    """What must be the same on every rank about one argument (printable, comparable with ==)."""
+    if value is None or isinstance(value, (bool, str)):
+        return repr(value)  # the string "0.1" is not the number 0.1
+    if isinstance(value, numbers.Real):
+        return repr(float(value))  # 1 and 1.0 alike; NaN equals NaN here (the local checks refuse it)
+    if not isinstance(value, Tensor) and name in PER_SAMPLE:
+        try:
+            value = torch.as_tensor(value)  # a list of labels describes as the tensor it becomes
+        except Exception:
+            return type(value).__name__
+    if not isinstance(value, Tensor):
+        return type(value).__name__
+    per_sample = name in PER_SAMPLE
+    shape = ["bsz", *value.shape[1:]] if per_sample and value.dim() > 0 else list(value.shape)
+    text = f"{value.dtype} tensor of shape [{', '.join(map(str, shape))}]"
+    if name not in LABEL_ARGS:
+        text += f" on {value.device.type}" + (" requiring grad" if value.requires_grad else "")
+    if not per_sample and value.numel() == 1 and value.device.type != "meta":
+        text += f" = {float(value.detach())!r}"  # a temperature, logit scale or bias: its value must agree
+    return text
+
+
+@dataclasses.dataclass
+class _Pending:
+    """The exchange a distributed call owes its peers before its first collective."""
+    group: object
+    record: dict  # loss name and argument descriptions: must be equal on every rank
+    device: Optional[torch.device]  # where all_gather_object stages its bytes (NCCL needs this rank's GPU)
+    sizes: Optional[list] = None  # every rank's batch size, once exchanged
+
+    def exchange(self, size: int, error: Optional[BaseException] = None) -> list:
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        mine = {"record": self.record, "size": size,
+                "error": None if error is None else (type(error).__name__, str(error))}
+        records = [None] * world
+        if self.device is not None and self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                dist.all_gather_object(records, mine, group=self.group)
+        else:
+            dist.all_gather_object(records, mine, group=self.group)
+        self.sizes = [r["size"] for r in records]
+        failed = [r for r, theirs in enumerate(records) if theirs["error"] is not None]
+        if failed:
+            first = failed[0]
+            kind, message = records[first]["error"]
+            text = f"rank {first} of the process group ({world} ranks): {message}"
+            if kind == "ValueError":
+                raise ValueError(text) from error
+            if first == rank:
+                raise error
+            raise RuntimeError(f"{text} ({kind} on that rank)")
+        first_record = records[0]["record"]  # every rank compares with rank 0, so all raise the same message
+        for name, value in first_record.items():
+            differ = [r for r, theirs in enumerate(records) if theirs["record"].get(name) != value]
+            if differ:
+                other = differ[0]
+                raise ValueError(f"the ranks of process_group disagree on {name}: rank 0 passed {value}, rank "
+                                 f"{other} passed {records[other]['record'].get(name)}; every argument but the batch "
+                                 "size must be the same on every rank")
+        return self.sizes
+
+
+_PENDING: contextvars.ContextVar = contextvars.ContextVar("fused_contrastive_pending_exchange", default=None)
+
+
+def agreed(fn):
+    """Decorate a public loss so that, with ``process_group``, its ranks agree before computing: the local
+    validation runs, then the first collective of the call (``gather_batch``) is the metadata exchange,
+    which raises the same error on every rank when any rank failed or the ranks' arguments differ. A call
+    that fails before reaching it exchanges its error instead, so no peer is left waiting."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        group = kwargs.get("process_group")
+        if group is None or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        check_group(group)
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        from .losses import CHECK_FINITE_ENV, finite_check_on  # (losses imports this module)
+
+        # The finite check may run on the global batch: a rank that skips it must not wait for one that raises.
+        record = {"loss": fn.__name__, CHECK_FINITE_ENV: finite_check_on()}
+        for name, value in bound.arguments.items():
+            if name not in _NOT_COMPARED:
+                try:
+                    record[name] = _describe(name, value)
+                except Exception as err:  # a value that cannot even be described: the local check names it
+                    record[name] = f"{type(value).__name__} ({type(err).__name__})"
+        device = next((v.device for n, v in bound.arguments.items() if n in PER_SAMPLE
+                       and isinstance(v, Tensor) and v.device.type != "meta"), None)
+        pending = _Pending(group, record, device)
+        token = _PENDING.set(pending)
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:
+            if pending.sizes is None:  # failed before the exchange: tell the peers, raise together
+                pending.exchange(0, err)
+            raise  # after it: every rank has the same global inputs, so every rank fails alike
+        finally:
+            _PENDING.reset(token)
+        if pending.sizes is None:
+            pending.exchange(0)
+        return result
+    return call
+
+
+def _exchanged_sizes(group, size: int) -> Optional[list]:
+    """The ranks' batch sizes from the call's pending exchange (done here, before the first collective),
+    or None outside a public loss's distributed call."""
+    pending = _PENDING.get()
+    if pending is None or pending.group is not group:
+        return None
+    return pending.sizes if pending.sizes is not None else pending.exchange(size)
 
 
 def gather_batch(group, *tensors: Optional[Tensor], layout: tuple = ()) -> GlobalBatch:
@@ -89,14 +238,16 @@ def gather_batch(group, *tensors: Optional[Tensor], layout: tuple = ()) -> Globa
     world = dist.get_world_size(group)
     first = next(t for t in tensors if t is not None)
     device = first.device
-    layout = [first.shape[0], *layout] + [x for t in tensors for x in
-                                          ((-1,) * 4 if t is None else (t.dim(), *(list(t.shape[1:]) + [0] * 3)[:3]))]
-    shapes = _gather_rows(torch.tensor([layout], device=device), [1] * world, group, differentiable=False)
-    if not bool((shapes[:, 1:] == shapes[0, 1:]).all()):
-        raise ValueError("every rank must pass inputs of the same trailing shape (views, feature size), and "
-                         f"optional per-sample inputs (labels) on all ranks or none; got {shapes.tolist()} "
-                         "(per rank: batch size, then each input's dims and trailing shape)")
-    sizes = [int(n) for n in shapes[:, 0]]
+    sizes = _exchanged_sizes(group, first.shape[0])  # the arguments already agree (see agreed)
+    if sizes is None:
+        layout = [first.shape[0], *layout] + [
+            x for t in tensors for x in ((-1,) * 4 if t is None else (t.dim(), *(list(t.shape[1:]) + [0] * 3)[:3]))]
+        shapes = _gather_rows(torch.tensor([layout], device=device), [1] * world, group, differentiable=False)
+        if not bool((shapes[:, 1:] == shapes[0, 1:]).all()):
+            raise ValueError("every rank must pass inputs of the same trailing shape (views, feature size), and "
+                             f"optional per-sample inputs (labels) on all ranks or none; got {shapes.tolist()} "
+                             "(per rank: batch size, then each input's dims and trailing shape)")
+        sizes = [int(n) for n in shapes[:, 0]]
     rank = dist.get_rank(group)
     gathered = [None if t is None else _gather_rows(t, sizes, group, differentiable=t.requires_grad)
                 for t in tensors]
@@ -265,10 +416,11 @@ def supcon_loss_ring(features: Tensor, labels: Optional[Tensor], *, group, tempe
     check_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     b, n_views, dim = features.shape
-    if normalize:  # differentiably here, so that every shard is already unit-norm
-        features = torch.nn.functional.normalize(features, dim=-1, eps=1e-12)
+    if normalize:  # differentiably here, so that every shard is already unit-norm; in fp32 for 16-bit inputs
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        features = normalize_rows(features.reshape(-1, dim), acc).to(features.dtype).reshape(b, n_views, dim)
         if extra_keys is not None:
-            extra_keys = torch.nn.functional.normalize(extra_keys, dim=-1, eps=1e-12)
+            extra_keys = normalize_rows(extra_keys, acc).to(extra_keys.dtype)
     ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
     batch = gather_batch(group, ids if labels is None else labels, layout=(n_views, dim, labels is None))
     sizes = batch.sizes

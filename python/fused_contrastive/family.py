@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
-from .losses import _check_choice, _check_labels, _check_temperature, _flatten_views, _gathered_views, supcon_spec
+from .distributed import agreed
+from .losses import (_accum_dtype, _check_choice, _check_data, _check_finite, _check_inverse, _check_labels,
+                     _check_scale, _check_temperature, _extra_keys, _flatten_views, _gathered_views, supcon_spec)
 from .spec import ContrastSpec, DenominatorBias
 
 
@@ -41,6 +43,7 @@ def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
 
 def _two_views(features, min_bsz: int, loss: str) -> Tensor:
     features = _flatten_views(features)
+    _check_finite(features=features)
     if features.shape[1] != 2 or features.shape[0] < min_bsz:
         raise ValueError(f"features must be [bsz, 2, D] (two views per sample) with bsz >= {min_bsz} for {loss}, "
                          f"got shape {tuple(features.shape)}")
@@ -81,11 +84,17 @@ _GROUP_DOC = """
     ``process_group``: a torch.distributed group; each rank passes its local batch and gets the loss of
     the global batch (ranks' batches concatenated in rank order), every gradient being world_size x this
     rank's share so that DDP's averaging matches single-process training (fused_contrastive.distributed).
-    Non-per-sample tensors (queue, extra keys, class centers, temperature) must be the same on every rank."""
+    Non-per-sample tensors (queue, extra keys, class centers, temperature) must be the same on every rank,
+    and every other argument too: the ranks compare them first, and all raise the same ValueError when one
+    rank's input is invalid or the ranks differ (only the batch size may).
+    Labels (where taken) of any real dtype compare by value as ``torch.eq`` does; NaN labels are refused (NaN
+    equals no label, so such a sample would have no positive). Non-finite features give a non-finite loss, as
+    torch's losses do, unless FUSED_CONTRASTIVE_CHECK_FINITE=1 (then a ValueError; a host sync per input)."""
 
 
 # ----------------------------------------------------------------------------- epsilon-SupInfoNCE
 
+@agreed
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
@@ -97,6 +106,9 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     Computed as two statistics per row (LSE_N, then the per-positive softplus terms), never an N x N buffer.
     """
     epsilon = _number("epsilon", epsilon, 0.0)
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    _check_scale("epsilon", epsilon, _accum_dtype(features), "epsilon", overflows="l_ip - epsilon")
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
@@ -109,6 +121,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 
 # ----------------------------------------------------------------------------- DCL / DCLW
 
+@agreed
 def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
 
@@ -123,6 +136,8 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="a
     sigma = _number("sigma", sigma, 0.0)
     if sigma == 0:
         raise ValueError("sigma must be > 0")
+    if weighted:  # DCLW divides a cosine (up to 1) by sigma
+        _check_inverse("sigma", sigma, _accum_dtype(features), overflows="cosine / sigma")
 
     def build(f, _):
         _two_views(f, 2, "dcl_loss")  # the (global) batch needs a negative
@@ -144,10 +159,13 @@ def _pair(name_a: str, a, name_b: str, b) -> None:
     for name, x in ((name_a, a), (name_b, b)):
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point() or x.shape[0] < 1:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a floating tensor of shape [B, D] with B >= 1, got {shape}")
+            dtype = f" {x.dtype}" if isinstance(x, Tensor) else ""
+            raise ValueError(f"{name} must be a floating tensor of shape [B, D] with B >= 1, got {shape}{dtype}")
+        _check_data(name, x)
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         raise ValueError(f"{name_a} and {name_b} must have the same shape, dtype and device, got "
                          f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}")
+    _check_finite(**{name_a: a, name_b: b})
 
 
 def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tensor], in_batch_negatives: bool,
@@ -162,6 +180,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
     temperature = _check_temperature("temperature", temperature)
     if tau_float is None:
         tau_float = float(temperature.detach()) if isinstance(temperature, Tensor) else temperature
+        _check_inverse("temperature", tau_float, _accum_dtype(query))
     den_bias = None
     if not in_batch_negatives:  # MoCo v1/v2: the positive key and the queue only
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -174,6 +193,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
                         no_positive="zero", tau_float=tau_float, den_bias=den_bias)
 
 
+@agreed
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
              backend="auto", process_group=None) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
@@ -193,6 +213,7 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
         if queue.dtype != query.dtype or queue.device != query.device:
             raise ValueError(f"queue must have the query's dtype and device ({query.dtype}, {query.device}), "
                              f"got {queue.dtype} on {queue.device}")
+        _check_finite(queue=queue)
         if symmetric:
             raise ValueError("symmetric=True cannot be combined with a queue (the queue has no anchors)")
     def build(q, k):
@@ -206,6 +227,7 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
     return 0.5 * (losses[0] + losses[1]) if symmetric else losses[0]
 
 
+@agreed
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
               process_group=None) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
@@ -220,6 +242,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
     """
     _pair("image_features", image_features, "text_features", text_features)
     if isinstance(logit_scale, Tensor):
+        _check_data("logit_scale", logit_scale)
         if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
             raise ValueError(f"logit_scale must be a positive number or a one-element floating tensor, got shape "
                              f"{tuple(logit_scale.shape)} and dtype {logit_scale.dtype}")
@@ -230,12 +253,22 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
         raise ValueError(f"logit_scale must be a positive number or a one-element tensor, got {type(logit_scale).__name__}")
     if not (math.isfinite(scale_value) and scale_value > 0):
         raise ValueError(f"logit_scale must be a finite number > 0 (the exponentiated scale), got {scale_value}")
+    _check_scale("logit_scale", scale_value, _accum_dtype(image_features), "logit_scale")
     if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
-        temperature = 1.0 / logit_scale.reshape(())
+        # 1 / s in the features' accumulation dtype: an fp32 scale with fp64 features would otherwise round
+        # tau to fp32 (a relative 1e-8 off) before any backend sees it.
+        acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+        temperature = 1.0 / logit_scale.reshape(()).to(acc)
     else:
         temperature = 1.0 / scale_value
-    if logit_bias is not None and not (isinstance(logit_bias, Tensor) or isinstance(logit_bias, numbers.Real)):
-        raise ValueError(f"logit_bias must be a number or a tensor, got {type(logit_bias).__name__}")
+    if isinstance(logit_bias, Tensor):  # one bias, added to every logit
+        _check_data("logit_bias", logit_bias)
+        if logit_bias.numel() != 1 or logit_bias.is_complex() or logit_bias.dtype == torch.bool:
+            raise ValueError(f"logit_bias must be a number or a one-element real tensor, got shape "
+                             f"{tuple(logit_bias.shape)} and dtype {logit_bias.dtype}")
+        _check_finite(logit_bias=logit_bias)
+    elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real)):
+        raise ValueError(f"logit_bias must be a number or a one-element tensor, got {type(logit_bias).__name__}")
 
     def image_to_text(image, text):
         return _info_nce_spec(image, text, temperature, None, True, 1.0 / scale_value)
@@ -253,6 +286,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
 # ----------------------------------------------------------------------------- debiased / hard negatives
 
+@agreed
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
                               process_group=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
@@ -270,6 +304,8 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
     def build(f, _):
         _two_views(f, 2, "debiased_contrastive_loss")  # the (global) batch needs a negative
         spec = supcon_spec(f, temperature=temperature)
+        # The hard-negative terms exponentiate (1 + beta) l_ij: up to (1 + beta) / temperature for unit features.
+        _check_scale("beta", (1.0 + beta) / spec.tau_float, spec.accum_dtype, "(1 + beta) / temperature")
         return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
                                    den_bias=_without_positives(spec))
 
@@ -278,6 +314,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 
 # ----------------------------------------------------------------------------- BCL
 
+@agreed
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
@@ -288,20 +325,21 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
     class and get gradients. Mean over the view rows; an anchor without positives has loss 0.
     """
     features = _flatten_views(features)
+    _check_finite(features=features)
     bsz = features.shape[0]
     if labels is None:
         raise ValueError("labels must be given for bcl_loss (one class per sample)")
     labels = _check_labels(labels, bsz, features.device)
     extra_labels = None
     if class_centers is not None:
-        if not isinstance(class_centers, Tensor) or class_centers.dim() != 2:
-            shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
-            raise ValueError(f"class_centers must be a tensor of shape [C, D], got {shape}")
-        num_centers = class_centers.shape[0]
-        if labels.is_floating_point() or bool(((labels < 0) | (labels >= num_centers)).any()):
+        num_centers = class_centers.shape[0] if isinstance(class_centers, Tensor) and class_centers.dim() == 2 else 0
+        extra_labels = torch.arange(num_centers, device=features.device)
+        # Checked here with their own name (supcon_spec would call them extra_keys).
+        _extra_keys(class_centers, extra_labels, features, name="class_centers", rows="C")
+        not_ids = labels.is_floating_point() or labels.dtype == torch.bool
+        if not_ids or bool(((labels < 0) | (labels >= num_centers)).any()):
             raise ValueError(f"labels must be integers in [0, C) = [0, {num_centers}) when class_centers are given "
                              "(center c belongs to class c)")
-        extra_labels = torch.arange(num_centers, device=features.device)
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, extra_keys=class_centers, extra_key_labels=extra_labels)
@@ -318,11 +356,14 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
 
+@agreed
 def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
     a view's positive is the other view of its sample, its denominator the keys of its own class only
     (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors."""
     features = _two_views(features, 1, "spread_loss")
+    if labels is None:
+        raise ValueError("labels must be given for spread_loss (one class per sample: its denominator's keys)")
     labels = _check_labels(labels, features.shape[0], features.device)
 
     def build(f, y):

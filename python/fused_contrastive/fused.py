@@ -3,7 +3,8 @@ backward tile needs, the autograd.Function, the chain through the fused normalis
 mode's per-shard operations. A backend supplies two launchers (``Kernels``):
 
 - ``forward_stats(spec, Q, K, inv_tau) -> (lse, pos_sum, pos_aux)`` per anchor;
-- ``backward_grads(spec, Q, K, inv_tau, rows, need_dq, need_dk) -> (dQ, dK)`` for ``RowFactors`` rows,
+- ``backward_grads(spec, Q, K, inv_tau, rows, need_dq, need_dk) -> (dQ, dK)`` for ``RowFactors`` rows
+  (where ``Kernels.logit_sums``, ``logit_sums=True`` adds a third output: sum_j g_ij l_ij per anchor),
 
 so a loss written once here runs on every backend that can launch those two.
 """
@@ -22,6 +23,10 @@ class Kernels(NamedTuple):
     name: str
     forward_stats: Callable
     backward_grads: Callable
+    # backward_grads takes logit_sums=True: the temperature's gradient then comes from sum_ij g_ij l_ij summed
+    # over the fp32 tiles. That sum cancels (g has positive and negative parts), so sum_i q_i . dQ_i from a dQ
+    # rounded to bf16, or from g rounded before the product, loses most of it.
+    logit_sums: bool = False
 
 
 def row_factors(spec, lse, pos_sum, pos_aux, tau):
@@ -112,12 +117,19 @@ class FusedSupConLoss(torch.autograd.Function):
 
 def _grads(kernels, spec, anchors, keys, inv_tau, rows, loss, tau_direct, need_q, need_k, need_tau):
     """(dQ, dK, dtau) for the backward factors ``rows``, chained through the fused normalisation."""
-    dq, dk = kernels.backward_grads(spec, anchors, keys, inv_tau, rows, need_dq=need_q or need_tau,
-                                    need_dk=need_k)
+    sums = need_tau and kernels.logit_sums
+    grads = kernels.backward_grads(spec, anchors, keys, inv_tau, rows, need_dq=need_q or (need_tau and not sums),
+                                   need_dk=need_k, **({"logit_sums": True} if sums else {}))
+    dq, dk = grads[:2]
     dtau = None
     if need_tau:
-        q_used = normalize_rows(anchors, spec.accum_dtype) if spec.normalize else anchors
-        dtau = (temperature_grad(spec, q_used, dq, loss, spec.tau_value()) + tau_direct).to(spec.temperature.dtype)
+        tau = spec.tau_value()
+        if sums:  # dLoss/dtau through the logits l = q.k / tau: -(1/tau) sum_ij g_ij l_ij
+            dtau = -grads[2].sum() / tau + (loss / tau if spec.base_temperature is not None else 0.0)
+        else:
+            q_used = normalize_rows(anchors, spec.accum_dtype) if spec.normalize else anchors
+            dtau = temperature_grad(spec, q_used, dq, loss, tau)
+        dtau = (dtau + tau_direct).to(spec.temperature.dtype)
     if spec.normalize:  # the kernels differentiated w.r.t. the normalised rows: chain through x / |x|
         dq = normalize_backward(anchors, dq) if need_q else None
         dk = normalize_backward(keys, dk) if need_k else None

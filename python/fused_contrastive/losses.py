@@ -6,20 +6,68 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import dispatch
+from .distributed import agreed
 from .spec import NO_POSITIVE_MODES, VARIANTS, ContrastSpec
 
 CONTRAST_MODES = ("all", "one")
+# Set to 1 to check every floating input for NaN / Inf (one host sync per input): a ValueError naming it.
+# Off by default: like torch's own losses, non-finite input then gives a non-finite loss.
+CHECK_FINITE_ENV = "FUSED_CONTRASTIVE_CHECK_FINITE"
+# Label dtypes that torch.eq can compare with any other (torch has no promotion for uint16/32/64).
+LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_data(name: str, value: Tensor) -> None:
+    """Meta tensors have a shape but no values: nothing could be computed (or validated) from them."""
+    if value.device.type == "meta":
+        raise ValueError(f"{name} must hold data (a tensor on cpu, cuda, ...), got a tensor on the meta device")
+
+
+def _accum_dtype(features: Tensor) -> torch.dtype:
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def _check_scale(name: str, scale: float, dtype: torch.dtype, what: str, overflows: str = "the logits") -> None:
+    """``scale`` multiplies the logits (1 / temperature, CLIP's logit scale) or the loss: beyond the largest
+    number of the accumulation dtype it is inf there, and so is what it multiplies."""
+    largest = torch.finfo(dtype).max
+    if not scale <= largest:
+        raise ValueError(f"{name} is out of range: {what} = {scale:.4g} exceeds the largest {dtype} number "
+                         f"({largest:.4g}; the loss accumulates in {dtype}), so {overflows} would overflow")
+
+
+def _check_inverse(name: str, value: float, dtype: torch.dtype, overflows: str = "the logits") -> None:
+    """``1 / value`` must be finite in ``dtype`` (checked without dividing: value may be subnormal)."""
+    if not value * torch.finfo(dtype).max >= 1.0:
+        raise ValueError(f"{name} = {value:.4g} is too small for {dtype} features: 1 / {name} exceeds the largest "
+                         f"number of the {dtype} accumulation ({torch.finfo(dtype).max:.4g}), so {overflows} would "
+                         f"overflow; use {name} >= {1.0 / torch.finfo(dtype).max:.4g}")
+
+
+def finite_check_on() -> bool:
+    return os.environ.get(CHECK_FINITE_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _check_finite(**tensors) -> None:
+    """With FUSED_CONTRASTIVE_CHECK_FINITE=1, a ValueError for NaN / Inf in any of these floating inputs."""
+    if not finite_check_on():
+        return
+    for name, value in tensors.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value.detach()).all()):
+            raise ValueError(f"{name} must be finite: it holds NaN or Inf ({CHECK_FINITE_ENV} is set)")
 
 
 def _check_temperature(name: str, value, allow_none: bool = False,
@@ -29,6 +77,8 @@ def _check_temperature(name: str, value, allow_none: bool = False,
     if value is None and allow_none:
         return None
     if isinstance(value, Tensor):
+        if known_value is None:
+            _check_data(name, value)
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"{name} must be a positive number or a one-element floating tensor, "
                              f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
@@ -47,6 +97,7 @@ def _flatten_views(features) -> Tensor:
     """[bsz, n_views, ...] -> [bsz, n_views, D]; a flat [N, D] is [N, 1, D]."""
     if not isinstance(features, Tensor):
         raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    _check_data("features", features)
     if not features.is_floating_point():
         raise ValueError(f"features must be a floating tensor (float16, bfloat16, float32 or float64), got {features.dtype}")
     if features.dim() < 2:
@@ -62,23 +113,52 @@ def _flatten_views(features) -> Tensor:
     return features
 
 
-def _check_labels(labels, bsz: int, device: torch.device) -> Tensor:
+def _as_labels(name: str, labels) -> Tensor:
+    """Labels as a tensor that torch.eq compares by value with any other label tensor, without NaN."""
     if not isinstance(labels, Tensor):
-        labels = torch.as_tensor(labels)
-    if labels.is_complex() or labels.dim() > 2 or (labels.dim() == 2 and labels.shape[1] != 1):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise ValueError(f"{name} must be a tensor or a sequence of numbers (integers within int64, or reals), "
+                             f"got {type(labels).__name__} ({err})") from None
+    _check_data(name, labels)
+    if labels.dtype not in LABEL_DTYPES:
+        raise ValueError(f"{name} must be a tensor of dtype bool, uint8, int8 to int64 or floating, got {labels.dtype}")
+    return labels
+
+
+def _check_nan_labels(name: str, labels: Tensor) -> None:
+    # torch.eq never matches NaN, not even with itself, so a NaN-labelled sample would have no positive,
+    # not even its own other views; that is never what a caller means, so it is refused instead.
+    if labels.is_floating_point() and bool(torch.isnan(labels).any()):
+        raise ValueError(f"{name} must not contain NaN (NaN equals no label, not even itself); give such samples "
+                         "a label of their own or leave them out")
+
+
+def _check_labels(labels, bsz: int, device: torch.device) -> Tensor:
+    labels = _as_labels("labels", labels)
+    if labels.dim() > 2 or (labels.dim() == 2 and labels.shape[1] != 1):
         raise ValueError(f"labels must be a real tensor of shape [bsz] (or [bsz, 1]) with bsz = {bsz}, "
                          f"got shape {tuple(labels.shape)} and dtype {labels.dtype}")
     labels = labels.reshape(-1)
     if labels.numel() != bsz:
         raise ValueError(f"labels must have one entry per sample: expected {bsz}, got {labels.numel()}")
+    _check_nan_labels("labels", labels)
     return labels.to(device)
+
+
+def _common_labels(labels: Tensor, more_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Both label vectors in one dtype, promoted as torch.eq compares them (never the one cast to the
+    other's dtype, which would truncate 0.5 to 0 or wrap 256 around in int8); gather and ring modes alike."""
+    common = torch.promote_types(labels.dtype, more_labels.dtype)
+    return labels.to(common), more_labels.to(device=labels.device, dtype=common)
 
 
 def _class_ids(labels, bsz: int, device: torch.device, more_labels: Optional[Tensor] = None) -> tuple[Tensor, int]:
     """Labels as class ids in [0, C) and C; ``more_labels`` (extra keys') are numbered with them, after them."""
     labels = _check_labels(labels, bsz, device)
     if more_labels is not None:
-        labels = torch.cat([labels, more_labels.to(device=device, dtype=labels.dtype)])
+        labels = torch.cat(_common_labels(labels, more_labels))
     _, ids = torch.unique(labels, return_inverse=True)
     return ids, int(ids.max()) + 1
 
@@ -90,7 +170,7 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
         raise ValueError(f"mask must have shape [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
     if mask.is_complex():
         raise ValueError(f"mask must be a bool or real tensor of non-negative weights, got dtype {mask.dtype}")
-    mask = mask.to(device)
+    mask = mask.to(device).contiguous()  # the fused kernels read the mask's rows with column stride 1
     weights = mask.to(dtype)
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError("mask must hold finite, non-negative weights (1 marks a positive pair)")
@@ -100,22 +180,26 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
     return weights
 
 
-def _extra_keys(extra_keys, extra_key_labels, features: Tensor, name: str = "extra_keys") -> tuple[Tensor, Tensor]:
+def _extra_keys(extra_keys, extra_key_labels, features: Tensor, name: str = "extra_keys",
+                rows: str = "E") -> tuple[Tensor, Tensor]:
     """Validated labelled keys that are not anchors: ([E, D] in the features' dtype, [E] labels)."""
     if not isinstance(extra_keys, Tensor) or extra_keys.dim() != 2 or extra_keys.shape[1] != features.shape[-1]:
         shape = tuple(extra_keys.shape) if isinstance(extra_keys, Tensor) else type(extra_keys).__name__
-        raise ValueError(f"{name} must be a tensor of shape [E, D] with D = {features.shape[-1]} (the features' "
+        raise ValueError(f"{name} must be a tensor of shape [{rows}, D] with D = {features.shape[-1]} (the features' "
                          f"dimension), got {shape}")
+    _check_data(name, extra_keys)
     if extra_keys.dtype != features.dtype or extra_keys.device != features.device:
         raise ValueError(f"{name} must have the features' dtype and device ({features.dtype}, {features.device}), "
                          f"got {extra_keys.dtype} on {extra_keys.device}")
     if extra_key_labels is None:
         raise ValueError(f"{name} needs extra_key_labels: one label per extra key, compared with the samples' labels")
-    extra_key_labels = torch.as_tensor(extra_key_labels).reshape(-1).to(features.device)
+    extra_key_labels = _as_labels("extra_key_labels", extra_key_labels).reshape(-1)
     if extra_key_labels.numel() != extra_keys.shape[0]:
         raise ValueError(f"extra_key_labels must have one entry per row of {name}: expected {extra_keys.shape[0]}, "
                          f"got {extra_key_labels.numel()}")
-    return extra_keys, extra_key_labels
+    _check_nan_labels("extra_key_labels", extra_key_labels)
+    _check_finite(**{name: extra_keys})
+    return extra_keys, extra_key_labels.to(features.device)
 
 
 def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
@@ -126,9 +210,15 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     temperature = _check_temperature("temperature", temperature, known_value=temperature_value)
     tau_float = temperature if not isinstance(temperature, Tensor) else (
         float(temperature.detach()) if temperature_value is None else temperature_value)
+    acc = _accum_dtype(features)
+    _check_inverse("temperature", tau_float, acc)
     base_temperature = _check_temperature("base_temperature", base_temperature, allow_none=True)
     if isinstance(base_temperature, Tensor):
         raise ValueError("base_temperature must be a number, not a tensor that requires grad")
+    if base_temperature is not None:
+        _check_scale("base_temperature", tau_float / base_temperature, acc,
+                     "the loss scale temperature / base_temperature", overflows="the loss")
+    _check_finite(features=features)
     _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
     _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
     _check_choice("normalize", normalize, (False, True))
@@ -150,7 +240,8 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     key_labels = anchor_labels = dense = None
     num_classes = 0
     if mask is not None:
-        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        if isinstance(mask, Tensor):
+            _check_data("mask", mask)
         dense = _positive_mask(mask, bsz, device, acc)
     else:
         if extra_keys is not None:
@@ -174,6 +265,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     )
 
 
+@agreed
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out", backend="auto",
                 process_group=None, distributed="gather", extra_keys=None, extra_key_labels=None) -> Tensor:
@@ -200,6 +292,11 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     ``extra_keys [E, D]`` with ``extra_key_labels [E]``: labelled keys that are never anchors (a memory
     bank or a labelled MoCo queue, PaCo-style class centers, TSC targets): positives of the samples sharing
     their label, in every anchor's denominator; they get gradients only if they require grad.
+    Labels of any real dtype (and extra_key_labels) compare by value as ``torch.eq`` does, in their promoted
+    dtype; NaN labels are refused (NaN equals nothing, so such a sample would have no positive at all).
+    Non-finite features give a non-finite loss, as torch's losses do; set FUSED_CONTRASTIVE_CHECK_FINITE=1 to
+    get a ValueError instead (a host sync per input). A temperature whose inverse overflows the accumulation
+    dtype (fp32 for fp32/fp16/bf16 features) is refused.
     Returns the mean over anchors, in float32 (float64 for float64 features). Works under
     ``torch.compile(fullgraph=True)`` (as one custom op) and under autocast (the loss always
     accumulates in fp32, whatever autocast would pick).
@@ -233,6 +330,8 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
         labels = None if labels is None else _check_labels(labels, features.shape[0], features.device)
         if extra_keys is not None:
             extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
+            if labels is not None:  # the same comparison rule as gather mode's _class_ids
+                labels, extra_key_labels = _common_labels(labels, extra_key_labels)
         return supcon_loss_ring(features, labels, group=process_group, temperature=spec.temperature, tau_float=spec.tau_float,
                                 base_temperature=spec.base_temperature, contrast_mode=contrast_mode,
                                 no_positive=no_positive, normalize=normalize, variant=variant, backend=backend,

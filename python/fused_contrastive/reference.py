@@ -68,7 +68,8 @@ def dense_rows(spec: ContrastSpec, logits: Tensor, rows: Tensor, tau) -> tuple[T
     else:
         weight = 1.0 if spec.pos_row_weight is None else spec.pos_row_weight[rows].to(logits.dtype)
         loss = lse - weight * (a * logits).sum(1) / safe_count
-    return torch.where(has_pos, c * loss, torch.zeros_like(loss)), has_pos
+    # c after the where: c * inf (a row without positives or keys) would send 0 * inf = NaN to a learnable tau.
+    return c * torch.where(has_pos, loss, torch.zeros_like(loss)), has_pos
 
 
 def _debiased_rows(spec: ContrastSpec, logits: Tensor, negative: Tensor, lse_n: Tensor, pos_logit: Tensor,
@@ -124,7 +125,10 @@ def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: T
     in_den = not_self(spec, rows) & (bias > float("-inf"))
     p = torch.where(in_den, torch.exp(logits + bias - torch.where(torch.isfinite(lse), lse, 0.0)[:, None]), 0.0)
     a = positive_weights(spec, rows)
-    positive = a * torch.exp(logits - pos_scale[:, None]) if spec.variant == "in" else a * pos_scale[:, None]
+    if spec.variant == "in":  # a_ij exp(l_ij - LSE_P): exp(-inf) = 0 off the positives, where exp(l) may be inf
+        positive = torch.exp(logits + torch.log(a) - pos_scale[:, None])
+    else:
+        positive = a * pos_scale[:, None]
     g = coef[:, None] * (p - positive)
     return g @ K / tau, g.T @ Q / tau
 

@@ -71,12 +71,13 @@ class ContrastSpec:
     beta: float = 0.0  # "debiased": hard-negative concentration (0: Chuang et al. alone)
 
     def normalized_inputs(self) -> tuple[Tensor, Tensor]:
-        """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it.
-        The fused kernels do this in registers instead."""
+        """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it, in the
+        accumulation dtype: in fp16 the eps 1e-12 underflows to 0, so a zero row would give 0 / 0 = NaN.
+        The fused kernels call normalize_rows and normalize_backward."""
         if not self.normalize:
             return self.anchors, self.keys
-        keys = torch.nn.functional.normalize(self.keys, dim=1, eps=NORMALIZE_EPS)
-        anchors = keys if self.anchors_are_keys else torch.nn.functional.normalize(self.anchors, dim=1, eps=NORMALIZE_EPS)
+        keys = normalize_rows(self.keys, self.accum_dtype)
+        anchors = keys if self.anchors_are_keys else normalize_rows(self.anchors, self.accum_dtype)
         return anchors, keys
 
     @property
@@ -153,20 +154,37 @@ class ContrastSpec:
         return z - torch.where(has_self, self_weight, torch.zeros_like(self_weight))
 
 
+def _scaled_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x / s, |x / s|, s, |x|) per row with s = max_k |x_k|: the squares of x itself overflow in fp32 from
+    |x| ~ 1e19 (then |x| = inf and x / |x| is a zero vector), those of x / s lie in [1, D]. s is a constant to autograd: x / |x| does not depend on it. On a zero row
+    s and |x / s| are 1 (no 0 / 0) and |x| is 0; |x| may be inf."""
+    scale = x.detach().abs().amax(dim=1, keepdim=True)
+    nonzero = scale > 0
+    scale = torch.where(nonzero, scale, torch.ones_like(scale))
+    unit = x / scale
+    unit_norm = torch.linalg.vector_norm(unit, dim=1, keepdim=True)
+    norm = torch.where(nonzero, unit_norm.detach() * scale, torch.zeros_like(scale))
+    return unit, torch.where(nonzero, unit_norm, torch.ones_like(unit_norm)), scale, norm
+
+
 def normalize_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x / max(|x|, eps) row by row, as F.normalize, in ``dtype``."""
+    """x / max(|x|, eps) row by row in ``dtype`` (F.normalize's value, eps 1e-12), differentiable, finite
+    for every finite x, with the norm taken of the row scaled to max |x_k| = 1 (see _scaled_norm)."""
     xf = x.to(dtype)
-    return xf / xf.norm(dim=1, keepdim=True).clamp_min(NORMALIZE_EPS)
+    unit, unit_norm, _, norm = _scaled_norm(xf)
+    return torch.where(norm >= NORMALIZE_EPS, unit / unit_norm, xf / NORMALIZE_EPS)
 
 
 def normalize_backward(x: Tensor, grad_normalized: Tensor) -> Tensor:
-    """Gradient w.r.t. x of y = x / max(|x|, eps) (F.normalize), given dL/dy; in fp32 or wider."""
+    """Gradient w.r.t. x of y = x / max(|x|, eps) (F.normalize), given dL/dy; in fp32 or wider:
+    (dL/dy - y (y . dL/dy)) / |x| where |x| >= eps, dL/dy / eps below. |x| is never formed where it would
+    overflow: the division is by |x / s| and then by s."""
     grad_normalized = grad_normalized.to(torch.promote_types(grad_normalized.dtype, torch.float32))
     xf = x.to(grad_normalized.dtype)
-    norm = xf.norm(dim=1, keepdim=True)
-    y = xf / norm.clamp_min(NORMALIZE_EPS)
+    unit, unit_norm, scale, norm = _scaled_norm(xf)
+    y = unit / unit_norm
     projected = grad_normalized - y * (y * grad_normalized).sum(1, keepdim=True)
-    return torch.where(norm > NORMALIZE_EPS, projected / norm.clamp_min(NORMALIZE_EPS), grad_normalized / NORMALIZE_EPS)
+    return torch.where(norm >= NORMALIZE_EPS, projected / unit_norm / scale, grad_normalized / NORMALIZE_EPS)
 
 
 def inverse_pos_count(pos_count: Tensor) -> Tensor:

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <string>
 #include <vector>
 
 namespace fused_contrastive {
@@ -51,16 +52,20 @@ float element(std::uint32_t reg, unsigned half) {
 struct Copy {
   void* dst;
   const void* src;
-  int src_bytes;
+  int size, src_bytes;
 };
 inline thread_local std::vector<Copy> open_group;
 inline thread_local std::deque<std::vector<Copy>> committed;
 
-inline void cp_async_16(void* dst, const void* src, int src_bytes) {
-  if (reinterpret_cast<std::uintptr_t>(dst) % 16 != 0 || reinterpret_cast<std::uintptr_t>(src) % 16 != 0)
-    emulation::fail("cp.async: 16-byte copy not 16-byte aligned");
-  open_group.push_back({dst, src, src_bytes});
+inline void cp_async(void* dst, const void* src, int size, int src_bytes) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % size != 0 || reinterpret_cast<std::uintptr_t>(src) % size != 0)
+    emulation::fail("cp.async: " + std::to_string(size) + "-byte copy not " + std::to_string(size) + "-byte aligned");
+  if (src_bytes != 0 && src_bytes != size) emulation::fail("cp.async: src_bytes neither 0 nor the copy size");
+  open_group.push_back({dst, src, size, src_bytes});
 }
+inline void cp_async_16(void* dst, const void* src, int src_bytes) { cp_async(dst, src, 16, src_bytes); }
+inline void cp_async_8(void* dst, const void* src, int src_bytes) { cp_async(dst, src, 8, src_bytes); }
+inline void cp_async_4(void* dst, const void* src, int src_bytes) { cp_async(dst, src, 4, src_bytes); }
 inline void cp_async_commit() {
   committed.push_back(std::move(open_group));
   open_group.clear();
@@ -69,7 +74,7 @@ template <int pending>
 void cp_async_wait() {
   while (committed.size() > static_cast<std::size_t>(pending)) {
     for (const Copy& c : committed.front()) {
-      std::memset(c.dst, 0, 16);
+      std::memset(c.dst, 0, c.size);
       std::memcpy(c.dst, c.src, c.src_bytes);
     }
     committed.pop_front();
