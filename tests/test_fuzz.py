@@ -259,10 +259,7 @@ def test_fuzz_cpu_backends(family):
     run()
 
 
-# Triton still squares x in registers when normalize=True, which overflows for rows of norm ~1e20 in fp32, e.g.
-# features torch.tensor([[[1.5410e20]], [[-2.9343e19]], [[-2.1788e20]]]), labels [3, 3, 3], tau 0.005: loss
-# 0.6931 (log 2) instead of 133.56; fixed where the kernels normalise through spec.normalize_rows.
-TRITON_SKIP = ("extreme_norms",)  # until the kernels normalise through spec.normalize_rows
+TRITON_SKIP = ()
 
 
 @pytest.mark.parametrize("family", list(PROBLEMS))

@@ -14,7 +14,6 @@ import tempfile
 from dataclasses import dataclass
 
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -25,11 +24,6 @@ KERNELS = {
     "bwd_dq": supcon._supcon_bwd_dq_kernel,
     "bwd_dk": supcon._supcon_bwd_dk_kernel,
 }
-POINTER_ARGS = {"Q": "in", "K": "in", "INV_TAU": "acc", "AL": "*i64", "KL": "*i64", "MASK": "*u8",
-                "AG": "*i64", "KG": "*i64", "B_SAME": "acc", "B_OTHER": "acc",
-                "LSE": "acc", "POS_SUM": "acc", "POS_AUX": "acc", "COEF": "acc", "POS_SCALE": "acc", "DEN_SCALE": "acc",
-                "DQ": "acc", "DK": "acc", "G_SCALE": "acc", "GL": "acc", "epsilon": "fp32"}
-TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 @dataclass
@@ -88,34 +82,98 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
     return regs, spills, 0
 
 
+EXAMPLE_ROWS = 1024  # rows of the example tensors: what matters is how the JIT classes each argument (below)
+EXAMPLE_MASK = 512  # a [B, B] user mask with B = rows / 2, as two views of B samples
+
+
+def example_spec(dtype: str, dim: int, use_mask: bool = False, variant: str = "out", den_bias: bool = False,
+                 normalize: bool = False):
+    """A spec shaped like a real launch: contiguous [N, D] features (stride 1 along D, row stride D), two
+    views of N / 2 samples, int64 labels or a uint8 [B, B] mask. Only the properties the JIT specialises
+    on matter (a stride equal to 1, integers and addresses divisible by 16), not the values."""
+    import torch
+    from fused_contrastive import spec as spec_mod
+
+    n = EXAMPLE_ROWS
+    feats = torch.empty((n, dim), dtype=getattr(torch, dtype))
+    labels = torch.arange(n, dtype=torch.int64) % (n // 2)
+    mask = torch.zeros((EXAMPLE_MASK, EXAMPLE_MASK), dtype=torch.uint8) if use_mask else None
+    bias = None
+    if den_bias:
+        table = torch.zeros(n // 2, dtype=torch.float32)
+        bias = spec_mod.DenominatorBias(labels, labels, table, table.clone())
+    kind = "debiased" if variant == "debiased_hard" else variant
+    return spec_mod.ContrastSpec(
+        anchors=feats, keys=feats, self_offset=0, anchor_labels=None if use_mask else labels,
+        key_labels=None if use_mask else labels, num_classes=n // 2, mask=mask, temperature=0.1,
+        base_temperature=None, no_positive="zero", normalize=normalize, tau_float=0.1, variant=kind,
+        den_bias=bias, epsilon=0.1 if kind == "eps" else 0.0, tau_plus=0.1 if kind == "debiased" else 0.0,
+        beta=0.5 if variant == "debiased_hard" else 0.0)
+
+
+def example_kwargs(kernel: str, spec, config) -> dict:
+    """Every argument the launcher (supcon.forward_stats / backward_grads) passes to ``kernel``, built by the
+    launcher's own helper, with the config's tile constexprs."""
+    import torch
+
+    Q = K = spec.keys
+    inv_tau = torch.full((), 1 / spec.tau_float, dtype=torch.float32)
+    kwargs = supcon._common_args(spec, Q, K, inv_tau)
+    rows = torch.empty(3 * Q.shape[0], dtype=torch.float32)  # LSE-shaped buffers ([3, Na] for hard negatives)
+    if kernel == "fwd":
+        kwargs.update(LSE=rows, POS_SUM=rows.clone(), POS_AUX=rows.clone())
+    else:
+        out = torch.empty_like(Q)
+        kwargs.update(LSE=rows, COEF=rows.clone(), POS_SCALE=rows.clone(), DEN_SCALE=rows.clone())
+        kwargs.update({"DQ" if kernel == "bwd_dq" else "DK": out,
+                       "stride_dqm" if kernel == "bwd_dq" else "stride_dkm": out.stride(0)})
+        if supcon.VARIANTS[variant_name(spec)] in supcon._POSITIVES_IN_LOOP:
+            pos_grad = torch.zeros(1, dtype=torch.float32)
+        else:  # the positive part of the gradient, [rows, D] fp32 from the launcher
+            pos_grad = torch.empty(Q.shape, dtype=torch.float32)
+        kwargs.update(POS_GRAD=pos_grad, stride_pgm=pos_grad.stride(0), G_LOG2=torch.zeros(1, dtype=torch.float32))
+        if kernel == "bwd_dq":  # the temperature's per-row sums: off unless the temperature is learnable
+            kwargs.update(GL=torch.zeros(1, dtype=torch.float32), TAU_GRAD=False)
+        if kernel == "bwd_dk":  # L_out's per-row exponent shift and the common sign of coef
+            kwargs.update(ROW_SHIFT=rows.clone(), COEF_SIGN=torch.ones(1, dtype=torch.float32))
+    kwargs.update(config.kwargs)
+    return kwargs
+
+
+def variant_name(spec) -> str:
+    return next(name for name, code in supcon.VARIANTS.items() if code == supcon.variant_code(spec))
+
+
+def jit_source(fn, arch: int, kwargs: dict, num_warps: int, num_stages: int):
+    """(ASTSource, target, options) exactly as ``JITFunction.run`` would build them for these arguments on an
+    sm_<arch> GPU: Triton's own binder classes every argument (an integer equal to 1 becomes a constant, one
+    divisible by 16 and a 16-byte aligned pointer get tt.divisibility = 16), so the compiled code has the
+    vector loads and the register use of a real launch. Without that, strides of 1 stay runtime values and
+    every load is scalar."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    launch = {**kwargs, "num_warps": num_warps, "num_stages": num_stages}
+    bound_args, specialization, options = binder(**launch)
+    options, signature, constexprs, attrs = fn._pack_args(backend, launch, bound_args, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), target, options.__dict__
+
+
+def compile_jit_like(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: bool = False,
+                     variant: str = "out", den_bias: bool = False, normalize: bool = False):
+    """The compiled kernel (asm: ttir ... ptx, cubin) a launch with real-shaped arguments would run."""
+    spec = example_spec(dtype, dim, use_mask, variant, den_bias, normalize)
+    kwargs = example_kwargs(kernel, spec, config)
+    src, target, options = jit_source(KERNELS[kernel], arch, kwargs, config.num_warps, config.num_stages)
+    return triton.compile(src, target=target, options=options)
+
+
 def compile_one(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: bool = False,
-                precision: str | None = None, variant: str = "out", den_bias: bool = False) -> Report:
-    fn = KERNELS[kernel]
-    in_ty = TORCH_TO_TRITON[dtype]
-    signature = {}
-    for name in fn.arg_names:
-        kind = POINTER_ARGS.get(name)
-        if kind == "in":
-            signature[name] = f"*{in_ty}"
-        elif kind == "acc":
-            signature[name] = "*fp32"
-        elif kind is not None:
-            signature[name] = kind
-        else:
-            signature[name] = "i32"
-    if precision is None:
-        precision = supcon.FP32_PRECISION if dtype == "float32" else "ieee"
-    constexprs = dict(HAS_SELF=True, USE_MASK=use_mask, PRECISION=precision, ACC=tl.float32, DOT_IN_FP32=False,
-                      NORMALIZE=False, OFFSETS_64=False, VARIANT=supcon.VARIANTS[variant], DEN_BIAS=den_bias,
-                      BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
-                      BLOCK_D=max(16, triton.next_power_of_2(dim)))
-    if "TAU_GRAD" in fn.arg_names:  # dQ's per-row sum_j g_ij l_ij (only for a learnable temperature)
-        constexprs["TAU_GRAD"] = False
-    for name in constexprs:
-        signature[name] = "constexpr"
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                variant: str = "out", den_bias: bool = False) -> Report:
+    compiled = compile_jit_like(kernel, arch, dtype, dim, config, use_mask, variant, den_bias)
     ptx = compiled.asm["ptx"]
     regs, spills, _ = _ptxas_report(ptx, arch)
     mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
