@@ -136,7 +136,8 @@ def test_checkpoint_round_trip_and_eval_mode():
     (lambda: fc.MemoryBankLoss(fc.supcon_loss, 4, DIM, extra_keys=torch.zeros(1, DIM)), "extra_keys"),
     (lambda: fc.MemoryBankLoss(fc.supcon_loss, 4, DIM)(*step_inputs(0), torch.eye(BSZ)), "mask"),
     (lambda: fc.MemoryBank(4, 2).enqueue(torch.zeros(1, 2), torch.tensor([0.5])), "label_dtype"),
-    (lambda: fc.MemoryBank(4, 2, label_dtype=torch.uint8).enqueue(torch.zeros(1, 2), torch.tensor([300])), "label_dtype"),
+    (lambda: fc.MemoryBank(4, 2, label_dtype=torch.uint8).enqueue(torch.zeros(1, 2), torch.tensor([300])),
+     "label_dtype"),
     (lambda: fc.MemoryBank(4, 2).enqueue(torch.zeros(1, 3)), "keys"),
 ])
 def test_bad_input(call, word):
@@ -195,7 +196,7 @@ def check_ddp(rank, world, lo, hi, features, labels, backends):
             # Backward after the enqueue: the bank's rows the loss read (ring mode saves them) are unchanged.
             (grad,) = torch.autograd.grad(got, local_f)
             what = f"rank {rank} {name} step {step}"
-            assert float((got - expected).abs() / expected.abs()) < 1e-12, f"{what}: loss {float(got)} != {float(expected)}"
+            assert float((got - expected).abs() / expected.abs()) < 1e-12, f"{what}: {float(got)} != {float(expected)}"
             assert float((grad - world * expected_grad[lo:hi]).norm() / (world * expected_grad).norm()) < 1e-12, what
             for a, b in zip(distributed.bank.contents(ordered=True), single.bank.contents(ordered=True)):
                 assert (a is None and b is None) or torch.equal(a, b), f"rank {rank} {name} step {step}: bank"

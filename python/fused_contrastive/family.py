@@ -354,7 +354,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         extra_keys, extra_key_labels = class_centers, extra_labels
     elif class_centers is not None:
         center_labels, extra_key_labels = _common_labels(extra_labels, extra_key_labels)
-        extra_keys, extra_key_labels = torch.cat([class_centers, extra_keys]), torch.cat([center_labels, extra_key_labels])
+        extra_keys = torch.cat([class_centers, extra_keys])
+        extra_key_labels = torch.cat([center_labels, extra_key_labels])
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, extra_keys=extra_keys, extra_key_labels=extra_key_labels)

@@ -215,7 +215,8 @@ class MemoryBankLoss(nn.Module):
         group = kwargs.get("process_group", self.stored.get("process_group"))
         first = tensors[0] if tensors else kwargs.get("features", kwargs.get("query"))
         if not isinstance(first, Tensor):
-            raise ValueError(f"the loss's first tensor (features or query) must be a tensor, got {type(first).__name__}")
+            raise ValueError("the loss's first tensor (features or query) must be a tensor, got "
+                             f"{type(first).__name__}")
         keys, key_labels = self.bank.contents()
         keys = keys.to(device=first.device, dtype=first.dtype) if len(self.bank) else None
         if self.fn is family.info_nce:
