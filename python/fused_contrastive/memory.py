@@ -41,9 +41,8 @@ from . import family, losses
 
 # The losses a bank can join, and how: "views" losses take [bsz, n_views, D] features whose views are
 # enqueued, with their labels when the loss takes them; info_nce enqueues its key rows as a MoCo queue.
-_VIEWS_LABELLED = {losses.supcon_loss: "optional", family.eps_supinfonce_loss: "optional",
-                   family.bcl_loss: "required", family.spread_loss: "required",
-                   family.dcl_loss: "none", family.debiased_contrastive_loss: "none"}
+_VIEWS_LOSSES = (losses.supcon_loss, family.eps_supinfonce_loss, family.bcl_loss, family.spread_loss,
+                 family.dcl_loss, family.debiased_contrastive_loss)
 _REFUSED = {
     family.clip_loss: "clip_loss is symmetric: every image is an anchor of the image->text direction and every "
                       "text of the text->image one, while stored keys are never anchors, so a bank would enter one "
@@ -121,9 +120,9 @@ class MemoryBank(nn.Module):
             if labels.numel() != keys.shape[0]:
                 raise ValueError(f"labels must have one entry per key: expected {keys.shape[0]}, got {labels.numel()}")
             losses._check_nan_labels("labels", labels)
-            stored = labels.to(self.labels.dtype)
-            # A cast that changes a label (0.5 -> 0, 300 -> 44 in uint8) would silently merge classes.
-            if not bool(torch.eq(stored, labels).all()):  # torch.eq compares in the promoted dtype
+            # A cast that changes a label (0.5 -> 0, 300 -> 44 in uint8) would silently merge classes; torch.eq
+            # compares in the promoted dtype. (Checked only across dtypes: it reads the device.)
+            if labels.dtype != self.labels.dtype and not bool(torch.eq(labels.to(self.labels.dtype), labels).all()):
                 raise ValueError(f"labels must be representable in the bank's label_dtype {self.labels.dtype} "
                                  f"(got {labels.dtype} values that change in it); build the bank with a wider "
                                  "label_dtype")
@@ -149,8 +148,8 @@ class MemoryBank(nn.Module):
         if labels is not None:
             self.labels = self.labels.index_copy(0, index, labels[skip:].to(device=self.labels.device,
                                                                              dtype=self.labels.dtype))
-        self._ptr, self._filled, self._labelled = (self._ptr + rows) % self.size, min(self.size, self._filled + rows), \
-            labels is not None
+        self._ptr, self._filled = (self._ptr + rows) % self.size, min(self.size, self._filled + rows)
+        self._labelled = labels is not None
         self.ptr.fill_(self._ptr)
         self.filled.fill_(self._filled)
         self.labelled.fill_(self._labelled)
@@ -176,7 +175,7 @@ class MemoryBankLoss(nn.Module):
     ``bcl_loss``, ``spread_loss`` or ``info_nce`` (the function, or its module form such as
     ``SupConLoss(...)``); ``clip_loss`` is refused (see below). ``size``, ``dim``, ``dtype``,
     ``label_dtype``: the bank's (``MemoryBank``). ``loss_kwargs``: passed to the loss at every call
-    (temperature, backend, process_group, ...), after those of ``forward``.
+    (temperature, backend, process_group, ...); ``forward``'s keyword arguments override them.
 
     ``forward(*tensors, **kwargs)`` takes the loss's own tensors (``features, labels`` or
     ``query, key``), computes the loss with the bank's current rows as ``extra_keys`` (labelled when the
@@ -194,7 +193,7 @@ class MemoryBankLoss(nn.Module):
         fn, module, stored = _identify(loss)
         if fn in _REFUSED:
             raise ValueError(f"loss: {_REFUSED[fn]}")
-        if fn not in _VIEWS_LABELLED and fn is not family.info_nce:
+        if fn not in _VIEWS_LOSSES and fn is not family.info_nce:
             raise ValueError(f"loss must be one of the package's losses that take keys (supcon_loss, "
                              f"eps_supinfonce_loss, dcl_loss, debiased_contrastive_loss, bcl_loss, spread_loss, "
                              f"info_nce) or their modules, got {loss!r}")
@@ -219,52 +218,33 @@ class MemoryBankLoss(nn.Module):
                              f"{type(first).__name__}")
         keys, key_labels = self.bank.contents()
         keys = keys.to(device=first.device, dtype=first.dtype) if len(self.bank) else None
-        if self.fn is family.info_nce:
+        if self.fn is family.info_nce:  # a MoCo queue: this step's key rows join it
             loss = self._call(tensors, kwargs, {"queue": keys})
-            new = tensors[1] if len(tensors) > 1 else kwargs.get("key")
-            new_labels = None
-        else:
-            labels = tensors[1] if len(tensors) > 1 else kwargs.get("labels")
-            rule = _VIEWS_LABELLED[self.fn]
-            if rule == "none" and labels is not None:
-                raise ValueError("labels: this loss takes none")
-            if len(tensors) > 2 or kwargs.get("mask") is not None:
-                raise ValueError("mask cannot be combined with a memory bank: stored keys need labels (positives "
-                                 "by label) or none")
-            if self.bank._filled and (labels is not None) != self.bank._labelled:
-                raise ValueError("labels must be given at every call or at none: the bank holds "
-                                 f"{'labelled' if self.bank._labelled else 'unlabelled'} keys")
-            extra = {"extra_keys": keys}
-            if keys is not None and key_labels is not None:
-                extra["extra_key_labels"] = key_labels
-            loss = self._call(tensors, kwargs, extra)
-            features = losses._flatten_views(first)
-            new = features.transpose(0, 1).reshape(-1, features.shape[-1])  # view-major, as the loss stacks them
-            new_labels = None
+            if self.training:
+                self.bank.enqueue(tensors[1] if len(tensors) > 1 else kwargs["key"], None, group)
+            return loss
+        labels = tensors[1] if len(tensors) > 1 else kwargs.get("labels")
+        if len(tensors) > 2 or kwargs.get("mask") is not None:
+            raise ValueError("mask cannot be combined with a memory bank: stored keys need labels (positives by "
+                             "label) or none")
+        if len(self.bank) and (labels is not None) != self.bank._labelled:
+            raise ValueError("labels must be given at every call or at none: the bank holds "
+                             f"{'labelled' if self.bank._labelled else 'unlabelled'} keys")
+        loss = self._call(tensors, kwargs, {"extra_keys": keys, "extra_key_labels": key_labels})
+        if self.training:  # the views of every sample (of every rank), view-major as the losses stack them
+            features = losses._flatten_views(first).detach()
             if labels is not None:
-                new_labels = losses._check_labels(labels, features.shape[0], features.device).repeat(features.shape[1])
-            if group is not None:  # gather per sample (the ranks' samples in order), then stack views
-                self._enqueue_views(features, labels, group)
-                return loss
-        if self.training:
-            self.bank.enqueue(new, new_labels, group)
+                labels = losses._check_labels(labels, features.shape[0], features.device)
+            if group is not None:
+                from . import distributed
+
+                features, labels = distributed.gather_batch(group, features, labels).tensors
+            self.bank.enqueue(features.transpose(0, 1).reshape(-1, features.shape[-1]),
+                              None if labels is None else labels.repeat(features.shape[1]))
         return loss
 
-    def _enqueue_views(self, features: Tensor, labels, group) -> None:
-        """The global batch's views, view-major with ranks in order within each view, on every rank."""
-        if not self.training:
-            return
-        from . import distributed
-
-        labels = None if labels is None else losses._check_labels(labels, features.shape[0], features.device)
-        batch = distributed.gather_batch(group, features.detach(), labels)
-        every, every_labels = batch.tensors
-        views = every.shape[1]
-        self.bank.enqueue(every.transpose(0, 1).reshape(-1, every.shape[-1]),
-                          None if every_labels is None else every_labels.repeat(views))
-
     def _call(self, tensors, kwargs, extra) -> Tensor:
-        extra = {k: v for k, v in extra.items() if v is not None}
+        extra = {k: v for k, v in extra.items() if v is not None}  # an empty bank: the plain loss
         if self.loss is not None:
             return self.loss(*tensors, **kwargs, **extra)
         return self.fn(*tensors, **kwargs, **extra)
