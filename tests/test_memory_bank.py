@@ -139,6 +139,12 @@ def test_checkpoint_round_trip_and_eval_mode():
     (lambda: fc.MemoryBank(4, 2, label_dtype=torch.uint8).enqueue(torch.zeros(1, 2), torch.tensor([300])),
      "label_dtype"),
     (lambda: fc.MemoryBank(4, 2).enqueue(torch.zeros(1, 3)), "keys"),
+    # the hooks: labelled extra keys need sample labels; extra labels need extra keys
+    (lambda: fc.supcon_loss(step_inputs(0)[0], extra_keys=torch.zeros(2, DIM, dtype=F64), extra_key_labels=[0, 1]),
+     "extra_key_labels needs labels"),
+    (lambda: fc.spread_loss(*step_inputs(0), extra_key_labels=[0]), "extra_key_labels was given without extra_keys"),
+    (lambda: fc.bcl_loss(*step_inputs(0), extra_key_labels=[0]), "extra_key_labels was given without extra_keys"),
+    (lambda: fc.dcl_loss(step_inputs(0)[0], extra_keys=torch.zeros(2, DIM)), "extra_keys must have the features'"),
 ])
 def test_bad_input(call, word):
     with pytest.raises(ValueError, match=word):
