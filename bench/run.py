@@ -27,6 +27,7 @@ sys.path.insert(0, HERE)
 import timing  # noqa: E402  (bench/timing.py: how every benchmark here times)
 NUM_CLASSES = 100
 TEMPERATURE = 0.1
+BANK_ROWS = 65536  # the memory bank of bench/family.py's supcon_memory_bank case (a MoCo-sized queue)
 
 
 # ---------------------------------------------------------------- providers
@@ -50,8 +51,9 @@ def supcontrast_style(features, labels, temperature=TEMPERATURE):
 def family_loss(loss, backend):
     """One of the family's losses as (features [bsz, 2, D], labels [bsz]) -> loss, on ``backend``, with N x N
     logits for every loss (N = 2 bsz rows): the pair losses (InfoNCE, CLIP) pair each of the N rows with its
-    other view; the MoCo queue and the labelled memory bank hold bsz more rows (no gradient); BCL adds one
-    center per class."""
+    other view; the MoCo queue and the labelled extra keys hold bsz more rows (no gradient); BCL adds one
+    center per class; supcon_memory_bank is SupCon through MemoryBankLoss with a full bank of BANK_ROWS labelled
+    keys (each call reads the bank, then enqueues the batch's views)."""
     import torch
 
     import fused_contrastive as fc
@@ -71,6 +73,17 @@ def family_loss(loss, backend):
             centers = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, f.shape[-1], generator=gen), dim=-1)
             bank["centers"] = centers.to(device=f.device, dtype=f.dtype).requires_grad_()
         return bank
+
+    def memory_bank(f, rows=BANK_ROWS):  # a MemoryBankLoss whose bank is full: each call reads it, then enqueues
+        if "memory" not in bank:
+            gen = torch.Generator().manual_seed(2)
+            memory = fc.MemoryBankLoss(fc.supcon_loss, rows, f.shape[-1], dtype=f.dtype, temperature=t,
+                                       backend=backend).to(f.device)
+            keys = torch.nn.functional.normalize(torch.randn(rows, f.shape[-1], generator=gen), dim=-1)
+            memory.bank.enqueue(keys.to(device=f.device, dtype=f.dtype),
+                                torch.randint(0, NUM_CLASSES, (rows,), generator=gen).to(f.device))
+            bank["memory"] = memory
+        return bank["memory"]
 
     def single_rank_group(f):  # the distributed code path on one process: its overhead, measured
         import tempfile
@@ -93,6 +106,7 @@ def family_loss(loss, backend):
         "supcon_extra_keys": lambda f, y: fc.supcon_loss(f, y, temperature=t, backend=backend,
                                                          extra_keys=fixed(f, f.shape[0])["keys"],
                                                          extra_key_labels=fixed(f, f.shape[0])["labels"]),
+        "supcon_memory_bank": lambda f, y: memory_bank(f)(f, y),
         "eps_supinfonce": lambda f, y: fc.eps_supinfonce_loss(f, y, temperature=t, backend=backend),
         "dcl": lambda f, y: fc.dcl_loss(f, temperature=t, backend=backend),
         "dclw": lambda f, y: fc.dcl_loss(f, temperature=t, weighted=True, backend=backend),

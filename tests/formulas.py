@@ -42,6 +42,16 @@ def _row_labels(labels, bsz: int, n_views: int) -> Tensor:
     return labels.repeat(n_views)
 
 
+def _with_extra(z: Tensor, y: Tensor, extra_keys, extra_key_labels) -> tuple[Tensor, Tensor]:
+    """Keys and key labels: the view rows, then the extra keys (a memory bank), which are never anchors.
+    Extra keys without labels get the label -1, which no row has (``y`` holds sample ids or labels >= 0)."""
+    if extra_keys is None:
+        return z, y
+    extra_y = (torch.full((extra_keys.shape[0],), -1) if extra_key_labels is None
+               else torch.as_tensor(extra_key_labels).reshape(-1).to(y.dtype))
+    return torch.cat([z, extra_keys.to(torch.float64)]), torch.cat([y, extra_y])
+
+
 def _mean(per_anchor: list) -> Tensor:
     return torch.stack(per_anchor).mean()
 
@@ -56,7 +66,7 @@ def _zero(row: Tensor) -> Tensor:
 # epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning")
 # ------------------------------------------------------------------------------------------
 def eps_supinfonce(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
-                   contrast_mode="all"):
+                   contrast_mode="all", extra_keys=None, extra_key_labels=None):
     """L_i = -(c/|P_i|) sum_{p in P_i} [ l_ip - log( exp(l_ip - eps) + sum_{n in N_i} exp(l_in) ) ].
 
     P_i: keys with the anchor's label, self excluded (labels None: the other views of the sample).
@@ -69,14 +79,15 @@ def eps_supinfonce(features, labels=None, *, epsilon=0.1, temperature=0.1, base_
     bsz, n_views = features.shape[:2]
     z = _stack_views(features)
     y = _row_labels(labels, bsz, n_views)
+    all_keys, y_keys = _with_extra(z, y, extra_keys, extra_key_labels)
     c = 1.0 if base_temperature is None else temperature / base_temperature
-    logits = z @ z.T / temperature
+    logits = z @ all_keys.T / temperature
     n_anchors = bsz if contrast_mode == "one" else bsz * n_views
-    keys = torch.arange(bsz * n_views)
+    keys = torch.arange(all_keys.shape[0])
     losses = []
     for i in range(n_anchors):
-        pos = (y == y[i]) & (keys != i)
-        neg = y != y[i]
+        pos = (y_keys == y[i]) & (keys != i)
+        neg = y_keys != y[i]
         if not bool(pos.any()):
             losses.append(_zero(logits[i]))
             continue
@@ -92,7 +103,7 @@ def eps_supinfonce(features, labels=None, *, epsilon=0.1, temperature=0.1, base_
 # ------------------------------------------------------------------------------------------
 # Decoupled contrastive learning (Yeh et al.), with the optional von Mises-Fisher weighting
 # ------------------------------------------------------------------------------------------
-def dcl(features, *, temperature=0.1, weighted=False, sigma=0.5):
+def dcl(features, *, temperature=0.1, weighted=False, sigma=0.5, extra_keys=None):
     """L_i = -w_i * l_ip + log sum_{n} exp(l_in), n over the 2B rows minus self and positive.
 
     features [B, 2, D], B >= 2 (with B = 1 the denominator would be empty; the package raises).
@@ -102,7 +113,7 @@ def dcl(features, *, temperature=0.1, weighted=False, sigma=0.5):
     bsz, n_views = features.shape[:2]
     assert n_views == 2 and bsz >= 2
     z = _stack_views(features)
-    logits = z @ z.T / temperature
+    logits = z @ _with_extra(z, torch.zeros(2 * bsz), extra_keys, None)[0].T / temperature  # extra: negatives
     n = 2 * bsz
     if weighted:
         f = features.detach().to(torch.float64)
@@ -110,7 +121,7 @@ def dcl(features, *, temperature=0.1, weighted=False, sigma=0.5):
         w_sample = 2.0 - bsz * torch.softmax(cos / sigma, dim=0)
     else:
         w_sample = torch.ones(bsz, dtype=torch.float64)
-    keys = torch.arange(n)
+    keys = torch.arange(logits.shape[1])
     losses = []
     for i in range(n):
         p = (i + bsz) % n
@@ -170,7 +181,7 @@ def clip(image, text, logit_scale, *, logit_bias=None):
 # ------------------------------------------------------------------------------------------
 # Debiased (Chuang et al.) / hard-negative (Robinson et al.) contrastive loss
 # ------------------------------------------------------------------------------------------
-def debiased(features, *, temperature=0.5, tau_plus=0.1, beta=0.0):
+def debiased(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, extra_keys=None):
     """Chuang et al.'s debiased loss with Robinson et al.'s hardness reweighting (beta > 0).
 
     pos_i = exp(l_ip) (the other view); negatives: the Nn = 2B - 2 other rows.
@@ -185,10 +196,10 @@ def debiased(features, *, temperature=0.5, tau_plus=0.1, beta=0.0):
     bsz, n_views = features.shape[:2]
     assert n_views == 2 and bsz >= 2
     z = _stack_views(features)
-    logits = z @ z.T / temperature
+    logits = z @ _with_extra(z, torch.zeros(2 * bsz), extra_keys, None)[0].T / temperature  # extra: negatives
     n = 2 * bsz
-    n_neg = n - 2
-    keys = torch.arange(n)
+    n_neg = logits.shape[1] - 2
+    keys = torch.arange(logits.shape[1])
     floor = n_neg * torch.exp(torch.tensor(-1.0 / temperature, dtype=torch.float64))
     losses = []
     for i in range(n):
@@ -210,7 +221,7 @@ def debiased(features, *, temperature=0.5, tau_plus=0.1, beta=0.0):
 # ------------------------------------------------------------------------------------------
 # Balanced contrastive learning (Zhu et al., BalSCL)
 # ------------------------------------------------------------------------------------------
-def bcl(features, labels, *, temperature=0.1, class_centers=None):
+def bcl(features, labels, *, temperature=0.1, class_centers=None, extra_keys=None, extra_key_labels=None):
     """Class-averaged SupCon over the 2B views plus (optionally) C class centres as keys.
 
     Keys: the 2B view rows, then centre c (label c) for c < C. cnt[y]: keys with label y.
@@ -231,6 +242,7 @@ def bcl(features, labels, *, temperature=0.1, class_centers=None):
         y_keys = torch.cat([y, torch.arange(n_centers, dtype=y.dtype)])
     else:
         keys, y_keys = z, y
+    keys, y_keys = _with_extra(keys, y_keys, extra_keys, extra_key_labels)
     cnt = torch.tensor([int((y_keys == v).sum()) for v in y_keys], dtype=torch.float64)  # cnt[y_j]
     logits = z @ keys.T / temperature  # [2B, K]
     key_idx = torch.arange(keys.shape[0])
@@ -251,20 +263,21 @@ def bcl(features, labels, *, temperature=0.1, class_centers=None):
 # ------------------------------------------------------------------------------------------
 # Spread-out / class-conditional InfoNCE: the denominator keeps only same-class keys
 # ------------------------------------------------------------------------------------------
-def spread(features, labels, *, temperature=0.5):
+def spread(features, labels, *, temperature=0.5, extra_keys=None, extra_key_labels=None):
     """L_i = -l_ip + log sum_{j != i, y_j == y_i} exp(l_ij); p = the other view of the sample
     (always in the denominator). features [B, 2, D]; mean over 2B anchors."""
     bsz, n_views = features.shape[:2]
     assert n_views == 2
     z = _stack_views(features)
     y = torch.as_tensor(labels).reshape(-1).repeat(2)
-    logits = z @ z.T / temperature
+    all_keys, y_keys = _with_extra(z, y, extra_keys, extra_key_labels)
+    logits = z @ all_keys.T / temperature
     n = 2 * bsz
-    keys = torch.arange(n)
+    keys = torch.arange(all_keys.shape[0])
     losses = []
     for i in range(n):
         p = (i + bsz) % n
-        den = (keys != i) & (y == y[i])
+        den = (keys != i) & (y_keys == y[i])
         losses.append(-logits[i, p] + _lse(logits[i][den]))
     return _mean(losses)
 

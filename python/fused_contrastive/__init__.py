@@ -9,6 +9,7 @@ from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSup
                      bcl_loss, clip_loss, dcl_loss, debiased_contrastive_loss, eps_supinfonce_loss, info_nce,
                      spread_loss)
 from .losses import SupConLoss, supcon_loss, supcon_spec
+from .memory import MemoryBank, MemoryBankLoss
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ def explain_backends(features, labels=None, mask=None, **loss_kwargs) -> dict:
 
 __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_loss", "DCLLoss", "dcl_loss",
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
-           "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "explain_backends", "BACKEND_CHOICES", "__version__"]
+           "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "MemoryBank", "MemoryBankLoss",
+           "explain_backends", "BACKEND_CHOICES", "__version__"]

@@ -424,8 +424,10 @@ def supcon_loss_ring(features: Tensor, labels: Optional[Tensor], *, group, tempe
     ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
     batch = gather_batch(group, ids if labels is None else labels, layout=(n_views, dim, labels is None))
     sizes = batch.sizes
-    if labels is None:  # SimCLR: a sample's views are its only positives
-        class_ids, num_classes = torch.arange(batch.total, device=features.device), batch.total
+    if labels is None:  # SimCLR: a sample's views are its only positives; unlabelled extra keys: one more class
+        class_ids, num_classes = torch.arange(batch.total, device=features.device), batch.total + 1
+        if extra_keys is not None:
+            extra_ids = torch.full((extra_keys.shape[0],), batch.total, device=features.device)
     else:  # one id per distinct label of the global batch and of the extra keys alike
         every = batch.tensors[0] if extra_keys is None else torch.cat([batch.tensors[0], extra_key_labels])
         _, every_ids = torch.unique(every, return_inverse=True)

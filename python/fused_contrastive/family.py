@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from . import dispatch
 from .distributed import agreed
 from .losses import (_accum_dtype, _check_choice, _check_data, _check_finite, _check_inverse, _check_labels,
-                     _check_scale, _check_temperature, _extra_keys, _flatten_views, _gathered_views, supcon_spec)
+                     _check_scale, _check_temperature, _common_labels, _extra_keys, _flatten_views, _gathered_views,
+                     supcon_spec)
 from .spec import ContrastSpec, DenominatorBias
 
 
@@ -96,7 +97,8 @@ _GROUP_DOC = """
 
 @agreed
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
-                        contrast_mode="all", backend="auto", process_group=None) -> Tensor:
+                        contrast_mode="all", backend="auto", process_group=None, extra_keys=None,
+                        extra_key_labels=None) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -104,6 +106,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     sum_n exp(l_in))]``, c = temperature / base_temperature (1 when None); mean over anchors, 0 for an
     anchor without positives. ``features [bsz, n_views, D]``; no labels: the other views are the positives.
     Computed as two statistics per row (LSE_N, then the per-positive softplus terms), never an N x N buffer.
+    ``extra_keys`` / ``extra_key_labels``: keys that are never anchors (a memory bank), as in ``supcon_loss``.
     """
     epsilon = _number("epsilon", epsilon, 0.0)
     features = _flatten_views(features)
@@ -112,7 +115,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
-                           contrast_mode=contrast_mode)
+                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels)
         return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
@@ -122,7 +125,8 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 # ----------------------------------------------------------------------------- DCL / DCLW
 
 @agreed
-def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None) -> Tensor:
+def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
+             extra_keys=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
 
     All 2·bsz views are anchors; a view's positive is the other view of its sample; its denominator is the
@@ -130,6 +134,7 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="a
     ``weighted=True`` is DCLW: ``w = 2 - bsz * softmax_b(cos(view1_b, view2_b) / sigma)`` per sample (the same
     as 2·bsz times a softmax over the 2·bsz directed pairs), computed from the raw cosine of the two views and
     detached, as in the authors' code: it steers which pairs matter, it is not trained through.
+    ``extra_keys [E, D]`` (a memory bank): more negatives in every anchor's denominator, never anchors.
     """
     features = _two_views(features, 1 if process_group is not None else 2, "dcl_loss")
     _check_choice("weighted", weighted, (False, True))
@@ -141,7 +146,7 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="a
 
     def build(f, _):
         _two_views(f, 2, "dcl_loss")  # the (global) batch needs a negative
-        spec = supcon_spec(f, temperature=temperature)
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)
         weight = None
         if weighted:
             with torch.no_grad():
@@ -288,7 +293,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
 @agreed
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
-                              process_group=None) -> Tensor:
+                              process_group=None, extra_keys=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
     al.'s hard-negative reweighting when ``beta > 0``.
 
@@ -296,6 +301,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
     ``Ng = max((n * sum_n e^{(1+beta) l_in} / sum_n e^{beta l_in} - tau_plus * n * e^{l_ip}) / (1 - tau_plus),
     n * e^{-1/temperature})`` and ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over anchors. The clamp
     assumes L2-normalised features (cosine >= -1), as the papers do. Computed in log space.
+    ``extra_keys [E, D]`` (a memory bank): more negatives (n grows by E), never anchors.
     """
     features = _two_views(features, 1 if process_group is not None else 2, "debiased_contrastive_loss")
     tau_plus = _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
@@ -303,7 +309,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 
     def build(f, _):
         _two_views(f, 2, "debiased_contrastive_loss")  # the (global) batch needs a negative
-        spec = supcon_spec(f, temperature=temperature)
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)
         # The hard-negative terms exponentiate (1 + beta) l_ij: up to (1 + beta) / temperature for unit features.
         _check_scale("beta", (1.0 + beta) / spec.tau_float, spec.accum_dtype, "(1 + beta) / temperature")
         return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
@@ -315,7 +321,8 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 # ----------------------------------------------------------------------------- BCL
 
 @agreed
-def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None) -> Tensor:
+def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
+             extra_keys=None, extra_key_labels=None) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
     SupCon (L_out, scale 1) whose denominator weighs each key by one over the batch count of its class,
@@ -323,6 +330,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
     from a class histogram, never a mask. ``class_centers [C, D]`` (optional) join as keys, center c with
     label c (labels must then be integers in [0, C)); they count in the histogram, are positives of their
     class and get gradients. Mean over the view rows; an anchor without positives has loss 0.
+    ``extra_keys`` / ``extra_key_labels`` (a memory bank): labelled keys after the centers, counted in the
+    histogram like every key, never anchors.
     """
     features = _flatten_views(features)
     _check_finite(features=features)
@@ -340,9 +349,19 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         if not_ids or bool(((labels < 0) | (labels >= num_centers)).any()):
             raise ValueError(f"labels must be integers in [0, C) = [0, {num_centers}) when class_centers are given "
                              "(center c belongs to class c)")
+    if extra_keys is not None:  # a memory bank: labelled keys after the centers
+        extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
+    elif extra_key_labels is not None:
+        raise ValueError("extra_key_labels was given without extra_keys")
+    if class_centers is not None and extra_keys is None:
+        extra_keys, extra_key_labels = class_centers, extra_labels
+    elif class_centers is not None:
+        center_labels, extra_key_labels = _common_labels(extra_labels, extra_key_labels)
+        extra_keys = torch.cat([class_centers, extra_keys])
+        extra_key_labels = torch.cat([center_labels, extra_key_labels])
 
     def build(f, y):
-        spec = supcon_spec(f, y, temperature=temperature, extra_keys=class_centers, extra_key_labels=extra_labels)
+        spec = supcon_spec(f, y, temperature=temperature, extra_keys=extra_keys, extra_key_labels=extra_key_labels)
         acc, key_labels = spec.accum_dtype, spec.key_labels
         count = torch.zeros(spec.num_classes, dtype=acc, device=spec.device)
         count.index_add_(0, key_labels, torch.ones(key_labels.shape[0], dtype=acc, device=spec.device))
@@ -357,19 +376,28 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
 
 @agreed
-def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None) -> Tensor:
+def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None, extra_keys=None,
+                extra_key_labels=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
     a view's positive is the other view of its sample, its denominator the keys of its own class only
-    (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors."""
+    (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors.
+    ``extra_keys`` / ``extra_key_labels`` (a memory bank): never positives, in the denominators of their class."""
     features = _two_views(features, 1, "spread_loss")
     if labels is None:
         raise ValueError("labels must be given for spread_loss (one class per sample: its denominator's keys)")
     labels = _check_labels(labels, features.shape[0], features.device)
+    if extra_keys is not None:
+        extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
+    elif extra_key_labels is not None:
+        raise ValueError("extra_key_labels was given without extra_keys")
 
     def build(f, y):
+        bsz = f.shape[0]
+        if extra_keys is not None:  # one class numbering for samples and bank, compared as torch.eq
+            y = torch.cat(_common_labels(y, extra_key_labels))
         _, ids = torch.unique(y, return_inverse=True)
-        spec = supcon_spec(f, temperature=temperature)
-        classes = ids.repeat(2)
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)  # bank keys: never positives
+        classes = torch.cat([ids[:bsz].repeat(2), ids[bsz:]])
         same = torch.zeros(int(ids.max()) + 1, dtype=spec.accum_dtype, device=spec.device)
         den_bias = DenominatorBias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
         return dataclasses.replace(spec, den_bias=den_bias)

@@ -181,8 +181,9 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _extra_keys(extra_keys, extra_key_labels, features: Tensor, name: str = "extra_keys",
-                rows: str = "E") -> tuple[Tensor, Tensor]:
-    """Validated labelled keys that are not anchors: ([E, D] in the features' dtype, [E] labels)."""
+                rows: str = "E", labelled: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """Validated keys that are not anchors: ([E, D] in the features' dtype, [E] labels, or None when
+    ``labelled`` is False: keys that are negatives of every anchor)."""
     if not isinstance(extra_keys, Tensor) or extra_keys.dim() != 2 or extra_keys.shape[1] != features.shape[-1]:
         shape = tuple(extra_keys.shape) if isinstance(extra_keys, Tensor) else type(extra_keys).__name__
         raise ValueError(f"{name} must be a tensor of shape [{rows}, D] with D = {features.shape[-1]} (the features' "
@@ -191,6 +192,12 @@ def _extra_keys(extra_keys, extra_key_labels, features: Tensor, name: str = "ext
     if extra_keys.dtype != features.dtype or extra_keys.device != features.device:
         raise ValueError(f"{name} must have the features' dtype and device ({features.dtype}, {features.device}), "
                          f"got {extra_keys.dtype} on {extra_keys.device}")
+    if not labelled:
+        if extra_key_labels is not None:
+            raise ValueError(f"extra_key_labels must be None here: without labels (SimCLR), {name} are negatives of "
+                             "every anchor")
+        _check_finite(**{name: extra_keys})
+        return extra_keys, None
     if extra_key_labels is None:
         raise ValueError(f"{name} needs extra_key_labels: one label per extra key, compared with the samples' labels")
     extra_key_labels = _as_labels("extra_key_labels", extra_key_labels).reshape(-1)
@@ -234,7 +241,9 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     if extra_keys is not None:
         if mask is not None:
             raise ValueError("extra_keys needs labels (positives by label), not a [bsz, bsz] mask")
-        extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
+        # Without labels and mask (SimCLR), extra keys without labels are negatives of every anchor (a queue).
+        unlabelled = labels is None and extra_key_labels is None
+        extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features, labelled=not unlabelled)
         keys = torch.cat([keys, extra_keys])  # the extra keys follow the views; they are never anchors
     anchors = keys if contrast_mode == "all" and extra_keys is None else keys[: bsz * (n_views if contrast_mode == "all" else 1)]
     key_labels = anchor_labels = dense = None
@@ -244,9 +253,13 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
             _check_data("mask", mask)
         dense = _positive_mask(mask, bsz, device, acc)
     else:
-        if extra_keys is not None:
+        if extra_keys is not None and extra_key_labels is None:  # SimCLR with a queue: one class no sample has
+            ids, num_classes = torch.arange(bsz, device=device), bsz + 1
+            extra_ids = torch.full((extra_keys.shape[0],), bsz, device=device)
+        elif extra_keys is not None:
             if labels is None:
-                raise ValueError("extra_keys needs labels: extra keys are positives of the samples sharing their label")
+                raise ValueError("extra_key_labels needs labels: labelled extra keys are positives of the samples "
+                                 "sharing their label")
             ids, num_classes = _class_ids(labels, bsz, device, extra_key_labels)
             ids, extra_ids = ids[:bsz], ids[bsz:]
         elif labels is None:  # SimCLR: the positives of a view are the other views of its sample
@@ -291,7 +304,9 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     results.
     ``extra_keys [E, D]`` with ``extra_key_labels [E]``: labelled keys that are never anchors (a memory
     bank or a labelled MoCo queue, PaCo-style class centers, TSC targets): positives of the samples sharing
-    their label, in every anchor's denominator; they get gradients only if they require grad.
+    their label, in every anchor's denominator; they get gradients only if they require grad. Without
+    labels and mask (SimCLR), ``extra_keys`` alone are negatives of every anchor (an unlabelled queue).
+    ``fused_contrastive.MemoryBankLoss`` keeps such a bank (a FIFO of past batches) for you.
     Labels of any real dtype (and extra_key_labels) compare by value as ``torch.eq`` does, in their promoted
     dtype; NaN labels are refused (NaN equals nothing, so such a sample would have no positive at all).
     Non-finite features give a non-finite loss, as torch's losses do; set FUSED_CONTRASTIVE_CHECK_FINITE=1 to
@@ -329,7 +344,8 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
         features = _flatten_views(features)
         labels = None if labels is None else _check_labels(labels, features.shape[0], features.device)
         if extra_keys is not None:
-            extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
+            extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features,
+                                                       labelled=extra_key_labels is not None or labels is not None)
             if labels is not None:  # the same comparison rule as gather mode's _class_ids
                 labels, extra_key_labels = _common_labels(labels, extra_key_labels)
         return supcon_loss_ring(features, labels, group=process_group, temperature=spec.temperature, tau_float=spec.tau_float,
