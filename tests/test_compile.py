@@ -154,12 +154,14 @@ def test_forward_only_does_no_gradient_work(mode, grad, monkeypatch):
     features = features if grad == "no_grad" else features.detach()
 
     def fn(x):
-        return fc.eps_supinfonce_loss(x, LABELS, backend="chunked") + fc.info_nce(x[:, 0], x[:, 1], backend="chunked")
+        return (fc.supcon_loss(x, LABELS, backend="chunked") + fc.eps_supinfonce_loss(x, LABELS, backend="chunked")
+                + fc.info_nce(x[:, 0], x[:, 1], backend="chunked"))
 
     fn = fn if mode == "eager" else _compiled(fn)
     with torch.set_grad_enabled(grad != "no_grad"):
         loss = fn(features)
-    expected = fc.eps_supinfonce_loss(features, LABELS, backend="reference") + fc.info_nce(
-        features[:, 0], features[:, 1], backend="reference")
+    expected = (fc.supcon_loss(features, LABELS, backend="reference")
+                + fc.eps_supinfonce_loss(features, LABELS, backend="reference")
+                + fc.info_nce(features[:, 0], features[:, 1], backend="reference"))
     assert_close(loss, expected, torch.float64, "forward-only loss")
     assert want and not any(want), want
