@@ -314,8 +314,8 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     get a ValueError instead (a host sync per input). A temperature whose inverse overflows the accumulation
     dtype (fp32 for fp32/fp16/bf16 features) is refused.
     Returns the mean over anchors, in float32 (float64 for float64 features). Works under
-    ``torch.compile(fullgraph=True)`` (as one custom op) and under autocast (the loss always
-    accumulates in fp32, whatever autocast would pick).
+    ``torch.compile(fullgraph=True)`` (as one custom op, fused_contrastive.compiled; extra keys too, a
+    process group not) and under autocast (the loss always accumulates in fp32, whatever autocast would pick).
     """
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     if process_group is not None and compiling():
