@@ -165,3 +165,13 @@ def test_forward_only_does_no_gradient_work(mode, grad, monkeypatch):
                 + fc.info_nce(features[:, 0], features[:, 1], backend="reference"))
     assert_close(loss, expected, torch.float64, "forward-only loss")
     assert want and not any(want), want
+
+
+@pytest.mark.parametrize("labels", [[3, -1, 3, 7, -1], [True, False, True], [0.5, -0.0, 0.0, 2.5, 0.5], [4]])
+def test_sort_based_class_ids_are_unique_inverse(labels):
+    from fused_contrastive.losses import dense_ids
+
+    labels = torch.tensor(labels)
+    ids, count = dense_ids(labels)
+    unique, inverse = torch.unique(labels, return_inverse=True)
+    assert torch.equal(ids, inverse) and count == unique.numel()
