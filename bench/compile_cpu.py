@@ -106,13 +106,16 @@ def main():
                 row = {"loss": loss, "n": n, "dim": args.dim, "error": f"{type(err).__name__}: {str(err)[:200]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(rows, env, args)  # after every loss: a run cut short keeps what it measured
+
+
+def write(rows, env, args):
     env["load_average_end"] = load_average()
     out = args.out or os.path.join(HERE, "results", f"compile_cpu_{datetime.date.today().isoformat()}")
     with open(out + ".json", "w") as fh:
         json.dump({"environment": env, "args": vars(args), "rows": rows}, fh, indent=1)
     with open(out + ".md", "w") as fh:
         fh.write(markdown(rows, env, args))
-    print(markdown(rows, env, args))
 
 
 if __name__ == "__main__":
