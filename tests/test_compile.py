@@ -13,6 +13,7 @@ from fused_contrastive import chunked, compiled, dispatch
 from helpers import assert_close, make_features
 
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 3])
+GROUP = object()  # stands for a process group: refused under compile before it is used
 MASK = (torch.rand(7, 7, generator=torch.Generator().manual_seed(2)) < 0.4).double() * 1.5
 
 
@@ -113,7 +114,8 @@ def test_opcheck(case, monkeypatch):
         torch.library.opcheck(compiled.contrast, compiled.op_arguments(spec, "chunked"))
 
 
-@pytest.mark.parametrize("bad", ["nan_labels", "mask", "temperature", "logit_scale", "bcl_labels", "finite"])
+@pytest.mark.parametrize("bad", ["nan_labels", "mask", "temperature", "logit_scale", "bcl_labels", "finite",
+                                 "contrast_mode", "process_group"])
 def test_value_errors_under_compile(bad, monkeypatch):
     f = make_features(7, 2, 5).detach()
     calls = {
@@ -124,6 +126,9 @@ def test_value_errors_under_compile(bad, monkeypatch):
         "logit_scale": (lambda x: fc.clip_loss(x[:, 0], x[:, 1], torch.tensor(0.0)), "logit_scale must be"),
         "bcl_labels": (lambda x: fc.bcl_loss(x, LABELS + 3, class_centers=x[:4, 0]), r"labels must be integers in \[0, C\)"),
         "finite": (lambda x: fc.dcl_loss(x * float("inf")), "features must be finite"),
+        # Found while tracing: the graph raises them when it runs (not Dynamo's "Observed exception").
+        "contrast_mode": (lambda x: fc.eps_supinfonce_loss(x, contrast_mode="both"), "contrast_mode must be one of"),
+        "process_group": (lambda x: fc.spread_loss(x, LABELS, process_group=GROUP), "process_group cannot be combined"),
     }
     if bad == "finite":
         monkeypatch.setenv(compiled.CHECK_FINITE_ENV, "1")

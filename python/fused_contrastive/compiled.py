@@ -15,6 +15,7 @@ the compiled graph runs instead of breaking the graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from typing import Optional
@@ -70,6 +71,22 @@ def require(x: Tensor, bad: Tensor, message: str) -> Tensor:
     if bool(bad.any()):
         raise ValueError(message)
     return x
+
+
+def deferred_errors(fn):
+    """Decorate a public loss: a ValueError raised while torch.compile traces it (a bad argument) becomes an
+    op that raises that ValueError when the graph runs. Under fullgraph=True Dynamo would otherwise report
+    it as an error of its own ("Observed exception"); eagerly nothing changes."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not compiling():
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as err:
+            return check(torch.zeros(()), torch.ones((), dtype=torch.bool), str(err))
+
+    return call
 
 
 # ----------------------------------------------------------------------------- the loss as one op

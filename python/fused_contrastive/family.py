@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import compiled, dispatch
-from .compiled import compiling, require
+from .compiled import compiling, deferred_errors, require
 from .distributed import agreed
 from .losses import (_accum_dtype, _check_choice, _check_data, _check_finite, _check_inverse, _check_labels,
                      _check_scale, _check_temperature, _extra_keys, _flatten_views, _gathered_views, dense_ids,
@@ -59,10 +59,17 @@ def _without_positives(spec: ContrastSpec) -> DenominatorBias:
     return DenominatorBias(spec.anchor_labels, spec.key_labels, same, torch.zeros_like(same))
 
 
+def _not_compiled(process_group) -> None:
+    if process_group is not None and compiling():
+        raise ValueError("process_group cannot be combined with torch.compile in this version (compile the model, "
+                         "call the loss outside the compiled region)")
+
+
 def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group) -> Tensor:
     """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
     ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _not_compiled(process_group)
     if process_group is None:
         return compiled.run(build(features, labels), backend)
     # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
@@ -74,6 +81,7 @@ def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_
     """Same for row-paired inputs (query/key, image/text): one loss per ``build(first, second) -> spec``, whose
     anchors are rows of one of the two (both directions of CLIP share one gather)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _not_compiled(process_group)
     if process_group is None:
         return [compiled.run(build(first, second), backend, *names[i:i + 1]) for i, build in enumerate(builds)]
     from . import distributed
@@ -98,6 +106,7 @@ _GROUP_DOC = """
 # ----------------------------------------------------------------------------- epsilon-SupInfoNCE
 
 @agreed
+@deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
@@ -125,6 +134,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 # ----------------------------------------------------------------------------- DCL / DCLW
 
 @agreed
+@deferred_errors
 def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
 
@@ -198,6 +208,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 
 
 @agreed
+@deferred_errors
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
              backend="auto", process_group=None) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
@@ -233,6 +244,7 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
 
 
 @agreed
+@deferred_errors
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
               process_group=None) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
@@ -293,6 +305,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 # ----------------------------------------------------------------------------- debiased / hard negatives
 
 @agreed
+@deferred_errors
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
                               process_group=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
@@ -322,6 +335,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 # ----------------------------------------------------------------------------- BCL
 
 @agreed
+@deferred_errors
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
@@ -365,6 +379,7 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
 
 @agreed
+@deferred_errors
 def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
     a view's positive is the other view of its sample, its denominator the keys of its own class only

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import compiled, dispatch
-from .compiled import CHECK_FINITE_ENV, compiling, finite_check_on, require
+from .compiled import CHECK_FINITE_ENV, compiling, deferred_errors, finite_check_on, require
 from .distributed import agreed
 from .spec import NO_POSITIVE_MODES, VARIANTS, ContrastSpec
 
@@ -282,6 +282,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
 
 
 @agreed
+@deferred_errors
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out", backend="auto",
                 process_group=None, distributed="gather", extra_keys=None, extra_key_labels=None) -> Tensor:
