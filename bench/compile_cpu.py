@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 
-from run import HERE, environment, family_loss
+from run import HERE, NUM_CLASSES, environment, family_loss
 from timing import load_average
 
 LOSSES = ["supcon", "supcon_in", "supcon_extra_keys", "eps_supinfonce", "dcl", "dclw", "info_nce", "info_nce_queue",
@@ -40,7 +40,7 @@ def measure(loss_name, n, dim, reps, compile_backend):
 
     torch.manual_seed(0)
     features = torch.nn.functional.normalize(torch.randn(n // 2, 2, dim), dim=-1).requires_grad_()
-    labels = torch.randint(0, max(1, n // 20), (n // 2,))
+    labels = torch.randint(0, NUM_CLASSES, (n // 2,))  # BCL has one center per class of these
     eager = family_loss(loss_name, "chunked")
     torch._dynamo.reset()
     compiled = torch.compile(eager, fullgraph=True, backend=compile_backend)
