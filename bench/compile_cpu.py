@@ -2,11 +2,12 @@
 
 For each loss (``run.family_loss``, N feature rows = 2 views of N/2 samples, D, float32, chunked backend):
 fwd+bwd eagerly and compiled (``fullgraph=True``, the whole loss one custom op), and the forward alone under
-``torch.no_grad()`` (eager and compiled), medians over the repeats after one warm-up (compilation).
+``torch.no_grad()`` (eager and compiled), medians over the repeats after one warm-up (compilation), eager and
+compiled calls interleaved so that load from other processes hits both alike.
 Targets: compiled fwd+bwd within 5% of eager or faster; the no-grad forward <= 0.55x of fwd+bwd.
 
     python bench/compile_cpu.py                          # N = 4096, D = 128
-    python bench/compile_cpu.py --sizes 4096,16384 --losses dcl,clip --reps 3
+    python bench/compile_cpu.py --sizes 4096,16384 --losses dcl,clip --reps 5
 """
 from __future__ import annotations
 
@@ -24,15 +25,17 @@ LOSSES = ["supcon", "supcon_in", "supcon_extra_keys", "eps_supinfonce", "dcl", "
           "clip", "debiased", "bcl", "spread"]
 
 
-def timed(fn, reps):
-    """Median and min seconds of ``fn()`` over ``reps`` calls after one warm-up call (which compiles)."""
-    fn()
-    samples = []
+def timed_pair(first, second, reps):
+    """(median, min) seconds of each of two callables after one warm-up call each (which compiles), the two
+    interleaved call by call: on a shared machine a burst of load then hits both alike."""
+    first(), second()
+    samples = ([], [])
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), min(samples)
+        for fn, out in zip((first, second), samples):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [(statistics.median(xs), min(xs)) for xs in samples]
 
 
 def measure(loss_name, n, dim, reps, compile_backend):
@@ -58,9 +61,9 @@ def measure(loss_name, n, dim, reps, compile_backend):
         return step
 
     row = {"loss": loss_name, "n": n, "dim": dim}
-    for label, fn in (("eager", eager), ("compiled", compiled)):
-        row[f"{label}_fwd_bwd_s"], row[f"{label}_fwd_bwd_min_s"] = timed(fwd_bwd(fn), reps)
-        row[f"{label}_no_grad_fwd_s"], row[f"{label}_no_grad_fwd_min_s"] = timed(forward_only(fn), reps)
+    for what, step in (("fwd_bwd", fwd_bwd), ("no_grad_fwd", forward_only)):
+        for label, (median, low) in zip(("eager", "compiled"), timed_pair(step(eager), step(compiled), reps)):
+            row[f"{label}_{what}_s"], row[f"{label}_{what}_min_s"] = median, low
     row["compiled_vs_eager"] = row["compiled_fwd_bwd_s"] / row["eager_fwd_bwd_s"]
     for label in ("eager", "compiled"):
         row[f"{label}_no_grad_vs_fwd_bwd"] = row[f"{label}_no_grad_fwd_s"] / row[f"{label}_fwd_bwd_s"]
@@ -71,7 +74,8 @@ def markdown(rows, env, args):
     lines = [f"Device: {env['device']} · torch {env['torch']} · {env['date']} · load average {env['load_average']} "
              f"at the start, {env['load_average_end']} at the end (the machine is shared: timings are noisy)", "",
              f"Chunked backend, float32, D = {args.dim}, N feature rows (N/2 samples x 2 views); torch.compile("
-             f"fullgraph=True, backend={args.compile_backend!r}); medians of {args.reps} repeats after one warm-up. "
+             f"fullgraph=True, backend={args.compile_backend!r}); medians of {args.reps} repeats after one warm-up, eager "
+             "and compiled calls interleaved. "
              "Targets: compiled fwd+bwd <= 1.05x eager; no-grad forward <= 0.55x fwd+bwd.", "",
              "| loss | N | eager fwd+bwd | compiled fwd+bwd | compiled / eager | eager no-grad fwd | "
              "compiled no-grad fwd | no-grad / fwd+bwd (eager) | no-grad / fwd+bwd (compiled) |",
@@ -92,7 +96,7 @@ def main():
     parser.add_argument("--sizes", default="4096")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--losses", default=",".join(LOSSES))
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--out", default=None, help="result path without extension")
     args = parser.parse_args()
