@@ -1,75 +1,250 @@
-"""torch.compile support: the whole loss as one opaque custom op.
+"""torch.compile support: every loss as the same opaque custom op, ``fused_contrastive::contrast``.
 
-Building a spec validates data (label classes, mask values) and the backends launch
-kernels from Python: neither is traceable, and tracing them would not make them faster.
-Under ``torch.compile`` the loss is therefore one ``torch.library.custom_op``. Its real
-implementation runs the eager path through a backend's ``loss_and_grads`` (autograd is
-switched off inside custom ops), returning the loss with the gradients of the features
-and of the temperature; its registered backward only scales them by the incoming
-gradient. The graph stays whole (``fullgraph=True`` works).
+The backends launch kernels from Python and read a few values on the host (the temperature, class
+counts): neither is traceable, and tracing them would not make them faster. So under ``torch.compile``
+the public losses build their ``ContrastSpec`` with ordinary traced tensor ops (view stacking, label ids,
+bias tables: autograd chains through them for free) and hand its tensors and a small config to one
+``torch.library.custom_op``. Its real implementation rebuilds the spec and runs a backend's
+``loss_and_grads`` (or, when nothing needs a gradient, its forward alone); its registered backward only
+scales the returned gradients by the incoming one. The graph stays whole (``fullgraph=True`` works).
+
+Checks that need values on the host (NaN labels, mask weights, the temperature's range, finiteness) run
+inside the real implementations (``contrast`` and ``check``), so they raise the package's ValueError when
+the compiled graph runs instead of breaking the graph.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import dispatch
+from .spec import ContrastSpec, DenominatorBias
 
-@torch.library.custom_op("fused_contrastive::supcon", mutates_args=())
-def supcon_op(features: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], temperature: Tensor,
-              learnable_temperature: bool, base_temperature: Optional[float], contrast_mode: str, no_positive: str,
-              normalize: bool, variant: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    from . import dispatch
-    from .losses import supcon_spec
+# Set to 1 to check every floating input for NaN / Inf (one host sync per input): a ValueError naming it.
+# Off by default: like torch's own losses, non-finite input then gives a non-finite loss.
+CHECK_FINITE_ENV = "FUSED_CONTRASTIVE_CHECK_FINITE"
+DEFAULT_NAMES = ("features", "features", "temperature")
 
-    # A temperature that needs no gradient travels as a number, as in eager mode.
-    tau = temperature.detach().requires_grad_() if learnable_temperature else float(temperature)
-    spec = supcon_spec(features, labels, mask, temperature=tau, base_temperature=base_temperature,
-                       contrast_mode=contrast_mode, no_positive=no_positive, normalize=normalize, variant=variant)
+
+def finite_check_on() -> bool:
+    return os.environ.get(CHECK_FINITE_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------- deferred value checks
+
+@torch.library.custom_op("fused_contrastive::check", mutates_args=())
+def check(x: Tensor, bad: Tensor, message: str) -> Tensor:
+    """``x`` unchanged (a copy: custom ops may not return their inputs), or a ValueError(message) when
+    any element of ``bad`` is true. Lets traced code state a check on values that only the run knows."""
+    if bool(bad.any()):
+        raise ValueError(message)
+    return x.clone()
+
+
+@check.register_fake
+def _(x, bad, message):
+    return torch.empty_like(x)
+
+
+def _check_backward(ctx, grad):
+    return grad, None, None
+
+
+check.register_autograd(_check_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def require(x: Tensor, bad: Tensor, message: str) -> Tensor:
+    """``x``, after refusing it with ValueError(message) where ``bad`` holds a true element: right away in
+    eager mode, when the graph runs under torch.compile (no host sync in the graph)."""
+    if compiling():
+        return check(x, bad, message)
+    if bool(bad.any()):
+        raise ValueError(message)
+    return x
+
+
+def deferred_errors(fn):
+    """Decorate a public loss: a ValueError raised while torch.compile traces it (a bad argument) becomes an
+    op that raises that ValueError when the graph runs. Under fullgraph=True Dynamo would otherwise report
+    it as an error of its own ("Observed exception"); eagerly nothing changes."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not compiling():
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as err:
+            return check(torch.zeros(()), torch.ones((), dtype=torch.bool), str(err))
+
+    return call
+
+
+# ----------------------------------------------------------------------------- the loss as one op
+
+def _autograd_enabled_here():
+    """Custom ops run below autograd's dispatch keys, but the debiased row formula (and the reference
+    backend) differentiate O(N) values with autograd: put its keys back for the duration."""
+    if not hasattr(torch._C, "_ForceDispatchKeyGuard"):  # (private API) without it, such losses fail loudly
+        return contextlib.nullcontext()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor"):
+        key = getattr(torch._C.DispatchKey, name, None)
+        if key is not None:
+            exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _check_scalars(names: list[str], tau: float, acc: torch.dtype, base_temperature: Optional[float],
+                   variant: str, beta: float) -> None:
+    """The range checks a tensor temperature (or logit scale) gets in eager mode, on its value read here."""
+    largest = torch.finfo(acc).max
+    name = names[2]
+    # CLIP passes 1 / logit_scale: its errors name logit_scale and show that value.
+    value = (1.0 / tau if tau != 0 else math.inf) if name == "logit_scale" else tau
+    if not (math.isfinite(tau) and tau > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not tau * largest >= 1.0:
+        raise ValueError(f"{name} = {value:.4g} is out of range: the logits' scale exceeds the largest {acc} "
+                         f"number ({largest:.4g}; the loss accumulates in {acc}), so the logits would overflow")
+    if base_temperature is not None and not tau / base_temperature <= largest:
+        raise ValueError(f"base_temperature is out of range: temperature / base_temperature exceeds the largest "
+                         f"{acc} number ({largest:.4g}), so the loss would overflow")
+    if variant == "debiased" and not (1.0 + beta) / tau <= largest:
+        raise ValueError(f"beta is out of range: (1 + beta) / temperature exceeds the largest {acc} number "
+                         f"({largest:.4g}), so the hard-negative terms would overflow")
+
+
+@torch.library.custom_op("fused_contrastive::contrast", mutates_args=())
+def contrast(keys: Tensor, anchors: Optional[Tensor], temperature: Tensor, anchor_labels: Optional[Tensor],
+             key_labels: Optional[Tensor], mask: Optional[Tensor], bias_anchor_groups: Optional[Tensor],
+             bias_key_groups: Optional[Tensor], bias_same: Optional[Tensor], bias_other: Optional[Tensor],
+             pos_row_weight: Optional[Tensor], num_classes: int, self_offset: Optional[int], variant: str,
+             base_temperature: Optional[float], no_positive: str, normalize: bool, reduction: str, epsilon: float,
+             tau_plus: float, beta: float, backend: str, need_grads: bool, temperature_grad: bool,
+             names: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dLoss/dkeys, dLoss/danchors, dLoss/dtemperature) of the spec these arguments describe.
+    ``anchors`` None: the anchors are ``keys`` itself (its gradient then sums both roles). Gradients are
+    empty tensors when ``need_grads`` is False (and the anchors' when ``anchors`` is None); the
+    temperature's is zero unless ``temperature_grad``. ``names``: "anchors,keys,temperature" as the user
+    calls them, for the errors."""
+    names = names.split(",")
+    if finite_check_on():
+        for name, value in ((names[0], anchors), (names[1], keys), (names[2], temperature)):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite: it holds NaN or Inf ({CHECK_FINITE_ENV} is set)")
+    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    tau = float(temperature)  # read here, when the graph runs: a host read inside the graph would break it
+    _check_scalars(names, tau, acc, base_temperature, variant, beta)
+    learnable = need_grads and temperature_grad
+    den_bias = None
+    if bias_same is not None:
+        den_bias = DenominatorBias(bias_anchor_groups, bias_key_groups, bias_same, bias_other)
+    spec = ContrastSpec(
+        anchors=keys if anchors is None else anchors, keys=keys, self_offset=self_offset,
+        anchor_labels=anchor_labels, key_labels=key_labels, num_classes=num_classes, mask=mask,
+        temperature=temperature.detach().reshape(()) if learnable else tau, base_temperature=base_temperature,
+        no_positive=no_positive, normalize=normalize, tau_float=tau, reduction=reduction, variant=variant,
+        den_bias=den_bias, pos_row_weight=pos_row_weight, epsilon=epsilon, tau_plus=tau_plus, beta=beta)
     chosen = dispatch.select(spec, backend)
-    if chosen.loss_and_grads is None:
-        raise RuntimeError(f"backend {chosen.name!r} runs eagerly only; under torch.compile use chunked or triton")
-    with torch.autocast(spec.device.type, enabled=False):
-        loss, dQ, dK, dtau = chosen.loss_and_grads(spec)
-    # Keys are the views stacked view-major; anchors are all of them or the first bsz rows.
-    bsz, n_views = features.shape[0], (features.shape[1] if features.dim() > 2 else 1)
-    grad_keys = dK.clone()
-    grad_keys[: dQ.shape[0]] += dQ
-    grad_features = grad_keys.reshape(n_views, bsz, -1).transpose(0, 1).reshape(features.shape)
-    dtau = torch.zeros_like(temperature) if dtau is None else dtau.reshape(temperature.shape)
-    return loss, grad_features.contiguous(), dtau
+    empty = keys.new_empty(0)
+    with _autograd_enabled_here(), torch.autocast(spec.device.type, enabled=False):
+        if not need_grads:  # the backends' forward-only path: no gradient work at all
+            with torch.no_grad():
+                return chosen.loss(spec).detach().clone(), empty, empty.clone(), empty.clone()
+        if chosen.loss_and_grads is not None:
+            loss, dQ, dK, dtau = chosen.loss_and_grads(spec)
+        else:  # the reference backend differentiates by autograd
+            loss, dQ, dK, dtau = _autograd_loss_and_grads(spec, chosen)
+    if anchors is None:
+        grad_keys, grad_anchors = dK + dQ, empty
+    else:
+        grad_keys, grad_anchors = dK, dQ.contiguous()
+    grad_tau = torch.zeros_like(temperature) if dtau is None else dtau.reshape(temperature.shape).to(temperature.dtype)
+    return loss.detach().clone(), grad_keys.contiguous(), grad_anchors, grad_tau
 
 
-@supcon_op.register_fake
-def _(features, labels, mask, temperature, learnable_temperature, base_temperature, contrast_mode, no_positive,
-      normalize, variant, backend):
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return features.new_empty((), dtype=acc), torch.empty_like(features), torch.empty_like(temperature)
+def _autograd_loss_and_grads(spec: ContrastSpec, chosen) -> tuple:
+    import dataclasses
+
+    keys = spec.keys.detach().requires_grad_()
+    anchors = keys if spec.anchors_are_keys else spec.anchors.detach().requires_grad_()
+    tau = spec.temperature.detach().requires_grad_() if isinstance(spec.temperature, Tensor) else None
+    leaf_spec = dataclasses.replace(spec, anchors=anchors, keys=keys, temperature=spec.temperature if tau is None else tau)
+    with torch.enable_grad():
+        loss = chosen.loss(leaf_spec)
+        inputs = (keys,) if spec.anchors_are_keys else (anchors, keys)
+        grads = torch.autograd.grad(loss, inputs + ((tau,) if tau is not None else ()), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs + ((tau,) if tau is not None else ()))]
+    if spec.anchors_are_keys:
+        dK, dQ = grads[0], torch.zeros_like(keys)
+    else:
+        dQ, dK = grads[0], grads[1]
+    return loss, dQ, dK, grads[-1] if tau is not None else None
+
+
+@contrast.register_fake
+def _(keys, anchors, temperature, anchor_labels, key_labels, mask, bias_anchor_groups, bias_key_groups, bias_same,
+      bias_other, pos_row_weight, num_classes, self_offset, variant, base_temperature, no_positive, normalize,
+      reduction, epsilon, tau_plus, beta, backend, need_grads, temperature_grad, names):
+    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    empty = keys.new_empty(0)
+    if not need_grads:
+        return keys.new_empty((), dtype=acc), empty, empty.clone(), empty.clone()
+    grad_anchors = empty if anchors is None else anchors.new_empty(anchors.shape)
+    return keys.new_empty((), dtype=acc), keys.new_empty(keys.shape), grad_anchors, temperature.new_empty(temperature.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    _, grad_f, grad_tau = output
-    ctx.save_for_backward(grad_f, grad_tau)
+    _, grad_keys, grad_anchors, grad_tau = output
+    ctx.save_for_backward(grad_keys, grad_anchors, grad_tau)
+    ctx.has_anchors = inputs[1] is not None
 
 
-def _backward(ctx, grad_loss, _grad_f, _grad_tau):
-    grad_f, grad_tau = ctx.saved_tensors
-    return (grad_f * grad_loss.to(grad_f.dtype), None, None, (grad_tau * grad_loss).to(grad_tau.dtype),
-            None, None, None, None, None, None, None)
+def _backward(ctx, grad_loss, *_):
+    grad_keys, grad_anchors, grad_tau = ctx.saved_tensors
+    if grad_keys.numel() == 0 and grad_tau.numel() == 0:  # the forward was told no gradient was needed
+        raise RuntimeError("fused_contrastive::contrast ran without gradients (need_grads=False) but is "
+                           "differentiated; call it with need_grads=True")
+    g_keys = grad_keys * grad_loss.to(grad_keys.dtype)
+    g_anchors = grad_anchors * grad_loss.to(grad_anchors.dtype) if ctx.has_anchors else None
+    g_tau = (grad_tau * grad_loss).to(grad_tau.dtype)
+    return (g_keys, g_anchors, g_tau) + (None,) * 22
 
 
-supcon_op.register_autograd(_backward, setup_context=_setup_context)
+contrast.register_autograd(_backward, setup_context=_setup_context)
 
 
-def supcon_loss_compiled(features, labels, mask, *, temperature, base_temperature, contrast_mode, no_positive,
-                         normalize, variant, backend) -> Tensor:
-    """The loss as traced by torch.compile; a float temperature becomes a constant tensor."""
-    learnable = isinstance(temperature, Tensor) and temperature.requires_grad
-    if isinstance(temperature, Tensor):
-        tau = temperature.reshape(())
+def op_arguments(spec: ContrastSpec, backend: str, names=DEFAULT_NAMES) -> tuple:
+    """The op's arguments for a spec (ordinary traced PyTorch: a float temperature becomes a constant tensor)."""
+    if isinstance(spec.temperature, Tensor):
+        tau = spec.temperature.reshape(())
     else:
-        tau = torch.tensor(float(temperature), dtype=torch.float64, device=features.device)
-    loss, _, _ = supcon_op(features, labels, mask, tau, learnable, base_temperature, contrast_mode, no_positive,
-                           normalize, variant, backend)
-    return loss
+        tau = torch.tensor(spec.tau_float, dtype=torch.float64, device=spec.device)
+    anchors = None if spec.anchors_are_keys else spec.anchors
+    need_grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (spec.keys, anchors, tau))
+    bias = spec.den_bias
+    return (spec.keys, anchors, tau, spec.anchor_labels, spec.key_labels, spec.mask,
+            None if bias is None else bias.anchor_groups, None if bias is None else bias.key_groups,
+            None if bias is None else bias.same, None if bias is None else bias.other, spec.pos_row_weight,
+            spec.num_classes, spec.self_offset, spec.variant, spec.base_temperature, spec.no_positive,
+            spec.normalize, spec.reduction, spec.epsilon, spec.tau_plus, spec.beta, backend, need_grads,
+            tau.requires_grad, ",".join(names))
+
+
+def run(spec: ContrastSpec, backend: str = "auto", names=DEFAULT_NAMES) -> Tensor:
+    """The loss of ``spec``: eagerly through the backend's autograd path, under torch.compile as the op.
+    ``names``: the user's names of the anchors, the keys and the temperature, for run-time errors."""
+    if not compiling():
+        return dispatch.run(spec, backend)
+    return contrast(*op_arguments(spec, backend, names))[0]

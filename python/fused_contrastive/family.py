@@ -24,11 +24,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
+from . import compiled, dispatch
+from .compiled import compiling, deferred_errors, require
 from .distributed import agreed
 from .losses import (_accum_dtype, _check_choice, _check_data, _check_finite, _check_inverse, _check_labels,
                      _check_scale, _check_temperature, _common_labels, _extra_keys, _flatten_views, _gathered_views,
-                     supcon_spec)
+                     dense_ids, supcon_spec, tau_unknown)
 from .spec import ContrastSpec, DenominatorBias
 
 
@@ -58,22 +59,31 @@ def _without_positives(spec: ContrastSpec) -> DenominatorBias:
     return DenominatorBias(spec.anchor_labels, spec.key_labels, same, torch.zeros_like(same))
 
 
+def _not_compiled(process_group) -> None:
+    if process_group is not None and compiling():
+        raise ValueError("process_group cannot be combined with torch.compile in this version (compile the model, "
+                         "call the loss outside the compiled region)")
+
+
 def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group) -> Tensor:
     """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
     ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _not_compiled(process_group)
     if process_group is None:
-        return dispatch.run(build(features, labels), backend)
+        return compiled.run(build(features, labels), backend)
     # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
     return _gathered_views(process_group, features, labels, contrast_mode, backend, build)
 
 
-def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group) -> list[Tensor]:
+def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group,
+                names: tuple = ()) -> list[Tensor]:
     """Same for row-paired inputs (query/key, image/text): one loss per ``build(first, second) -> spec``, whose
     anchors are rows of one of the two (both directions of CLIP share one gather)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _not_compiled(process_group)
     if process_group is None:
-        return [dispatch.run(build(first, second), backend) for build in builds]
+        return [compiled.run(build(first, second), backend, *names[i:i + 1]) for i, build in enumerate(builds)]
     from . import distributed
 
     batch = distributed.gather_batch(process_group, first, second)
@@ -96,6 +106,7 @@ _GROUP_DOC = """
 # ----------------------------------------------------------------------------- epsilon-SupInfoNCE
 
 @agreed
+@deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None, extra_keys=None,
                         extra_key_labels=None) -> Tensor:
@@ -125,6 +136,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 # ----------------------------------------------------------------------------- DCL / DCLW
 
 @agreed
+@deferred_errors
 def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
              extra_keys=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
@@ -184,8 +196,9 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
         num_classes = bsz + 1
     temperature = _check_temperature("temperature", temperature)
     if tau_float is None:
-        tau_float = float(temperature.detach()) if isinstance(temperature, Tensor) else temperature
-        _check_inverse("temperature", tau_float, _accum_dtype(query))
+        tau_float = tau_unknown(temperature) if isinstance(temperature, Tensor) else temperature
+        if not math.isnan(tau_float):  # NaN: unknown while tracing; the op checks the same range
+            _check_inverse("temperature", tau_float, _accum_dtype(query))
     den_bias = None
     if not in_batch_negatives:  # MoCo v1/v2: the positive key and the queue only
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -199,6 +212,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 
 
 @agreed
+@deferred_errors
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
              backend="auto", process_group=None) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
@@ -227,12 +241,14 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
     def build_reverse(q, k):
         return _info_nce_spec(k, q, temperature, None, in_batch_negatives)
 
+    names = [("query", "key", "temperature"), ("key", "query", "temperature")]
     losses = _pairs_loss([build, build_reverse] if symmetric else [build], query, key, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, names=names)
     return 0.5 * (losses[0] + losses[1]) if symmetric else losses[0]
 
 
 @agreed
+@deferred_errors
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
               process_group=None) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
@@ -251,15 +267,18 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
         if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
             raise ValueError(f"logit_scale must be a positive number or a one-element floating tensor, got shape "
                              f"{tuple(logit_scale.shape)} and dtype {logit_scale.dtype}")
-        scale_value = float(logit_scale.detach())
+        # Unknown while tracing (NaN): the op checks the same range when the graph runs.
+        scale_value = math.nan if compiling() else float(logit_scale.detach())
     elif isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
         scale_value = float(logit_scale)
     else:
         raise ValueError(f"logit_scale must be a positive number or a one-element tensor, got {type(logit_scale).__name__}")
-    if not (math.isfinite(scale_value) and scale_value > 0):
+    traced = math.isnan(scale_value) and isinstance(logit_scale, Tensor) and compiling()
+    if not traced and not (math.isfinite(scale_value) and scale_value > 0):
         raise ValueError(f"logit_scale must be a finite number > 0 (the exponentiated scale), got {scale_value}")
-    _check_scale("logit_scale", scale_value, _accum_dtype(image_features), "logit_scale")
-    if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
+    if not traced:
+        _check_scale("logit_scale", scale_value, _accum_dtype(image_features), "logit_scale")
+    if isinstance(logit_scale, Tensor) and (logit_scale.requires_grad or traced):
         # 1 / s in the features' accumulation dtype: an fp32 scale with fp64 features would otherwise round
         # tau to fp32 (a relative 1e-8 off) before any backend sees it.
         acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
@@ -281,8 +300,9 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
     def text_to_image(image, text):  # the column direction: its per-row LSE is the column LSE of the other
         return _info_nce_spec(text, image, temperature, None, True, 1.0 / scale_value)
 
+    names = [("image_features", "text_features", "logit_scale"), ("text_features", "image_features", "logit_scale")]
     rows, cols = _pairs_loss([image_to_text, text_to_image], image_features, text_features, backend=backend,
-                             process_group=process_group)
+                             process_group=process_group, names=names)
     loss = 0.5 * (rows + cols)
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
         loss = loss + 0.0 * logit_bias.sum()  # shift-invariant: a zero gradient, and a graph to carry it
@@ -292,6 +312,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 # ----------------------------------------------------------------------------- debiased / hard negatives
 
 @agreed
+@deferred_errors
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
                               process_group=None, extra_keys=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
@@ -311,7 +332,8 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
         _two_views(f, 2, "debiased_contrastive_loss")  # the (global) batch needs a negative
         spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)
         # The hard-negative terms exponentiate (1 + beta) l_ij: up to (1 + beta) / temperature for unit features.
-        _check_scale("beta", (1.0 + beta) / spec.tau_float, spec.accum_dtype, "(1 + beta) / temperature")
+        if not math.isnan(spec.tau_float):  # NaN: unknown while tracing; the op checks the same range
+            _check_scale("beta", (1.0 + beta) / spec.tau_float, spec.accum_dtype, "(1 + beta) / temperature")
         return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
                                    den_bias=_without_positives(spec))
 
@@ -321,6 +343,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 # ----------------------------------------------------------------------------- BCL
 
 @agreed
+@deferred_errors
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
              extra_keys=None, extra_key_labels=None) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
@@ -345,10 +368,11 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         extra_labels = torch.arange(num_centers, device=features.device)
         # Checked here with their own name (supcon_spec would call them extra_keys).
         _extra_keys(class_centers, extra_labels, features, name="class_centers", rows="C")
-        not_ids = labels.is_floating_point() or labels.dtype == torch.bool
-        if not_ids or bool(((labels < 0) | (labels >= num_centers)).any()):
-            raise ValueError(f"labels must be integers in [0, C) = [0, {num_centers}) when class_centers are given "
-                             "(center c belongs to class c)")
+        message = (f"labels must be integers in [0, C) = [0, {num_centers}) when class_centers are given "
+                   "(center c belongs to class c)")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(message)
+        labels = require(labels, (labels < 0) | (labels >= num_centers), message)
     if extra_keys is not None:  # a memory bank: labelled keys after the centers
         extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
     elif extra_key_labels is not None:
@@ -376,6 +400,7 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
 
 @agreed
+@deferred_errors
 def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None, extra_keys=None,
                 extra_key_labels=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
@@ -395,10 +420,10 @@ def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_gr
         bsz = f.shape[0]
         if extra_keys is not None:  # one class numbering for samples and bank, compared as torch.eq
             y = torch.cat(_common_labels(y, extra_key_labels))
-        _, ids = torch.unique(y, return_inverse=True)
+        ids, num_classes = dense_ids(y)
         spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)  # bank keys: never positives
         classes = torch.cat([ids[:bsz].repeat(2), ids[bsz:]])
-        same = torch.zeros(int(ids.max()) + 1, dtype=spec.accum_dtype, device=spec.device)
+        same = torch.zeros(num_classes, dtype=spec.accum_dtype, device=spec.device)
         den_bias = DenominatorBias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
         return dataclasses.replace(spec, den_bias=den_bias)
 

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
+from . import compiled, dispatch
+from .compiled import CHECK_FINITE_ENV, compiling, deferred_errors, finite_check_on, require
 from .distributed import agreed
 from .spec import NO_POSITIVE_MODES, VARIANTS, ContrastSpec
 
 CONTRAST_MODES = ("all", "one")
-# Set to 1 to check every floating input for NaN / Inf (one host sync per input): a ValueError naming it.
-# Off by default: like torch's own losses, non-finite input then gives a non-finite loss.
-CHECK_FINITE_ENV = "FUSED_CONTRASTIVE_CHECK_FINITE"
 # Label dtypes that torch.eq can compare with any other (torch has no promotion for uint16/32/64).
 LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                 torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -57,13 +54,14 @@ def _check_inverse(name: str, value: float, dtype: torch.dtype, overflows: str =
                          f"overflow; use {name} >= {1.0 / torch.finfo(dtype).max:.4g}")
 
 
-def finite_check_on() -> bool:
-    return os.environ.get(CHECK_FINITE_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+def tau_unknown(temperature: Tensor) -> float:
+    """A tensor temperature's value: NaN while tracing (torch.compile), where reading it would break the graph."""
+    return math.nan if compiling() else float(temperature.detach())
 
 
 def _check_finite(**tensors) -> None:
     """With FUSED_CONTRASTIVE_CHECK_FINITE=1, a ValueError for NaN / Inf in any of these floating inputs."""
-    if not finite_check_on():
+    if not finite_check_on() or compiling():  # under torch.compile the op checks its inputs when it runs
         return
     for name, value in tensors.items():
         if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value.detach()).all()):
@@ -82,6 +80,8 @@ def _check_temperature(name: str, value, allow_none: bool = False,
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"{name} must be a positive number or a one-element floating tensor, "
                              f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        if known_value is None and compiling():
+            return value.reshape(())  # its value is unknown while tracing: the op checks it when it runs
         number = float(value.detach()) if known_value is None else known_value
         result: Union[float, Tensor] = (value if value.dim() == 0 else value.reshape(())) if value.requires_grad else number
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -127,12 +127,13 @@ def _as_labels(name: str, labels) -> Tensor:
     return labels
 
 
-def _check_nan_labels(name: str, labels: Tensor) -> None:
+def _check_nan_labels(name: str, labels: Tensor) -> Tensor:
     # torch.eq never matches NaN, not even with itself, so a NaN-labelled sample would have no positive,
     # not even its own other views; that is never what a caller means, so it is refused instead.
-    if labels.is_floating_point() and bool(torch.isnan(labels).any()):
-        raise ValueError(f"{name} must not contain NaN (NaN equals no label, not even itself); give such samples "
-                         "a label of their own or leave them out")
+    if not labels.is_floating_point():
+        return labels
+    return require(labels, torch.isnan(labels), f"{name} must not contain NaN (NaN equals no label, not even "
+                   "itself); give such samples a label of their own or leave them out")
 
 
 def _check_labels(labels, bsz: int, device: torch.device) -> Tensor:
@@ -143,8 +144,7 @@ def _check_labels(labels, bsz: int, device: torch.device) -> Tensor:
     labels = labels.reshape(-1)
     if labels.numel() != bsz:
         raise ValueError(f"labels must have one entry per sample: expected {bsz}, got {labels.numel()}")
-    _check_nan_labels("labels", labels)
-    return labels.to(device)
+    return _check_nan_labels("labels", labels).to(device)
 
 
 def _common_labels(labels: Tensor, more_labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,13 +154,25 @@ def _common_labels(labels: Tensor, more_labels: Tensor) -> tuple[Tensor, Tensor]
     return labels.to(common), more_labels.to(device=labels.device, dtype=common)
 
 
+def dense_ids(labels: Tensor) -> tuple[Tensor, int]:
+    """Each label's rank among the distinct values (torch.unique's inverse) and a bound C on their number.
+    One sort on the device: a label starts a new class where it differs from its predecessor in sorted
+    order. Eagerly C is the exact count (one host read); under torch.compile it is the number of labels,
+    which bounds it without reading anything (the per-class tables are then a little larger)."""
+    sorted_labels, order = torch.sort(labels)
+    starts = torch.cat([torch.ones(1, dtype=torch.long, device=labels.device),
+                        (sorted_labels[1:] != sorted_labels[:-1]).long()])
+    sorted_ids = torch.cumsum(starts, 0) - 1
+    ids = torch.empty_like(sorted_ids).scatter_(0, order, sorted_ids)
+    return ids, labels.shape[0] if compiling() else int(sorted_ids[-1]) + 1
+
+
 def _class_ids(labels, bsz: int, device: torch.device, more_labels: Optional[Tensor] = None) -> tuple[Tensor, int]:
     """Labels as class ids in [0, C) and C; ``more_labels`` (extra keys') are numbered with them, after them."""
     labels = _check_labels(labels, bsz, device)
     if more_labels is not None:
         labels = torch.cat(_common_labels(labels, more_labels))
-    _, ids = torch.unique(labels, return_inverse=True)
-    return ids, int(ids.max()) + 1
+    return dense_ids(labels)
 
 
 def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -172,6 +184,9 @@ def _positive_mask(mask, bsz: int, device: torch.device, dtype: torch.dtype) -> 
         raise ValueError(f"mask must be a bool or real tensor of non-negative weights, got dtype {mask.dtype}")
     mask = mask.to(device).contiguous()  # the fused kernels read the mask's rows with column stride 1
     weights = mask.to(dtype)
+    if compiling():  # float weights (whether 0/1 is a question about values), checked when the graph runs
+        return require(weights, ~torch.isfinite(weights) | (weights < 0),
+                       "mask must hold finite, non-negative weights (1 marks a positive pair)")
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError("mask must hold finite, non-negative weights (1 marks a positive pair)")
     # A 0/1 mask travels as bytes (what the fused kernels read tile by tile); other weights as floats.
@@ -204,7 +219,7 @@ def _extra_keys(extra_keys, extra_key_labels, features: Tensor, name: str = "ext
     if extra_key_labels.numel() != extra_keys.shape[0]:
         raise ValueError(f"extra_key_labels must have one entry per row of {name}: expected {extra_keys.shape[0]}, "
                          f"got {extra_key_labels.numel()}")
-    _check_nan_labels("extra_key_labels", extra_key_labels)
+    extra_key_labels = _check_nan_labels("extra_key_labels", extra_key_labels)
     _check_finite(**{name: extra_keys})
     return extra_keys, extra_key_labels.to(features.device)
 
@@ -216,13 +231,14 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     features = _flatten_views(features)
     temperature = _check_temperature("temperature", temperature, known_value=temperature_value)
     tau_float = temperature if not isinstance(temperature, Tensor) else (
-        float(temperature.detach()) if temperature_value is None else temperature_value)
+        tau_unknown(temperature) if temperature_value is None else temperature_value)
     acc = _accum_dtype(features)
-    _check_inverse("temperature", tau_float, acc)
+    if not math.isnan(tau_float):  # NaN: unknown while tracing, checked by the op (the same range)
+        _check_inverse("temperature", tau_float, acc)
     base_temperature = _check_temperature("base_temperature", base_temperature, allow_none=True)
     if isinstance(base_temperature, Tensor):
         raise ValueError("base_temperature must be a number, not a tensor that requires grad")
-    if base_temperature is not None:
+    if base_temperature is not None and not math.isnan(tau_float):
         _check_scale("base_temperature", tau_float / base_temperature, acc,
                      "the loss scale temperature / base_temperature", overflows="the loss")
     _check_finite(features=features)
@@ -279,6 +295,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
 
 
 @agreed
+@deferred_errors
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out", backend="auto",
                 process_group=None, distributed="gather", extra_keys=None, extra_key_labels=None) -> Tensor:
@@ -313,29 +330,20 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     get a ValueError instead (a host sync per input). A temperature whose inverse overflows the accumulation
     dtype (fp32 for fp32/fp16/bf16 features) is refused.
     Returns the mean over anchors, in float32 (float64 for float64 features). Works under
-    ``torch.compile(fullgraph=True)`` (as one custom op) and under autocast (the loss always
-    accumulates in fp32, whatever autocast would pick).
+    ``torch.compile(fullgraph=True)`` (as one custom op, fused_contrastive.compiled; extra keys too, a
+    process group not) and under autocast (the loss always accumulates in fp32, whatever autocast would pick).
     """
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-    if process_group is not None and torch.compiler.is_compiling():
+    if process_group is not None and compiling():
         raise ValueError("process_group cannot be combined with torch.compile in this version (compile the model, "
                          "call the loss outside the compiled region)")
-    if extra_keys is not None and torch.compiler.is_compiling():
-        raise ValueError("extra_keys cannot be combined with torch.compile in this version")
-    if torch.compiler.is_compiling():
-        from .compiled import supcon_loss_compiled
-
-        return supcon_loss_compiled(features, labels, mask, temperature=temperature,
-                                    base_temperature=base_temperature, contrast_mode=contrast_mode,
-                                    no_positive=no_positive, normalize=normalize, variant=variant,
-                                    backend=backend)
     kwargs = dict(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
                   no_positive=no_positive, normalize=normalize, variant=variant, extra_keys=extra_keys,
                   extra_key_labels=extra_key_labels)
     spec = supcon_spec(features, labels, mask, **kwargs)  # validates the local inputs before any communication
     _check_choice("distributed", distributed, ("gather", "ring"))
     if process_group is None:
-        return dispatch.run(spec, backend)
+        return compiled.run(spec, backend)
     if mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
     if distributed == "ring":
