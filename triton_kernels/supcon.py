@@ -584,10 +584,11 @@ PRE_HOPPER_DROP = {("bwd", 2): {64: [(64, 64, 4, 3)], 128: [(128, 64, 8, 3)], 25
 # formulas' extra per-row scale (epsilon-SupInfoNCE, debiased) costs the 32-row one at D = 512 on sm_90.
 DEN_BIAS_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)]}}
 ROW_SCALE_DROP = {("bwd", 2): {128: [(128, 64, 8, 3)], 512: [(32, 32, 8, 2)]}}
-# The debiased forms' extra row scales (and hard negatives' two more LSEs) spill the last backward tile left in
-# two buckets (8 bytes in dQ at D = 512 on sm_90, 16 in dK at D = 128 on sm_80): the same tile with one stage
-# fewer, or with twice the warps, compiles clean (ptxas, Triton 3.6.0 and 3.9).
-DEBIASED_SWAP = {("bwd", 2): {128: {(64, 32, 4, 4): (64, 32, 8, 3)}, 512: {(16, 32, 8, 2): (16, 32, 8, 1)}}}
+# The row formulas' extra row scales (and hard negatives' two more LSEs) spill the last backward tile left in
+# two buckets (8 bytes in dQ at D = 512: debiased on sm_90, epsilon-SupInfoNCE in fp16 on sm_80 with Triton
+# 3.6.0; 16 in dK at D = 128 on sm_80 with hard negatives): the same tile with one stage fewer, or with twice
+# the warps, compiles clean (ptxas, Triton 3.6.0 and 3.9).
+ROW_FORMULA_SWAP = {("bwd", 2): {128: {(64, 32, 4, 4): (64, 32, 8, 3)}, 512: {(16, 32, 8, 2): (16, 32, 8, 1)}}}
 INTERPRETER = (32, 32, 4, 2)  # the interpreter runs one op per tile in numpy: few, mid-sized tiles
 FP32_MAX_D = 64
 
@@ -606,8 +607,8 @@ def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int, d
         if applies:
             dropped = drop.get((family, elem_bytes), {}).get(bucket, [])
             shapes = [sh for sh in shapes if sh not in dropped]
-    if variant >= 3:
-        swap = DEBIASED_SWAP.get((family, elem_bytes), {}).get(bucket, {})
+    if variant >= 2:
+        swap = ROW_FORMULA_SWAP.get((family, elem_bytes), {}).get(bucket, {})
         shapes = [swap.get(sh, sh) for sh in shapes]
     if n <= 64:  # one tile does it all: the smallest shape left, no tuning
         return shapes[-1:]
