@@ -20,11 +20,38 @@ def test_digits_training_same_curve_and_beats_untrained():
     example = load_example()
     runs = {b: example.train(b, epochs=20, log=lambda *_: None) for b in ("reference", "chunked")}
     ref, fused = runs["reference"], runs["chunked"]
-    # From the same weights the two backends agree to fp32 rounding (the first epochs); Adam then amplifies
-    # those 1e-8 differences about tenfold per epoch until they settle at the 1e-3 level of run-to-run noise.
+    # Each backend's fp32 gradient is ~1e-5 (relative) off the float64 one on these unnormalised embeddings at
+    # tau = 0.1 (checked below), and Adam amplifies such differences chaotically from the first steps on: the
+    # first epoch's mean loss agrees to fp32 rounding, later ones at the 1e-3 level of run-to-run noise.
     # Exactness itself is tested in float64 elsewhere; here: the same curve, and training works.
     for epoch, (a, b) in enumerate(zip(ref["losses"], fused["losses"])):
-        bound = 1e-6 if epoch < 2 else 5e-3
+        bound = 1e-6 if epoch < 1 else 5e-3
         assert abs(a - b) <= bound * abs(a), (epoch, ref["losses"], fused["losses"])
     assert ref["losses"][-1] < ref["losses"][0]
     assert fused["trained_knn_acc"] > fused["untrained_knn_acc"] + 0.02
+
+
+def test_digits_first_batch_gradient_as_accurate_as_the_reference():
+    """On the example's own first batch, chunked's fp32 gradient is as close to float64 as the dense fp32 one."""
+    import torch
+
+    import fused_contrastive as fc
+    from helpers import relative_error
+
+    example = load_example()
+    torch.manual_seed(0)
+    train_set, _ = example.load_digits_split(0)
+    encoder, gen = example.Encoder(), torch.Generator().manual_seed(1)
+    idx = torch.randperm(len(train_set[1]), generator=gen)[:256]
+    x, y = train_set[0][idx], train_set[1][idx]
+    with torch.no_grad():
+        views = torch.stack([encoder(example.augment(x, gen)), encoder(example.augment(x, gen))], dim=1)
+
+    def grad(backend, dtype):
+        f = views.to(dtype).requires_grad_()
+        loss = fc.supcon_loss(f, y, temperature=0.1, base_temperature=0.1, backend=backend)
+        return torch.autograd.grad(loss, f)[0]
+
+    exact = grad("reference", torch.float64)
+    errors = {b: relative_error(grad(b, torch.float32), exact) for b in ("reference", "chunked")}
+    assert 0 < errors["chunked"] <= 2 * errors["reference"], errors

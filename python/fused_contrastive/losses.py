@@ -306,7 +306,7 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     (``mask[i, j] = 1`` when sample j is a positive of sample i; may be asymmetric).
     Neither: SimCLR (the other views of a sample are its positives).
     The features are used as given (normalise them first, as SupContrast expects), or
-    ``normalize=True`` L2-normalises each view's row first (fused into the Triton kernels).
+    ``normalize=True`` L2-normalises each view's row first (F.normalize semantics, in fp32 for 16-bit inputs).
     ``base_temperature=None`` means equal to ``temperature`` (loss scale 1).
     ``no_positive``: an anchor without positives has loss exactly 0; ``"zero"`` keeps it
     in the mean (SupContrast), ``"exclude"`` leaves it out (pytorch-metric-learning).
