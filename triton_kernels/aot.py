@@ -51,7 +51,7 @@ class Report:
                 f"spills {self.spill_bytes:>5} B  smem {self.shared_bytes:>6} B  {self.mma}")
 
 
-FAMILY = {"fwd": "fwd", "bwd_dq": "bwd", "bwd_dk": "bwd"}
+FAMILY = {"fwd": "fwd", "bwd_dq": "bwd", "bwd_dk": "bwd_dk"}
 ELEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 

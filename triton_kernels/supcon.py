@@ -598,11 +598,22 @@ def _config(shape):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
 
 
+# dK alone (family "bwd_dk"): a block of 128 key columns halves the per-pair share of loading each anchor tile
+# and building its wgmma descriptors (5.6 lane-instructions per pair against 8.6 for 128 x 64, sm_90, bf16,
+# D = 128). Its 128 x 128 fp32 logits and accumulator take all 255 registers: on sm_90 only, and only for the
+# plain denominator (L_out, no bias table), where the tile loop holds nothing else.
+DK_WIDE = {("bwd", 2): {128: [(128, 128, 8, 2)]}}
+
+
 def tile_shapes(family: str, elem_bytes: int, block_d: int, arch: int, n: int, den_bias: bool = False,
                 variant: int = 0):
-    """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may try for one launch."""
+    """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may try for one launch (family: fwd, bwd for dQ,
+    bwd_dk for dK)."""
     bucket = max(64, block_d)
-    shapes = TILE_CONFIGS[(family, elem_bytes)][bucket]
+    wide = family == "bwd_dk" and arch >= 90 and variant == 0 and not den_bias
+    family = "bwd" if family == "bwd_dk" else family
+    shapes = (DK_WIDE.get((family, elem_bytes), {}).get(bucket, []) if wide else []) \
+        + TILE_CONFIGS[(family, elem_bytes)][bucket]
     for drop, applies in ((PRE_HOPPER_DROP, arch < 90), (DEN_BIAS_DROP, den_bias), (ROW_SCALE_DROP, variant >= 2)):
         if applies:
             dropped = drop.get((family, elem_bytes), {}).get(bucket, [])
@@ -649,8 +660,9 @@ class TunedKernel:
 
     def __init__(self, kernel, family: str):
         self.kernel, self.family = kernel, family
-        shapes = sorted({sh for (fam, _), table in TILE_CONFIGS.items() if fam == family for t in table.values()
-                         for sh in t})
+        tables = [*TILE_CONFIGS.items(), *(DK_WIDE.items() if family == "bwd_dk" else ())]
+        base = "bwd" if family == "bwd_dk" else family
+        shapes = sorted({sh for (fam, _), table in tables if fam == base for t in table.values() for sh in t})
         self.configs = [_config(sh) for sh in shapes]
         self.tuner = triton.autotune(configs=self.configs, key=TUNING_KEY,
                                      prune_configs_by={"early_config_prune": _pruner(family)},
@@ -668,7 +680,7 @@ class TunedKernel:
 
 supcon_fwd = TunedKernel(_supcon_fwd_kernel, "fwd")
 supcon_bwd_dq = TunedKernel(_supcon_bwd_dq_kernel, "bwd")
-supcon_bwd_dk = TunedKernel(_supcon_bwd_dk_kernel, "bwd")
+supcon_bwd_dk = TunedKernel(_supcon_bwd_dk_kernel, "bwd_dk")
 
 
 # The row formula per spec.variant: 0 L_out, 1 L_in, 2 epsilon-SupInfoNCE (second pass over the positives),
