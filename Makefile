@@ -11,7 +11,7 @@ endif
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench bench-quick info cuda-check gpu-wheels gpu-rehearsal clean
+.PHONY: setup test test-quick bench bench-quick info cuda-check gpu-wheels gpu-rehearsal clean
 
 $(PYTHON):
 	python3 -m venv --system-site-packages .venv
@@ -22,6 +22,10 @@ setup: $(PYTHON)
 
 test: setup
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The suite without the cases marked slow (CI runs them all).
+test-quick: setup
+	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PYTHON) bench/run.py
