@@ -151,3 +151,33 @@ def test_docstring_example_runs(obj):
     for test in examples:
         runner.run(test)
     assert runner.failures == 0
+
+
+@pytest.mark.parametrize("name", ["DCLLoss", "ClipLoss", "BCLLoss"])
+def test_registered_parameter_under_compile(name):
+    """A registered Parameter setting is read inside the compiled graph: the eager loss and its gradient."""
+    arg, value = CASES[name][4]
+    learned = torch.nn.Parameter(torch.tensor(value, dtype=F64))
+    module = getattr(fc, name)(**{arg: learned}, backend="chunked")
+    args, kwargs = CASES[name][2](*_inputs())
+    args = args[:2] if name == "ClipLoss" else args
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: module(*a, **kwargs), fullgraph=True, backend="aot_eager")
+    eager, got = module(*args, **kwargs), compiled(*args)
+    assert_close(got, eager, F64, f"{name} compiled loss")
+    assert_close(torch.autograd.grad(got, learned)[0], torch.autograd.grad(eager, learned)[0], F64, f"{name} grad")
+
+
+def test_memory_bank_with_a_module_owning_its_temperature():
+    """The module's Parameter is the bank loss's parameter and is learned through it; keyword arguments given
+    to MemoryBankLoss override the module's settings."""
+    learned = torch.nn.Parameter(torch.tensor(0.3, dtype=F64))
+    memory = fc.MemoryBankLoss(fc.DCLLoss(temperature=learned, weighted=True), 10, 5, dtype=F64, backend="reference")
+    assert list(memory.parameters()) == [learned]
+    for step in range(2):
+        features = make_features(3, 2, 5, seed=10 + step)
+        expected = fc.dcl_loss(features, temperature=learned, weighted=True, backend="chunked",
+                               extra_keys=memory.bank.contents()[0] if len(memory.bank) else None)
+        got = memory(features)
+        assert_close(got, expected, F64, f"step {step}")
+        assert_close(torch.autograd.grad(got, learned)[0], torch.autograd.grad(expected, learned)[0], F64, "tau grad")
