@@ -13,6 +13,24 @@ debiased_contrastive_loss variant "debiased", positives out of the denominator
 bcl_loss                  b_ij = -log(count of key j's class, minus 1 for the anchor's class)
 spread_loss               b_ij = -inf for keys of another class
 ========================  ==============================================================
+
+Every loss also has a module form (``SupConLoss``, ``EpsSupInfoNCELoss``, ``DCLLoss``, ``InfoNCELoss``,
+``ClipLoss``, ``DebiasedContrastiveLoss``, ``BCLLoss``, ``SpreadLoss``): the constructor takes the function's
+settings (validated there, with the function's ValueErrors), ``forward`` the per-call tensors, and it calls
+the function. Tensor settings given to the constructor (temperature, logit_scale, logit_bias, class_centers)
+are registered: an ``nn.Parameter`` as a parameter, any other tensor as a buffer. The constructor's defaults
+are the function's, except (the one list of such differences):
+
+==========================  ==================  =================  ==============================================
+argument                    module default      function default   why
+==========================  ==================  =================  ==============================================
+SupConLoss base_temperature 0.07                None (= tau)       SupContrast's constructor has 0.07, its loss
+                                                                   scale is then tau / 0.07; the function keeps
+                                                                   scale 1 unless asked
+ClipLoss logit_scale        None (constructor   required           open_clip passes it per call; a loss that
+                            and forward)                           owns its scale registers it instead (one of
+                                                                   the two must give it)
+==========================  ==================  =================  ==============================================
 """
 from __future__ import annotations
 
@@ -27,9 +45,10 @@ from torch import Tensor, nn
 from . import compiled, dispatch
 from .compiled import compiling, deferred_errors, require
 from .distributed import agreed
-from .losses import (_accum_dtype, _check_choice, _check_data, _check_finite, _check_inverse, _check_labels,
-                     _check_scale, _check_temperature, _common_labels, _extra_keys, _flatten_views, _gathered_views,
-                     dense_ids, supcon_spec, tau_unknown)
+from .losses import (CONTRAST_MODES, _accum_dtype, _check_base_temperature, _check_choice, _check_data,
+                     _check_finite, _check_inverse, _check_labels, _check_scale, _check_temperature, _common_labels,
+                     _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, dense_ids, supcon_spec,
+                     tau_unknown)
 from .spec import ContrastSpec, DenominatorBias
 
 
@@ -41,6 +60,43 @@ def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
         bound = "]" if closed_high else ")"
         raise ValueError(f"{name} must lie in [{low}, {high}{bound}, got {value}")
     return value
+
+
+def _check_sigma(sigma) -> float:
+    sigma = _number("sigma", sigma, 0.0)
+    if sigma == 0:
+        raise ValueError("sigma must be > 0")
+    return sigma
+
+
+def _check_logit_scale(logit_scale) -> float:
+    """CLIP's (exponentiated) scale: a positive number or one-element floating tensor; its value, NaN for a
+    tensor while tracing (the op checks the same range when the graph runs)."""
+    if isinstance(logit_scale, Tensor):
+        _check_data("logit_scale", logit_scale)
+        if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+            raise ValueError(f"logit_scale must be a positive number or a one-element floating tensor, got shape "
+                             f"{tuple(logit_scale.shape)} and dtype {logit_scale.dtype}")
+        scale_value = math.nan if compiling() else float(logit_scale.detach())
+    elif isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        scale_value = float(logit_scale)
+    else:
+        raise ValueError(f"logit_scale must be a positive number or a one-element tensor, got {type(logit_scale).__name__}")
+    traced = math.isnan(scale_value) and isinstance(logit_scale, Tensor) and compiling()
+    if not traced and not (math.isfinite(scale_value) and scale_value > 0):
+        raise ValueError(f"logit_scale must be a finite number > 0 (the exponentiated scale), got {scale_value}")
+    return scale_value
+
+
+def _check_logit_bias(logit_bias) -> None:
+    if isinstance(logit_bias, Tensor):  # one bias, added to every logit
+        _check_data("logit_bias", logit_bias)
+        if logit_bias.numel() != 1 or logit_bias.is_complex() or logit_bias.dtype == torch.bool:
+            raise ValueError(f"logit_bias must be a number or a one-element real tensor, got shape "
+                             f"{tuple(logit_bias.shape)} and dtype {logit_bias.dtype}")
+        _check_finite(logit_bias=logit_bias)
+    elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real)):
+        raise ValueError(f"logit_bias must be a number or a one-element tensor, got {type(logit_bias).__name__}")
 
 
 def _two_views(features, min_bsz: int, loss: str) -> Tensor:
@@ -150,9 +206,7 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="a
     """
     features = _two_views(features, 1 if process_group is not None else 2, "dcl_loss")
     _check_choice("weighted", weighted, (False, True))
-    sigma = _number("sigma", sigma, 0.0)
-    if sigma == 0:
-        raise ValueError("sigma must be > 0")
+    sigma = _check_sigma(sigma)
     if weighted:  # DCLW divides a cosine (up to 1) by sigma
         _check_inverse("sigma", sigma, _accum_dtype(features), overflows="cosine / sigma")
 
@@ -262,20 +316,8 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
     gets a zero gradient, and leaves the loss as it is.
     """
     _pair("image_features", image_features, "text_features", text_features)
-    if isinstance(logit_scale, Tensor):
-        _check_data("logit_scale", logit_scale)
-        if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
-            raise ValueError(f"logit_scale must be a positive number or a one-element floating tensor, got shape "
-                             f"{tuple(logit_scale.shape)} and dtype {logit_scale.dtype}")
-        # Unknown while tracing (NaN): the op checks the same range when the graph runs.
-        scale_value = math.nan if compiling() else float(logit_scale.detach())
-    elif isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
-        scale_value = float(logit_scale)
-    else:
-        raise ValueError(f"logit_scale must be a positive number or a one-element tensor, got {type(logit_scale).__name__}")
-    traced = math.isnan(scale_value) and isinstance(logit_scale, Tensor) and compiling()
-    if not traced and not (math.isfinite(scale_value) and scale_value > 0):
-        raise ValueError(f"logit_scale must be a finite number > 0 (the exponentiated scale), got {scale_value}")
+    scale_value = _check_logit_scale(logit_scale)
+    traced = math.isnan(scale_value)
     if not traced:
         _check_scale("logit_scale", scale_value, _accum_dtype(image_features), "logit_scale")
     if isinstance(logit_scale, Tensor) and (logit_scale.requires_grad or traced):
@@ -285,14 +327,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
         temperature = 1.0 / logit_scale.reshape(()).to(acc)
     else:
         temperature = 1.0 / scale_value
-    if isinstance(logit_bias, Tensor):  # one bias, added to every logit
-        _check_data("logit_bias", logit_bias)
-        if logit_bias.numel() != 1 or logit_bias.is_complex() or logit_bias.dtype == torch.bool:
-            raise ValueError(f"logit_bias must be a number or a one-element real tensor, got shape "
-                             f"{tuple(logit_bias.shape)} and dtype {logit_bias.dtype}")
-        _check_finite(logit_bias=logit_bias)
-    elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real)):
-        raise ValueError(f"logit_bias must be a number or a one-element tensor, got {type(logit_bias).__name__}")
+    _check_logit_bias(logit_bias)
 
     def image_to_text(image, text):
         return _info_nce_spec(image, text, temperature, None, True, 1.0 / scale_value)
@@ -432,37 +467,203 @@ def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_gr
 
 # ----------------------------------------------------------------------------- modules
 
-class _LossModule(nn.Module):
-    """Stores the keyword arguments of a functional loss; forward passes its tensors through."""
-
-    fn = None
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.kwargs = kwargs
-
-    def forward(self, *tensors, **more):
-        return type(self).fn(*tensors, **self.kwargs, **more)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+_FEATURES = "torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1).requires_grad_()"
+_LABELS = "torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])"
 
 
-def _module(name: str, fn, doc_args: str):
-    cls = type(name, (_LossModule,), {"fn": staticmethod(fn), "__doc__": f"Module form of ``{fn.__name__}``: "
-                                      f"``{name}({doc_args}, backend='auto')(...)``; see its docstring."})
-    return cls
+def _example(*lines: str) -> str:
+    return "\n    Example:\n" + "".join(f"        >>> {line}\n" for line in
+                                        ("import torch, fused_contrastive as fc",) + lines)
 
 
-EpsSupInfoNCELoss = _module("EpsSupInfoNCELoss", eps_supinfonce_loss,
-                            "epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode='all'")
-DCLLoss = _module("DCLLoss", dcl_loss, "temperature=0.1, weighted=False, sigma=0.5")
-InfoNCELoss = _module("InfoNCELoss", info_nce, "temperature=0.1, in_batch_negatives=True, symmetric=False")
-ClipLoss = _module("ClipLoss", clip_loss, "")
-DebiasedContrastiveLoss = _module("DebiasedContrastiveLoss", debiased_contrastive_loss,
-                                  "temperature=0.5, tau_plus=0.1, beta=0.0")
-BCLLoss = _module("BCLLoss", bcl_loss, "temperature=0.1")
-SpreadLoss = _module("SpreadLoss", spread_loss, "temperature=0.5")
+class EpsSupInfoNCELoss(_LossModule):
+    __doc__ = """Module form of ``eps_supinfonce_loss`` (epsilon-SupInfoNCE, Barbano et al.).
 
-for _fn in (eps_supinfonce_loss, dcl_loss, info_nce, clip_loss, debiased_contrastive_loss, bcl_loss, spread_loss):
-    _fn.__doc__ += _GROUP_DOC
+    ``L_i = -(c/|P_i|) sum_p [l_ip - log(exp(l_ip - epsilon) + sum_n exp(l_in))]`` over the positives p and
+    negatives n of anchor i, ``l_ij = z_i . z_j / temperature``, ``c = temperature / base_temperature``.
+    ``forward(features [bsz, n_views, D], labels [bsz] = None, *, extra_keys [E, D], extra_key_labels [E])``
+    returns the mean over anchors (a scalar); every argument as in ``eps_supinfonce_loss``.
+    """ + _example("criterion = fc.EpsSupInfoNCELoss(epsilon=0.1, temperature=0.1)",
+                   f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(eps_supinfonce_loss)
+
+    def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
+                 process_group=None):
+        _number("epsilon", epsilon, 0.0)
+        _check_temperature("temperature", temperature)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
+                         contrast_mode=contrast_mode, backend=backend, process_group=process_group)
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
+                extra_key_labels: Optional[Tensor] = None) -> Tensor:
+        return eps_supinfonce_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                                   **self.kwargs)
+
+
+class DCLLoss(_LossModule):
+    __doc__ = """Module form of ``dcl_loss`` (decoupled contrastive loss, Yeh et al.; ``weighted=True``: DCLW).
+
+    ``L_i = -w_i l_ip + log sum_n exp(l_in)``: the positive p (the other view) out of the denominator,
+    ``l_ij = z_i . z_j / temperature``, ``w_i = 1`` (DCL) or the detached von Mises-Fisher weight (DCLW).
+    ``forward(features [bsz, 2, D], *, extra_keys [E, D] = None)`` returns the mean over the 2·bsz anchors.
+    """ + _example("criterion = fc.DCLLoss(temperature=0.1, weighted=True)", f"loss = criterion({_FEATURES})")
+
+    fn = staticmethod(dcl_loss)
+
+    def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None):
+        _check_temperature("temperature", temperature)
+        _check_choice("weighted", weighted, (False, True))
+        _check_sigma(sigma)
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, backend=backend,
+                         process_group=process_group)
+
+    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
+        return dcl_loss(features, extra_keys=extra_keys, **self.kwargs)
+
+
+class InfoNCELoss(_LossModule):
+    __doc__ = """Module form of ``info_nce`` (InfoNCE / MoCo / one-way CLIP).
+
+    ``L_i = -l_ii + log sum_j exp(l_ij)`` with ``l_ij = q_i . k_j / temperature`` over the keys and the
+    ``queue`` rows (only the positive and the queue when ``in_batch_negatives=False``).
+    ``forward(query [B, D], key [B, D], *, queue [Qn, D] = None)`` returns the mean over rows.
+    """ + _example("criterion = fc.InfoNCELoss(temperature=0.2)",
+                   "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)",
+                   "loss = criterion(query, key, queue=torch.nn.functional.normalize(torch.randn(32, 16), dim=-1))")
+
+    fn = staticmethod(info_nce)
+
+    def __init__(self, *, temperature=0.1, in_batch_negatives=True, symmetric=False, backend="auto",
+                 process_group=None):
+        _check_temperature("temperature", temperature)
+        _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
+        _check_choice("symmetric", symmetric, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
+                         backend=backend, process_group=process_group)
+
+    def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None) -> Tensor:
+        return info_nce(query, key, queue=queue, **self.kwargs)
+
+
+class ClipLoss(_LossModule):
+    __doc__ = """Module form of ``clip_loss`` (CLIP's symmetric loss, open_clip's ``ClipLoss`` semantics).
+
+    ``logits = logit_scale * image @ text.T``; the loss is the mean of the image->text and text->image
+    cross-entropies with the diagonal as target. ``forward(image_features [B, D], text_features [B, D],
+    logit_scale=None, *, logit_bias=None)`` as open_clip calls it. ``logit_scale`` (the exponentiated
+    multiplier) and ``logit_bias`` are given either per call or once at construction (then registered: an
+    ``nn.Parameter`` is learned with the loss), not both; ``clip_loss`` requires ``logit_scale``.
+    """ + _example("criterion = fc.ClipLoss(logit_scale=torch.nn.Parameter(torch.tensor(14.3)))",
+                   "image, text = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)",
+                   "criterion(image, text).backward()  # logit_scale gets its gradient")
+
+    fn = staticmethod(clip_loss)
+
+    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None):
+        if logit_scale is not None:
+            _check_logit_scale(logit_scale)
+        _check_logit_bias(logit_bias)
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
+                         process_group=process_group)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None) -> Tensor:
+        kwargs = self.kwargs
+        logit_scale = _one_of("logit_scale", kwargs.pop("logit_scale"), logit_scale)
+        if logit_scale is None:
+            raise ValueError("logit_scale must be given, to ClipLoss(logit_scale=...) or to forward")
+        kwargs["logit_bias"] = _one_of("logit_bias", kwargs["logit_bias"], logit_bias)
+        return clip_loss(image_features, text_features, logit_scale, **kwargs)
+
+
+class DebiasedContrastiveLoss(_LossModule):
+    __doc__ = """Module form of ``debiased_contrastive_loss`` (Chuang et al.; hard negatives, Robinson et al., if beta > 0).
+
+    ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))`` with the debiased (and, for ``beta > 0``, reweighted)
+    negative mass ``Ng`` estimated from the n negatives and clamped below at ``n e^{-1/temperature}``.
+    ``forward(features [bsz, 2, D], *, extra_keys [E, D] = None)`` returns the mean over the 2·bsz anchors.
+    """ + _example("criterion = fc.DebiasedContrastiveLoss(tau_plus=0.1, beta=0.5)", f"loss = criterion({_FEATURES})")
+
+    fn = staticmethod(debiased_contrastive_loss)
+
+    def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto", process_group=None):
+        _check_temperature("temperature", temperature)
+        _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
+        _number("beta", beta, 0.0)
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, backend=backend,
+                         process_group=process_group)
+
+    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
+        return debiased_contrastive_loss(features, extra_keys=extra_keys, **self.kwargs)
+
+
+class BCLLoss(_LossModule):
+    __doc__ = """Module form of ``bcl_loss`` (balanced contrastive loss, Zhu et al.).
+
+    SupCon (L_out) whose denominator weighs key j by ``1 / (cnt[y_j] - [y_j == y_i])``, its class's batch
+    count. ``forward(features [bsz, n_views, D], labels [bsz], *, class_centers [C, D] = None, extra_keys,
+    extra_key_labels)``. ``class_centers`` are given either per call or once at construction (then
+    registered: an ``nn.Parameter`` is learned with the loss, a tensor is a buffer), not both.
+    """ + _example("criterion = fc.BCLLoss(temperature=0.1, class_centers=torch.nn.Parameter(torch.randn(3, 16)))",
+                   f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(bcl_loss)
+
+    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None):
+        _check_temperature("temperature", temperature)
+        if class_centers is not None and (not isinstance(class_centers, Tensor) or class_centers.dim() != 2
+                                          or not class_centers.is_floating_point()):
+            shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
+            raise ValueError(f"class_centers must be a floating tensor of shape [C, D], got {shape}")
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, class_centers=class_centers, backend=backend,
+                         process_group=process_group)
+
+    def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
+                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None) -> Tensor:
+        kwargs = self.kwargs
+        kwargs["class_centers"] = _one_of("class_centers", kwargs["class_centers"], class_centers)
+        return bcl_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels, **kwargs)
+
+
+class SpreadLoss(_LossModule):
+    __doc__ = """Module form of ``spread_loss`` (class-conditional InfoNCE, Chen et al. 2022).
+
+    ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``: the other view as positive, the keys of the
+    anchor's own class as denominator. ``forward(features [bsz, 2, D], labels [bsz], *, extra_keys,
+    extra_key_labels)`` returns the mean over the 2·bsz anchors.
+    """ + _example("criterion = fc.SpreadLoss(temperature=0.5)", f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(spread_loss)
+
+    def __init__(self, *, temperature=0.5, backend="auto", process_group=None):
+        _check_temperature("temperature", temperature)
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, backend=backend, process_group=process_group)
+
+    def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
+                extra_key_labels: Optional[Tensor] = None) -> Tensor:
+        return spread_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           **self.kwargs)
+
+
+_QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
+_FUNCTION_EXAMPLES = {
+    eps_supinfonce_loss: _example(f"loss = fc.eps_supinfonce_loss({_FEATURES}, {_LABELS}, epsilon=0.1)"),
+    dcl_loss: _example(f"loss = fc.dcl_loss({_FEATURES}, temperature=0.1, weighted=True)"),
+    info_nce: _example(_QUERY_KEY, "loss = fc.info_nce(query, key, temperature=0.2, symmetric=True)"),
+    clip_loss: _example("image, text = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)",
+                        "loss = fc.clip_loss(image, text, logit_scale=torch.tensor(14.3))"),
+    debiased_contrastive_loss: _example(f"loss = fc.debiased_contrastive_loss({_FEATURES}, tau_plus=0.1, beta=0.5)"),
+    bcl_loss: _example(f"loss = fc.bcl_loss({_FEATURES}, {_LABELS}, class_centers=torch.randn(3, 16))"),
+    spread_loss: _example(f"loss = fc.spread_loss({_FEATURES}, {_LABELS})"),
+}
+for _fn, _doc in _FUNCTION_EXAMPLES.items():
+    _fn.__doc__ += _GROUP_DOC + "\n" + _doc

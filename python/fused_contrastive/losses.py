@@ -93,6 +93,14 @@ def _check_temperature(name: str, value, allow_none: bool = False,
     return result
 
 
+def _check_base_temperature(value) -> Optional[float]:
+    """SupCon's loss scale denominator: None (the temperature) or a positive number, never learned."""
+    value = _check_temperature("base_temperature", value, allow_none=True)
+    if isinstance(value, Tensor):
+        raise ValueError("base_temperature must be a number, not a tensor that requires grad")
+    return value
+
+
 def _flatten_views(features) -> Tensor:
     """[bsz, n_views, ...] -> [bsz, n_views, D]; a flat [N, D] is [N, 1, D]."""
     if not isinstance(features, Tensor):
@@ -235,9 +243,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
     acc = _accum_dtype(features)
     if not math.isnan(tau_float):  # NaN: unknown while tracing, checked by the op (the same range)
         _check_inverse("temperature", tau_float, acc)
-    base_temperature = _check_temperature("base_temperature", base_temperature, allow_none=True)
-    if isinstance(base_temperature, Tensor):
-        raise ValueError("base_temperature must be a number, not a tensor that requires grad")
+    base_temperature = _check_base_temperature(base_temperature)
     if base_temperature is not None and not math.isnan(tau_float):
         _check_scale("base_temperature", tau_float / base_temperature, acc,
                      "the loss scale temperature / base_temperature", overflows="the loss")
@@ -332,6 +338,12 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     Returns the mean over anchors, in float32 (float64 for float64 features). Works under
     ``torch.compile(fullgraph=True)`` (as one custom op, fused_contrastive.compiled; extra keys too, a
     process group not) and under autocast (the loss always accumulates in fp32, whatever autocast would pick).
+
+    Example:
+        >>> import torch, fused_contrastive as fc
+        >>> features = torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1).requires_grad_()
+        >>> loss = fc.supcon_loss(features, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), temperature=0.1)
+        >>> loss.backward()
     """
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     if process_group is not None and compiling():
@@ -379,40 +391,93 @@ def _gathered_views(process_group, features, labels, contrast_mode: str, backend
     return distributed.run_rows(spec, distributed.view_ranges(batch, views), process_group, backend)
 
 
-class SupConLoss(nn.Module):
-    """Drop-in for SupContrast's ``SupConLoss``: same constructor and ``forward(features, labels, mask)``."""
+def _show(value) -> str:
+    """A setting for extra_repr: tensors by value when they hold one number, else by shape and dtype."""
+    if not isinstance(value, Tensor):
+        return repr(value)
+    kind = "Parameter" if isinstance(value, nn.Parameter) else "tensor"
+    if value.numel() == 1 and value.device.type != "meta":
+        return f"{kind}({float(value.detach()):.4g})"
+    return f"{kind}(shape={tuple(value.shape)}, dtype={value.dtype})"
 
-    def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *,
-                 backend="auto", no_positive="zero", normalize=False, variant="out", process_group=None,
-                 distributed="gather"):
+
+class _LossModule(nn.Module):
+    """What every loss module shares: its settings (the functional form's non-per-call arguments) stored as
+    attributes, tensors among them registered (an ``nn.Parameter`` as a parameter, a plain tensor as a buffer,
+    so that ``parameters()``, ``state_dict()`` and ``.to()`` see them); ``kwargs`` gives them back as the
+    function's keyword arguments; ``extra_repr`` lists them. Each subclass validates its arguments in
+    ``__init__`` with the checks its function uses and calls ``fn`` in ``forward``."""
+
+    fn = None  # the functional form
+
+    def __init__(self, **settings):
+        """Validate the settings (a ValueError naming a bad one) and store them; see the class docstring."""
         super().__init__()
+        self._setting_names = tuple(settings)
+        for name, value in settings.items():
+            if isinstance(value, nn.Parameter):
+                self.register_parameter(name, value)
+            elif isinstance(value, Tensor):
+                self.register_buffer(name, value)
+            else:
+                setattr(self, name, value)
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        """The loss of this call's tensors (see the class docstring), computed by ``fn`` with the settings."""
+        raise NotImplementedError
+
+    @property
+    def kwargs(self) -> dict:
+        """The settings as keyword arguments of ``fn`` (tensors as currently registered)."""
+        return {name: getattr(self, name) for name in self._setting_names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={_show(value)}" for name, value in self.kwargs.items())
+
+
+def _one_of(name: str, stored, given):
+    """A tensor the module may own (given at construction) or receive per call: one of the two."""
+    if stored is not None and given is not None:
+        raise ValueError(f"{name} was given both at construction and to forward; give it once")
+    return given if stored is None else stored
+
+
+class SupConLoss(_LossModule):
+    """Drop-in for SupContrast's ``SupConLoss``: same constructor (``temperature, contrast_mode,
+    base_temperature`` in that order, the same defaults) and ``forward(features, labels=None, mask=None)``.
+
+    ``L = -(temperature / base_temperature) * mean_i (1/|P_i|) sum_{p in P_i} log(exp(l_ip) / sum_{j != i}
+    exp(l_ij))`` with ``l_ij = z_i . z_j / temperature``; see ``supcon_loss`` for every argument.
+    ``features [bsz, n_views, D]`` (or ``[N, D]``), ``labels [bsz]`` or ``mask [bsz, bsz]``; returns a scalar.
+    Unlike ``supcon_loss`` (``base_temperature=None``: loss scale 1), ``base_temperature`` defaults to 0.07
+    as SupContrast's constructor does. A tensor ``temperature`` is registered: an ``nn.Parameter`` as a
+    parameter (learned), any other tensor as a buffer.
+
+    Example:
+        >>> import torch, fused_contrastive as fc
+        >>> criterion = fc.SupConLoss(temperature=0.1)
+        >>> features = torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1).requires_grad_()
+        >>> loss = criterion(features, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+        >>> loss.backward()
+    """
+
+    fn = staticmethod(supcon_loss)
+
+    def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *, no_positive="zero",
+                 normalize=False, variant="out", backend="auto", process_group=None, distributed="gather"):
         _check_temperature("temperature", temperature)
-        _check_temperature("base_temperature", base_temperature, allow_none=True)
+        _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("normalize", normalize, (False, True))
-        self.normalize = normalize
         _check_choice("variant", variant, VARIANTS)
-        self.variant = variant
-        self.process_group = process_group
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
-        self.distributed = distributed
-        self.temperature = temperature
-        self.contrast_mode = contrast_mode
-        self.base_temperature = base_temperature
-        self.backend = backend
-        self.no_positive = no_positive
+        super().__init__(temperature=temperature, contrast_mode=contrast_mode, base_temperature=base_temperature,
+                         no_positive=no_positive, normalize=normalize, variant=variant, backend=backend,
+                         process_group=process_group, distributed=distributed)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
                 extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None) -> Tensor:
-        return supcon_loss(features, labels, mask, temperature=self.temperature,
-                           base_temperature=self.base_temperature, contrast_mode=self.contrast_mode,
-                           no_positive=self.no_positive, normalize=self.normalize, variant=self.variant,
-                           backend=self.backend, process_group=self.process_group, distributed=self.distributed,
-                           extra_keys=extra_keys, extra_key_labels=extra_key_labels)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
-                f"base_temperature={self.base_temperature}, backend={self.backend!r}, "
-                f"no_positive={self.no_positive!r}, normalize={self.normalize}, variant={self.variant!r}")
+        return supcon_loss(features, labels, mask, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           **self.kwargs)

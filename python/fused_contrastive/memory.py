@@ -245,8 +245,10 @@ class MemoryBankLoss(nn.Module):
 
     def _call(self, tensors, kwargs, extra) -> Tensor:
         extra = {k: v for k, v in extra.items() if v is not None}  # an empty bank: the plain loss
-        if self.loss is not None:
-            return self.loss(*tensors, **kwargs, **extra)
+        if self.loss is not None and not kwargs:
+            return self.loss(*tensors, **extra)
+        if self.loss is not None:  # keyword arguments override the module's settings (its forward takes none)
+            kwargs = {**self.loss.kwargs, **kwargs}
         return self.fn(*tensors, **kwargs, **extra)
 
     def extra_repr(self) -> str:
