@@ -252,7 +252,16 @@ def test_lightly_dcl_matches_lightly(batch, weighted, backend):
     compare(ours(out0, out1), theirs(out0, out1), [out0, out1], f"DCL weighted={weighted} B={batch}")
 
 
-def test_lightly_refusals():
+def test_lightly_signatures_and_refusals():
+    import inspect
+
+    ntx, dcl = lightly_losses()
+    for ours, theirs in [(our_lightly.NTXentLoss, ntx.NTXentLoss), (our_lightly.DCLLoss, dcl.DCLLoss),
+                         (our_lightly.DCLWLoss, dcl.DCLWLoss)]:
+        for method in ("__init__", "forward"):
+            mine = inspect.signature(getattr(ours, method)).parameters.values()
+            assert [(p.name, p.default) for p in inspect.signature(getattr(theirs, method)).parameters.values()] == \
+                [(p.name, p.default) for p in mine if p.kind != p.KEYWORD_ONLY], (ours, method)
     with pytest.raises(ValueError, match="weight_fn"):
         our_lightly.DCLLoss(weight_fn=lambda a, b: a)
     with pytest.raises(ValueError, match="bsz >= 2"):  # lightly gives -inf: no negatives
@@ -311,3 +320,11 @@ def test_distributed_modes_on_two_ranks():
     from test_distributed import spawn
 
     spawn(check_distributed, 2)
+
+
+@pytest.mark.parametrize("module", [our_pml, our_open_clip, our_lightly], ids=lambda m: m.__name__.split(".")[-1])
+def test_docstring_examples_run(module):
+    import doctest
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
