@@ -268,6 +268,28 @@ def test_lightly_signatures_and_refusals():
         our_lightly.DCLLoss()(rand(1, 4), rand(1, 4))
 
 
+def test_float32_with_the_auto_backend():
+    """What a user runs: float32 inputs, backend "auto", each drop-in against its library within the fp32
+    row of the tolerance table."""
+    from helpers import TOLERANCES
+
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    ntx, dcl = lightly_losses()
+    x, y = rand(64, 32, seed=1).float(), pml_labels("random", 64)
+    a, b = rand(64, 32, seed=2).float(), rand(64, 32, seed=3).float()
+    a_unit, b_unit = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    cases = [("pml SupCon", our_pml.SupConLoss()(x, y), losses.SupConLoss()(x, y)),
+             ("pml NTXent", our_pml.NTXentLoss()(x, y), losses.NTXentLoss()(x, y)),
+             ("open_clip", our_open_clip.ClipLoss()(a_unit, b_unit, 14.0),
+              open_clip_loss().ClipLoss()(a_unit, b_unit, 14.0)),
+             ("lightly NTXent", our_lightly.NTXentLoss()(a, b), ntx.NTXentLoss()(a, b)),
+             ("lightly DCL", our_lightly.DCLLoss()(a, b), dcl.DCLLoss()(a, b))]
+    for what, ours, theirs in cases:
+        assert ours.dtype == theirs.dtype == torch.float32, what
+        err = float((ours.double() - theirs.double()).abs() / theirs.double().abs())
+        assert err < TOLERANCES[torch.float32], f"{what}: relative error {err:.3g}"
+
+
 # ----------------------------------------------------------------------------- 2 gloo ranks
 
 def check_distributed(rank, world, lo, hi, features, labels, backends):
