@@ -336,6 +336,17 @@ def check_distributed(rank, world, lo, hi, features, labels, backends):
         for i in range(2):
             assert_close(a[2][i], b[2][i], F64, f"{what} grad {i}")
 
+    # A memory bank with gather_distributed: local losses, every rank enqueues the gathered batch (8 rows
+    # into 10: the second step runs past the end and is cut there).
+    torch.manual_seed(5)
+    theirs_bank = ntx.NTXentLoss(0.3, memory_bank_size=(10, 6), gather_distributed=True).double()
+    torch.manual_seed(5)
+    ours_bank = our_lightly.NTXentLoss(0.3, memory_bank_size=(10, 6), gather_distributed=True).double()
+    for step in range(2):
+        out0, out1 = rand(8, 6, seed=3 + step)[part], rand(8, 6, seed=5 + step)[part]
+        compare(ours_bank(out0, out1), theirs_bank(out0, out1), [out0, out1], f"rank {rank} bank step {step}")
+        assert torch.equal(ours_bank.memory_bank.keys, theirs_bank.memory_bank.bank), f"bank after step {step}"
+
 
 def test_distributed_modes_on_two_ranks():
     open_clip_loss(), lightly_losses()  # skip here, not in the children, when the libraries are absent
