@@ -105,7 +105,8 @@ class _PairLoss(nn.Module):
             _check_embeddings("ref_emb", ref_emb)
             if ref_labels is None:
                 raise ValueError("ref_emb needs ref_labels: one label per row of ref_emb")
-            same = ref_labels is labels and labels.device == embeddings.device == ref_emb.device
+            same = (ref_labels is labels and isinstance(labels, Tensor)
+                    and labels.device == embeddings.device == ref_emb.device)
             spec = self._ref_spec(embeddings, labels, ref_emb, ref_labels, same)
         return self._loss(spec, embeddings)
 
