@@ -4,6 +4,7 @@ Every argument error is a ValueError that names the argument and what was expect
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Optional, Union
@@ -267,8 +268,7 @@ def _anchor_weight(weight: Optional[Tensor], views: int) -> Optional[Tensor]:
 
 
 def _reduced(spec: ContrastSpec, reduction: str, weight: Optional[Tensor], views: int) -> ContrastSpec:
-    import dataclasses
-
+    """The spec with its reduction and one weight per anchor row (``views`` anchor views per sample)."""
     return dataclasses.replace(spec, reduction=reduction, row_weight=_anchor_weight(weight, views))
 
 
@@ -413,9 +413,10 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     if process_group is not None and compiling():
         raise ValueError("process_group cannot be combined with torch.compile in this version (compile the model, "
                          "call the loss outside the compiled region)")
-    views = 1 if contrast_mode == "one" else _flatten_views(features).shape[1]
-    if contrast_mode in CONTRAST_MODES:
-        weight = _view_weight(weight, _flatten_views(features), contrast_mode)
+    flat = _flatten_views(features)
+    views = 1 if contrast_mode == "one" else flat.shape[1]
+    if contrast_mode in CONTRAST_MODES:  # else supcon_spec names contrast_mode
+        weight = _view_weight(weight, flat, contrast_mode)
     kwargs = dict(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
                   no_positive=no_positive, normalize=normalize, variant=variant, extra_keys=extra_keys,
                   extra_key_labels=extra_key_labels)
