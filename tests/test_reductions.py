@@ -144,7 +144,7 @@ def test_reductions_and_weights(case, backend, reduction, weight_kind):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_batch_sizes(case, backend, reduction, bsz):
+def test_batch_sizes(case, backend, reduction, bsz, small_chunks):  # chunked: many 7-row blocks
     if not runs_here(backend, 2 * bsz) or (backend == "triton" and bsz > 3 and case not in ("supcon", "clip")):
         pytest.skip("the Triton interpreter runs the large batch for two losses only")
     check(case, backend, reduction, "random", bsz)
