@@ -55,19 +55,6 @@ def _pair_counts(spec) -> tuple[Tensor, Tensor]:
     return pos, spec.den_count() - pos
 
 
-def _subset(spec, rows: Tensor):
-    """The spec restricted to anchors ``rows``; with a self key (offset 0) the keys are reordered so that
-    each kept anchor's self is again at its own index (the kernels locate self by a constant offset)."""
-    anchors = spec.anchors[rows]
-    if spec.self_offset is None:
-        return dataclasses.replace(spec, anchors=anchors, anchor_labels=spec.anchor_labels[rows])
-    rest = torch.ones(spec.num_keys, dtype=torch.bool, device=spec.device)
-    rest[rows] = False
-    order = torch.cat([rows, torch.nonzero(rest).flatten()])
-    return dataclasses.replace(spec, anchors=anchors, keys=spec.keys[order], key_labels=spec.key_labels[order],
-                               anchor_labels=spec.anchor_labels[rows])
-
-
 class _PairLoss(nn.Module):
     """What SupConLoss and NTXentLoss share: pml's constructor options and forward checks, the spec of
     anchors against keys (the batch or ref_emb), pml's early exits."""
@@ -156,8 +143,8 @@ class NTXentLoss(_PairLoss):
 
     The mean over positive pairs ``(i, p)`` of ``-log(e^{l_ip} / (e^{l_ip} + sum_{n in N_i} e^{l_in}))``,
     ``l = cos / temperature``; 0 when the batch has no positive or no negative pair. Computed as
-    epsilon-SupInfoNCE with epsilon = 0 per anchor, the anchors weighted by their positive counts (one
-    pass per distinct count). See ``fused_contrastive.compat.pml``.
+    epsilon-SupInfoNCE with epsilon = 0 per anchor, the anchors' mean weighted by their positive counts.
+    See ``fused_contrastive.compat.pml``.
 
     Example:
         >>> import torch
@@ -169,17 +156,10 @@ class NTXentLoss(_PairLoss):
         super().__init__(temperature, **kwargs)
 
     def _reduce(self, spec, pos: Tensor) -> Tensor:
-        # Per-pair mean = sum_i |P_i| L_i / sum_i |P_i| with L_i the anchor's mean over its positives: the
-        # anchors are grouped by |P_i| and each group summed by the kernels (reduction "sum").
-        spec = dataclasses.replace(spec, variant="eps", epsilon=0.0, reduction="sum")
-        total = None
-        for count in torch.unique(pos[pos > 0]).tolist():
-            rows = torch.nonzero(pos == count).flatten()
-            part = _subset(spec, rows)
-            part = dataclasses.replace(part, den_bias=_without_positives(part))
-            term = count * compiled.run(part, self.backend)
-            total = term if total is None else total + term
-        return total / pos.sum()
+        # pml's per-pair mean is sum_i |P_i| L_i / sum_i |P_i| with L_i the anchor's mean over its positives:
+        # the anchors' mean weighted by their positive counts.
+        spec = dataclasses.replace(spec, variant="eps", epsilon=0.0, row_weight=pos)
+        return compiled.run(dataclasses.replace(spec, den_bias=_without_positives(spec)), self.backend)
 
 
 class CrossBatchMemory(nn.Module):
