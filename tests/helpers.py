@@ -175,3 +175,35 @@ def assert_close_rounded(actual, expected, dtype, allowance: float, what: str):
         assert torch.isfinite(actual.detach().double()).all(), f"{what}: non-finite values"
         return
     assert_close(actual, expected, dtype, what + f" (rounding allowance {allowance:.3g})")
+
+
+def open_clip_loss_module():
+    """open_clip's ``open_clip/loss.py`` as a module, or None. open_clip_torch itself would pull another torch
+    into this environment, so the module is loaded on its own by file path (it imports only torch): from an
+    installed open_clip, else from its wheel (fetched once with ``pip download --no-deps`` into a git-ignored
+    cache under tests/)."""
+    import importlib.util
+    import subprocess
+    import sys
+    import zipfile
+
+    if importlib.util.find_spec("open_clip") is not None:
+        import open_clip.loss
+
+        return open_clip.loss
+    cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".open_clip")
+    path = os.path.join(cache, "loss.py")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", cache,
+                            "open_clip_torch==3.3.0"], check=True, capture_output=True, timeout=120)
+            wheel = next(f for f in os.listdir(cache) if f.endswith(".whl"))
+            with zipfile.ZipFile(os.path.join(cache, wheel)) as z, open(path, "wb") as out:
+                out.write(z.read("open_clip/loss.py"))
+        except Exception:
+            return None
+    spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
