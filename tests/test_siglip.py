@@ -13,6 +13,17 @@ from helpers import CPU_BACKENDS, TOLERANCES, assert_close, open_clip_loss_modul
 KINDS = ("diagonal", "labels", "mask", "negative_only")
 
 
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """The chunked backend in many ragged 7 x 5 tiles (its default 512 x 512 would hold every test's batch in one);
+    the environment variables reach the spawned ranks."""
+    from fused_contrastive import siglip
+
+    for name, value in (("TILE_ROWS", 7), ("TILE_COLS", 5)):
+        monkeypatch.setattr(siglip, name, value)
+        monkeypatch.setenv(f"FUSED_CONTRASTIVE_SIGLIP_{name}", str(value))
+
+
 def problem(n, dim=19, dtype=torch.float64, kind="diagonal", seed=0, scale=10.0, bias=-10.0, scale_dtype=None):
     """Normalised image/text rows (rounded to ``dtype``), learnable scale and bias, and the positives' kwargs.
     Labels repeat (duplicates of a caption), the mask is random 0/1."""

@@ -71,17 +71,18 @@ class SigLipSpec:
     def bias_tensor(self) -> Tensor:
         return self.bias.reshape(1)
 
-    def signs(self, start: int, stop: int) -> Optional[Tensor]:
-        """Boolean [stop - start, M] positives of image rows [start, stop) (None: no positive at all)."""
-        device, m = self.images.device, self.texts.shape[0]
+    def signs(self, start: int, stop: int, first: int = 0, last: Optional[int] = None) -> Optional[Tensor]:
+        """Boolean [stop - start, last - first] positives of image rows [start, stop) among text columns
+        [first, last) (default: all; None: no positive at all)."""
+        device, last = self.images.device, self.texts.shape[0] if last is None else last
         if self.positives == "none":
             return None
         if self.positives == "diagonal":
             cols = torch.arange(start, stop, device=device) + self.pos_offset
-            return cols[:, None] == torch.arange(m, device=device)[None, :]
+            return cols[:, None] == torch.arange(first, last, device=device)[None, :]
         if self.positives == "labels":
-            return self.labels[0][start:stop, None] == self.labels[1][None, :]
-        return self.mask[start:stop] != 0
+            return self.labels[0][start:stop, None] == self.labels[1][None, first:last]
+        return self.mask[start:stop, first:last] != 0
 
 
 # ----------------------------------------------------------------------------- reference: the dense oracle
@@ -108,38 +109,68 @@ def reference_grads(spec: SigLipSpec, coef: Tensor):
 
 # ----------------------------------------------------------------------------- chunked: row blocks in PyTorch
 
+# Tiles of TILE_ROWS image rows x TILE_COLS text columns: 1 MiB in fp32, so that the few elementwise passes
+# over a tile (softplus, sigmoid, row sums) run in cache; the products stay [512, D] x [D, 512], large enough
+# for BLAS. Measured on one CPU thread at N = 4096, D = 512, fwd+bwd: 1.2 s with 512 x 512 tiles, 1.45 s with
+# 256 x 1024 and 128 x 4096 (open_clip's SigLipLoss: 2.1 s).
+TILE_ROWS = int(os.environ.get("FUSED_CONTRASTIVE_SIGLIP_TILE_ROWS", 512))
+TILE_COLS = int(os.environ.get("FUSED_CONTRASTIVE_SIGLIP_TILE_COLS", 512))
+
+
+def _flip_positives(tile: Tensor, spec: SigLipSpec, start: int, stop: int, first: int, last: int) -> Tensor:
+    """``tile`` (rows [start, stop) x columns [first, last)) with the sign of its positive entries flipped (in
+    place for the diagonal, touching only its entries)."""
+    if spec.positives == "none":
+        return tile
+    if spec.positives == "diagonal":
+        lo, hi = max(start, first - spec.pos_offset), min(stop, last - spec.pos_offset)
+        if lo < hi:
+            rows = torch.arange(lo, hi, device=tile.device)
+            cols = rows + spec.pos_offset - first
+            rows = rows - start
+            tile[rows, cols] = -tile[rows, cols]
+        return tile
+    return torch.where(spec.signs(start, stop, first, last), -tile, tile)
+
+
 def _chunked(spec: SigLipSpec, coef: Optional[Tensor], want_rows: bool):
-    """(rows or None, dX, dY, ds, db or Nones): blocks of image rows against all texts, each block's
-    [block, M] tile formed once; with ``coef`` its gradients are accumulated right there."""
+    """(rows or None, dX, dY, ds, db or Nones) over tiles of image rows x text columns, each tile formed once;
+    with ``coef`` its gradients are accumulated right there (three products per tile, no recompute). Per tile:
+    t by one addmm, u = -z t by flipping the positives, softplus(u) summed by row, sigmoid(u) in place, two
+    products; c_i scales the [rows, D] sides (x_i c_i once, dX per row block), never the tile."""
     acc = spec.accum_dtype
     X, Y = spec.images.to(acc), spec.texts.to(acc)
     na, m = X.shape[0], Y.shape[0]
     s, b = spec.scale.to(acc), spec.bias.to(acc)
-    rows = torch.empty(na, dtype=acc, device=X.device) if want_rows else None
-    dX = dY = db = None
+    # softplus is exactly linear beyond the threshold where e^-u vanishes next to u in the accumulation dtype.
+    threshold = 40.0 if acc == torch.float64 else 20.0
+    rows = torch.zeros(na, dtype=acc, device=X.device) if want_rows else None
+    dX = dY = db = Xc = None
     if coef is not None:
         coef = coef.to(acc)
-        dX = torch.empty_like(X)
+        Xc = X * coef[:, None]  # sum_i c_i h_ij x_i = h^T (c x)
+        dX = torch.zeros_like(X)
         dY = torch.zeros_like(Y)
         db = torch.zeros((), dtype=acc, device=X.device)
-    step = _chunked_module.block_rows(m)
-    for start in range(0, na, step):
-        stop = min(na, start + step)
-        u = (X[start:stop] @ Y.T).mul_(s).add_(b)  # t = s x . y + b
-        # u = -z t: t on negatives, -t on positives; the loss is softplus(u) = -log sigmoid(-u), exact at any u.
-        pos = spec.signs(start, stop)
-        if pos is not None:
-            u = torch.where(pos, -u, u)
-        if want_rows:
-            rows[start:stop] = F.logsigmoid(u.neg()).sum(1).neg_()
+    for start in range(0, na, TILE_ROWS):
+        stop = min(na, start + TILE_ROWS)
+        x = X[start:stop]
+        h_rows = torch.zeros(stop - start, dtype=acc, device=X.device) if coef is not None else None
+        for first in range(0, m, TILE_COLS):
+            last = min(m, first + TILE_COLS)
+            y = Y[first:last]
+            # u = -z t: t on negatives, -t on positives; the pair's loss is softplus(u), its dL/dt is -z sigmoid(u).
+            u = _flip_positives((x @ y.T).mul_(s).add_(b), spec, start, stop, first, last)
+            if want_rows:
+                rows[start:stop] += F.softplus(u, threshold=threshold).sum(1)
+            if coef is not None:
+                h = _flip_positives(torch.sigmoid_(u), spec, start, stop, first, last)
+                h_rows += h.sum(1)
+                dX[start:stop].addmm_(h, y)
+                dY[first:last].addmm_(h.T, Xc[start:stop])
         if coef is not None:
-            h = torch.sigmoid(u)  # d softplus(-z t) / dt = -z sigmoid(-z t): sigmoid(u), negated on positives
-            if pos is not None:
-                h = torch.where(pos, -h, h)
-            h.mul_(coef[start:stop, None])
-            db += h.sum()
-            torch.matmul(h, Y, out=dX[start:stop])
-            dY.addmm_(h.T, X[start:stop])
+            dX[start:stop] *= coef[start:stop, None]
+            db += (h_rows * coef[start:stop]).sum()
     if coef is None:
         return rows, None, None, None, None
     ds = (X * dX).sum()  # sum_ij c_i h_ij x_i . y_j, from dX before it is scaled by s
