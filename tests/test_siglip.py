@@ -109,6 +109,11 @@ def test_reductions_and_weights(backend):
     rows = formulas.siglip(x, y, s, b, per_row=True, **kw)
     assert_close(fc.siglip_loss(x, y, s, b, reduction="none", backend=backend, **kw), rows, torch.float64, "none")
     w = torch.rand(50, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    weighted_rows = fc.siglip_loss(x, y, s, b, reduction="none", weight=w, backend=backend, **kw)
+    assert_close(weighted_rows, w * rows, torch.float64, "none, weighted")
+    g = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(6))  # any row gradient
+    for got, e in zip(grads((weighted_rows * g).sum(), x, y, s, b, w), grads((w * rows * g).sum(), x, y, s, b, w)):
+        assert_close(got, e, torch.float64, "none, weighted, a random row gradient")
     for reduction, expected in (("sum", (w * rows).sum()), ("mean", (w * rows).sum() / w.sum())):
         loss = fc.siglip_loss(x, y, s, b, reduction=reduction, weight=w, backend=backend, **kw)
         assert_close(loss, expected, torch.float64, reduction)
@@ -209,7 +214,7 @@ def check_ranks(rank, world, lo, hi, features, labels, backends):
     for backend in backends:
         for mode in ("gather", "ring"):
             for kind, kw in (("diagonal", {}), ("labels", {"labels": labels}), ("negative_only", {"negative_only": True})):
-                for reduction, weighted in (("mean", False), ("mean", True), ("sum", False), ("none", False)):
+                for reduction, weighted in (("mean", False), ("mean", True), ("sum", True), ("none", True)):
                     if backend != "chunked" and (reduction != "mean" or weighted):
                         continue
                     w = torch.linspace(0.5, 2.0, images.shape[0], dtype=torch.float64) if weighted else None
@@ -223,10 +228,12 @@ def check_ranks(rank, world, lo, hi, features, labels, backends):
                     loss = fc.siglip_loss(xl, yl, sl, bl, reduction=reduction, weight=None if w is None else w[lo:hi],
                                           backend=backend, process_group=group, distributed=mode, **local_kw)
                     what = f"rank {rank}/{world} {backend} {mode} {kind} {reduction} weighted={weighted}"
-                    if reduction == "none":
+                    if reduction == "none":  # rows of this rank; a row gradient g: the objective sum_i g_i L_i
                         assert_rel(loss.detach(), ref.detach()[lo:hi], what + " rows")
-                        continue
-                    assert_rel(loss.detach(), ref.detach(), what + " loss")
+                        g = torch.linspace(-1.0, 2.0, images.shape[0], dtype=torch.float64)
+                        ref, loss = (ref * g).sum(), (loss * g[lo:hi]).sum()
+                    else:
+                        assert_rel(loss.detach(), ref.detach(), what + " loss")
                     ref_grads = grads(ref, x, y, s, b)
                     got = grads(loss, xl, yl, sl, bl)
                     assert_rel(got[0], world * ref_grads[0][lo:hi], what + " dimages", scale=world * ref_grads[0].norm())

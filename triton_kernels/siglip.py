@@ -298,3 +298,54 @@ def grads(spec, coef: torch.Tensor):
     grid = lambda meta: (triton.cdiv(args["M"], meta["BLOCK_N"]),)  # noqa: E731
     siglip_bwd_dy[grid](XC=xc, C_MAX=c_max.to(acc), DY=dy, stride_dym=dy.stride(0), **args)
     return dx, dy, gdot.sum(), gsum.sum()
+
+
+# ----------------------------------------------------------------------------- ahead-of-time check (no GPU)
+
+def aot_reports(arch: int, dtype: str, dim: int, positives: str = "diagonal"):
+    """Each shipped config of the three kernels compiled for sm_<arch> as a real launch would be (aot.py's
+    binder-faithful path), with ptxas's registers and spills and the matrix instruction used:
+    ``python -m fused_contrastive.triton_kernels.siglip 80:bfloat16:512 90:bfloat16:128``."""
+    from fused_contrastive.siglip import SigLipSpec
+    from fused_contrastive.triton_kernels import aot
+
+    n = aot.EXAMPLE_ROWS
+    feats = torch.empty((n, dim), dtype=getattr(torch, dtype))
+    ids = torch.arange(n, dtype=torch.int64)
+    spec = SigLipSpec(feats, feats, torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.float32), positives,
+                      0, (ids, ids) if positives == "labels" else None,
+                      torch.zeros((n, n), dtype=torch.uint8) if positives == "mask" else None)
+    args = _args(spec)
+    rows = torch.empty(n, dtype=torch.float32)
+    extra = {"fwd": dict(LOSS=rows),
+             "bwd_dx": dict(COEF=rows, DX=torch.empty((n, dim)), GDOT=rows, GSUM=rows, stride_dxm=dim),
+             "bwd_dy": dict(XC=feats, C_MAX=rows, DY=torch.empty((n, dim)), stride_dym=dim)}
+    kernels = {"fwd": _siglip_fwd_kernel, "bwd_dx": _siglip_bwd_dx_kernel, "bwd_dy": _siglip_bwd_dy_kernel}
+    shapes = TILE_CONFIGS[feats.element_size()][max(64, args["BLOCK_D"])]
+    out = []
+    for name, kernel in kernels.items():
+        for shape in shapes:
+            config = _config(shape)
+            src, target, options = aot.jit_source(kernel, arch, {**args, **extra[name], **config.kwargs},
+                                                  config.num_warps, config.num_stages)
+            compiled = triton.compile(src, target=target, options=options)
+            ptx = compiled.asm["ptx"]
+            regs, spills, _ = aot._ptxas_report(ptx, arch)
+            mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
+            out.append((name, shape, regs, spills, mma))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    flawed = 0
+    for case in sys.argv[1:] or ["80:bfloat16:512", "90:bfloat16:512", "80:bfloat16:128", "90:bfloat16:128"]:
+        arch, dtype, dim, *rest = case.split(":")
+        for name, shape, regs, spills, mma in aot_reports(int(arch), dtype, int(dim), *rest):
+            bad = spills > 0 or mma == "fma (no tensor cores)"
+            flawed += bad
+            print(f"siglip {name:<6} sm_{arch} {dtype} D={dim} {rest[0] if rest else 'diagonal':<8} {shape}  regs {regs:>3}  "
+                  f"spills {spills:>5} B  {mma}" + ("   <-- spills or no tensor cores" if bad else ""), flush=True)
+    print(f"{flawed} flawed configs")
+    sys.exit(1 if flawed else 0)

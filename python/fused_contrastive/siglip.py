@@ -473,9 +473,10 @@ def _not_compiled(process_group) -> None:
 
 
 def _reduce_rows(rows: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
-    if reduction == "none":
-        return rows
+    """"none": w_i L_i; "sum": sum_i w_i L_i; "mean": that over sum_i w_i (over B without weights), 0 when 0."""
     w = None if weight is None else weight.to(rows.dtype)
+    if reduction == "none":
+        return rows if w is None else w * rows
     total = rows.sum() if w is None else (w * rows).sum()
     if reduction == "sum":
         return total
@@ -502,13 +503,14 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, lab
     labels (a caption or class shared by several images is then not pushed apart); ``mask [B, B]`` of 0/1;
     ``negative_only=True``: none at all (open_clip's term for other ranks' texts).
     ``reduction``: "mean" (open_clip's 1/B; with ``weight``, sum_i w_i L_i / sum_i w_i, 0 when that sum is 0),
-    "sum" (sum_i w_i L_i) or "none" (L_i per image, [B]). ``weight [B]``: one finite weight >= 0 per image row.
+    "sum" (sum_i w_i L_i) or "none" (w_i L_i per image, [B]). ``weight [B]``: one finite weight >= 0 per image
+    row (it gets a gradient when it requires one, except with a process group).
     Computed in fp32 (float64 for float64 inputs) without ever forming the B x B matrix (chunked, triton);
     returned in that accumulation dtype.
 
     ``process_group``: each rank passes its local batch; the loss is that of the global batch (the ranks' batches
     concatenated in rank order), every gradient world_size x this rank's share so that DDP's averaging matches one
-    process (fused_contrastive.distributed); "none" returns this rank's rows. ``distributed="gather"`` gathers
+    process (fused_contrastive.distributed); "none" returns this rank's rows (gradients scaled alike). ``distributed="gather"`` gathers
     the texts (O(N D) per rank); ``"ring"`` passes them around the ring, never holding more than two text shards.
     open_clip's ``SigLipLoss`` returns each rank's own term instead, normalised by the local batch b_r:
     with equal batches the mean over ranks of its losses is this loss, and its gradients equal these; in general
@@ -615,13 +617,12 @@ def _distributed(images, texts, scale, bias, labels, positives, weight, reductio
             return _SigLip.apply(images, all_texts, scale, bias, coef, make_spec, chosen)
         return _RingSigLip.apply(images, texts, scale, bias, coef, ring)
 
-    if reduction == "none":
-        return local(None)
-    w = torch.ones(images.shape[0], dtype=acc, device=images.device) if weight is None else weight.to(acc)
-    if weight is not None and weight.requires_grad:
-        local_sum = (local(None) * w).sum()
-    else:
-        local_sum = local(w.detach())
+    # The weights are constants across ranks (no gradient of their own), as in the other losses' gather mode.
+    w = torch.ones(images.shape[0], dtype=acc, device=images.device) if weight is None else weight.detach().to(acc)
+    if reduction == "none":  # this rank's rows w_i L_i; gradients world_size x this rank's share, as for the mean
+        rows = w * local(None)
+        return world * rows + (rows - world * rows).detach()
+    local_sum = local(w)
     totals = torch.stack([local_sum.detach(), w.detach().sum()])
     dist.all_reduce(totals, group=group)
     global_sum, global_w = totals[0], totals[1]
