@@ -168,6 +168,12 @@ def test_backend_reasons():
 
 
 def test_module_is_open_clip_shaped():
+    import doctest
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder(recurse=False).find(fc.SigLipLoss, "SigLipLoss", globs={}):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0
     x, y, s, b, _ = problem(6)
     out = fc.SigLipLoss(cache_labels=True)(x, y, s, b, output_dict=True)
     assert set(out) == {"contrastive_loss"}
