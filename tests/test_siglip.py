@@ -293,3 +293,20 @@ def test_gather_and_ring_modes_are_exact(world):
     from test_distributed import spawn
 
     spawn(check_ranks, world)
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_without_spills():
+    """Every shipped config of the three kernels, compiled ahead of time as a launch would (no GPU), in a subprocess
+    (this session decorates the kernels for the interpreter); bench/results/triton_aot_siglip_sm80_sm90.txt has
+    the full table."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "fused_contrastive.triton_kernels.siglip", "90:bfloat16:128:labels"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "0 flawed configs" in out.stdout, out.stdout + out.stderr[-3000:]

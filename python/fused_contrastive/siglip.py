@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import chunked as _chunked_module
 from .compiled import compiling, deferred_errors, require
 from .dispatch import BACKEND_CHOICES, ENV_VAR
 from .distributed import _rotate, agreed, check_group, gather_batch
