@@ -18,9 +18,9 @@ import torch.distributed as dist
 from fused_contrastive.compat import lightly as our_lightly
 from fused_contrastive.compat import open_clip as our_open_clip
 from fused_contrastive.compat import pml as our_pml
-from helpers import CPU_BACKENDS, assert_close
+from helpers import COMPAT_LIBS, CPU_BACKENDS, assert_close, open_clip_loss_module
 
-LIBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".compat_libs")
+LIBS = COMPAT_LIBS
 F64 = torch.float64
 # Triton (under its interpreter here) on the small cases only: it runs each tile op in numpy.
 BACKENDS = CPU_BACKENDS
@@ -40,9 +40,9 @@ def _need(path: str) -> str:
 
 def open_clip_loss():
     """open_clip's loss.py alone (it imports torch only)."""
-    spec = importlib.util.spec_from_file_location("open_clip_loss_module", _need("open_clip/loss.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = open_clip_loss_module()
+    if module is None:
+        _need("open_clip/loss.py")  # skips, saying where make setup puts it
     return module
 
 

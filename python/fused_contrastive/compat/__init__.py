@@ -3,7 +3,7 @@
 One module per library, each class with that library's constructor, ``forward`` signature, defaults and
 return value (see each module's docstring for the exact mapping and the few differences):
 
-* ``fused_contrastive.compat.open_clip``: ``ClipLoss``
+* ``fused_contrastive.compat.open_clip``: ``ClipLoss``, ``SigLipLoss``
 * ``fused_contrastive.compat.pml`` (pytorch-metric-learning): ``SupConLoss``, ``NTXentLoss``,
   ``CrossBatchMemory``
 * ``fused_contrastive.compat.lightly``: ``NTXentLoss``, ``DCLLoss``, ``DCLWLoss``

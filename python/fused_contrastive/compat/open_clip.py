@@ -1,4 +1,5 @@
-"""open_clip drop-in: ``ClipLoss`` with open_clip's constructor, ``forward`` and return values.
+"""open_clip drop-ins: ``ClipLoss`` with open_clip's constructor, ``forward`` and return values (and
+``SigLipLoss``, which is fused_contrastive.SigLipLoss: it has open_clip's signatures already).
 
 ``ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
 use_horovod=False)``; ``forward(image_features, text_features, logit_scale, logit_bias=None,
@@ -43,10 +44,10 @@ from .. import dispatch
 from ..family import clip_loss
 from ..losses import _check_choice
 
-# SigLipLoss: open_clip's sigmoid loss, from fused_contrastive.siglip once that module is on main:
-# from ..siglip import SigLipLoss  # noqa: F401  (lead: enable when siglip.py lands, add it to __all__)
+# open_clip's sigmoid loss: fused_contrastive.SigLipLoss already has its constructor and call.
+from ..siglip import SigLipLoss  # noqa: E402,F401
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss"]
 
 
 def _default_group(world_size: int, rank: int):
