@@ -11,11 +11,15 @@ info_nce                  Q = query, K = key (+ queue); positive = key[i]; no se
 clip_loss                 info_nce both ways with tau = 1 / logit_scale
 debiased_contrastive_loss variant "debiased", positives out of the denominator
 bcl_loss                  b_ij = -log(count of key j's class, minus 1 for the anchor's class)
-spread_loss               b_ij = -inf for keys of another class
+spread_loss               view u anchors vs view v < u keys; b_ij = -inf for keys of another class
+symmetric_spread_loss     every view an anchor; b_ij = -inf for keys of another class
+unicon_loss               keys = the universum rows (labelled by their source sample), self's out
+suncet_loss               variant "in" (L_in) minus the constant mean log |P_i|; support = extra keys
 ========================  ==============================================================
 
 Every loss also has a module form (``SupConLoss``, ``EpsSupInfoNCELoss``, ``DCLLoss``, ``InfoNCELoss``,
-``ClipLoss``, ``DebiasedContrastiveLoss``, ``BCLLoss``, ``SpreadLoss``): the constructor takes the function's
+``ClipLoss``, ``DebiasedContrastiveLoss``, ``BCLLoss``, ``SpreadLoss``, ``SymmetricSpreadLoss``, ``UniConLoss``,
+``SuNCEtLoss``): the constructor takes the function's
 settings (validated there, with the function's ValueErrors), ``forward`` the per-call tensors, and it calls
 the function. Tensor settings given to the constructor (temperature, logit_scale, logit_bias, class_centers)
 are registered: an ``nn.Parameter`` as a parameter, any other tensor as a buffer. The constructor's defaults
@@ -35,6 +39,7 @@ ClipLoss logit_scale        None (constructor   required           open_clip pas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Optional
@@ -49,7 +54,7 @@ from .losses import (CONTRAST_MODES, _accum_dtype, _check_base_temperature, _che
                      _check_finite, _check_inverse, _check_labels, _check_scale, _check_temperature, _common_labels,
                      _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, dense_ids, supcon_spec,
                      tau_unknown)
-from .spec import ContrastSpec, DenominatorBias
+from .spec import ContrastSpec, DenominatorBias, mean_divisor, normalize_rows
 
 
 def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *, closed_high: bool = True) -> float:
@@ -97,15 +102,6 @@ def _check_logit_bias(logit_bias) -> None:
         _check_finite(logit_bias=logit_bias)
     elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real)):
         raise ValueError(f"logit_bias must be a number or a one-element tensor, got {type(logit_bias).__name__}")
-
-
-def _two_views(features, min_bsz: int, loss: str) -> Tensor:
-    features = _flatten_views(features)
-    _check_finite(features=features)
-    if features.shape[1] != 2 or features.shape[0] < min_bsz:
-        raise ValueError(f"features must be [bsz, 2, D] (two views per sample) with bsz >= {min_bsz} for {loss}, "
-                         f"got shape {tuple(features.shape)}")
-    return features
 
 
 def _without_positives(spec: ContrastSpec) -> DenominatorBias:
@@ -193,35 +189,72 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 
 @agreed
 @deferred_errors
-def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
-             extra_keys=None) -> Tensor:
-    """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
+def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
+             backend="auto", process_group=None, extra_keys=None) -> Tensor:
+    """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, n_views, D]``, n_views >= 2, bsz >= 2.
 
-    All 2·bsz views are anchors; a view's positive is the other view of its sample; its denominator is the
-    other 2·bsz - 2 views (the positive removed): ``L_i = -w_i l_ip + log sum_n exp(l_in)``, mean over anchors.
-    ``weighted=True`` is DCLW: ``w = 2 - bsz * softmax_b(cos(view1_b, view2_b) / sigma)`` per sample (the same
-    as 2·bsz times a softmax over the 2·bsz directed pairs), computed from the raw cosine of the two views and
-    detached, as in the authors' code: it steers which pairs matter, it is not trained through.
-    ``extra_keys [E, D]`` (a memory bank): more negatives in every anchor's denominator, never anchors.
+    All n_views·bsz views are anchors; a view's positives are the other views of its sample, its denominator
+    the views of the other samples (the positives removed): ``L_i = -w_i mean_p l_ip + log sum_n exp(l_in)``,
+    mean over anchors (with 2 views: the other view is the one positive).
+    ``weighted=True`` is DCLW (2 views only): ``w = 2 - bsz * softmax_b(s_b / sigma)`` per sample (the same
+    for both of its views). ``detach_weight=True`` (default; lightly's form): s_b is the cosine of the sample's
+    two views and w is a constant to autograd (it steers which pairs matter, it is not trained through).
+    ``detach_weight=False``: the authors' reference code: s_b is the dot product of the two views as given
+    (the same as the cosine on unit-norm features, or with ``normalize=True``) and the gradient flows through
+    w too (an O(bsz) chain through the s_b, added by autograd next to the fused loss).
+    ``normalize=True`` L2-normalises every row first. ``extra_keys [E, D]`` (a memory bank): more negatives
+    in every anchor's denominator, never anchors.
     """
-    features = _two_views(features, 1 if process_group is not None else 2, "dcl_loss")
+    features = _views(features, 1 if process_group is not None else 2, "dcl_loss")
     _check_choice("weighted", weighted, (False, True))
+    _check_choice("detach_weight", detach_weight, (False, True))
+    _check_choice("normalize", normalize, (False, True))
     sigma = _check_sigma(sigma)
+    if weighted and features.shape[1] != 2:
+        raise ValueError(f"features must have 2 views for weighted=True (DCLW weighs the pair of views), got "
+                         f"{features.shape[1]}")
     if weighted:  # DCLW divides a cosine (up to 1) by sigma
         _check_inverse("sigma", sigma, _accum_dtype(features), overflows="cosine / sigma")
 
+    def pair_weight(f, learned):
+        """w per sample, [bsz]: from the cosine (detached) or, learned, from the dot product of the views."""
+        acc = _accum_dtype(f)
+        first, second = f[:, 0].to(acc), f[:, 1].to(acc)
+        if normalize:
+            first, second = normalize_rows(first, acc), normalize_rows(second, acc)
+        if learned:
+            similarity = (first * second).sum(1)
+        else:
+            similarity = torch.nn.functional.cosine_similarity(first.detach(), second.detach(), dim=1)
+        return 2 - f.shape[0] * torch.softmax(similarity / sigma, dim=0)
+
     def build(f, _):
-        _two_views(f, 2, "dcl_loss")  # the (global) batch needs a negative
-        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)
+        _views(f, 2, "dcl_loss")  # the (global) batch needs a negative
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys, normalize=normalize)
         weight = None
         if weighted:
             with torch.no_grad():
-                acc = spec.accum_dtype
-                cosine = torch.nn.functional.cosine_similarity(f[:, 0].to(acc), f[:, 1].to(acc), dim=1)
-                weight = (2 - f.shape[0] * torch.softmax(cosine / sigma, dim=0)).repeat(2)
+                weight = pair_weight(f, not detach_weight).repeat(2)
         return dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight)
 
-    return _views_loss(build, features, None, backend=backend, process_group=process_group)
+    def weight_gradient(specs, f, _):
+        """Zero, with the gradient of the loss through w: dLoss/dw_b = -(2 / Na) l_b (both views of sample b
+        have w_b and the same positive logit l_b = z_b0 . z_b1 / tau), so this term is
+        -(1 / bsz) sum_b (w_b - w_b.detach()) l_b.detach()."""
+        weight = pair_weight(f, True)
+        with torch.no_grad():
+            acc = specs[0].accum_dtype
+            first, second = f[:, 0].to(acc), f[:, 1].to(acc)
+            if normalize:
+                first, second = normalize_rows(first, acc), normalize_rows(second, acc)
+            tau = specs[0].temperature
+            tau = tau.detach().to(acc) if isinstance(tau, Tensor) else tau
+            positive_logit = (first * second).sum(1) / tau
+        return -((weight - weight.detach()) * positive_logit).sum() / f.shape[0]
+
+    adjust = weight_gradient if weighted and not detach_weight else None
+    return _blocks_loss([build], (features, None), features.shape[1], backend=backend, process_group=process_group,
+                        adjust=adjust)
 
 
 # ----------------------------------------------------------------------------- InfoNCE / MoCo / CLIP
@@ -348,31 +381,45 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
 @agreed
 @deferred_errors
-def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
+def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
                               process_group=None, extra_keys=None) -> Tensor:
-    """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
-    al.'s hard-negative reweighting when ``beta > 0``.
+    """Debiased contrastive loss (Chuang et al.) for ``features [bsz, n_views, D]``, n_views >= 2, bsz >= 2,
+    with Robinson et al.'s hard-negative reweighting when ``beta > 0``.
 
-    For the 2·bsz anchors, with the positive p (other view) and the n = 2·bsz - 2 negatives:
+    For each anchor view and each of its positives p (another view of its sample), with the n negatives
+    (the views of the other samples: n = n_views·(bsz - 1)):
     ``Ng = max((n * sum_n e^{(1+beta) l_in} / sum_n e^{beta l_in} - tau_plus * n * e^{l_ip}) / (1 - tau_plus),
-    n * e^{-1/temperature})`` and ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over anchors. The clamp
-    assumes L2-normalised features (cosine >= -1), as the papers do. Computed in log space.
+    n * e^{-1/temperature})`` and ``L_ip = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over the (anchor,
+    positive) pairs: with 2 views the papers' loss over the 2·bsz anchors, with more each pair of views
+    counts as one such anchor. The clamp assumes L2-normalised features (cosine >= -1), as the papers do
+    (``normalize=True`` normalises every row first). Computed in log space.
     ``extra_keys [E, D]`` (a memory bank): more negatives (n grows by E), never anchors.
     """
-    features = _two_views(features, 1 if process_group is not None else 2, "debiased_contrastive_loss")
+    features = _views(features, 1 if process_group is not None else 2, "debiased_contrastive_loss")
     tau_plus = _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
     beta = _number("beta", beta, 0.0)
+    _check_choice("normalize", normalize, (False, True))
+    n_views = features.shape[1]
 
-    def build(f, _):
-        _two_views(f, 2, "debiased_contrastive_loss")  # the (global) batch needs a negative
-        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)
+    def debiased(spec):
         # The hard-negative terms exponentiate (1 + beta) l_ij: up to (1 + beta) / temperature for unit features.
         if not math.isnan(spec.tau_float):  # NaN: unknown while tracing; the op checks the same range
             _check_scale("beta", (1.0 + beta) / spec.tau_float, spec.accum_dtype, "(1 + beta) / temperature")
-        return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
-                                   den_bias=_without_positives(spec))
+        return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta)
 
-    return _views_loss(build, features, None, backend=backend, process_group=process_group)
+    def build(f, _):
+        _views(f, 2, "debiased_contrastive_loss")  # the (global) batch needs a negative
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys, normalize=normalize)
+        return debiased(dataclasses.replace(spec, den_bias=_without_positives(spec)))
+
+    if n_views == 2:
+        builds = [build]
+    else:  # one spec per ordered pair of views (u, v): view u's anchors, view v's row of the sample as positive
+        builds = [functools.partial(_pair_spec, u=u, v=v, temperature=temperature, normalize=normalize,
+                                    extra_keys=extra_keys, finish=debiased)
+                  for u in range(n_views) for v in range(n_views) if u != v]
+    return _blocks_loss(builds, (features, None), 2 if n_views == 2 else 1, backend=backend,
+                        process_group=process_group)
 
 
 # ----------------------------------------------------------------------------- BCL
@@ -436,33 +483,269 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 
 @agreed
 @deferred_errors
-def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None, extra_keys=None,
-                extra_key_labels=None) -> Tensor:
-    """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
-    a view's positive is the other view of its sample, its denominator the keys of its own class only
-    (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors.
-    ``extra_keys`` / ``extra_key_labels`` (a memory bank): never positives, in the denominators of their class."""
-    features = _two_views(features, 1, "spread_loss")
+def spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="auto", process_group=None,
+                extra_keys=None, extra_key_labels=None) -> Tensor:
+    """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022 ("Perfectly Balanced"), as the
+    authors' code computes it, for ``features [bsz, n_views, D]``, n_views >= 2, and ``labels [bsz]``.
+
+    For each pair of views u > v, view u's rows are the anchors and view v's rows the keys: anchor i's
+    positive is its own sample's row k_i, its denominator the keys of its class, the positive included:
+    ``L_i = -l_ii + log sum_{j: y_j = y_i} exp(l_ij)`` with ``l_ij = z_{u,i} . z_{v,j} / temperature``;
+    the loss is the mean over anchors, averaged over the n_views (n_views - 1) / 2 pairs (with 2 views:
+    view 1 against view 0 only). ``normalize=True`` L2-normalises every row first (the authors' ``lc_norm``).
+    ``extra_keys`` / ``extra_key_labels`` (a memory bank): keys of every pair, never positives, in the
+    denominators of their class. ``symmetric_spread_loss`` is the form with every view as an anchor.
+    """
+    features = _views(features, 1, "spread_loss")
     if labels is None:
         raise ValueError("labels must be given for spread_loss (one class per sample: its denominator's keys)")
     labels = _check_labels(labels, features.shape[0], features.device)
+    _check_choice("normalize", normalize, (False, True))
+    extra_keys, extra_key_labels = _bank(extra_keys, extra_key_labels, features)
+    n_views = features.shape[1]
+    builds = [functools.partial(_spread_pair_spec, u=u, v=v, temperature=temperature, normalize=normalize,
+                                extra_keys=extra_keys, extra_key_labels=extra_key_labels)
+              for u in range(1, n_views) for v in range(u)]
+    return _blocks_loss(builds, (features, labels), 1, backend=backend, process_group=process_group)
+
+
+# ----------------------------------------------------------------------------- more of the family
+
+def _views(features, min_bsz: int, loss: str) -> Tensor:
+    """[bsz, n_views, D] with n_views >= 2 and bsz >= min_bsz."""
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    if features.shape[1] < 2 or features.shape[0] < min_bsz:
+        raise ValueError(f"features must be [bsz, n_views, D] with n_views >= 2 and bsz >= {min_bsz} for {loss}, "
+                         f"got shape {tuple(features.shape)}")
+    return features
+
+
+def _bank(extra_keys, extra_key_labels, features):
     if extra_keys is not None:
-        extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
-    elif extra_key_labels is not None:
+        return _extra_keys(extra_keys, extra_key_labels, features)
+    if extra_key_labels is not None:
         raise ValueError("extra_key_labels was given without extra_keys")
+    return None, None
+
+
+def _tau(temperature, acc: torch.dtype):
+    """(temperature as the spec takes it, its value: NaN while tracing, when the op checks the range)."""
+    temperature = _check_temperature("temperature", temperature)
+    tau_float = tau_unknown(temperature) if isinstance(temperature, Tensor) else temperature
+    if not math.isnan(tau_float):
+        _check_inverse("temperature", tau_float, acc)
+    return temperature, tau_float
+
+
+def _blocks_loss(builds, tensors: tuple, blocks: int, *, backend: str, process_group, adjust=None) -> Tensor:
+    """The mean of the losses of ``build(*tensors) -> spec`` over ``builds`` (specs with as many anchors each),
+    each spec's anchors being ``blocks`` blocks of one row per sample (sample-ordered), on this process's batch
+    or on the global batch of ``process_group`` (the per-sample ``tensors`` gathered; each rank computes its
+    own rows of every block). ``adjust(specs, *tensors)``, when given, is added: a constant of the batch or a
+    zero-valued term that carries a gradient the specs cannot (it sees the global tensors, so its gradient
+    is the whole batch's on every rank, and the gather's backward makes it world_size x this rank's share)."""
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _not_compiled(process_group)
+    if process_group is None:
+        specs = [build(*tensors) for build in builds]
+        losses = [compiled.run(spec, backend) for spec in specs]
+    else:
+        from . import distributed
+
+        batch = distributed.gather_batch(process_group, *tensors)
+        tensors = batch.tensors
+        specs = [build(*tensors) for build in builds]
+        ranges = distributed.view_ranges(batch, blocks)
+        losses = [distributed.run_rows(spec, ranges, process_group, backend) for spec in specs]
+    loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+    return loss if adjust is None else loss + adjust(specs, *tensors)
+
+
+def _view_rows(f: Tensor, view: int) -> Tensor:
+    return f[:, view]
+
+
+def _spread_pair_spec(f, y, *, u: int, v: int, temperature, normalize: bool, extra_keys, extra_key_labels
+                      ) -> ContrastSpec:
+    """Anchors: view u; keys: view v (then the bank); positive: the anchor's own sample; denominator: the
+    keys of the anchor's class (b = 0 there, -inf elsewhere)."""
+    bsz, device = f.shape[0], f.device
+    acc = _accum_dtype(f)
+    temperature, tau_float = _tau(temperature, acc)
+    ids = torch.arange(bsz, device=device)
+    keys, key_labels = _view_rows(f, v), ids
+    if extra_keys is not None:  # one class numbering for samples and bank, compared as torch.eq
+        y = torch.cat(_common_labels(y, extra_key_labels))
+        keys = torch.cat([keys, extra_keys])
+        key_labels = torch.cat([ids, torch.full((extra_keys.shape[0],), bsz, device=device)])  # never positives
+    classes, num_classes = dense_ids(y)
+    same = torch.zeros(num_classes, dtype=acc, device=device)
+    den_bias = DenominatorBias(classes[:bsz], classes, same, torch.full_like(same, float("-inf")))
+    return ContrastSpec(anchors=_view_rows(f, u), keys=keys, self_offset=None, anchor_labels=ids,
+                        key_labels=key_labels, num_classes=bsz + 1, mask=None, temperature=temperature,
+                        base_temperature=None, no_positive="zero", normalize=normalize, tau_float=tau_float,
+                        den_bias=den_bias)
+
+
+def _pair_spec(f, _, *, u: int, v: int, temperature, normalize: bool, extra_keys, finish) -> ContrastSpec:
+    """Anchors: view u; keys: every view (then ``extra_keys``); positive: the anchor's sample in view v;
+    denominator: the other samples' views and the extra keys (its own sample's views out). ``finish(spec)``
+    sets the row formula."""
+    bsz, n_views, dim = f.shape
+    device, acc = f.device, _accum_dtype(f)
+    temperature, tau_float = _tau(temperature, acc)
+    ids = torch.arange(bsz, device=device)
+    keys = f.transpose(0, 1).reshape(n_views * bsz, dim)
+    none = torch.full((bsz,), bsz, device=device)  # a class no anchor has
+    key_labels = torch.cat([ids if view == v else none for view in range(n_views)])
+    groups = ids.repeat(n_views)
+    if extra_keys is not None:
+        extra_keys, _ = _extra_keys(extra_keys, None, f, labelled=False)
+        keys = torch.cat([keys, extra_keys])
+        extra = torch.full((extra_keys.shape[0],), bsz, device=device)
+        key_labels, groups = torch.cat([key_labels, extra]), torch.cat([groups, extra])
+    same = torch.full((bsz + 1,), float("-inf"), dtype=acc, device=device)
+    den_bias = DenominatorBias(ids, groups, same, torch.zeros_like(same))
+    return finish(ContrastSpec(anchors=_view_rows(f, u), keys=keys, self_offset=None, anchor_labels=ids,
+                               key_labels=key_labels, num_classes=bsz + 1, mask=None, temperature=temperature,
+                               base_temperature=None, no_positive="zero", normalize=normalize,
+                               tau_float=tau_float, den_bias=den_bias))
+
+
+@agreed
+@deferred_errors
+def symmetric_spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="auto", process_group=None,
+                          extra_keys=None, extra_key_labels=None) -> Tensor:
+    """Class-conditional InfoNCE with every view as an anchor (NT-Xent restricted to the anchor's class),
+    for ``features [bsz, n_views, D]``, n_views >= 2: a view's positives are the other views of its sample,
+    its denominator every other view of its class (self excluded, the positives included):
+    ``L_i = -mean_p l_ip + log sum_{j != i: y_j = y_i} exp(l_ij)``, mean over the n_views·bsz anchors.
+
+    This was this package's ``spread_loss`` before it followed the authors' code (``spread_loss``: view u
+    against view v < u only). It is kept because it is symmetric in the views (no view is only an anchor
+    or only a key, as in SimCLR's NT-Xent), and every view is a key of every other, so a batch gives
+    n_views - 1 times the pairs; on the same batch the two differ (the directions and the denominators).
+    ``extra_keys`` / ``extra_key_labels`` (a memory bank): never positives, in the denominators of their class.
+    """
+    features = _views(features, 1, "symmetric_spread_loss")
+    if labels is None:
+        raise ValueError("labels must be given for symmetric_spread_loss (one class per sample: its denominator's "
+                         "keys)")
+    labels = _check_labels(labels, features.shape[0], features.device)
+    _check_choice("normalize", normalize, (False, True))
+    extra_keys, extra_key_labels = _bank(extra_keys, extra_key_labels, features)
+    n_views = features.shape[1]
 
     def build(f, y):
         bsz = f.shape[0]
         if extra_keys is not None:  # one class numbering for samples and bank, compared as torch.eq
             y = torch.cat(_common_labels(y, extra_key_labels))
         ids, num_classes = dense_ids(y)
-        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)  # bank keys: never positives
-        classes = torch.cat([ids[:bsz].repeat(2), ids[bsz:]])
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys, normalize=normalize)  # bank: no positive
+        classes = torch.cat([ids[:bsz].repeat(n_views), ids[bsz:]])
         same = torch.zeros(num_classes, dtype=spec.accum_dtype, device=spec.device)
         den_bias = DenominatorBias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
         return dataclasses.replace(spec, den_bias=den_bias)
 
-    return _views_loss(build, features, labels, backend=backend, process_group=process_group)
+    return _blocks_loss([build], (features, labels), n_views, backend=backend, process_group=process_group)
+
+
+def _universum_views(universum, features: Tensor) -> Tensor:
+    """The universum as [bsz, n_views, D] (given so, or view-major [n_views·bsz, D] as the authors stack it)."""
+    bsz, n_views, dim = features.shape
+    if isinstance(universum, Tensor) and universum.dim() == 2 and tuple(universum.shape) == (bsz * n_views, dim):
+        universum = universum.reshape(n_views, bsz, dim).transpose(0, 1)
+    if not isinstance(universum, Tensor) or tuple(universum.shape) != (bsz, n_views, dim):
+        shape = tuple(universum.shape) if isinstance(universum, Tensor) else type(universum).__name__
+        raise ValueError(f"universum must be a tensor of shape [n_views * bsz, D] = [{n_views * bsz}, {dim}] (view-major, "
+                         f"one universum row per view row) or [bsz, n_views, D], got {shape}")
+    _check_data("universum", universum)
+    if universum.dtype != features.dtype or universum.device != features.device:
+        raise ValueError(f"universum must have the features' dtype and device ({features.dtype}, {features.device}), "
+                         f"got {universum.dtype} on {universum.device}")
+    _check_finite(universum=universum)
+    return universum
+
+
+@agreed
+@deferred_errors
+def unicon_loss(features, universum, labels, *, temperature=0.1, base_temperature=None, contrast_mode="all",
+                normalize=False, backend="auto", process_group=None) -> Tensor:
+    """UniCon (Han et al., "Universum-inspired Supervised Contrastive Learning"), as the authors' code computes it.
+
+    ``features [bsz, n_views, D]``, ``labels [bsz]``, ``universum`` one row per view row: ``[n_views·bsz, D]``
+    stacked view-major as the authors do (row v·bsz + b: the mixup of view v of sample b with a sample of
+    another class, built by the user), or ``[bsz, n_views, D]``. The keys are the universum rows only; universum
+    row j carries the label of the sample it was mixed from, and the anchor's own row's universum (j = i) is
+    out: ``L_i = -(c/|P_i|) sum_{p in P_i} [l_ip - log sum_{j != i} exp(l_ij)]``, ``l_ij = z_i . u_j / tau``,
+    P_i the universum rows of the anchor's class (j != i), c = temperature / base_temperature (1 when None;
+    the authors' module has 0.1 / 0.1). Anchors: every view row ("all") or view 0 ("one"); mean over anchors,
+    0 for an anchor without positives (the authors' code divides 0 by 0 there). The universum gets gradients.
+    """
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    universum = _universum_views(universum, features)
+    if labels is None:
+        raise ValueError("labels must be given for unicon_loss (the universum's positives are by label)")
+    labels = _check_labels(labels, features.shape[0], features.device)
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+    _check_choice("normalize", normalize, (False, True))
+
+    def build(f, y, u):
+        spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
+                           contrast_mode=contrast_mode, normalize=normalize)
+        keys = u.transpose(0, 1).reshape(-1, u.shape[-1])  # view-major, as the views
+        anchors = spec.keys if contrast_mode == "all" else spec.keys[: f.shape[0]]
+        return dataclasses.replace(spec, anchors=anchors, keys=keys)  # self_offset 0: universum row i is out
+
+    blocks = features.shape[1] if contrast_mode == "all" else 1
+    return _blocks_loss([build], (features, labels, universum), blocks, backend=backend, process_group=process_group)
+
+
+@agreed
+@deferred_errors
+def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", normalize=False, support=None,
+                support_labels=None, backend="auto", process_group=None) -> Tensor:
+    """SuNCEt (Assran et al., "Supervision Accelerates Pre-training in Contrastive Semi-Supervised Learning"):
+    ``L_i = -log sum_{p in P_i} softmax_i(p) = log sum_{j != i} exp(l_ij) - log sum_{p in P_i} exp(l_ip)``,
+    minus the log of the summed probability of the keys of the anchor's class, ``l_ij = z_i . z_j / tau``.
+
+    The keys (the support set) are the batch's view rows (self excluded) and the labelled ``support [S, D]``
+    rows (``support_labels [S]``; never anchors). It is SupCon's L_in without its log |P_i| term:
+    ``L_suncet_i = L_in_i - log |P_i|``, a constant of the labels, so the gradients are L_in's and the loss is
+    computed as L_in's spec minus the mean of log |P_i|. ``features [bsz, n_views, D]`` (the authors: one view,
+    normalised: ``normalize=True``); anchors every view row ("all") or view 0 ("one"); mean over anchors, 0 for
+    an anchor without positives (the authors' code gives -log 0 = inf there).
+    """
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    if labels is None:
+        raise ValueError("labels must be given for suncet_loss (the positives are the keys of the anchor's class)")
+    labels = _check_labels(labels, features.shape[0], features.device)
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+    _check_choice("normalize", normalize, (False, True))
+    if support is not None:
+        if support_labels is None:
+            raise ValueError("support needs support_labels: one label per support row, compared with the labels")
+        support, support_labels = _extra_keys(support, support_labels, features, name="support", rows="S")
+    elif support_labels is not None:
+        raise ValueError("support_labels was given without support")
+
+    def build(f, y):
+        return supcon_spec(f, y, temperature=temperature, contrast_mode=contrast_mode, normalize=normalize,
+                           variant="in", extra_keys=support, extra_key_labels=support_labels)
+
+    def without_log_count(specs, *_):
+        spec = specs[0]
+        pos_count = spec.pos_count()
+        has_pos = pos_count > 0
+        log_count = torch.log(torch.where(has_pos, pos_count, torch.ones_like(pos_count)))
+        return -(log_count.sum() / mean_divisor(spec, has_pos)).detach()
+
+    blocks = features.shape[1] if contrast_mode == "all" else 1
+    return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
+                        adjust=without_log_count)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -507,20 +790,24 @@ class EpsSupInfoNCELoss(_LossModule):
 class DCLLoss(_LossModule):
     __doc__ = """Module form of ``dcl_loss`` (decoupled contrastive loss, Yeh et al.; ``weighted=True``: DCLW).
 
-    ``L_i = -w_i l_ip + log sum_n exp(l_in)``: the positive p (the other view) out of the denominator,
-    ``l_ij = z_i . z_j / temperature``, ``w_i = 1`` (DCL) or the detached von Mises-Fisher weight (DCLW).
-    ``forward(features [bsz, 2, D], *, extra_keys [E, D] = None)`` returns the mean over the 2·bsz anchors.
+    ``L_i = -w_i mean_p l_ip + log sum_n exp(l_in)``: the positives p (the other views) out of the denominator,
+    ``l_ij = z_i . z_j / temperature``, ``w_i = 1`` (DCL) or the von Mises-Fisher weight (DCLW, 2 views;
+    ``detach_weight=False``: the authors' form, trained through). ``forward(features [bsz, n_views, D], *,
+    extra_keys [E, D] = None)`` returns the mean over the n_views·bsz anchors.
     """ + _example("criterion = fc.DCLLoss(temperature=0.1, weighted=True)", f"loss = criterion({_FEATURES})")
 
     fn = staticmethod(dcl_loss)
 
-    def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
+                 backend="auto", process_group=None):
         _check_temperature("temperature", temperature)
         _check_choice("weighted", weighted, (False, True))
         _check_sigma(sigma)
+        _check_choice("detach_weight", detach_weight, (False, True))
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, backend=backend,
-                         process_group=process_group)
+        super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, detach_weight=detach_weight,
+                         normalize=normalize, backend=backend, process_group=process_group)
 
     def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
         return dcl_loss(features, extra_keys=extra_keys, **self.kwargs)
@@ -587,17 +874,20 @@ class DebiasedContrastiveLoss(_LossModule):
 
     ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))`` with the debiased (and, for ``beta > 0``, reweighted)
     negative mass ``Ng`` estimated from the n negatives and clamped below at ``n e^{-1/temperature}``.
-    ``forward(features [bsz, 2, D], *, extra_keys [E, D] = None)`` returns the mean over the 2·bsz anchors.
+    ``forward(features [bsz, n_views, D], *, extra_keys [E, D] = None)`` returns the mean over the anchors
+    (with more than 2 views, over the (anchor, positive view) pairs).
     """ + _example("criterion = fc.DebiasedContrastiveLoss(tau_plus=0.1, beta=0.5)", f"loss = criterion({_FEATURES})")
 
     fn = staticmethod(debiased_contrastive_loss)
 
-    def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
+                 process_group=None):
         _check_temperature("temperature", temperature)
         _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
         _number("beta", beta, 0.0)
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, backend=backend,
+        super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, normalize=normalize, backend=backend,
                          process_group=process_group)
 
     def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
@@ -634,24 +924,102 @@ class BCLLoss(_LossModule):
 
 
 class SpreadLoss(_LossModule):
-    __doc__ = """Module form of ``spread_loss`` (class-conditional InfoNCE, Chen et al. 2022).
+    __doc__ = """Module form of ``spread_loss`` (class-conditional InfoNCE, Chen et al. 2022, the authors' definition).
 
-    ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``: the other view as positive, the keys of the
-    anchor's own class as denominator. ``forward(features [bsz, 2, D], labels [bsz], *, extra_keys,
-    extra_key_labels)`` returns the mean over the 2·bsz anchors.
+    For each pair of views u > v: ``L_i = -l_ii + log sum_{j: y_j = y_i} exp(l_ij)``, ``l_ij = z_{u,i} . z_{v,j} /
+    temperature``: view u's row of sample i as anchor, view v's rows of its class as denominator (its own
+    sample's row, the positive, included). ``forward(features [bsz, n_views, D], labels [bsz], *, extra_keys,
+    extra_key_labels)`` returns the mean over anchors and pairs of views (a scalar).
     """ + _example("criterion = fc.SpreadLoss(temperature=0.5)", f"loss = criterion({_FEATURES}, {_LABELS})")
 
     fn = staticmethod(spread_loss)
 
-    def __init__(self, *, temperature=0.5, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None):
         _check_temperature("temperature", temperature)
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        super().__init__(temperature=temperature, backend=backend, process_group=process_group)
+        super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None) -> Tensor:
         return spread_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
                            **self.kwargs)
+
+
+class SymmetricSpreadLoss(_LossModule):
+    __doc__ = """Module form of ``symmetric_spread_loss`` (class-conditional NT-Xent: every view an anchor).
+
+    ``L_i = -mean_p l_ip + log sum_{j != i: y_j = y_i} exp(l_ij)``: the other views of the sample as positives,
+    every other view of the anchor's class as denominator. ``forward(features [bsz, n_views, D], labels [bsz],
+    *, extra_keys, extra_key_labels)`` returns the mean over the n_views·bsz anchors.
+    """ + _example("criterion = fc.SymmetricSpreadLoss(temperature=0.5)", f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(symmetric_spread_loss)
+
+    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None):
+        _check_temperature("temperature", temperature)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group)
+
+    def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
+                extra_key_labels: Optional[Tensor] = None) -> Tensor:
+        return symmetric_spread_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                                     **self.kwargs)
+
+
+_UNIVERSUM = "torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)"
+
+
+class UniConLoss(_LossModule):
+    __doc__ = """Module form of ``unicon_loss`` (UniCon, Han et al.: mixup universum rows as the keys).
+
+    ``L_i = -(c/|P_i|) sum_{p in P_i} [l_ip - log sum_{j != i} exp(l_ij)]``, ``l_ij = z_i . u_j / temperature``
+    over the universum rows u_j (labelled by the sample each was mixed from), P_i those of the anchor's class,
+    c = temperature / base_temperature. ``forward(features [bsz, n_views, D], universum [n_views·bsz, D] (view-major)
+    or [bsz, n_views, D], labels [bsz])`` (the authors' argument order) returns the mean over anchors.
+    """ + _example("criterion = fc.UniConLoss(temperature=0.1)",
+                   f"loss = criterion({_FEATURES}, {_UNIVERSUM}, {_LABELS})")
+
+    fn = staticmethod(unicon_loss)
+
+    def __init__(self, *, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
+                 backend="auto", process_group=None):
+        _check_temperature("temperature", temperature)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
+                         normalize=normalize, backend=backend, process_group=process_group)
+
+    def forward(self, features: Tensor, universum: Tensor, labels: Tensor) -> Tensor:
+        return unicon_loss(features, universum, labels, **self.kwargs)
+
+
+class SuNCEtLoss(_LossModule):
+    __doc__ = """Module form of ``suncet_loss`` (SuNCEt, Assran et al.).
+
+    ``L_i = log sum_{j != i} exp(l_ij) - log sum_{p in P_i} exp(l_ip)``: minus the log of the summed softmax
+    probability of the keys of the anchor's class (SupCon's L_in without its log |P_i|). ``forward(features
+    [bsz, n_views, D], labels [bsz], *, support [S, D] = None, support_labels [S] = None)`` returns the mean
+    over anchors; the support rows are labelled keys, never anchors.
+    """ + _example("criterion = fc.SuNCEtLoss(temperature=0.1, normalize=True)",
+                   f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(suncet_loss)
+
+    def __init__(self, *, temperature=0.1, contrast_mode="all", normalize=False, backend="auto", process_group=None):
+        _check_temperature("temperature", temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, contrast_mode=contrast_mode, normalize=normalize, backend=backend,
+                         process_group=process_group)
+
+    def forward(self, features: Tensor, labels: Tensor, *, support: Optional[Tensor] = None,
+                support_labels: Optional[Tensor] = None) -> Tensor:
+        return suncet_loss(features, labels, support=support, support_labels=support_labels, **self.kwargs)
 
 
 _QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
@@ -664,6 +1032,9 @@ _FUNCTION_EXAMPLES = {
     debiased_contrastive_loss: _example(f"loss = fc.debiased_contrastive_loss({_FEATURES}, tau_plus=0.1, beta=0.5)"),
     bcl_loss: _example(f"loss = fc.bcl_loss({_FEATURES}, {_LABELS}, class_centers=torch.randn(3, 16))"),
     spread_loss: _example(f"loss = fc.spread_loss({_FEATURES}, {_LABELS})"),
+    symmetric_spread_loss: _example(f"loss = fc.symmetric_spread_loss({_FEATURES}, {_LABELS})"),
+    unicon_loss: _example(f"loss = fc.unicon_loss({_FEATURES}, {_UNIVERSUM}, {_LABELS})"),
+    suncet_loss: _example(f"loss = fc.suncet_loss({_FEATURES}, {_LABELS}, normalize=True)"),
 }
 for _fn, _doc in _FUNCTION_EXAMPLES.items():
     _fn.__doc__ += _GROUP_DOC + "\n" + _doc
