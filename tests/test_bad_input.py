@@ -98,7 +98,7 @@ SPECIFIC = {
                             ("contrast_mode", {"contrast_mode": "both"}, "contrast_mode")],
     "dcl_loss": [("weighted", {"weighted": "yes"}, "weighted"), ("sigma zero", {"sigma": 0.0}, "sigma"),
                  ("sigma tiny", {"weighted": True, "sigma": 1e-40}, "sigma"),
-                 ("three views", {"features": torch.randn(4, 3, 8)}, "features"),
+                 ("three views weighted", {"features": torch.randn(4, 3, 8), "weighted": True}, "features"),
                  ("one sample (local only)", {"features": F[:1]}, "features")],
     "info_nce": [("queue D", {"queue": torch.randn(5, 3)}, "queue"),
                  ("queue dtype", {"queue": torch.randn(5, 8).double()}, "queue"),
@@ -109,13 +109,13 @@ SPECIFIC = {
     "debiased_contrastive_loss": [("tau_plus one", {"tau_plus": 1.0}, "tau_plus"),
                                   ("beta negative", {"beta": -1.0}, "beta"),
                                   ("beta beyond fp32", {"beta": 1e38, "temperature": 0.1}, "beta"),
-                                  ("three views", {"features": torch.randn(4, 3, 8)}, "features")],
+                                  ("one view", {"features": torch.randn(4, 1, 8)}, "features")],
     "bcl_loss": [("centers D", {"class_centers": torch.randn(2, 5)}, "class_centers"),
                  ("centers dtype", {"class_centers": torch.randn(2, 8).double()}, "class_centers"),
                  ("centers vector", {"class_centers": torch.randn(8)}, "class_centers"),
                  ("label beyond centers", {"class_centers": torch.randn(1, 8)}, "labels"),
                  ("float labels with centers", {"labels": L.double(), "class_centers": torch.randn(2, 8)}, "labels")],
-    "spread_loss": [("three views", {"features": torch.randn(4, 3, 8)}, "features")],
+    "spread_loss": [("one view", {"features": torch.randn(4, 1, 8)}, "features")],
 }
 
 
