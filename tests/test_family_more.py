@@ -211,3 +211,35 @@ ERRORS = [
 def test_argument_errors(name, call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------ normalize= on the other losses
+def _unit(x):
+    return F.normalize(x, dim=-1)
+
+
+NORMALIZED = {  # name -> (formula on normalised inputs, loss with normalize=True), both of (features, other, labels)
+    "eps_supinfonce": (lambda f, o, y: formulas.eps_supinfonce(_unit(f), y, epsilon=0.2, extra_keys=_unit(o),
+                                                               extra_key_labels=y[:5]),
+                       lambda f, o, y, **kw: fc.eps_supinfonce_loss(f, y, epsilon=0.2, extra_keys=o,
+                                                                    extra_key_labels=y[:5], **kw)),
+    "bcl": (lambda f, o, y: formulas.bcl(_unit(f), y, class_centers=_unit(o)),
+            lambda f, o, y, **kw: fc.bcl_loss(f, y, class_centers=o, **kw)),
+    "info_nce_queue": (lambda f, o, y: formulas.info_nce(_unit(f[:, 0]), _unit(f[:, 1]), queue=_unit(o)),
+                       lambda f, o, y, **kw: fc.info_nce(f[:, 0], f[:, 1], queue=o, **kw)),
+    "info_nce_symmetric": (lambda f, o, y: formulas.info_nce(_unit(f[:, 0]), _unit(f[:, 1]), symmetric=True),
+                           lambda f, o, y, **kw: fc.info_nce(f[:, 0], f[:, 1], symmetric=True, **kw)),
+    "clip": (lambda f, o, y: formulas.clip(_unit(f[:, 0]), _unit(f[:, 1]), 20.0),
+             lambda f, o, y, **kw: fc.clip_loss(f[:, 0], f[:, 1], 20.0, **kw)),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(NORMALIZED))
+def test_normalize_on_every_loss(backend, name, small_chunks):
+    features, other, labels = features_of(8, 2, seed=4, normalize=False), randn(5, DIM, seed=5, normalize=False), \
+        torch.arange(8) % 5
+    formula, loss = NORMALIZED[name]
+    inputs = {"features": features} if name.startswith("info_nce") else {"features": features, "other": other}
+    check(backend, lambda: formula(features, other, labels),
+          lambda: loss(features, other, labels, normalize=True, backend=backend), inputs, f"{name} normalize")

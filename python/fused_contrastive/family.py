@@ -161,7 +161,7 @@ _GROUP_DOC = """
 @deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None, extra_keys=None,
-                        extra_key_labels=None) -> Tensor:
+                        extra_key_labels=None, normalize=False) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -170,6 +170,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     anchor without positives. ``features [bsz, n_views, D]``; no labels: the other views are the positives.
     Computed as two statistics per row (LSE_N, then the per-positive softplus terms), never an N x N buffer.
     ``extra_keys`` / ``extra_key_labels``: keys that are never anchors (a memory bank), as in ``supcon_loss``.
+    ``normalize=True`` L2-normalises every row (views and extra keys) first.
     """
     epsilon = _number("epsilon", epsilon, 0.0)
     features = _flatten_views(features)
@@ -178,7 +179,8 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
-                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels)
+                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           normalize=normalize)
         return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
@@ -301,15 +303,17 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 @agreed
 @deferred_errors
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
-             backend="auto", process_group=None) -> Tensor:
+             backend="auto", process_group=None, normalize=False) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
 
     The denominator holds every key and every ``queue [Qn, D]`` row (MoCo v3 / CLIP-row style);
     ``in_batch_negatives=False`` keeps only the positive and the queue (MoCo v1/v2). Queue rows get no
     gradient. ``symmetric=True`` averages the query->key and key->query losses (no queue then).
-    Features are used as given (normalise them first). Mean over rows.
+    Features are used as given, or L2-normalised first (queries, keys, queue) with ``normalize=True``.
+    Mean over rows.
     """
     _pair("query", query, "key", key)
+    _check_choice("normalize", normalize, (False, True))
     _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
     _check_choice("symmetric", symmetric, (False, True))
     if queue is not None:
@@ -323,10 +327,10 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
         if symmetric:
             raise ValueError("symmetric=True cannot be combined with a queue (the queue has no anchors)")
     def build(q, k):
-        return _info_nce_spec(q, k, temperature, queue, in_batch_negatives)
+        return dataclasses.replace(_info_nce_spec(q, k, temperature, queue, in_batch_negatives), normalize=normalize)
 
     def build_reverse(q, k):
-        return _info_nce_spec(k, q, temperature, None, in_batch_negatives)
+        return dataclasses.replace(_info_nce_spec(k, q, temperature, None, in_batch_negatives), normalize=normalize)
 
     names = [("query", "key", "temperature"), ("key", "query", "temperature")]
     losses = _pairs_loss([build, build_reverse] if symmetric else [build], query, key, backend=backend,
@@ -337,7 +341,7 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
 @agreed
 @deferred_errors
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
-              process_group=None) -> Tensor:
+              process_group=None, normalize=False) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
 
     ``logits = logit_scale * image @ text.T``; the loss is the mean of the row-wise (image -> text) and
@@ -346,9 +350,11 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
     which gets its gradient when it requires grad. The column direction is a second pass with the roles
     swapped (its own per-row LSE = the column LSE of the first), never the full matrix.
     ``logit_bias`` (open_clip adds it to every logit) cannot change a softmax cross-entropy: it is accepted,
-    gets a zero gradient, and leaves the loss as it is.
+    gets a zero gradient, and leaves the loss as it is. ``normalize=True`` L2-normalises every image and text
+    row first (open_clip's models do that before the loss).
     """
     _pair("image_features", image_features, "text_features", text_features)
+    _check_choice("normalize", normalize, (False, True))
     scale_value = _check_logit_scale(logit_scale)
     traced = math.isnan(scale_value)
     if not traced:
@@ -363,10 +369,12 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
     _check_logit_bias(logit_bias)
 
     def image_to_text(image, text):
-        return _info_nce_spec(image, text, temperature, None, True, 1.0 / scale_value)
+        return dataclasses.replace(_info_nce_spec(image, text, temperature, None, True, 1.0 / scale_value),
+                                   normalize=normalize)
 
     def text_to_image(image, text):  # the column direction: its per-row LSE is the column LSE of the other
-        return _info_nce_spec(text, image, temperature, None, True, 1.0 / scale_value)
+        return dataclasses.replace(_info_nce_spec(text, image, temperature, None, True, 1.0 / scale_value),
+                                   normalize=normalize)
 
     names = [("image_features", "text_features", "logit_scale"), ("text_features", "image_features", "logit_scale")]
     rows, cols = _pairs_loss([image_to_text, text_to_image], image_features, text_features, backend=backend,
@@ -427,7 +435,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 @agreed
 @deferred_errors
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
-             extra_keys=None, extra_key_labels=None) -> Tensor:
+             extra_keys=None, extra_key_labels=None, normalize=False) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
     SupCon (L_out, scale 1) whose denominator weighs each key by one over the batch count of its class,
@@ -436,7 +444,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
     label c (labels must then be integers in [0, C)); they count in the histogram, are positives of their
     class and get gradients. Mean over the view rows; an anchor without positives has loss 0.
     ``extra_keys`` / ``extra_key_labels`` (a memory bank): labelled keys after the centers, counted in the
-    histogram like every key, never anchors.
+    histogram like every key, never anchors. ``normalize=True`` L2-normalises every row (views, centers, bank)
+    first (the authors normalise their centers).
     """
     features = _flatten_views(features)
     _check_finite(features=features)
@@ -467,7 +476,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         extra_key_labels = torch.cat([center_labels, extra_key_labels])
 
     def build(f, y):
-        spec = supcon_spec(f, y, temperature=temperature, extra_keys=extra_keys, extra_key_labels=extra_key_labels)
+        spec = supcon_spec(f, y, temperature=temperature, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           normalize=normalize)
         acc, key_labels = spec.accum_dtype, spec.key_labels
         count = torch.zeros(spec.num_classes, dtype=acc, device=spec.device)
         count.index_add_(0, key_labels, torch.ones(key_labels.shape[0], dtype=acc, device=spec.device))
@@ -772,14 +782,15 @@ class EpsSupInfoNCELoss(_LossModule):
     fn = staticmethod(eps_supinfonce_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
-                 process_group=None):
+                 process_group=None, normalize=False):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("normalize", normalize, (False, True))
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
-                         contrast_mode=contrast_mode, backend=backend, process_group=process_group)
+                         contrast_mode=contrast_mode, backend=backend, process_group=process_group, normalize=normalize)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None) -> Tensor:
@@ -826,13 +837,14 @@ class InfoNCELoss(_LossModule):
     fn = staticmethod(info_nce)
 
     def __init__(self, *, temperature=0.1, in_batch_negatives=True, symmetric=False, backend="auto",
-                 process_group=None):
+                 process_group=None, normalize=False):
         _check_temperature("temperature", temperature)
         _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
         _check_choice("symmetric", symmetric, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("normalize", normalize, (False, True))
         super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
-                         backend=backend, process_group=process_group)
+                         backend=backend, process_group=process_group, normalize=normalize)
 
     def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None) -> Tensor:
         return info_nce(query, key, queue=queue, **self.kwargs)
@@ -852,13 +864,14 @@ class ClipLoss(_LossModule):
 
     fn = staticmethod(clip_loss)
 
-    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None):
+    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None, normalize=False):
         if logit_scale is not None:
             _check_logit_scale(logit_scale)
         _check_logit_bias(logit_bias)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("normalize", normalize, (False, True))
         super().__init__(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, normalize=normalize)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None) -> Tensor:
         kwargs = self.kwargs
@@ -906,15 +919,16 @@ class BCLLoss(_LossModule):
 
     fn = staticmethod(bcl_loss)
 
-    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None, normalize=False):
         _check_temperature("temperature", temperature)
+        _check_choice("normalize", normalize, (False, True))
         if class_centers is not None and (not isinstance(class_centers, Tensor) or class_centers.dim() != 2
                                           or not class_centers.is_floating_point()):
             shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
             raise ValueError(f"class_centers must be a floating tensor of shape [C, D], got {shape}")
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         super().__init__(temperature=temperature, class_centers=class_centers, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, normalize=normalize)
 
     def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
                 extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None) -> Tensor:
