@@ -633,9 +633,10 @@ def symmetric_spread_loss(features, labels, *, temperature=0.5, normalize=False,
     ``L_i = -mean_p l_ip + log sum_{j != i: y_j = y_i} exp(l_ij)``, mean over the n_views·bsz anchors.
 
     This was this package's ``spread_loss`` before it followed the authors' code (``spread_loss``: view u
-    against view v < u only). It is kept because it is symmetric in the views (no view is only an anchor
-    or only a key, as in SimCLR's NT-Xent), and every view is a key of every other, so a batch gives
-    n_views - 1 times the pairs; on the same batch the two differ (the directions and the denominators).
+    against view v < u only). It is kept under its own name because it is symmetric in the views, as
+    SimCLR's NT-Xent is: every view row is both an anchor and a key of every other row (with 2 views, 2·bsz
+    anchors against 2·bsz - 1 keys each, where the authors' form has bsz against bsz), so no view is
+    privileged and a batch gives about four times the pairs. The two differ on the same batch.
     ``extra_keys`` / ``extra_key_labels`` (a memory bank): never positives, in the denominators of their class.
     """
     features = _views(features, 1, "symmetric_spread_loss")
