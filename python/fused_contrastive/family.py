@@ -739,7 +739,10 @@ def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", norma
     if support is not None:
         if support_labels is None:
             raise ValueError("support needs support_labels: one label per support row, compared with the labels")
-        support, support_labels = _extra_keys(support, support_labels, features, name="support", rows="S")
+        try:
+            support, support_labels = _extra_keys(support, support_labels, features, name="support", rows="S")
+        except ValueError as err:  # the shared check calls the labels by supcon_loss's name
+            raise ValueError(str(err).replace("extra_key_labels", "support_labels")) from None
     elif support_labels is not None:
         raise ValueError("support_labels was given without support")
 
