@@ -127,22 +127,37 @@ def family_cases(features, labels):
     ]
 
 
+def reduction_options(name, world, total):
+    """The default mean, and on 2 ranks (gather mode) weighted "mean" / "sum" and "none" with per-sample
+    weights (some 0); "none" is differentiated with a random per-row gradient."""
+    weight = torch.rand(total, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    weight[::3] = 0
+    if world != 2 or name.endswith("_ring"):
+        return [{}]
+    return [{}, dict(reduction="mean", weight=weight), dict(reduction="sum", weight=weight),
+            dict(reduction="none", weight=weight)]
+
+
 def check_family(rank, world, lo, hi, features, labels, backends):
     """Every other loss in gather mode (and SupCon with extra keys in ring mode): loss, per-sample gradients
-    (world x slice), shared tensors' DDP average."""
+    (world x slice), shared tensors' DDP average; with reductions and weights too."""
     for name, loss_fn, per_sample, shared in family_cases(features, labels):
-        for backend in backends:
+        for backend, options in ((b, o) for b in backends for o in reduction_options(name, world, len(labels))):
             full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
             shared_ref = [t.clone().requires_grad_() for t in shared]
-            ref = loss_fn(*full, *shared_ref, backend="reference")
+            ref = loss_fn(*full, *shared_ref, backend="reference", **options)
+            upstream = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
             diff_inputs = [t for t in full if t.requires_grad] + shared_ref
-            ref_grads = torch.autograd.grad(ref, diff_inputs)
+            ref_grads = torch.autograd.grad((ref * upstream).sum(), diff_inputs)
 
             local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
             shared_local = [t.clone().requires_grad_() for t in shared]
-            loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD)
-            grads = torch.autograd.grad(loss, [t for t in local if t.requires_grad] + shared_local)
-            what = f"rank {rank}/{world} {name} {backend}"
+            local_options = {k: v[lo:hi] if k == "weight" else v for k, v in options.items()}
+            loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD, **local_options)
+            if options.get("reduction") == "none":  # this rank's rows
+                ref, upstream = ref[lo:hi], upstream[lo:hi]
+            grads = torch.autograd.grad((loss * upstream).sum(), [t for t in local if t.requires_grad] + shared_local)
+            what = f"rank {rank}/{world} {name} {backend} {options.get('reduction', 'mean')}"
             assert_rel(loss.detach(), ref.detach(), what + " loss")
             n_local = sum(t.requires_grad for t in local)
             for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):

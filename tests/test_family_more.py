@@ -243,3 +243,39 @@ def test_normalize_on_every_loss(backend, name, small_chunks):
     inputs = {"features": features} if name.startswith("info_nce") else {"features": features, "other": other}
     check(backend, lambda: formula(features, other, labels),
           lambda: loss(features, other, labels, normalize=True, backend=backend), inputs, f"{name} normalize")
+
+
+# ------------------------------------------------------------------------------ reduction= and weight=
+REDUCED = {  # name -> (loss(features, weight=None, reduction=...), shape of "none" for features [bsz, 3, D])
+    "spread": (lambda f, **kw: fc.spread_loss(f, torch.arange(f.shape[0]) % 2, temperature=0.3, **kw), 3),
+    "symmetric_spread": (lambda f, **kw: fc.symmetric_spread_loss(f, torch.arange(f.shape[0]) % 2, **kw), 3),
+    "dcl": (lambda f, **kw: fc.dcl_loss(f, normalize=True, **kw), 3),
+    "dclw_learned": (lambda f, **kw: fc.dcl_loss(f[:, :2], weighted=True, detach_weight=False, **kw), 2),
+    "debiased": (lambda f, **kw: fc.debiased_contrastive_loss(f, beta=0.5, **kw), 6),
+    "unicon": (lambda f, **kw: fc.unicon_loss(f, f.flip(0).detach(), torch.arange(f.shape[0]) % 2, **kw), 3),
+    "suncet": (lambda f, **kw: fc.suncet_loss(f, torch.arange(f.shape[0]) % 3, **kw), 3),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("name", list(REDUCED))
+def test_reductions_and_weights(backend, name):
+    """"none" has one column per anchor view (or pair of views), its mean is "mean"; weights w: "sum" is
+    sum_i w_i L_i, "mean" that over sum_i w_i, with the gradients to match (w = 0 rows get none)."""
+    loss, columns = REDUCED[name]
+    features = features_of(6, 3, seed=9, normalize=False)
+    rows = loss(features, reduction="none", backend=backend)
+    assert rows.shape == (6, columns)
+    mean = loss(features, backend=backend)
+    assert_close(rows.mean(), mean, F64, f"{name} none.mean()")
+    assert_close(torch.autograd.grad(rows.mean(), features)[0], torch.autograd.grad(mean, features)[0], F64,
+                 f"{name} none.mean() grad")
+    w = torch.tensor([0.0, 1.0, 2.5, 0.5, 1.0, 3.0], dtype=F64)
+    weighted_rows = loss(features, reduction="none", weight=w, backend=backend)
+    assert_close(weighted_rows, rows * w[:, None], F64, f"{name} weighted rows")
+    total = loss(features, reduction="sum", weight=w, backend=backend)
+    assert_close(total, weighted_rows.sum(), F64, f"{name} sum")
+    weighted_mean = loss(features, weight=w, backend=backend)
+    assert_close(weighted_mean, weighted_rows.sum() / (w.sum() * columns), F64, f"{name} weighted mean")
+    assert_close(torch.autograd.grad(total, features)[0], torch.autograd.grad(weighted_rows.sum(), features)[0], F64,
+                 f"{name} sum grad")

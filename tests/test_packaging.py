@@ -19,5 +19,6 @@ def test_wheel_contents_and_cuda_skip_line(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("__init__.py", "losses.py", "chunked.py", "reference.py", "dispatch.py", "info.py",
                    "triton_kernels/__init__.py", "cuda_supcon.py", "fused.py", "csrc/supcon.cu", "csrc/supcon_api.cpp",
-                   "csrc/supcon_kernels.cuh", "csrc/supcon_params.h"):
+                   "csrc/supcon_kernels.cuh", "csrc/supcon_params.h", "compat/__init__.py", "compat/pml.py",
+                   "compat/open_clip.py", "compat/lightly.py"):
         assert f"fused_contrastive/{module}" in names

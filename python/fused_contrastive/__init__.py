@@ -11,6 +11,7 @@ from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSup
                      symmetric_spread_loss, unicon_loss)
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
+from . import compat  # noqa: E402  (drop-ins for open_clip, pytorch-metric-learning, lightly)
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,4 @@ __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_los
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
            "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "SymmetricSpreadLoss", "symmetric_spread_loss",
            "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "MemoryBank", "MemoryBankLoss",
-           "explain_backends", "BACKEND_CHOICES", "__version__"]
+           "explain_backends", "BACKEND_CHOICES", "compat", "__version__"]

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
-from .spec import ContrastSpec, normalize_rows
+from .spec import ContrastSpec, counted_weight, normalize_rows
 
 
 class _AllGather(torch.autograd.Function):
@@ -107,7 +107,8 @@ def check_group(group) -> None:
 # ----------------------------------------------------------------------------- agreement before any collective
 
 # Arguments describing one sample per row: only their dtype and trailing shape must agree across ranks.
-PER_SAMPLE = ("features", "labels", "mask", "query", "key", "image_features", "text_features", "universum")
+PER_SAMPLE = ("features", "labels", "mask", "query", "key", "image_features", "text_features", "weight",
+              "universum")
 # Compared by value in the loss's label dtype: where they live and whether they require grad do not matter.
 LABEL_ARGS = ("labels", "extra_key_labels")
 _NOT_COMPARED = ("backend", "process_group")  # a backend does not change the result; the group is the group
@@ -255,7 +256,8 @@ def gather_batch(group, *tensors: Optional[Tensor], layout: tuple = ()) -> Globa
 
 
 def local_rows(spec: ContrastSpec, start: int, stop: int) -> ContrastSpec:
-    """The spec restricted to anchors [start, stop), summed (the caller divides by the global count)."""
+    """The spec restricted to anchors [start, stop) (their weights with them), summed (the caller divides by
+    the global count), or its rows when the spec's reduction is "none"."""
     def rows(t):
         return None if t is None else t[start:stop]
 
@@ -264,29 +266,39 @@ def local_rows(spec: ContrastSpec, start: int, stop: int) -> ContrastSpec:
         bias = dataclasses.replace(bias, anchor_groups=bias.anchor_groups[start:stop])
     return dataclasses.replace(
         spec, anchors=spec.anchors[start:stop], anchor_labels=rows(spec.anchor_labels), den_bias=bias,
-        pos_row_weight=rows(spec.pos_row_weight), reduction="sum",
+        pos_row_weight=rows(spec.pos_row_weight), row_weight=rows(spec.row_weight),
+        reduction="none" if spec.reduction == "none" else "sum",
         self_offset=None if spec.self_offset is None else spec.self_offset + start)
 
 
 def run_rows(spec: ContrastSpec, ranges: list[tuple[int, int]], group, backend: str) -> Tensor:
-    """The global mean loss of ``spec`` (built on the global batch) from this rank's anchor ``ranges``,
-    with DDP-exact gradients."""
+    """The global result of ``spec`` (built on the global batch) from this rank's anchor ``ranges``, with
+    DDP-exact gradients: "mean" / "sum" over the global batch (the mean divided by the global sum of counted
+    weights), or "none": this rank's rows. The weights are constants here (no gradient of their own)."""
     if spec.mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
     world = dist.get_world_size(group)
+    if spec.row_weight is not None:
+        spec = dataclasses.replace(spec, row_weight=spec.row_weight.detach())
+    pieces = [local_rows(spec, start, stop) for start, stop in ranges]
+    if spec.reduction == "none":
+        rows = torch.cat([dispatch.run(local, backend) for local in pieces])
+        return world * rows - ((world - 1) * rows).detach()  # the rows; gradient world_size x this rank's
     local_sum = torch.zeros((), dtype=spec.accum_dtype, device=spec.device)
-    local_count = torch.zeros((), dtype=torch.long, device=spec.device)
-    for start, stop in ranges:
-        local = local_rows(spec, start, stop)
+    local_weight = torch.zeros((), dtype=spec.accum_dtype, device=spec.device)
+    for local in pieces:
         local_sum = local_sum + dispatch.run(local, backend)
-        local_count = local_count + ((local.pos_count() > 0).sum() if spec.no_positive == "exclude" else stop - start)
-    totals = torch.stack([local_sum.detach(), local_count.to(local_sum.dtype)])
+        local_weight = local_weight + counted_weight(local, local.pos_count() > 0).sum()
+    totals = torch.stack([local_sum.detach(), local_weight])
     dist.all_reduce(totals, group=group)
-    global_sum, global_count = totals[0], totals[1].clamp(min=1)
-    scaled_share = world * local_sum / global_count
+    global_sum, global_weight = totals[0], totals[1]
+    divisor = torch.where(global_weight > 0, global_weight, torch.ones_like(global_weight))
+    if spec.reduction == "sum":
+        divisor = torch.ones_like(divisor)
+    scaled_share = world * local_sum / divisor
     # Value: the global loss. Gradient: world_size x this rank's share (the gather's backward adds the
     # other ranks' key gradients), which DDP's average turns into the single-process gradient.
-    return scaled_share + (global_sum / global_count - scaled_share).detach()
+    return scaled_share + (global_sum / divisor - scaled_share).detach()
 
 
 def view_ranges(batch: GlobalBatch, anchor_views: int) -> list[tuple[int, int]]:

@@ -52,9 +52,10 @@ from .compiled import compiling, deferred_errors, require
 from .distributed import agreed
 from .losses import (CONTRAST_MODES, _accum_dtype, _check_base_temperature, _check_choice, _check_data,
                      _check_finite, _check_inverse, _check_labels, _check_scale, _check_temperature, _common_labels,
-                     _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, dense_ids, supcon_spec,
-                     tau_unknown)
-from .spec import ContrastSpec, DenominatorBias, mean_divisor, normalize_rows
+                     _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, _check_weight, _reduced,
+                     _view_weight, _views_layout, dense_ids, supcon_spec, tau_unknown, PAIRS_REDUCTION_DOC,
+                     VIEWS_REDUCTION_DOC)
+from .spec import REDUCTIONS, ContrastSpec, DenominatorBias, mean_divisor, normalize_rows
 
 
 def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *, closed_high: bool = True) -> float:
@@ -117,30 +118,41 @@ def _not_compiled(process_group) -> None:
                          "call the loss outside the compiled region)")
 
 
-def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group) -> Tensor:
+def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group,
+                reduction: str = "mean", weight=None) -> Tensor:
     """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
-    ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed)."""
+    ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed), reduced as
+    ``reduction`` with the per-sample (or per-view) ``weight``."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
     _not_compiled(process_group)
+    weight = _view_weight(weight, features, contrast_mode)
+    views = features.shape[1] if contrast_mode == "all" else 1
     if process_group is None:
-        return compiled.run(build(features, labels), backend)
+        result = compiled.run(_reduced(build(features, labels), reduction, weight, views), backend)
+        return _views_layout(result, reduction, views, contrast_mode)
     # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
-    return _gathered_views(process_group, features, labels, contrast_mode, backend, build)
+    return _gathered_views(process_group, features, labels, contrast_mode, backend, build, reduction, weight)
 
 
 def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group,
-                names: tuple = ()) -> list[Tensor]:
-    """Same for row-paired inputs (query/key, image/text): one loss per ``build(first, second) -> spec``, whose
-    anchors are rows of one of the two (both directions of CLIP share one gather)."""
+                names: tuple = (), reduction: str = "mean", weight=None) -> list[Tensor]:
+    """Same for row-paired inputs (query/key, image/text): one result per ``build(first, second) -> spec``,
+    whose anchors are rows of one of the two (both directions of CLIP share one gather), each reduced as
+    ``reduction`` with the per-pair ``weight [B]``."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
     _not_compiled(process_group)
+    weight = _check_weight(weight, [(first.shape[0],)], first.device, "one per pair")
     if process_group is None:
-        return [compiled.run(build(first, second), backend, *names[i:i + 1]) for i, build in enumerate(builds)]
+        return [compiled.run(_reduced(build(first, second), reduction, weight, 1), backend, *names[i:i + 1])
+                for i, build in enumerate(builds)]
     from . import distributed
 
-    batch = distributed.gather_batch(process_group, first, second)
+    batch = distributed.gather_batch(process_group, first, second, weight)
     ranges = distributed.view_ranges(batch, 1)
-    return [distributed.run_rows(build(*batch.tensors), ranges, process_group, backend) for build in builds]
+    return [distributed.run_rows(_reduced(build(*batch.tensors[:2]), reduction, batch.tensors[2], 1), ranges,
+                                 process_group, backend) for build in builds]
 
 
 _GROUP_DOC = """
@@ -161,7 +173,7 @@ _GROUP_DOC = """
 @deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None, extra_keys=None,
-                        extra_key_labels=None, normalize=False) -> Tensor:
+                        extra_key_labels=None, reduction="mean", weight=None, normalize=False) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -184,7 +196,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
         return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
-                       process_group=process_group)
+                       process_group=process_group, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- DCL / DCLW
@@ -192,7 +204,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 @agreed
 @deferred_errors
 def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
-             backend="auto", process_group=None, extra_keys=None) -> Tensor:
+             backend="auto", process_group=None, extra_keys=None, reduction="mean", weight=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, n_views, D]``, n_views >= 2, bsz >= 2.
 
     All n_views·bsz views are anchors; a view's positives are the other views of its sample, its denominator
@@ -240,9 +252,9 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_wei
         return dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight)
 
     def weight_gradient(specs, f, _):
-        """Zero, with the gradient of the loss through w: dLoss/dw_b = -(2 / Na) l_b (both views of sample b
-        have w_b and the same positive logit l_b = z_b0 . z_b1 / tau), so this term is
-        -(1 / bsz) sum_b (w_b - w_b.detach()) l_b.detach()."""
+        """Per anchor row, zero, with the gradient of its loss through w: row i of sample b has the term
+        -w_b l_b (one positive, the other view: l_b = z_b0 . z_b1 / tau), so its derivative in w_b is -l_b,
+        which the rows -(w_b - w_b.detach()) l_b.detach() carry (reduced as the loss's rows are)."""
         weight = pair_weight(f, True)
         with torch.no_grad():
             acc = specs[0].accum_dtype
@@ -252,11 +264,11 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_wei
             tau = specs[0].temperature
             tau = tau.detach().to(acc) if isinstance(tau, Tensor) else tau
             positive_logit = (first * second).sum(1) / tau
-        return -((weight - weight.detach()) * positive_logit).sum() / f.shape[0]
+        return (-(weight - weight.detach()) * positive_logit).repeat(2)
 
     adjust = weight_gradient if weighted and not detach_weight else None
     return _blocks_loss([build], (features, None), features.shape[1], backend=backend, process_group=process_group,
-                        adjust=adjust)
+                        adjust=adjust, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- InfoNCE / MoCo / CLIP
@@ -303,7 +315,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 @agreed
 @deferred_errors
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
-             backend="auto", process_group=None, normalize=False) -> Tensor:
+             backend="auto", process_group=None, reduction="mean", weight=None, normalize=False) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
 
     The denominator holds every key and every ``queue [Qn, D]`` row (MoCo v3 / CLIP-row style);
@@ -334,14 +346,14 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
 
     names = [("query", "key", "temperature"), ("key", "query", "temperature")]
     losses = _pairs_loss([build, build_reverse] if symmetric else [build], query, key, backend=backend,
-                         process_group=process_group, names=names)
+                         process_group=process_group, names=names, reduction=reduction, weight=weight)
     return 0.5 * (losses[0] + losses[1]) if symmetric else losses[0]
 
 
 @agreed
 @deferred_errors
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
-              process_group=None, normalize=False) -> Tensor:
+              process_group=None, reduction="mean", weight=None, normalize=False) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
 
     ``logits = logit_scale * image @ text.T``; the loss is the mean of the row-wise (image -> text) and
@@ -378,7 +390,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
     names = [("image_features", "text_features", "logit_scale"), ("text_features", "image_features", "logit_scale")]
     rows, cols = _pairs_loss([image_to_text, text_to_image], image_features, text_features, backend=backend,
-                             process_group=process_group, names=names)
+                             process_group=process_group, names=names, reduction=reduction, weight=weight)
     loss = 0.5 * (rows + cols)
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
         loss = loss + 0.0 * logit_bias.sum()  # shift-invariant: a zero gradient, and a graph to carry it
@@ -390,7 +402,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 @agreed
 @deferred_errors
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
-                              process_group=None, extra_keys=None) -> Tensor:
+                              process_group=None, extra_keys=None, reduction="mean", weight=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, n_views, D]``, n_views >= 2, bsz >= 2,
     with Robinson et al.'s hard-negative reweighting when ``beta > 0``.
 
@@ -399,7 +411,8 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
     ``Ng = max((n * sum_n e^{(1+beta) l_in} / sum_n e^{beta l_in} - tau_plus * n * e^{l_ip}) / (1 - tau_plus),
     n * e^{-1/temperature})`` and ``L_ip = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over the (anchor,
     positive) pairs: with 2 views the papers' loss over the 2·bsz anchors, with more each pair of views
-    counts as one such anchor. The clamp assumes L2-normalised features (cosine >= -1), as the papers do
+    counts as one such anchor (``reduction="none"``: ``[bsz, n_views (n_views - 1)]``, the ordered pairs
+    (0, 1), (0, 2), ..., (1, 0), ...; ``weight`` then ``[bsz]``). The clamp assumes L2-normalised features (cosine >= -1), as the papers do
     (``normalize=True`` normalises every row first). Computed in log space.
     ``extra_keys [E, D]`` (a memory bank): more negatives (n grows by E), never anchors.
     """
@@ -427,7 +440,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
                                     extra_keys=extra_keys, finish=debiased)
                   for u in range(n_views) for v in range(n_views) if u != v]
     return _blocks_loss(builds, (features, None), 2 if n_views == 2 else 1, backend=backend,
-                        process_group=process_group)
+                        process_group=process_group, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- BCL
@@ -435,7 +448,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 @agreed
 @deferred_errors
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
-             extra_keys=None, extra_key_labels=None, normalize=False) -> Tensor:
+             extra_keys=None, extra_key_labels=None, reduction="mean", weight=None, normalize=False) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
     SupCon (L_out, scale 1) whose denominator weighs each key by one over the batch count of its class,
@@ -486,7 +499,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         other = torch.where(count > 0, -torch.log(count.clamp(min=1)), 0.0)
         return dataclasses.replace(spec, den_bias=DenominatorBias(spec.anchor_labels, key_labels, same, other))
 
-    return _views_loss(build, features, labels, backend=backend, process_group=process_group)
+    return _views_loss(build, features, labels, backend=backend, process_group=process_group, reduction=reduction,
+                       weight=weight)
 
 
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
@@ -494,7 +508,7 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 @agreed
 @deferred_errors
 def spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="auto", process_group=None,
-                extra_keys=None, extra_key_labels=None) -> Tensor:
+                extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022 ("Perfectly Balanced"), as the
     authors' code computes it, for ``features [bsz, n_views, D]``, n_views >= 2, and ``labels [bsz]``.
 
@@ -505,6 +519,8 @@ def spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="
     view 1 against view 0 only). ``normalize=True`` L2-normalises every row first (the authors' ``lc_norm``).
     ``extra_keys`` / ``extra_key_labels`` (a memory bank): keys of every pair, never positives, in the
     denominators of their class. ``symmetric_spread_loss`` is the form with every view as an anchor.
+    ``reduction="none"`` gives ``[bsz]`` with 2 views (view 1's rows), ``[bsz, n_pairs]`` with more (pairs in
+    the order (1, 0), (2, 0), (2, 1), ...); ``weight`` is ``[bsz]`` (every row of the sample).
     """
     features = _views(features, 1, "spread_loss")
     if labels is None:
@@ -516,7 +532,8 @@ def spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="
     builds = [functools.partial(_spread_pair_spec, u=u, v=v, temperature=temperature, normalize=normalize,
                                 extra_keys=extra_keys, extra_key_labels=extra_key_labels)
               for u in range(1, n_views) for v in range(u)]
-    return _blocks_loss(builds, (features, labels), 1, backend=backend, process_group=process_group)
+    return _blocks_loss(builds, (features, labels), 1, backend=backend, process_group=process_group,
+                        reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- more of the family
@@ -548,28 +565,57 @@ def _tau(temperature, acc: torch.dtype):
     return temperature, tau_float
 
 
-def _blocks_loss(builds, tensors: tuple, blocks: int, *, backend: str, process_group, adjust=None) -> Tensor:
-    """The mean of the losses of ``build(*tensors) -> spec`` over ``builds`` (specs with as many anchors each),
-    each spec's anchors being ``blocks`` blocks of one row per sample (sample-ordered), on this process's batch
-    or on the global batch of ``process_group`` (the per-sample ``tensors`` gathered; each rank computes its
-    own rows of every block). ``adjust(specs, *tensors)``, when given, is added: a constant of the batch or a
-    zero-valued term that carries a gradient the specs cannot (it sees the global tensors, so its gradient
-    is the whole batch's on every rank, and the gather's backward makes it world_size x this rank's share)."""
+def _blocks_loss(builds, tensors: tuple, blocks: int, *, backend: str, process_group, adjust=None,
+                 reduction: str = "mean", weight=None) -> Tensor:
+    """The loss over ``build(*tensors) -> spec`` for every build (specs with as many anchor rows each), each
+    spec's anchors being ``blocks`` blocks of one row per sample (block-major), on this process's batch or on
+    the global batch of ``process_group`` (the per-sample ``tensors`` gathered; each rank computes its own rows
+    of every block). ``reduction`` over all the specs' rows: "mean" (every spec has the same rows and weights,
+    so the mean of the specs' means), "sum", or "none": ``[bsz, len(builds) * blocks]`` (``[bsz]`` when that
+    is one column). ``weight``: ``[bsz]``, or ``[bsz, blocks]`` (per block) for a single spec.
+    ``adjust(specs, *tensors) -> [Na]`` (the first spec's rows, global): terms added to the rows and reduced
+    with them: constants of the batch, or zero-valued terms carrying a gradient the specs cannot (they see the
+    global tensors: the gather's backward then makes their gradient world_size x this rank's share)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
     _not_compiled(process_group)
+    bsz, device = tensors[0].shape[0], tensors[0].device
+    shapes = [(bsz,)] + ([(bsz, blocks)] if blocks > 1 and len(builds) == 1 else [])
+    weight = _check_weight(weight, shapes, device, "one per sample" + (", or per view" if len(shapes) > 1 else ""))
+    world, ranges = 1, None
     if process_group is None:
-        specs = [build(*tensors) for build in builds]
-        losses = [compiled.run(spec, backend) for spec in specs]
+        specs = [_reduced(build(*tensors), reduction, weight, blocks) for build in builds]
+        results = [compiled.run(spec, backend) for spec in specs]
     else:
         from . import distributed
 
-        batch = distributed.gather_batch(process_group, *tensors)
-        tensors = batch.tensors
-        specs = [build(*tensors) for build in builds]
+        batch = distributed.gather_batch(process_group, *tensors, weight)
+        tensors, weight = tuple(batch.tensors[:-1]), batch.tensors[-1]
+        weight = None if weight is None else weight.detach()  # as run_rows: no gradient of their own here
+        specs = [_reduced(build(*tensors), reduction, weight, blocks) for build in builds]
         ranges = distributed.view_ranges(batch, blocks)
-        losses = [distributed.run_rows(spec, ranges, process_group, backend) for spec in specs]
-    loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-    return loss if adjust is None else loss + adjust(specs, *tensors)
+        world = torch.distributed.get_world_size(process_group)
+        results = [distributed.run_rows(spec, ranges, process_group, backend) for spec in specs]
+    adjusted = None
+    if adjust is not None:
+        spec = specs[0]
+        adjusted = adjust(specs, *tensors)
+        if spec.row_weight is not None:
+            adjusted = adjusted * spec.row_weight.to(adjusted.dtype)
+        if reduction != "none":
+            has_pos = spec.pos_count() > 0
+            adjusted = adjusted.sum() / mean_divisor(spec, has_pos)
+        elif ranges is not None:  # this rank's rows, with the gradient scale of run_rows' rows
+            adjusted = torch.cat([adjusted[start:stop] for start, stop in ranges])
+            adjusted = world * adjusted - ((world - 1) * adjusted).detach()
+    if reduction != "none":
+        loss = results[0] if len(results) == 1 else torch.stack(results).sum()
+        loss = loss / len(results) if reduction == "mean" else loss
+        return loss if adjusted is None else loss + adjusted
+    if adjusted is not None:
+        results[0] = results[0] + adjusted
+    rows = torch.cat([r.reshape(blocks, -1).transpose(0, 1) for r in results], dim=1)  # [bsz, specs * blocks]
+    return rows[:, 0] if rows.shape[1] == 1 else rows
 
 
 def _view_rows(f: Tensor, view: int) -> Tensor:
@@ -626,7 +672,7 @@ def _pair_spec(f, _, *, u: int, v: int, temperature, normalize: bool, extra_keys
 @agreed
 @deferred_errors
 def symmetric_spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="auto", process_group=None,
-                          extra_keys=None, extra_key_labels=None) -> Tensor:
+                          extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
     """Class-conditional InfoNCE with every view as an anchor (NT-Xent restricted to the anchor's class),
     for ``features [bsz, n_views, D]``, n_views >= 2: a view's positives are the other views of its sample,
     its denominator every other view of its class (self excluded, the positives included):
@@ -659,7 +705,8 @@ def symmetric_spread_loss(features, labels, *, temperature=0.5, normalize=False,
         den_bias = DenominatorBias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
         return dataclasses.replace(spec, den_bias=den_bias)
 
-    return _blocks_loss([build], (features, labels), n_views, backend=backend, process_group=process_group)
+    return _blocks_loss([build], (features, labels), n_views, backend=backend, process_group=process_group,
+                        reduction=reduction, weight=weight)
 
 
 def _universum_views(universum, features: Tensor) -> Tensor:
@@ -682,7 +729,7 @@ def _universum_views(universum, features: Tensor) -> Tensor:
 @agreed
 @deferred_errors
 def unicon_loss(features, universum, labels, *, temperature=0.1, base_temperature=None, contrast_mode="all",
-                normalize=False, backend="auto", process_group=None) -> Tensor:
+                normalize=False, backend="auto", process_group=None, reduction="mean", weight=None) -> Tensor:
     """UniCon (Han et al., "Universum-inspired Supervised Contrastive Learning"), as the authors' code computes it.
 
     ``features [bsz, n_views, D]``, ``labels [bsz]``, ``universum`` one row per view row: ``[n_views·bsz, D]``
@@ -711,13 +758,14 @@ def unicon_loss(features, universum, labels, *, temperature=0.1, base_temperatur
         return dataclasses.replace(spec, anchors=anchors, keys=keys)  # self_offset 0: universum row i is out
 
     blocks = features.shape[1] if contrast_mode == "all" else 1
-    return _blocks_loss([build], (features, labels, universum), blocks, backend=backend, process_group=process_group)
+    return _blocks_loss([build], (features, labels, universum), blocks, backend=backend, process_group=process_group,
+                        reduction=reduction, weight=weight)
 
 
 @agreed
 @deferred_errors
 def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", normalize=False, support=None,
-                support_labels=None, backend="auto", process_group=None) -> Tensor:
+                support_labels=None, backend="auto", process_group=None, reduction="mean", weight=None) -> Tensor:
     """SuNCEt (Assran et al., "Supervision Accelerates Pre-training in Contrastive Semi-Supervised Learning"):
     ``L_i = -log sum_{p in P_i} softmax_i(p) = log sum_{j != i} exp(l_ij) - log sum_{p in P_i} exp(l_ip)``,
     minus the log of the summed probability of the keys of the anchor's class, ``l_ij = z_i . z_j / tau``.
@@ -751,15 +799,13 @@ def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", norma
                            variant="in", extra_keys=support, extra_key_labels=support_labels)
 
     def without_log_count(specs, *_):
-        spec = specs[0]
-        pos_count = spec.pos_count()
-        has_pos = pos_count > 0
-        log_count = torch.log(torch.where(has_pos, pos_count, torch.ones_like(pos_count)))
-        return -(log_count.sum() / mean_divisor(spec, has_pos)).detach()
+        """-log |P_i| per row (0 without positives): L_in's rows minus these are SuNCEt's."""
+        pos_count = specs[0].pos_count()
+        return -torch.log(torch.where(pos_count > 0, pos_count, torch.ones_like(pos_count)))
 
     blocks = features.shape[1] if contrast_mode == "all" else 1
     return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
-                        adjust=without_log_count)
+                        adjust=without_log_count, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -786,20 +832,22 @@ class EpsSupInfoNCELoss(_LossModule):
     fn = staticmethod(eps_supinfonce_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
-                 process_group=None, normalize=False):
+                 process_group=None, normalize=False, reduction="mean"):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("normalize", normalize, (False, True))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
-                         contrast_mode=contrast_mode, backend=backend, process_group=process_group, normalize=normalize)
+                         contrast_mode=contrast_mode, backend=backend, process_group=process_group, normalize=normalize,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
-                extra_key_labels: Optional[Tensor] = None) -> Tensor:
+                extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
         return eps_supinfonce_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
-                                   **self.kwargs)
+                                   weight=weight, **self.kwargs)
 
 
 class DCLLoss(_LossModule):
@@ -814,18 +862,20 @@ class DCLLoss(_LossModule):
     fn = staticmethod(dcl_loss)
 
     def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
-                 backend="auto", process_group=None):
+                 backend="auto", process_group=None, reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("weighted", weighted, (False, True))
         _check_sigma(sigma)
         _check_choice("detach_weight", detach_weight, (False, True))
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, detach_weight=detach_weight,
-                         normalize=normalize, backend=backend, process_group=process_group)
+                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
 
-    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
-        return dcl_loss(features, extra_keys=extra_keys, **self.kwargs)
+    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return dcl_loss(features, extra_keys=extra_keys, weight=weight, **self.kwargs)
 
 
 class InfoNCELoss(_LossModule):
@@ -841,17 +891,19 @@ class InfoNCELoss(_LossModule):
     fn = staticmethod(info_nce)
 
     def __init__(self, *, temperature=0.1, in_batch_negatives=True, symmetric=False, backend="auto",
-                 process_group=None, normalize=False):
+                 process_group=None, normalize=False, reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
         _check_choice("symmetric", symmetric, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("normalize", normalize, (False, True))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
-                         backend=backend, process_group=process_group, normalize=normalize)
+                         backend=backend, process_group=process_group, normalize=normalize, reduction=reduction)
 
-    def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None) -> Tensor:
-        return info_nce(query, key, queue=queue, **self.kwargs)
+    def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return info_nce(query, key, queue=queue, weight=weight, **self.kwargs)
 
 
 class ClipLoss(_LossModule):
@@ -868,22 +920,25 @@ class ClipLoss(_LossModule):
 
     fn = staticmethod(clip_loss)
 
-    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None, normalize=False):
+    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None, normalize=False,
+                 reduction="mean"):
         if logit_scale is not None:
             _check_logit_scale(logit_scale)
         _check_logit_bias(logit_bias)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("normalize", normalize, (False, True))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
-                         process_group=process_group, normalize=normalize)
+                         process_group=process_group, normalize=normalize, reduction=reduction)
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None) -> Tensor:
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None,
+                weight: Optional[Tensor] = None) -> Tensor:
         kwargs = self.kwargs
         logit_scale = _one_of("logit_scale", kwargs.pop("logit_scale"), logit_scale)
         if logit_scale is None:
             raise ValueError("logit_scale must be given, to ClipLoss(logit_scale=...) or to forward")
         kwargs["logit_bias"] = _one_of("logit_bias", kwargs["logit_bias"], logit_bias)
-        return clip_loss(image_features, text_features, logit_scale, **kwargs)
+        return clip_loss(image_features, text_features, logit_scale, weight=weight, **kwargs)
 
 
 class DebiasedContrastiveLoss(_LossModule):
@@ -898,17 +953,19 @@ class DebiasedContrastiveLoss(_LossModule):
     fn = staticmethod(debiased_contrastive_loss)
 
     def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
-                 process_group=None):
+                 process_group=None, reduction="mean"):
         _check_temperature("temperature", temperature)
         _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
         _number("beta", beta, 0.0)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, normalize=normalize, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, reduction=reduction)
 
-    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
-        return debiased_contrastive_loss(features, extra_keys=extra_keys, **self.kwargs)
+    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return debiased_contrastive_loss(features, extra_keys=extra_keys, weight=weight, **self.kwargs)
 
 
 class BCLLoss(_LossModule):
@@ -923,7 +980,8 @@ class BCLLoss(_LossModule):
 
     fn = staticmethod(bcl_loss)
 
-    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None, normalize=False):
+    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None, normalize=False,
+                 reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("normalize", normalize, (False, True))
         if class_centers is not None and (not isinstance(class_centers, Tensor) or class_centers.dim() != 2
@@ -931,14 +989,17 @@ class BCLLoss(_LossModule):
             shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
             raise ValueError(f"class_centers must be a floating tensor of shape [C, D], got {shape}")
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, class_centers=class_centers, backend=backend,
-                         process_group=process_group, normalize=normalize)
+                         process_group=process_group, normalize=normalize, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
-                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None) -> Tensor:
+                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
         kwargs = self.kwargs
         kwargs["class_centers"] = _one_of("class_centers", kwargs["class_centers"], class_centers)
-        return bcl_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels, **kwargs)
+        return bcl_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels, weight=weight,
+                        **kwargs)
 
 
 class SpreadLoss(_LossModule):
@@ -952,16 +1013,18 @@ class SpreadLoss(_LossModule):
 
     fn = staticmethod(spread_loss)
 
-    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
-                extra_key_labels: Optional[Tensor] = None) -> Tensor:
+                extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
         return spread_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
-                           **self.kwargs)
+                           weight=weight, **self.kwargs)
 
 
 class SymmetricSpreadLoss(_LossModule):
@@ -974,16 +1037,18 @@ class SymmetricSpreadLoss(_LossModule):
 
     fn = staticmethod(symmetric_spread_loss)
 
-    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
-                extra_key_labels: Optional[Tensor] = None) -> Tensor:
+                extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
         return symmetric_spread_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
-                                     **self.kwargs)
+                                     weight=weight, **self.kwargs)
 
 
 _UNIVERSUM = "torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)"
@@ -1002,17 +1067,18 @@ class UniConLoss(_LossModule):
     fn = staticmethod(unicon_loss)
 
     def __init__(self, *, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
-                 backend="auto", process_group=None):
+                 backend="auto", process_group=None, reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
-                         normalize=normalize, backend=backend, process_group=process_group)
+                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
 
-    def forward(self, features: Tensor, universum: Tensor, labels: Tensor) -> Tensor:
-        return unicon_loss(features, universum, labels, **self.kwargs)
+    def forward(self, features: Tensor, universum: Tensor, labels: Tensor, *, weight: Optional[Tensor] = None) -> Tensor:
+        return unicon_loss(features, universum, labels, weight=weight, **self.kwargs)
 
 
 class SuNCEtLoss(_LossModule):
@@ -1027,17 +1093,20 @@ class SuNCEtLoss(_LossModule):
 
     fn = staticmethod(suncet_loss)
 
-    def __init__(self, *, temperature=0.1, contrast_mode="all", normalize=False, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.1, contrast_mode="all", normalize=False, backend="auto", process_group=None,
+                 reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, contrast_mode=contrast_mode, normalize=normalize, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, support: Optional[Tensor] = None,
-                support_labels: Optional[Tensor] = None) -> Tensor:
-        return suncet_loss(features, labels, support=support, support_labels=support_labels, **self.kwargs)
+                support_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+        return suncet_loss(features, labels, support=support, support_labels=support_labels, weight=weight,
+                           **self.kwargs)
 
 
 _QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
@@ -1054,5 +1123,13 @@ _FUNCTION_EXAMPLES = {
     unicon_loss: _example(f"loss = fc.unicon_loss({_FEATURES}, {_UNIVERSUM}, {_LABELS})"),
     suncet_loss: _example(f"loss = fc.suncet_loss({_FEATURES}, {_LABELS}, normalize=True)"),
 }
+_PAIR_LOSSES = (info_nce, clip_loss)
 for _fn, _doc in _FUNCTION_EXAMPLES.items():
-    _fn.__doc__ += _GROUP_DOC + "\n" + _doc
+    _fn.__doc__ += (PAIRS_REDUCTION_DOC if _fn in _PAIR_LOSSES else VIEWS_REDUCTION_DOC) + _GROUP_DOC + "\n" + _doc
+_MODULE_DOC = """
+    ``reduction`` (constructor) and ``weight`` (forward) as in the function: "mean" (default), "sum" or "none"
+    (the per-anchor losses), with optional per-sample weights >= 0.
+"""
+for _cls in (EpsSupInfoNCELoss, DCLLoss, InfoNCELoss, ClipLoss, DebiasedContrastiveLoss, BCLLoss, SpreadLoss,
+             SymmetricSpreadLoss, UniConLoss, SuNCEtLoss):
+    _cls.__doc__ = _cls.__doc__.replace("\n    Example:", _MODULE_DOC + "\n    Example:", 1)
