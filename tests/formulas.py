@@ -303,7 +303,8 @@ def spread(features, labels, *, temperature=0.5, normalize=False, extra_keys=Non
             key_y = y
             if extra_keys is not None:
                 keys = torch.cat([keys, _normalized(extra_keys, normalize)])
-                key_y = torch.cat([y.to(torch.float64), torch.as_tensor(extra_key_labels).reshape(-1).to(torch.float64)])
+                bank_y = torch.as_tensor(extra_key_labels).reshape(-1).to(torch.float64)
+                key_y = torch.cat([y.to(torch.float64), bank_y])
             logits = anchors @ keys.T / temperature
             rows = [-logits[i, i] + _lse(logits[i][key_y == y[i]]) for i in range(bsz)]
             pair_losses.append(_mean(rows))

@@ -45,7 +45,8 @@ def test_spread_forms(backend, kind, n_views, temperature, normalize, symmetric,
     formula, loss = (formulas.symmetric_spread, fc.symmetric_spread_loss) if symmetric else (formulas.spread,
                                                                                                 fc.spread_loss)
     kw = dict(temperature=temperature, normalize=normalize)
-    value = check(backend, lambda: formula(features, labels, **kw), lambda: loss(features, labels, backend=backend, **kw),
+    value = check(backend, lambda: formula(features, labels, **kw),
+                  lambda: loss(features, labels, backend=backend, **kw),
                   {"features": features}, f"spread symmetric={symmetric} {kind} V={n_views}")
     if kind == "singletons" and not symmetric:  # the positive is the whole denominator
         assert abs(value.item()) < 1e-12

@@ -412,7 +412,8 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
     n * e^{-1/temperature})`` and ``L_ip = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over the (anchor,
     positive) pairs: with 2 views the papers' loss over the 2·bsz anchors, with more each pair of views
     counts as one such anchor (``reduction="none"``: ``[bsz, n_views (n_views - 1)]``, the ordered pairs
-    (0, 1), (0, 2), ..., (1, 0), ...; ``weight`` then ``[bsz]``). The clamp assumes L2-normalised features (cosine >= -1), as the papers do
+    (0, 1), (0, 2), ..., (1, 0), ...; ``weight`` then ``[bsz]``). The clamp assumes L2-normalised features
+    (cosine >= -1), as the papers do
     (``normalize=True`` normalises every row first). Computed in log space.
     ``extra_keys [E, D]`` (a memory bank): more negatives (n grows by E), never anchors.
     """
@@ -716,8 +717,8 @@ def _universum_views(universum, features: Tensor) -> Tensor:
         universum = universum.reshape(n_views, bsz, dim).transpose(0, 1)
     if not isinstance(universum, Tensor) or tuple(universum.shape) != (bsz, n_views, dim):
         shape = tuple(universum.shape) if isinstance(universum, Tensor) else type(universum).__name__
-        raise ValueError(f"universum must be a tensor of shape [n_views * bsz, D] = [{n_views * bsz}, {dim}] (view-major, "
-                         f"one universum row per view row) or [bsz, n_views, D], got {shape}")
+        raise ValueError(f"universum must be a tensor of shape [n_views * bsz, D] = [{n_views * bsz}, {dim}] "
+                         f"(view-major, one universum row per view row) or [bsz, n_views, D], got {shape}")
     _check_data("universum", universum)
     if universum.dtype != features.dtype or universum.device != features.device:
         raise ValueError(f"universum must have the features' dtype and device ({features.dtype}, {features.device}), "
@@ -1077,7 +1078,8 @@ class UniConLoss(_LossModule):
         super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
                          normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
 
-    def forward(self, features: Tensor, universum: Tensor, labels: Tensor, *, weight: Optional[Tensor] = None) -> Tensor:
+    def forward(self, features: Tensor, universum: Tensor, labels: Tensor, *,
+                weight: Optional[Tensor] = None) -> Tensor:
         return unicon_loss(features, universum, labels, weight=weight, **self.kwargs)
 
 
