@@ -95,6 +95,8 @@ def family_cases(features, labels):
     bank = torch.randn(4, 6, dtype=torch.float64, generator=gen)
     bank_labels = torch.tensor([0, 2, 5, 9])
     scale = torch.tensor(7.0, dtype=torch.float64)
+    views3 = torch.cat([features, features[:, :1].flip(0)], dim=1)  # a third view per sample
+    universum = torch.nn.functional.normalize(torch.randn(features.shape, dtype=torch.float64, generator=gen), dim=-1)
     return [
         ("eps_supinfonce", lambda f, y, **kw: fc.eps_supinfonce_loss(f, y, epsilon=0.2, temperature=0.3, **kw),
          (features, labels), ()),
@@ -106,6 +108,17 @@ def family_cases(features, labels):
         ("bcl_centers", lambda f, y, c, **kw: fc.bcl_loss(f, y, temperature=0.3, class_centers=c, **kw),
          (features, labels), (centers,)),
         ("spread", lambda f, y, **kw: fc.spread_loss(f, y, **kw), (features, labels), ()),
+        ("spread_3views_bank", lambda f, y, e, **kw: fc.spread_loss(f, y, extra_keys=e, extra_key_labels=bank_labels,
+                                                                    **kw), (views3, labels), (bank,)),
+        ("symmetric_spread", lambda f, y, **kw: fc.symmetric_spread_loss(f, y, normalize=True, **kw),
+         (views3, labels), ()),
+        ("dclw_learned", lambda f, **kw: fc.dcl_loss(f, temperature=0.3, weighted=True, detach_weight=False, **kw),
+         (features * 1.5,), ()),
+        ("debiased_3views", lambda f, **kw: fc.debiased_contrastive_loss(f, beta=0.5, **kw), (views3,), ()),
+        ("unicon", lambda f, u, y, **kw: fc.unicon_loss(f, u, y, temperature=0.3, **kw), (features, universum, labels),
+         ()),
+        ("suncet_support", lambda f, y, s, **kw: fc.suncet_loss(f, y, support=s, support_labels=bank_labels, **kw),
+         (features, labels), (bank,)),
         ("supcon_extra_keys", lambda f, y, e, **kw: fc.supcon_loss(f, y, extra_keys=e, extra_key_labels=bank_labels,
                                                                    **kw), (features, labels), (bank,)),
         ("supcon_extra_keys_ring", lambda f, y, e, **kw: fc.supcon_loss(
