@@ -8,6 +8,7 @@ from .dispatch import BACKEND_CHOICES
 from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSupInfoNCELoss, InfoNCELoss, SpreadLoss,
                      bcl_loss, clip_loss, dcl_loss, debiased_contrastive_loss, eps_supinfonce_loss, info_nce,
                      spread_loss)
+from .grad_cache import grad_cache_step
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
 
@@ -25,3 +26,4 @@ __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_los
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
            "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "MemoryBank", "MemoryBankLoss",
            "explain_backends", "BACKEND_CHOICES", "__version__"]
+__all__ += ["grad_cache_step"]
