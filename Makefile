@@ -28,7 +28,9 @@ setup: $(PYTHON)
 test: setup
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
-# The suite without the cases marked slow (CI runs them all).
+# The suite without the cases marked slow, in their files or in tests/conftest.py's QUICK_EXCLUDED (the heavy
+# Triton-interpreter sizes, AOT compiles, torch.compile's inductor, 3-process runs, example trainings). CI runs
+# them all (`make test`).
 test-quick: setup
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

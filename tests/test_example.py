@@ -1,5 +1,7 @@
-"""The digits training example, short: backends follow the same loss curve and training helps."""
+"""The examples, short: the digits run follows the same loss curve on every backend and training helps;
+every other example runs end to end and reaches its own check."""
 import importlib.util
+import math
 import os
 
 import pytest
@@ -55,3 +57,27 @@ def test_digits_first_batch_gradient_as_accurate_as_the_reference():
     exact = grad("reference", torch.float64)
     errors = {b: relative_error(grad(b, torch.float32), exact) for b in ("reference", "chunked")}
     assert 0 < errors["chunked"] <= 2 * errors["reference"], errors
+
+
+SMOKE = {  # example -> (short arguments, check of its result)
+    "clip_learnable_scale": (["--steps", "40", "--batch-size", "128"],
+                             lambda r: r["losses"][-1] < r["losses"][0] and r["top1_after"] > r["top1_before"] + 0.1),
+    "moco_queue": (["--epochs", "2", "--queue", "256"], lambda r: all(math.isfinite(v) for v in r["losses"])),
+    "ddp_supcon": (["--steps", "3", "--batch-size", "64"],
+                   lambda r: r["max_param_diff"] < 1e-12 and r["ddp_losses"] == pytest.approx(r["single_losses"])),
+    "grad_cache_clip": (["--steps", "2", "--batch-size", "512", "--micro-batch", "128"],
+                        lambda r: r["exact_rel_diff"] < 1e-12 and r["losses"][1] < r["losses"][0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_example_runs(name):
+    """Each README example runs end to end with short settings (the defaults take seconds to a minute)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    module = importlib.import_module(name)
+    argv, check = SMOKE[name]
+    result = module.main(argv)
+    assert check(result), result

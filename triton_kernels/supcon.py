@@ -1,4 +1,4 @@
-"""SupCon / SimCLR (DESIGN.md's general loss with a_ij in {labels, dense mask}) as fused Triton kernels.
+"""SupCon / SimCLR (docs/design.md, "The general loss", with a_ij in {labels, dense mask}) as fused Triton kernels.
 
 Read top to bottom: the three kernels (forward; dQ row-parallel; dK column-parallel),
 their launchers (grid, autotuning, argument plumbing), and the ``loss(spec)`` entries that

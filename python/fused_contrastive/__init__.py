@@ -9,6 +9,7 @@ from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSup
                      SuNCEtLoss, SymmetricSpreadLoss, UniConLoss, bcl_loss, clip_loss, dcl_loss,
                      debiased_contrastive_loss, eps_supinfonce_loss, info_nce, spread_loss, suncet_loss,
                      symmetric_spread_loss, unicon_loss)
+from .grad_cache import grad_cache_step
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
 from .siglip import SigLipLoss, siglip_loss
@@ -28,4 +29,4 @@ __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_los
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
            "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "SymmetricSpreadLoss", "symmetric_spread_loss",
            "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "MemoryBank", "MemoryBankLoss", "SigLipLoss",
-           "siglip_loss", "explain_backends", "BACKEND_CHOICES", "compat", "__version__"]
+           "siglip_loss", "explain_backends", "BACKEND_CHOICES", "compat", "grad_cache_step", "__version__"]

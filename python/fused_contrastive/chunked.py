@@ -2,7 +2,7 @@
 
 Each block ``S = Q_blk K^T / tau`` is ``[block, M]``, so a row's ``LSE`` is complete
 within its block and no online rescaling is needed. When gradients are wanted, the
-block's ``g`` (DESIGN.md's backward formula) is formed right there and ``dQ_blk``,
+block's ``g`` (docs/design.md, "Backward") is formed right there and ``dQ_blk``,
 ``dK`` are accumulated during the forward pass: three matrix products per block
 instead of four with a recompute. Backward only scales the stored gradients.
 
@@ -12,7 +12,7 @@ self) / tau``, and the positive part of ``g`` reduces to per-class sums the same
 A user's dense mask, L_in and epsilon-SupInfoNCE form the positive tile per block.
 
 Row formulas beyond the general form get their per-row derivatives from the block's
-statistics: epsilon-SupInfoNCE in closed form (DESIGN.md's exception table), the
+statistics: epsilon-SupInfoNCE in closed form (docs/design.md, "Exceptions and row formulas"), the
 debiased loss by autograd on the block's O(block) statistics (``spec.debiased_row_losses``),
 never on a tile.
 """

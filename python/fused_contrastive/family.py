@@ -1,4 +1,4 @@
-"""The rest of the contrastive family, each as a description of the general loss (DESIGN.md).
+"""The rest of the contrastive family, each as a description of the general loss (docs/design.md).
 
 Every function validates its arguments, builds a ``ContrastSpec`` (usually SupCon's,
 then changes its denominator rule, positive weights or row formula) and dispatches it

@@ -6,7 +6,7 @@ spec's accumulation dtype (float64 stays float64), never adds an epsilon and nev
 produces NaN for anchors without positives or without any key in the denominator.
 
 ``dense_rows`` is the whole family's row math on dense logits, written directly from
-the formulas (DESIGN.md); the other backends derive their gradients by hand and are
+the formulas (docs/design.md); the other backends derive their gradients by hand and are
 tested against it and against tests/formulas.py.
 """
 from __future__ import annotations

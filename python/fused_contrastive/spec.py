@@ -1,6 +1,6 @@
 """The description of one contrastive loss that travels from the API to every backend.
 
-Notation follows DESIGN.md: anchors ``Q [Na, D]`` (rows), keys ``K [M, D]``
+Notation follows docs/design.md: anchors ``Q [Na, D]`` (rows), keys ``K [M, D]``
 (columns), ``l_ij = q_i . k_j / tau``. The spec holds only O(Na + M) metadata
 (label vectors, a self offset) or, when the user passed one, the small dense
 ``[B, B]`` mask that SupContrast's API allows; never an ``[Na, M]`` tensor.
@@ -15,7 +15,7 @@ from torch import Tensor
 
 NO_POSITIVE_MODES = ("zero", "exclude")
 VARIANTS = ("out", "in")  # SupCon's L_out (mean of positive log-probabilities) and L_in (log of their mean)
-# Row losses beyond the general form (DESIGN.md's exception table): "eps" is epsilon-SupInfoNCE (one
+# Row losses beyond the general form (docs/design.md, "Exceptions and row formulas"): "eps" is epsilon-SupInfoNCE (one
 # denominator per positive, needs LSE_N before the positive sum); "debiased" is Chuang et al.'s debiased
 # negative term with Robinson et al.'s hard-negative reweighting (three LSEs over the negatives).
 ALL_VARIANTS = VARIANTS + ("eps", "debiased")
@@ -63,7 +63,7 @@ class ContrastSpec:
     # "none" the rows w_i L_i themselves ([Na]); w_i = row_weight[i], 1 when None (see reduction_coef).
     reduction: str = "mean"
     # "out": L_i = c (LSE_A - sum_j a_ij l_ij / Z_i);  "in": L_i = c (LSE_A - LSE_P + log Z_i), with
-    # LSE_P = log sum_j a_ij exp(l_ij) (DESIGN.md's exception table).
+    # LSE_P = log sum_j a_ij exp(l_ij) (docs/design.md, "Exceptions and row formulas").
     variant: str = "out"
     den_bias: Optional[DenominatorBias] = None  # None: b_ij = 0 on every key but self
     # w_i multiplying the positive term (DCLW's detached pair weight): L_i = c (LSE - w_i sum_j a_ij l_ij / Z_i).
