@@ -809,6 +809,247 @@ def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", norma
                         adjust=without_log_count, reduction=reduction, weight=weight)
 
 
+# ----------------------------------------------------------------------------- PaCo / GPaCo
+
+def _class_index_labels(labels: Tensor, classes: int, what: str) -> None:
+    """Labels that index a table of ``classes`` rows (the class centers): integers in [0, classes)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers in [0, {classes}) for {what} (each indexes its class center), "
+                         f"got dtype {labels.dtype}")
+    if not compiling() and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}) for {what} (one class center per class), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+@agreed
+@deferred_errors
+def paco_loss(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0, temperature=0.2,
+              supervised_temperature=None, base_temperature=None, label_smoothing=0.0, logit_offsets=None,
+              contrast_mode="one", normalize=False, extra_keys=None, extra_key_labels=None, backend="auto",
+              process_group=None, reduction="mean", weight=None) -> Tensor:
+    """Parametric contrastive loss (PaCo, Cui et al.; GPaCo's label smoothing): SupCon whose keys are the views,
+    a labelled queue (``extra_keys``) and one learnable center per class, each center a key of every anchor.
+
+    With ``l_ij = q_i . k_j / temperature`` for the view and queue keys (self excluded) and
+    ``s_ik = (q_i . c_k + o_k) / supervised_temperature`` for the centers (``o = logit_offsets [C]``, PaCo-LT's
+    log class prior; constants), the denominator is ``D_i = sum_k exp(s_ik) + gamma sum_j exp(l_ij)`` and
+    ``L_i = -c / W_i [sum_k m_ik (s_ik - log D_i) + alpha sum_{j: y_j = y_i} (l_ij - log D_i)]``, where
+    ``m_ik = beta (1 - e)`` for k = y_i and ``beta e / (C - 1)`` else (``e = label_smoothing``),
+    ``W_i = beta + alpha |P_i|`` and ``c = temperature / base_temperature`` (1 when None).
+    ``labels`` are integers in [0, C) (the row of ``class_centers [C, D]``); ``supervised_temperature=None``
+    means ``temperature`` (the authors' default is 1.0); anchors are view 0 (``contrast_mode="one"``, the
+    authors' query) or every view (``"all"``). ``normalize=True`` L2-normalises the views and queue rows,
+    never the centers (a linear classifier's weights). With beta = 0 an anchor without a positive has loss 0
+    (the authors' code divides 0 by 0 there).
+    One fused pass: the centers are keys scaled by ``temperature / supervised_temperature``, gamma and the
+    offsets a per-key denominator bias, the positive weights a per-row scale of the fused positive sum plus
+    an O(N D) term for the center positives (the smoothing's sum over every center is ``q_i . sum_k c_k``).
+    """
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    if labels is None:
+        raise ValueError("labels must be given for paco_loss (each anchor's positive center is its class's)")
+    labels = _check_labels(labels, features.shape[0], features.device)
+    alpha, beta, gamma = (_number(name, value, 0.0) for name, value in (("alpha", alpha), ("beta", beta),
+                                                                         ("gamma", gamma)))
+    if alpha == 0 and beta == 0:
+        raise ValueError("alpha and beta must not both be 0 (no positive would remain)")
+    smoothing = _number("label_smoothing", label_smoothing, 0.0, 1.0)
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+    _check_choice("normalize", normalize, (False, True))
+    if not isinstance(class_centers, Tensor) or class_centers.dim() != 2 or class_centers.shape[0] < 1:
+        shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
+        raise ValueError(f"class_centers must be a tensor of shape [C, D] with C >= 1, got {shape}")
+    classes = class_centers.shape[0]
+    class_centers, _ = _extra_keys(class_centers, None, features, name="class_centers", rows="C", labelled=False)
+    if smoothing > 0 and classes < 2:
+        raise ValueError("label_smoothing > 0 needs at least 2 class centers (it moves mass to the other classes)")
+    _class_index_labels(labels, classes, "paco_loss")
+    acc = _accum_dtype(features)
+    if supervised_temperature is None:
+        supt = None
+    else:
+        supt = _number("supervised_temperature", supervised_temperature, 0.0)
+        if supt == 0:
+            raise ValueError("supervised_temperature must be > 0")
+        _check_inverse("supervised_temperature", supt, acc)
+    if logit_offsets is not None:
+        if not isinstance(logit_offsets, Tensor) or tuple(logit_offsets.shape) != (classes,):
+            shape = tuple(logit_offsets.shape) if isinstance(logit_offsets, Tensor) else type(logit_offsets).__name__
+            raise ValueError(f"logit_offsets must be a tensor of shape [C] with C = {classes}, got {shape}")
+        _check_data("logit_offsets", logit_offsets)
+        if not logit_offsets.is_floating_point():
+            raise ValueError(f"logit_offsets must be floating, got dtype {logit_offsets.dtype}")
+        _check_finite(logit_offsets=logit_offsets)
+        logit_offsets = logit_offsets.detach().to(device=features.device, dtype=acc)
+    bank, bank_labels = _bank(extra_keys, extra_key_labels, features)
+    blocks = features.shape[1] if contrast_mode == "all" else 1
+
+    if (logit_offsets is not None and supt is None and isinstance(temperature, Tensor)
+            and temperature.requires_grad):
+        raise ValueError("logit_offsets with a learned temperature needs a supervised_temperature (a number): the "
+                         "offsets' share o_k / temperature would get no gradient")
+
+    def build(f, y):
+        _class_index_labels(y, classes, "paco_loss")
+        views, queue, centers = f, bank, class_centers
+        if normalize:  # the views and the queue only: the centers are used as given
+            views = normalize_rows(f.reshape(-1, f.shape[-1]), acc).reshape(f.shape)
+            queue = None if bank is None else normalize_rows(bank, acc)
+            centers = centers.to(acc)
+        tau, _ = _tau(temperature, acc)
+        # A center key k_c = c tau / supt gives q . k_c / tau = q . c / supt: one temperature for every key.
+        center_keys = centers if supt is None else centers * (tau / supt)
+        center_labels = (torch.arange(classes, device=y.device, dtype=y.dtype) if beta > 0
+                         else torch.full((classes,), -1, device=y.device, dtype=y.dtype))  # -1: no label's
+        if queue is None:
+            more, more_labels = center_keys, center_labels
+        else:
+            common = torch.promote_types(y.dtype, bank_labels.dtype)  # compared by value, never truncated
+            more, more_labels = torch.cat([queue, center_keys]), torch.cat([bank_labels.to(common),
+                                                                            center_labels.to(common)])
+        spec = supcon_spec(views, y, temperature=temperature, base_temperature=base_temperature,
+                           contrast_mode=contrast_mode, extra_keys=more, extra_key_labels=more_labels)
+        spec_acc, device = spec.accum_dtype, spec.device
+        # Denominator bias: group 0 holds the views and queue (log gamma), group 1 + k center k (its offset).
+        key_groups = torch.zeros(spec.num_keys, dtype=torch.long, device=device)
+        key_groups[spec.num_keys - classes:] = torch.arange(1, classes + 1, device=device)
+        same = torch.zeros(classes + 1, dtype=spec_acc, device=device)
+        same[0] = math.log(gamma) if gamma > 0 else float("-inf")
+        other = torch.zeros(classes + 1, dtype=spec_acc, device=device)
+        if logit_offsets is not None:  # o_k / supervised_temperature (a constant to autograd)
+            inv = 1.0 / (spec.temperature.detach().to(spec_acc) if isinstance(spec.temperature, Tensor)
+                         else spec.temperature) if supt is None else 1.0 / supt
+            other[1:] = logit_offsets.to(spec_acc) * inv
+        bias = DenominatorBias(torch.zeros(spec.num_anchors, dtype=torch.long, device=device), key_groups, same,
+                               other)
+        row_weight = None
+        if beta > 0:  # the fused sum weighs every positive alpha / W_i; the center's own weight is added below
+            count = spec.pos_count()
+            row_weight = alpha * count / (alpha * (count - 1) + beta)
+        return dataclasses.replace(spec, den_bias=bias, pos_row_weight=row_weight)
+
+    def center_positives(specs, f, y):
+        """What the fused rows lack of the center positives, per anchor row: -c / W_i times
+        (m_own - m_other - alpha) s_iy + m_other sum_k s_ik (offsets included), O(N D)."""
+        spec = specs[0]
+        spec_acc = spec.accum_dtype
+        q = spec.anchors.to(spec_acc)
+        centers = class_centers.to(spec_acc)
+        tau = spec.temperature
+        inv = (1.0 / tau if supt is None else 1.0 / supt)
+        y_rows = y.repeat(blocks)
+        own = (q * centers[y_rows]).sum(1)
+        every = q @ centers.sum(0)
+        other_share = smoothing / (classes - 1) if classes > 1 else 0.0
+        m_own, m_other = beta * (1.0 - smoothing), beta * other_share
+        term = (m_own - m_other - alpha) * own + m_other * every
+        if logit_offsets is not None:
+            offsets = logit_offsets.to(spec_acc)
+            term = term + (m_own - m_other) * offsets[y_rows] + m_other * offsets.sum()
+        count = spec.pos_count()
+        c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
+        return -c * inv * term / (alpha * (count - 1) + beta)
+
+    return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
+                        adjust=center_positives if beta > 0 else None, reduction=reduction, weight=weight)
+
+
+# ----------------------------------------------------------------------------- TSC
+
+def _labelled_keys(name: str, keys, labels, query: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Optional [n, D] keys with their [n] labels (both or neither), detached (no gradient, as the authors')."""
+    label_name = name[:-1] + "_labels" if name.endswith("s") else name + "_labels"
+    if keys is None:
+        if labels is not None:
+            raise ValueError(f"{label_name} was given without {name}")
+        return None, None
+    if labels is None:
+        raise ValueError(f"{name} needs {label_name}: one label per row")
+    try:
+        keys, labels = _extra_keys(keys, labels, query[:, None], name=name, rows="n")
+    except ValueError as err:  # the shared check calls the labels by supcon_loss's name
+        raise ValueError(str(err).replace("extra_key_labels", label_name)) from None
+    return keys.detach(), labels
+
+
+@agreed
+@deferred_errors
+def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None, target_labels=None,
+             target_weight=1.0, temperature=0.07, normalize=True, backend="auto", process_group=None,
+             reduction="mean", weight=None) -> Tensor:
+    """Targeted supervised contrastive loss (TSC, Li et al., the authors' MoCo form). Anchor ``query[i]``'s keys
+    are its own ``key[i]``, the labelled ``queue [Qn, D]`` and the labelled ``targets [T, D]`` (the class
+    targets, assigned to classes by the user: ``target_labels [T]``, a class's targets are its positives);
+    ``l_ij = q_i . k_j / temperature``, ``log p_ij = l_ij - log sum_j exp(l_ij)`` over those keys only.
+    ``L_i = -(1/Z_i) [log p_i,own + sum_{queue, y = y_i} log p_ij + tw sum_{targets, y = y_i} log p_ij]
+    - log p_i,own`` with ``Z_i`` the number of positives (own key, queue and targets of the class, each
+    counted once) and ``tw = target_weight``. ``normalize=True`` (the authors') L2-normalises the query, key and
+    queue rows, never the targets. The queue and targets get no gradient (the authors' buffers).
+    One fused pass gives the per-row log-denominator; the positive terms are linear in q_i (class sums of
+    the queue and targets), O((B + Qn + T) D): ``L_i = A_i log sum_j exp(l_ij) - B_i`` with
+    ``A_i = 1 + (1 + n_queue + tw n_targets) / Z_i``. ``process_group`` is not supported in this version.
+    """
+    _pair("query", query, "key", key)
+    if process_group is not None:
+        raise ValueError("process_group is not supported by tsc_loss in this version (its queue is global already)")
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("normalize", normalize, (False, True))
+    tw = _number("target_weight", target_weight, 0.0)
+    bsz, device = query.shape[0], query.device
+    labels = _check_labels(labels, bsz, device)
+    queue, queue_labels = _labelled_keys("queue", queue, queue_labels, query)
+    targets, target_labels = _labelled_keys("targets", targets, target_labels, query)
+    weight = _check_weight(weight, [(bsz,)], device, "one per sample")
+    acc = _accum_dtype(query)
+    temperature, tau_float = _tau(temperature, acc)
+    q, k, bank = query, key, queue
+    if normalize:
+        q, k = normalize_rows(query, acc), normalize_rows(key, acc)
+        bank = None if queue is None else normalize_rows(queue, acc)
+    more = [x.to(q.dtype) for x in (bank, targets) if x is not None]
+    spec = _info_nce_spec(q, k, temperature, torch.cat(more) if more else None, False, tau_float=tau_float)
+    # The fused rows with no positive term are the log-denominators; the row weights are applied below.
+    spec = dataclasses.replace(spec, pos_row_weight=torch.zeros(bsz, dtype=spec.accum_dtype, device=device))
+    log_den = compiled.run(_reduced(spec, "none", None, 1), backend)
+
+    spec_acc = spec.accum_dtype
+    qa = q.to(spec_acc)
+    tau = temperature.to(spec_acc) if isinstance(temperature, Tensor) else temperature
+    own = (qa * k.to(spec_acc)).sum(1) / tau
+    all_labels = [labels] + [x for x in (queue_labels, target_labels) if x is not None]
+    common = functools.reduce(torch.promote_types, [x.dtype for x in all_labels])
+    ids, classes = dense_ids(torch.cat([x.to(common) for x in all_labels]))
+    anchor_ids, rest = ids[:bsz], ids[bsz:]
+
+    def class_terms(rows: Optional[Tensor], row_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum over the rows of the anchor's class of l_ij, their number), per anchor."""
+        if rows is None:
+            zero = torch.zeros(bsz, dtype=spec_acc, device=device)
+            return zero, zero
+        rows = rows.detach().to(spec_acc)
+        sums = torch.zeros(classes, rows.shape[1], dtype=spec_acc, device=device).index_add_(0, row_ids, rows)
+        counts = torch.zeros(classes, dtype=spec_acc, device=device).index_add_(
+            0, row_ids, torch.ones(rows.shape[0], dtype=spec_acc, device=device))
+        return (qa * sums[anchor_ids]).sum(1) / tau, counts[anchor_ids]
+
+    n_queue = 0 if bank is None else bank.shape[0]
+    queue_sum, queue_count = class_terms(bank, rest[:n_queue])
+    target_sum, target_count = class_terms(targets, rest[n_queue:])
+    count = 1 + queue_count + target_count
+    rows = (1 + (1 + queue_count + tw * target_count) / count) * log_den - (
+        (own + queue_sum + tw * target_sum) / count + own)
+    if weight is not None:
+        rows = rows * weight.to(spec_acc)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    total = torch.tensor(float(bsz), dtype=spec_acc, device=device) if weight is None else weight.to(spec_acc).sum()
+    return rows.sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
 # ----------------------------------------------------------------------------- modules
 
 _FEATURES = "torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1).requires_grad_()"
@@ -1111,6 +1352,80 @@ class SuNCEtLoss(_LossModule):
                            **self.kwargs)
 
 
+
+class PaCoLoss(_LossModule):
+    __doc__ = """Module form of ``paco_loss`` (PaCo / GPaCo, Cui et al.): SupCon with one learnable center per class.
+
+    ``L_i = -c / W_i [sum_k m_ik log p_ik + alpha sum_{j: y_j = y_i} log p_ij]`` over the centers k (logits
+    ``(q_i . c_k + o_k) / supervised_temperature``) and the view / queue keys j (logits ``q_i . k_j /
+    temperature``, weighted gamma in the denominator). ``class_centers [C, D]`` is given to the constructor
+    (an ``nn.Parameter`` is registered and trained) or per call; ``forward(features [bsz, n_views, D], labels
+    [bsz], *, class_centers=None, extra_keys=None, extra_key_labels=None, weight=None)``.
+    """ + _example("criterion = fc.PaCoLoss(torch.nn.Parameter(torch.randn(3, 16)), alpha=0.05, "
+                   "supervised_temperature=1.0)", f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(paco_loss)
+
+    def __init__(self, class_centers=None, *, alpha=1.0, beta=1.0, gamma=1.0, temperature=0.2,
+                 supervised_temperature=None, base_temperature=None, label_smoothing=0.0, logit_offsets=None,
+                 contrast_mode="one", normalize=False, backend="auto", process_group=None, reduction="mean"):
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+            _number(name, value, 0.0)
+        _number("label_smoothing", label_smoothing, 0.0, 1.0)
+        _check_temperature("temperature", temperature)
+        if supervised_temperature is not None:
+            _number("supervised_temperature", supervised_temperature, 0.0)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(class_centers=class_centers, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
+                         supervised_temperature=supervised_temperature, base_temperature=base_temperature,
+                         label_smoothing=label_smoothing, logit_offsets=logit_offsets, contrast_mode=contrast_mode,
+                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
+
+    def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
+                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+        kwargs = self.kwargs
+        centers = kwargs.pop("class_centers") if class_centers is None else class_centers
+        if centers is None:
+            raise ValueError("class_centers must be given to the constructor or to forward")
+        return paco_loss(features, labels, centers, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                         weight=weight, **{k: v for k, v in kwargs.items() if k != "class_centers"})
+
+
+class TSCLoss(_LossModule):
+    __doc__ = """Module form of ``tsc_loss`` (targeted supervised contrastive learning, Li et al.).
+
+    ``L_i = -(1/Z_i) [log p_i,own + sum_{queue, y = y_i} log p_ij + tw sum_{targets, y = y_i} log p_ij]
+    - log p_i,own`` over the keys own key, queue and targets. ``forward(query [B, D], key [B, D], labels [B], *,
+    queue=None, queue_labels=None, targets=None, target_labels=None, weight=None)``; the target assignment
+    (which class owns which target) stays the caller's.
+    """ + _example("criterion = fc.TSCLoss(temperature=0.07, target_weight=0.5)",
+                   "query, key = torch.randn(2, 8, 16)",
+                   f"loss = criterion(query, key, {_LABELS}, targets=torch.randn(3, 16), "
+                   "target_labels=torch.arange(3))")
+
+    fn = staticmethod(tsc_loss)
+
+    def __init__(self, *, target_weight=1.0, temperature=0.07, normalize=True, backend="auto", reduction="mean"):
+        _number("target_weight", target_weight, 0.0)
+        _check_temperature("temperature", temperature)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(target_weight=target_weight, temperature=temperature, normalize=normalize,
+                         backend=backend, reduction=reduction)
+
+    def forward(self, query: Tensor, key: Tensor, labels: Tensor, *, queue: Optional[Tensor] = None,
+                queue_labels: Optional[Tensor] = None, targets: Optional[Tensor] = None,
+                target_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+        return tsc_loss(query, key, labels, queue=queue, queue_labels=queue_labels, targets=targets,
+                        target_labels=target_labels, weight=weight, **self.kwargs)
+
+
 _QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
 _FUNCTION_EXAMPLES = {
     eps_supinfonce_loss: _example(f"loss = fc.eps_supinfonce_loss({_FEATURES}, {_LABELS}, epsilon=0.1)"),
@@ -1124,6 +1439,8 @@ _FUNCTION_EXAMPLES = {
     symmetric_spread_loss: _example(f"loss = fc.symmetric_spread_loss({_FEATURES}, {_LABELS})"),
     unicon_loss: _example(f"loss = fc.unicon_loss({_FEATURES}, {_UNIVERSUM}, {_LABELS})"),
     suncet_loss: _example(f"loss = fc.suncet_loss({_FEATURES}, {_LABELS}, normalize=True)"),
+    paco_loss: _example(f"loss = fc.paco_loss({_FEATURES}, {_LABELS}, torch.randn(3, 16), alpha=0.05, beta=1.0, "
+                        "gamma=1.0, supervised_temperature=1.0, label_smoothing=0.1)"),
 }
 _PAIR_LOSSES = (info_nce, clip_loss)
 for _fn, _doc in _FUNCTION_EXAMPLES.items():
@@ -1133,5 +1450,5 @@ _MODULE_DOC = """
     (the per-anchor losses), with optional per-sample weights >= 0.
 """
 for _cls in (EpsSupInfoNCELoss, DCLLoss, InfoNCELoss, ClipLoss, DebiasedContrastiveLoss, BCLLoss, SpreadLoss,
-             SymmetricSpreadLoss, UniConLoss, SuNCEtLoss):
+             SymmetricSpreadLoss, UniConLoss, SuNCEtLoss, PaCoLoss):
     _cls.__doc__ = _cls.__doc__.replace("\n    Example:", _MODULE_DOC + "\n    Example:", 1)
