@@ -988,11 +988,11 @@ def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None,
     queue rows, never the targets. The queue and targets get no gradient (the authors' buffers).
     One fused pass gives the per-row log-denominator; the positive terms are linear in q_i (class sums of
     the queue and targets), O((B + Qn + T) D): ``L_i = A_i log sum_j exp(l_ij) - B_i`` with
-    ``A_i = 1 + (1 + n_queue + tw n_targets) / Z_i``. ``process_group`` is not supported in this version.
+    ``A_i = 1 + (1 + n_queue + tw n_targets) / Z_i`` (a per-row factor carried by the row weights).
+    ``process_group``: the mean over the global batch (no anchor sees another sample's key, so each rank's
+    rows need only its own pairs; the queue and targets are the same on every rank).
     """
     _pair("query", query, "key", key)
-    if process_group is not None:
-        raise ValueError("process_group is not supported by tsc_loss in this version (its queue is global already)")
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("normalize", normalize, (False, True))
@@ -1004,50 +1004,70 @@ def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None,
     weight = _check_weight(weight, [(bsz,)], device, "one per sample")
     acc = _accum_dtype(query)
     temperature, tau_float = _tau(temperature, acc)
-    q, k, bank = query, key, queue
-    if normalize:
-        q, k = normalize_rows(query, acc), normalize_rows(key, acc)
-        bank = None if queue is None else normalize_rows(queue, acc)
-    more = [x.to(q.dtype) for x in (bank, targets) if x is not None]
-    spec = _info_nce_spec(q, k, temperature, torch.cat(more) if more else None, False, tau_float=tau_float)
-    # The fused rows with no positive term are the log-denominators; the row weights are applied below.
-    spec = dataclasses.replace(spec, pos_row_weight=torch.zeros(bsz, dtype=spec.accum_dtype, device=device))
-    log_den = compiled.run(_reduced(spec, "none", None, 1), backend)
-
-    spec_acc = spec.accum_dtype
-    qa = q.to(spec_acc)
-    tau = temperature.to(spec_acc) if isinstance(temperature, Tensor) else temperature
-    own = (qa * k.to(spec_acc)).sum(1) / tau
-    all_labels = [labels] + [x for x in (queue_labels, target_labels) if x is not None]
-    common = functools.reduce(torch.promote_types, [x.dtype for x in all_labels])
-    ids, classes = dense_ids(torch.cat([x.to(common) for x in all_labels]))
-    anchor_ids, rest = ids[:bsz], ids[bsz:]
-
-    def class_terms(rows: Optional[Tensor], row_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(sum over the rows of the anchor's class of l_ij, their number), per anchor."""
-        if rows is None:
-            zero = torch.zeros(bsz, dtype=spec_acc, device=device)
-            return zero, zero
-        rows = rows.detach().to(spec_acc)
-        sums = torch.zeros(classes, rows.shape[1], dtype=spec_acc, device=device).index_add_(0, row_ids, rows)
-        counts = torch.zeros(classes, dtype=spec_acc, device=device).index_add_(
-            0, row_ids, torch.ones(rows.shape[0], dtype=spec_acc, device=device))
-        return (qa * sums[anchor_ids]).sum(1) / tau, counts[anchor_ids]
-
+    bank = queue if queue is None or not normalize else normalize_rows(queue, acc)
     n_queue = 0 if bank is None else bank.shape[0]
-    queue_sum, queue_count = class_terms(bank, rest[:n_queue])
-    target_sum, target_count = class_terms(targets, rest[n_queue:])
-    count = 1 + queue_count + target_count
-    rows = (1 + (1 + queue_count + tw * target_count) / count) * log_den - (
-        (own + queue_sum + tw * target_sum) / count + own)
-    if weight is not None:
-        rows = rows * weight.to(spec_acc)
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    total = torch.tensor(float(bsz), dtype=spec_acc, device=device) if weight is None else weight.to(spec_acc).sum()
-    return rows.sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+    def class_counts(y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Dense class ids of (y, queue labels, target labels) compared by value, and per anchor the number
+        of queue rows and targets of its class."""
+        all_labels = [y] + [x for x in (queue_labels, target_labels) if x is not None]
+        common = functools.reduce(torch.promote_types, [x.dtype for x in all_labels])
+        ids, classes = dense_ids(torch.cat([x.to(common) for x in all_labels]))
+        anchor_ids, rest = ids[: y.shape[0]], ids[y.shape[0]:]
+
+        def count(row_ids):
+            ones = torch.ones(row_ids.shape[0], dtype=acc, device=y.device)
+            return torch.zeros(classes, dtype=acc, device=y.device).index_add_(0, row_ids, ones)[anchor_ids]
+
+        return anchor_ids, rest, count(rest[:n_queue]), count(rest[n_queue:]), classes
+
+    def log_den_scale(y: Tensor) -> Tensor:
+        """A_i = 1 + (1 + n_queue + tw n_targets) / Z_i: the weight of log sum_j exp(l_ij) in L_i."""
+        _, _, queue_count, target_count, _ = class_counts(y)
+        return 1 + (1 + queue_count + tw * target_count) / (1 + queue_count + target_count)
+
+    def build(q, k, y):
+        if normalize:
+            q, k = normalize_rows(q, acc), normalize_rows(k, acc)
+        more = [x.to(q.dtype) for x in (bank, targets) if x is not None]
+        spec = _info_nce_spec(q, k, temperature, torch.cat(more) if more else None, False, tau_float=tau_float)
+        # No positive term: the fused rows are the log-denominators (A_i rides in the row weights).
+        return dataclasses.replace(spec, pos_row_weight=torch.zeros(q.shape[0], dtype=spec.accum_dtype,
+                                                                     device=q.device))
+
+    def positives(specs, q, k, y):
+        """-B_i / A_i per row: B_i = (l_own + sum_queue l + tw sum_targets l) / Z_i + l_own, the class sums
+        of the (detached) queue and targets dotted with q_i: O((B + Qn + T) D)."""
+        spec = specs[0]
+        spec_acc, rows = spec.accum_dtype, spec.num_anchors
+        qa, ka = spec.anchors.to(spec_acc), spec.keys[:rows].to(spec_acc)
+        tau = spec.temperature.to(spec_acc) if isinstance(spec.temperature, Tensor) else spec.temperature
+        anchor_ids, rest, queue_count, target_count, classes = class_counts(y)
+
+        def class_sum(keys: Optional[Tensor], row_ids: Tensor) -> Tensor:
+            if keys is None:
+                return torch.zeros(rows, dtype=spec_acc, device=qa.device)
+            keys = keys.detach().to(spec_acc)
+            sums = torch.zeros(classes, keys.shape[1], dtype=spec_acc, device=qa.device).index_add_(0, row_ids, keys)
+            return (qa * sums[anchor_ids]).sum(1) / tau
+
+        own = (qa * ka).sum(1) / tau
+        total = own + class_sum(bank, rest[:n_queue]) + tw * class_sum(targets, rest[n_queue:])
+        b = total / (1 + queue_count + target_count) + own
+        return -b / log_den_scale(y)
+
+    scale = log_den_scale(labels)
+    row_weight = scale if weight is None else scale * weight.to(scale.dtype)
+    result = _blocks_loss([build], (query, key, labels), 1, backend=backend, process_group=process_group,
+                          adjust=positives, reduction="sum" if reduction == "mean" else reduction, weight=row_weight)
+    if reduction != "mean":
+        return result
+    total = (torch.full((), float(bsz), dtype=result.dtype, device=device) if weight is None
+             else weight.to(result.dtype).sum())
+    if process_group is not None:  # the global sum of the weights (they get no gradient in gather mode)
+        total = total.detach()
+        torch.distributed.all_reduce(total, group=process_group)
+    return result / torch.where(total > 0, total, torch.ones_like(total))
 
 
 # ----------------------------------------------------------------------------- modules
