@@ -520,3 +520,48 @@ def tsc(query, key, labels, *, queue=None, queue_labels=None, targets=None, targ
         target_part = target_weight * (tgt_mask * log_p).sum() / z_count
         losses.append(-class_part - target_part - log_p[0])
     return torch.stack(losses) if rows else _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# eps-SupInfoNCE's L_in form and EpsilonSupCon (Barbano et al., Eq. 18)
+# ------------------------------------------------------------------------------------------
+def eps_supinfonce_in(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                      contrast_mode="all", extra_keys=None, extra_key_labels=None):
+    """L_i = -c [log sum_p exp(l_ip) - log(exp(-eps) / |P_i| sum_p exp(l_ip) + sum_n exp(l_in))]; 0 without P."""
+    return _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast_mode, extra_keys,
+                     extra_key_labels, form="in")
+
+
+def epsilon_supcon(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                   contrast_mode="all", extra_keys=None, extra_key_labels=None):
+    """L_i = -(c/|P_i|) sum_p [l_ip - log(sum_p' exp(l_ip' - eps) + sum_n exp(l_in))]; 0 without P."""
+    return _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast_mode, extra_keys,
+                     extra_key_labels, form="eq18")
+
+
+def _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast_mode, extra_keys,
+              extra_key_labels, form):
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(features)
+    y = _row_labels(labels, bsz, n_views)
+    all_keys, y_keys = _with_extra(z, y, extra_keys, extra_key_labels)
+    c = 1.0 if base_temperature is None else temperature / base_temperature
+    logits = z @ all_keys.T / temperature
+    n_anchors = bsz if contrast_mode == "one" else bsz * n_views
+    keys = torch.arange(all_keys.shape[0])
+    losses = []
+    for i in range(n_anchors):
+        pos = (y_keys == y[i]) & (keys != i)
+        neg = y_keys != y[i]
+        if not bool(pos.any()):
+            losses.append(_zero(logits[i]))
+            continue
+        l_pos, l_neg = logits[i][pos], logits[i][neg]
+        if form == "in":
+            weight = math.log(pos.sum().item())
+            log_den = _lse(torch.cat([l_pos - epsilon - weight, l_neg]))
+            losses.append(-c * (_lse(l_pos) - log_den))
+        else:
+            log_den = _lse(torch.cat([l_pos - epsilon, l_neg]))
+            losses.append(-(c / l_pos.numel()) * (l_pos - log_den).sum())
+    return _mean(losses)

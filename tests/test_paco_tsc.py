@@ -111,3 +111,40 @@ def test_tsc_reduction_and_module(reduction):
     assert_close(module(query, key, labels, weight=weight, **kw), expected, F64, f"tsc {reduction}")
     with pytest.raises(ValueError, match="queue_labels"):
         fc.tsc_loss(query, key, labels, queue=kw["queue"])
+
+
+# ------------------------------------------------------------------------------ eps-SupInfoNCE L_in, Eq. 18
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", list(LABELS) + ["simclr"])
+@pytest.mark.parametrize("which", ["in", "eq18"])
+@pytest.mark.parametrize("temperature,epsilon,mode,bank", [(0.01, 0.5, "all", False), (0.2, 0.0, "one", True),
+                                                            (1.0, 1.5, "all", True)])
+def test_eps_forms(backend, kind, which, temperature, epsilon, mode, bank, small_chunks):
+    features = randn(7, 2, DIM, seed=2)
+    labels = None if kind == "simclr" else LABELS[kind]
+    kw = dict(temperature=torch.tensor(temperature, dtype=F64, requires_grad=True), epsilon=epsilon,
+              contrast_mode=mode, base_temperature=0.07)
+    inputs = {"features": features, "temperature": kw["temperature"]}
+    if bank and labels is not None:
+        kw.update(extra_keys=randn(3, DIM, seed=5), extra_key_labels=torch.tensor([0, 3, 9]))
+        inputs["extra_keys"] = kw["extra_keys"]
+    if which == "in":
+        expected = lambda: formulas.eps_supinfonce_in(features, labels, **kw)
+        actual = lambda: fc.eps_supinfonce_loss(features, labels, form="in", backend=backend, **kw)
+    else:
+        expected = lambda: formulas.epsilon_supcon(features, labels, **kw)
+        actual = lambda: fc.epsilon_supcon_loss(features, labels, backend=backend, **kw)
+    if which == "in" and kind == "one class" and "extra_keys" not in kw:  # no negatives: the loss is a constant, its gradient zero
+        loss = actual()
+        assert_close(loss, expected(), F64, f"eps in one class [{backend}]")
+        grad_f, grad_t = torch.autograd.grad(loss, [features, kw["temperature"]])
+        assert float(grad_f.abs().max()) < 1e-10  # c = tau / base_tau still depends on tau
+        assert_close(grad_t, torch.autograd.grad(expected(), kw["temperature"])[0], F64, "eps in one class tau")
+        return
+    check(backend, expected, actual, inputs, f"eps {which} {kind}")
+
+
+def test_eq18_at_zero_epsilon_is_supcon():
+    features, labels = randn(7, 2, DIM, seed=3), LABELS["random"]
+    assert_close(fc.epsilon_supcon_loss(features, labels, epsilon=0.0, temperature=0.1),
+                 fc.supcon_loss(features, labels, temperature=0.1), F64, "Eq. 18 at epsilon 0")

@@ -173,7 +173,7 @@ _GROUP_DOC = """
 @deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None, extra_keys=None,
-                        extra_key_labels=None, reduction="mean", weight=None, normalize=False) -> Tensor:
+                        extra_key_labels=None, reduction="mean", weight=None, normalize=False, form="out") -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -183,17 +183,89 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     Computed as two statistics per row (LSE_N, then the per-positive softplus terms), never an N x N buffer.
     ``extra_keys`` / ``extra_key_labels``: keys that are never anchors (a memory bank), as in ``supcon_loss``.
     ``normalize=True`` L2-normalises every row (views and extra keys) first.
+    ``form="in"``: the authors' L_in form, ``L_i = -c [log sum_p exp(l_ip) - log(e^{-epsilon} / |P_i|
+    sum_p exp(l_ip) + sum_n exp(l_in))]``: SupCon's L_in with the positives weighted e^{-epsilon} / |P_i| in
+    the denominator (a per-class denominator bias: |P_i| is the same for every anchor of a class) and without
+    its log |P_i| term.
     """
     epsilon = _number("epsilon", epsilon, 0.0)
     features = _flatten_views(features)
     _check_finite(features=features)
     _check_scale("epsilon", epsilon, _accum_dtype(features), "epsilon", overflows="l_ip - epsilon")
+    _check_choice("form", form, ("out", "in"))
+    if form == "in":
+        return _eps_in(features, labels, epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
+                       contrast_mode=contrast_mode, backend=backend, process_group=process_group,
+                       extra_keys=extra_keys, extra_key_labels=extra_key_labels, reduction=reduction, weight=weight,
+                       normalize=normalize)
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
                            contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
                            normalize=normalize)
         return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
+
+    return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
+                       process_group=process_group, reduction=reduction, weight=weight)
+
+
+def _positive_bias(spec: ContrastSpec, log_weight: Tensor) -> DenominatorBias:
+    """Keys of the anchor's class weighted exp(log_weight[class]) in its denominator, the others 1."""
+    return DenominatorBias(spec.anchor_labels, spec.key_labels, log_weight.to(spec.accum_dtype),
+                           torch.zeros_like(log_weight, dtype=spec.accum_dtype))
+
+
+def _log_pos_count(spec: ContrastSpec) -> Tensor:
+    count = spec.pos_count()
+    return torch.log(torch.where(count > 0, count, torch.ones_like(count)))
+
+
+def _eps_in(features, labels, *, epsilon, temperature, base_temperature, contrast_mode, backend, process_group,
+            extra_keys, extra_key_labels, reduction, weight, normalize) -> Tensor:
+    """eps-SupInfoNCE's L_in form (see eps_supinfonce_loss): variant "in" with the bias -epsilon - log |P| on
+    the anchor's class, minus the variant's log |P_i| (added back as a row term)."""
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+
+    def build(f, y):
+        spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature, variant="in",
+                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           normalize=normalize)
+        acc = spec.accum_dtype
+        # |P_i| is one number per class (every anchor is a key of its class, self excluded): put it in a table.
+        per_class = torch.zeros(spec.num_classes, dtype=acc, device=spec.device)
+        per_class = per_class.index_copy(0, spec.anchor_labels, _log_pos_count(spec))
+        return dataclasses.replace(spec, den_bias=_positive_bias(spec, -epsilon - per_class))
+
+    def without_log_count(specs, *_):
+        c = 1.0 if specs[0].base_temperature is None else specs[0].temperature / specs[0].base_temperature
+        return -c * _log_pos_count(specs[0])
+
+    blocks = features.shape[1] if contrast_mode == "all" else 1
+    return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
+                        adjust=without_log_count, reduction=reduction, weight=weight)
+
+
+@agreed
+@deferred_errors
+def epsilon_supcon_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                        contrast_mode="all", normalize=False, extra_keys=None, extra_key_labels=None, backend="auto",
+                        process_group=None, reduction="mean", weight=None) -> Tensor:
+    """EpsilonSupCon (Barbano et al., "Unbiased Supervised Contrastive Learning", Eq. 18): SupCon's L_out whose
+    denominator weighs every positive e^{-epsilon}: ``L_i = -(c/|P_i|) sum_p [l_ip - log(sum_{p'} exp(l_ip' -
+    epsilon) + sum_n exp(l_in))]``, c = temperature / base_temperature (1 when None); 0 for an anchor without
+    positives. One denominator per anchor (a denominator bias of -epsilon on its class), unlike
+    ``eps_supinfonce_loss``'s one per positive. The authors' 1e-6 inside the log is left out.
+    """
+    epsilon = _number("epsilon", epsilon, 0.0)
+    features = _flatten_views(features)
+    _check_finite(features=features)
+
+    def build(f, y):
+        spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
+                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           normalize=normalize)
+        return dataclasses.replace(spec, den_bias=_positive_bias(
+            spec, torch.full((spec.num_classes,), -epsilon, dtype=spec.accum_dtype, device=spec.device)))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
                        process_group=process_group, reduction=reduction, weight=weight)
@@ -1459,6 +1531,7 @@ _FUNCTION_EXAMPLES = {
     symmetric_spread_loss: _example(f"loss = fc.symmetric_spread_loss({_FEATURES}, {_LABELS})"),
     unicon_loss: _example(f"loss = fc.unicon_loss({_FEATURES}, {_UNIVERSUM}, {_LABELS})"),
     suncet_loss: _example(f"loss = fc.suncet_loss({_FEATURES}, {_LABELS}, normalize=True)"),
+    epsilon_supcon_loss: _example(f"loss = fc.epsilon_supcon_loss({_FEATURES}, {_LABELS}, epsilon=0.25)"),
     paco_loss: _example(f"loss = fc.paco_loss({_FEATURES}, {_LABELS}, torch.randn(3, 16), alpha=0.05, beta=1.0, "
                         "gamma=1.0, supervised_temperature=1.0, label_smoothing=0.1)"),
 }
