@@ -565,3 +565,22 @@ def _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast
             log_den = _lse(torch.cat([l_pos - epsilon, l_neg]))
             losses.append(-(c / l_pos.numel()) * (l_pos - log_den).sum())
     return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# FairKL (Barbano et al.): moments of the similarities per (label, bias) agreement group
+# ------------------------------------------------------------------------------------------
+def fairkl(features, labels, bias_labels, *, temperature=1.0, kld=1.0, normalize=False):
+    """Dense: s = Z Z^T / tau over the view rows (self pairs included); per group (same label or not x same
+    bias or not) the mean over its pairs and the unbiased std of s masked to the group over all N^2 entries."""
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(_normalized(features, normalize))
+    y = torch.as_tensor(labels).reshape(-1).repeat(n_views)
+    b = torch.as_tensor(bias_labels).reshape(-1).repeat(n_views)
+    s = z @ z.T / temperature
+    same_y, same_b = y[:, None] == y[None, :], b[:, None] == b[None, :]
+    masks = {"pa": same_y & same_b, "pc": same_y & ~same_b, "na": ~same_y & same_b, "nc": ~same_y & ~same_b}
+    mu = {k: (s * m).sum() / max(int(m.sum()), 1) for k, m in masks.items()}
+    sd = {k: (s * m).std() if bool(m.any()) else torch.zeros((), dtype=torch.float64) for k, m in masks.items()}
+    return ((mu["pc"] - mu["pa"]) ** 2 + (mu["na"] - mu["nc"]) ** 2
+            + kld * ((sd["pa"] - sd["pc"]) ** 2 + (sd["na"] - sd["nc"]) ** 2) - mu["pc"] + mu["na"])

@@ -148,3 +148,30 @@ def test_eq18_at_zero_epsilon_is_supcon():
     features, labels = randn(7, 2, DIM, seed=3), LABELS["random"]
     assert_close(fc.epsilon_supcon_loss(features, labels, epsilon=0.0, temperature=0.1),
                  fc.supcon_loss(features, labels, temperature=0.1), F64, "Eq. 18 at epsilon 0")
+
+
+# ------------------------------------------------------------------------------ FairKL
+@pytest.mark.parametrize("kind", list(LABELS))
+@pytest.mark.parametrize("bias", ["random", "one", "distinct"])
+@pytest.mark.parametrize("temperature,kld,normalize", [(0.01, 1.0, False), (0.5, 0.3, True), (1.0, 0.0, False)])
+def test_fairkl(kind, bias, temperature, kld, normalize):
+    features = randn(7, 2, DIM, seed=6, normalize=not normalize)
+    bias_labels = {"random": torch.tensor([0, 1, 1, 0, 2, 2, 0]), "one": torch.zeros(7, dtype=torch.long),
+                   "distinct": torch.arange(7)}[bias]
+    tau = torch.tensor(temperature, dtype=F64, requires_grad=True)
+    kw = dict(temperature=tau, kld=kld, normalize=normalize)
+    check("dense-free", lambda: formulas.fairkl(features, LABELS[kind], bias_labels, **kw),
+          lambda: fc.fairkl_regularizer(features, LABELS[kind], bias_labels, **kw),
+          {"features": features, "temperature": tau}, f"fairkl {kind} {bias}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fairkl_loss_is_eps_plus_regulariser(backend):
+    features, labels, bias_labels = randn(7, 2, DIM, seed=8), LABELS["random"], torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    kw = dict(epsilon=0.2, temperature=0.3)
+    check(backend, lambda: formulas.eps_supinfonce(features, labels, **kw)
+          + 0.5 * formulas.fairkl(features, labels, bias_labels, temperature=0.3, kld=0.7),
+          lambda: fc.fairkl_loss(features, labels, bias_labels, fairkl_weight=0.5, kld=0.7, backend=backend, **kw),
+          {"features": features}, "fairkl_loss")
+    with pytest.raises(ValueError, match="reduction"):
+        fc.fairkl_loss(features, labels, bias_labels, reduction="none")
