@@ -117,6 +117,8 @@ def family_cases(features, labels):
         ("debiased_3views", lambda f, **kw: fc.debiased_contrastive_loss(f, beta=0.5, **kw), (views3,), ()),
         ("unicon", lambda f, u, y, **kw: fc.unicon_loss(f, u, y, temperature=0.3, **kw), (features, universum, labels),
          ()),
+        ("eps_in", lambda f, y, **kw: fc.eps_supinfonce_loss(f, y, epsilon=0.3, form="in", **kw), (features, labels), ()),
+        ("epsilon_supcon", lambda f, y, **kw: fc.epsilon_supcon_loss(f, y, epsilon=0.3, **kw), (features, labels), ()),
         ("paco", lambda f, y, c, **kw: fc.paco_loss(f, y, c, alpha=0.3, beta=0.8, gamma=0.5, supervised_temperature=0.7,
                                                    label_smoothing=0.1, extra_keys=bank, extra_key_labels=bank_labels,
                                                    contrast_mode="all", **kw), (features, labels), (centers,)),

@@ -175,3 +175,15 @@ def test_fairkl_loss_is_eps_plus_regulariser(backend):
           {"features": features}, "fairkl_loss")
     with pytest.raises(ValueError, match="reduction"):
         fc.fairkl_loss(features, labels, bias_labels, reduction="none")
+
+
+def test_eps_fairkl_modules():
+    features, labels, bias_labels = randn(7, 2, DIM, seed=9), LABELS["random"], torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    assert_close(fc.EpsilonSupConLoss(epsilon=0.3)(features, labels),
+                 formulas.epsilon_supcon(features, labels, epsilon=0.3), F64, "EpsilonSupConLoss")
+    assert_close(fc.EpsSupInfoNCELoss(epsilon=0.3, form="in")(features, labels),
+                 formulas.eps_supinfonce_in(features, labels, epsilon=0.3), F64, "EpsSupInfoNCELoss in")
+    assert_close(fc.FairKLLoss(fairkl_weight=0.5, kld=0.2)(features, labels, bias_labels),
+                 formulas.eps_supinfonce(features, labels) + 0.5 * formulas.fairkl(features, labels, bias_labels,
+                                                                                    temperature=0.1, kld=0.2),
+                 F64, "FairKLLoss")

@@ -1252,7 +1252,7 @@ class EpsSupInfoNCELoss(_LossModule):
     fn = staticmethod(eps_supinfonce_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
-                 process_group=None, normalize=False, reduction="mean"):
+                 process_group=None, normalize=False, reduction="mean", form="out"):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
@@ -1260,9 +1260,10 @@ class EpsSupInfoNCELoss(_LossModule):
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("reduction", reduction, REDUCTIONS)
+        _check_choice("form", form, ("out", "in"))
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                          contrast_mode=contrast_mode, backend=backend, process_group=process_group, normalize=normalize,
-                         reduction=reduction)
+                         reduction=reduction, form=form)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
@@ -1602,6 +1603,67 @@ class TSCLoss(_LossModule):
                 target_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
         return tsc_loss(query, key, labels, queue=queue, queue_labels=queue_labels, targets=targets,
                         target_labels=target_labels, weight=weight, **self.kwargs)
+
+
+
+class EpsilonSupConLoss(_LossModule):
+    __doc__ = """Module form of ``epsilon_supcon_loss`` (EpsilonSupCon, Barbano et al., Eq. 18).
+
+    ``L_i = -(c/|P_i|) sum_p [l_ip - log(sum_{p'} exp(l_ip' - epsilon) + sum_n exp(l_in))]``.
+    ``forward(features [bsz, n_views, D], labels [bsz] = None, *, extra_keys=None, extra_key_labels=None,
+    weight=None)``.
+    """ + _example("criterion = fc.EpsilonSupConLoss(epsilon=0.25, temperature=0.1)",
+                   f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(epsilon_supcon_loss)
+
+    def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
+                 backend="auto", process_group=None, reduction="mean"):
+        _number("epsilon", epsilon, 0.0)
+        _check_temperature("temperature", temperature)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
+                         contrast_mode=contrast_mode, normalize=normalize, backend=backend,
+                         process_group=process_group, reduction=reduction)
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
+                extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+        return epsilon_supcon_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                                   weight=weight, **self.kwargs)
+
+
+class FairKLLoss(_LossModule):
+    __doc__ = """Module form of ``fairkl_loss``: eps-SupInfoNCE plus ``fairkl_weight`` x FairKL (Barbano et al.).
+
+    ``forward(features [bsz, n_views, D], labels [bsz], bias_labels [bsz], *, weight=None)``; ``reduction``
+    "mean" or "sum" (the regulariser is one number per batch).
+    """ + _example("criterion = fc.FairKLLoss(epsilon=0.1, temperature=0.1, fairkl_weight=1.0, kld=1.0)",
+                   f"loss = criterion({_FEATURES}, {_LABELS}, torch.tensor([0, 0, 1, 1, 0, 1, 0, 1]))")
+
+    fn = staticmethod(fairkl_loss)
+
+    def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, fairkl_weight=1.0, kld=1.0,
+                 contrast_mode="all", normalize=False, backend="auto", reduction="mean"):
+        _number("epsilon", epsilon, 0.0)
+        _number("fairkl_weight", fairkl_weight, 0.0)
+        _number("kld", kld, 0.0)
+        _check_temperature("temperature", temperature)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, ("mean", "sum"))
+        super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
+                         fairkl_weight=fairkl_weight, kld=kld, contrast_mode=contrast_mode, normalize=normalize,
+                         backend=backend, reduction=reduction)
+
+    def forward(self, features: Tensor, labels: Tensor, bias_labels: Tensor, *,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return fairkl_loss(features, labels, bias_labels, weight=weight, **self.kwargs)
 
 
 _QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
