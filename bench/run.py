@@ -123,6 +123,9 @@ def family_loss(loss, backend):
         "unicon": lambda f, y: fc.unicon_loss(f, fixed(f, f.shape[0] * f.shape[1])["keys"], y, temperature=t,
                                               backend=backend),  # universum: N rows (no gradient here)
         "suncet": lambda f, y: fc.suncet_loss(f, y, temperature=t, backend=backend),
+        "eps_supinfonce_in": lambda f, y: fc.eps_supinfonce_loss(f, y, form="in", temperature=t, backend=backend),
+        "epsilon_supcon": lambda f, y: fc.epsilon_supcon_loss(f, y, epsilon=0.25, temperature=t, backend=backend),
+        "fairkl": lambda f, y: fc.fairkl_loss(f, y, y % 2, temperature=t, backend=backend),  # bias: label parity
         # PaCo: a labelled queue of N rows, learnable centers, GPaCo's settings away from 1.
         "paco": lambda f, y: fc.paco_loss(f, y, fixed(f, f.shape[0])["centers"], alpha=0.05, gamma=0.5,
                                           supervised_temperature=1.0, label_smoothing=0.1, temperature=t,

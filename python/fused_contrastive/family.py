@@ -278,9 +278,14 @@ def _pair_moments(z: Tensor, cells: Tensor, n_cells: int) -> tuple[Tensor, Tenso
     ones = torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
     count = torch.zeros(n_cells, dtype=z.dtype, device=z.device).index_add(0, cells, ones)
     sums = torch.zeros(n_cells, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, cells, z)
-    outer = torch.zeros(n_cells, z.shape[1], z.shape[1], dtype=z.dtype, device=z.device).index_add(
-        0, cells, z[:, :, None] * z[:, None, :])
+    outer = torch.zeros(n_cells, z.shape[1], z.shape[1], dtype=z.dtype, device=z.device)
+    for start in range(0, z.shape[0], _MOMENT_ROWS):  # [rows, D, D] a block at a time, never [N, D, D]
+        block = z[start:start + _MOMENT_ROWS]
+        outer = outer.index_add(0, cells[start:start + _MOMENT_ROWS], block[:, :, None] * block[:, None, :])
     return (count * count).sum(), (sums * sums).sum(), (outer * outer).sum()
+
+
+_MOMENT_ROWS = 256
 
 
 @agreed
@@ -292,8 +297,8 @@ def fairkl_regularizer(features, labels, bias_labels, *, temperature=1.0, kld=1.
     and the standard deviation (unbiased) of s masked to g over all N^2 pairs (zeros off g, as the authors'
     code), for g in positive / negative (same label or not) x aligned / conflicting (same bias label or not):
     ``(mu_pc - mu_pa)^2 + (mu_na - mu_nc)^2 + kld [(sigma_pa - sigma_pc)^2 + (sigma_na - sigma_nc)^2]
-    - mu_pc + mu_na``. Exact from each (label, bias) cell's first and second moments (O(N D^2 + cells D^2),
-    no N x N); a group without pairs has mean 0 and a constant sigma (no gradient). A scalar, differentiable
+    - mu_pc + mu_na``. Exact from each (label, bias) cell's first and second moments (O(N D^2) time,
+    O(cells D^2) memory, no N x N); a group without pairs has mean 0 and a constant sigma (no gradient). A scalar, differentiable
     in the features and the temperature. No process_group in this version.
     """
     features = _flatten_views(features)
@@ -308,15 +313,15 @@ def fairkl_regularizer(features, labels, bias_labels, *, temperature=1.0, kld=1.
     z = features.transpose(0, 1).reshape(bsz * n_views, -1).to(acc)
     if normalize:
         z = normalize_rows(z, acc)
-    y_ids, _ = dense_ids(labels)
+    y_ids, n_y = dense_ids(labels)
     b_ids, n_bias = dense_ids(bias_labels)
-    y_ids, b_ids = y_ids.repeat(n_views), b_ids.repeat(n_views)
+    yb_ids, n_yb = dense_ids(y_ids * n_bias + b_ids)  # the (label, bias) cells that occur
+    y_ids, b_ids, yb_ids = y_ids.repeat(n_views), b_ids.repeat(n_views), yb_ids.repeat(n_views)
     n_rows = z.shape[0]
-    zeros = torch.zeros_like(y_ids)
-    every = _pair_moments(z, zeros, 1)
-    same_y = _pair_moments(z, y_ids, n_rows)
-    same_b = _pair_moments(z, b_ids, n_rows)
-    same_yb = _pair_moments(z, y_ids * n_bias + b_ids, n_rows * n_bias)
+    every = _pair_moments(z, torch.zeros_like(y_ids), 1)
+    same_y = _pair_moments(z, y_ids, n_y)
+    same_b = _pair_moments(z, b_ids, n_bias)
+    same_yb = _pair_moments(z, yb_ids, n_yb)
     groups = {"pa": same_yb, "pc": [a - b for a, b in zip(same_y, same_yb)],
               "na": [a - b for a, b in zip(same_b, same_yb)],
               "nc": [e - y - b + yb for e, y, b, yb in zip(every, same_y, same_b, same_yb)]}
