@@ -134,7 +134,8 @@ def test_eps_forms(backend, kind, which, temperature, epsilon, mode, bank, small
     else:
         expected = lambda: formulas.epsilon_supcon(features, labels, **kw)
         actual = lambda: fc.epsilon_supcon_loss(features, labels, backend=backend, **kw)
-    if which == "in" and kind == "one class" and "extra_keys" not in kw:  # no negatives: the loss is a constant, its gradient zero
+    if which == "in" and kind == "one class" and "extra_keys" not in kw:
+        # no negatives: the loss is a constant of the features (their gradient zero)
         loss = actual()
         assert_close(loss, expected(), F64, f"eps in one class [{backend}]")
         grad_f, grad_t = torch.autograd.grad(loss, [features, kw["temperature"]])

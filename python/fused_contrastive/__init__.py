@@ -29,5 +29,7 @@ def explain_backends(features, labels=None, mask=None, **loss_kwargs) -> dict:
 __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_loss", "DCLLoss", "dcl_loss",
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
            "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "SymmetricSpreadLoss", "symmetric_spread_loss",
-           "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "PaCoLoss", "paco_loss", "TSCLoss", "tsc_loss", "epsilon_supcon_loss", "fairkl_regularizer", "fairkl_loss", "EpsilonSupConLoss", "FairKLLoss", "MemoryBank", "MemoryBankLoss", "SigLipLoss",
+           "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "PaCoLoss", "paco_loss", "TSCLoss", "tsc_loss",
+           "epsilon_supcon_loss", "fairkl_regularizer", "fairkl_loss", "EpsilonSupConLoss", "FairKLLoss", "MemoryBank",
+           "MemoryBankLoss", "SigLipLoss",
            "siglip_loss", "explain_backends", "BACKEND_CHOICES", "compat", "__version__"]

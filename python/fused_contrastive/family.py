@@ -298,8 +298,8 @@ def fairkl_regularizer(features, labels, bias_labels, *, temperature=1.0, kld=1.
     code), for g in positive / negative (same label or not) x aligned / conflicting (same bias label or not):
     ``(mu_pc - mu_pa)^2 + (mu_na - mu_nc)^2 + kld [(sigma_pa - sigma_pc)^2 + (sigma_na - sigma_nc)^2]
     - mu_pc + mu_na``. Exact from each (label, bias) cell's first and second moments (O(N D^2) time,
-    O(cells D^2) memory, no N x N); a group without pairs has mean 0 and a constant sigma (no gradient). A scalar, differentiable
-    in the features and the temperature. No process_group in this version.
+    O(cells D^2) memory, no N x N); a group without pairs has mean 0 and a constant sigma (no gradient).
+    A scalar, differentiable in the features and the temperature. No process_group in this version.
     """
     features = _flatten_views(features)
     _check_finite(features=features)
