@@ -96,6 +96,9 @@ def losses():
         "dclw_learned": (["feats"], lambda t, b, tau: fc.dcl_loss(views(t), temperature=tau, weighted=True,
                                                                   detach_weight=False, backend=b)),
         "suncet": (["feats"], lambda t, b, tau: fc.suncet_loss(views(t), t["labels"], temperature=tau, backend=b)),
+        "paco": (["feats", "centers"], lambda t, b, tau: fc.paco_loss(views(t), t["labels"], t["centers"], alpha=0.05,
+                                                                      gamma=0.5, supervised_temperature=1.0,
+                                                                      label_smoothing=0.1, temperature=tau, backend=b)),
     }
 
 

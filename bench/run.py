@@ -123,6 +123,20 @@ def family_loss(loss, backend):
         "unicon": lambda f, y: fc.unicon_loss(f, fixed(f, f.shape[0] * f.shape[1])["keys"], y, temperature=t,
                                               backend=backend),  # universum: N rows (no gradient here)
         "suncet": lambda f, y: fc.suncet_loss(f, y, temperature=t, backend=backend),
+        "eps_supinfonce_in": lambda f, y: fc.eps_supinfonce_loss(f, y, form="in", temperature=t, backend=backend),
+        "epsilon_supcon": lambda f, y: fc.epsilon_supcon_loss(f, y, epsilon=0.25, temperature=t, backend=backend),
+        "fairkl": lambda f, y: fc.fairkl_loss(f, y, y % 2, temperature=t, backend=backend),  # bias: label parity
+        # PaCo: a labelled queue of N rows, learnable centers, GPaCo's settings away from 1.
+        "paco": lambda f, y: fc.paco_loss(f, y, fixed(f, f.shape[0])["centers"], alpha=0.05, gamma=0.5,
+                                          supervised_temperature=1.0, label_smoothing=0.1, temperature=t,
+                                          extra_keys=fixed(f, f.shape[0])["keys"],
+                                          extra_key_labels=fixed(f, f.shape[0])["labels"], backend=backend),
+        # TSC: view 0 as query, view 1 as key, an N-row labelled queue, the centers as class targets.
+        "tsc": lambda f, y: fc.tsc_loss(f[:, 0], f[:, 1], y, queue=fixed(f, f.shape[0])["keys"],
+                                        queue_labels=fixed(f, f.shape[0])["labels"],
+                                        targets=fixed(f, f.shape[0])["centers"].detach(),
+                                        target_labels=torch.arange(NUM_CLASSES, device=f.device),
+                                        target_weight=0.5, temperature=t, backend=backend),
         # SigLIP with a learnable scale and bias (open_clip's initial values), as bench/siglip.py times it.
         "siglip": lambda f, y: fc.siglip_loss(*pairs(f), *_siglip_scale_bias(f), backend=backend),
     }

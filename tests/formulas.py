@@ -14,7 +14,10 @@ Conventions shared by all of them:
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 NEG_INF = float("-inf")
@@ -442,3 +445,142 @@ def siglip(images: Tensor, texts: Tensor, logit_scale, logit_bias, labels=None, 
     u = -z * t
     pair = u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))
     return pair.sum(1) if per_row else pair.sum() / x.shape[0]
+
+
+# ------------------------------------------------------------------------------------------
+# PaCo / GPaCo (Cui et al.): class centers as keys with their own temperature, alpha / beta / gamma,
+# log-prior offsets on the centers' logits, label smoothing over the centers
+# ------------------------------------------------------------------------------------------
+def paco(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0, temperature=0.2,
+         supervised_temperature=None, base_temperature=None, label_smoothing=0.0, logit_offsets=None,
+         contrast_mode="one", normalize=False, extra_keys=None, extra_key_labels=None, rows=False):
+    """For each anchor: center scores s_k = (q . c_k + o_k) / supt, key scores l_j = q . k_j / tau over the
+    views and queue without the anchor itself; denominator sum_k exp(s_k) + gamma sum_j exp(l_j); the target
+    puts beta (1 - eps) on the own center, beta eps / (C - 1) on each other one and alpha on each same-label
+    key; the loss is -(tau / base) times the target-weighted mean of the log-probabilities. ``rows``: the
+    per-anchor losses instead of their mean."""
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(_normalized(features, normalize))
+    y = torch.as_tensor(labels).reshape(-1).repeat(n_views)
+    extra = None if extra_keys is None else _normalized(extra_keys, normalize)
+    keys, y_keys = _with_extra(z, y, extra, extra_key_labels)
+    centers = class_centers.to(torch.float64)
+    n_classes = centers.shape[0]
+    offsets = torch.zeros(n_classes, dtype=torch.float64) if logit_offsets is None else logit_offsets.double()
+    supt = temperature if supervised_temperature is None else supervised_temperature
+    scale = 1.0 if base_temperature is None else temperature / base_temperature
+    n_anchors = bsz if contrast_mode == "one" else bsz * n_views
+    losses = []
+    for i in range(n_anchors):
+        key_scores = keys @ z[i] / temperature
+        center_scores = (centers @ z[i] + offsets) / supt
+        not_self = torch.arange(keys.shape[0]) != i
+        parts = [center_scores] + ([key_scores[not_self] + math.log(gamma)] if gamma > 0 else [])
+        log_den = _lse(torch.cat(parts))
+        center_target = torch.full((n_classes,), beta * label_smoothing / max(n_classes - 1, 1),
+                                   dtype=torch.float64)
+        center_target[int(y[i])] = beta * (1 - label_smoothing)
+        key_target = alpha * (not_self & (y_keys == y[i])).double()
+        total = center_target.sum() + key_target.sum()
+        if float(total) == 0:
+            losses.append(_zero(key_scores))
+            continue
+        weighted = (center_target * (center_scores - log_den)).sum() + (key_target * (key_scores - log_den)).sum()
+        losses.append(-scale * weighted / total)
+    return torch.stack(losses) if rows else _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# TSC (Li et al., targeted supervised contrastive, MoCo form): own key, labelled queue, class targets
+# ------------------------------------------------------------------------------------------
+def tsc(query, key, labels, *, queue=None, queue_labels=None, targets=None, target_labels=None,
+        target_weight=1.0, temperature=0.07, normalize=True, rows=False):
+    """Anchor i's keys: its own key, the queue, the targets (only those; not the other samples' keys).
+    log p over them; positives: the own key, the queue rows and the targets of the anchor's class, each
+    counted once in Z; targets' log p weighted by target_weight; plus the cross-entropy of the own key."""
+    q, k = query.double(), key.double()
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    empty = torch.zeros(0, q.shape[1], dtype=torch.float64)
+    bank = empty if queue is None else (F.normalize(queue.double(), dim=-1) if normalize else queue.double())
+    tgt = empty if targets is None else targets.double()
+    bank_y = torch.zeros(0) if queue_labels is None else torch.as_tensor(queue_labels).reshape(-1).double()
+    tgt_y = torch.zeros(0) if target_labels is None else torch.as_tensor(target_labels).reshape(-1).double()
+    y = torch.as_tensor(labels).reshape(-1).double()
+    losses = []
+    for i in range(q.shape[0]):
+        scores = torch.cat([(q[i] * k[i]).sum()[None], bank @ q[i], tgt @ q[i]]) / temperature
+        log_p = scores - _lse(scores)
+        own_mask = torch.zeros(scores.shape[0], dtype=torch.float64)
+        own_mask[0] = 1
+        bank_mask = torch.cat([torch.zeros(1), (bank_y == y[i]).double(), torch.zeros(tgt.shape[0])])
+        tgt_mask = torch.cat([torch.zeros(1 + bank.shape[0]), (tgt_y == y[i]).double()])
+        z_count = own_mask.sum() + bank_mask.sum() + tgt_mask.sum()
+        class_part = ((own_mask + bank_mask) * log_p).sum() / z_count
+        target_part = target_weight * (tgt_mask * log_p).sum() / z_count
+        losses.append(-class_part - target_part - log_p[0])
+    return torch.stack(losses) if rows else _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# eps-SupInfoNCE's L_in form and EpsilonSupCon (Barbano et al., Eq. 18)
+# ------------------------------------------------------------------------------------------
+def eps_supinfonce_in(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                      contrast_mode="all", extra_keys=None, extra_key_labels=None):
+    """L_i = -c [log sum_p exp(l_ip) - log(exp(-eps) / |P_i| sum_p exp(l_ip) + sum_n exp(l_in))]; 0 without P."""
+    return _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast_mode, extra_keys,
+                     extra_key_labels, form="in")
+
+
+def epsilon_supcon(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                   contrast_mode="all", extra_keys=None, extra_key_labels=None):
+    """L_i = -(c/|P_i|) sum_p [l_ip - log(sum_p' exp(l_ip' - eps) + sum_n exp(l_in))]; 0 without P."""
+    return _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast_mode, extra_keys,
+                     extra_key_labels, form="eq18")
+
+
+def _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast_mode, extra_keys,
+              extra_key_labels, form):
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(features)
+    y = _row_labels(labels, bsz, n_views)
+    all_keys, y_keys = _with_extra(z, y, extra_keys, extra_key_labels)
+    c = 1.0 if base_temperature is None else temperature / base_temperature
+    logits = z @ all_keys.T / temperature
+    n_anchors = bsz if contrast_mode == "one" else bsz * n_views
+    keys = torch.arange(all_keys.shape[0])
+    losses = []
+    for i in range(n_anchors):
+        pos = (y_keys == y[i]) & (keys != i)
+        neg = y_keys != y[i]
+        if not bool(pos.any()):
+            losses.append(_zero(logits[i]))
+            continue
+        l_pos, l_neg = logits[i][pos], logits[i][neg]
+        if form == "in":
+            weight = math.log(pos.sum().item())
+            log_den = _lse(torch.cat([l_pos - epsilon - weight, l_neg]))
+            losses.append(-c * (_lse(l_pos) - log_den))
+        else:
+            log_den = _lse(torch.cat([l_pos - epsilon, l_neg]))
+            losses.append(-(c / l_pos.numel()) * (l_pos - log_den).sum())
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# FairKL (Barbano et al.): moments of the similarities per (label, bias) agreement group
+# ------------------------------------------------------------------------------------------
+def fairkl(features, labels, bias_labels, *, temperature=1.0, kld=1.0, normalize=False):
+    """Dense: s = Z Z^T / tau over the view rows (self pairs included); per group (same label or not x same
+    bias or not) the mean over its pairs and the unbiased std of s masked to the group over all N^2 entries."""
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(_normalized(features, normalize))
+    y = torch.as_tensor(labels).reshape(-1).repeat(n_views)
+    b = torch.as_tensor(bias_labels).reshape(-1).repeat(n_views)
+    s = z @ z.T / temperature
+    same_y, same_b = y[:, None] == y[None, :], b[:, None] == b[None, :]
+    masks = {"pa": same_y & same_b, "pc": same_y & ~same_b, "na": ~same_y & same_b, "nc": ~same_y & ~same_b}
+    mu = {k: (s * m).sum() / max(int(m.sum()), 1) for k, m in masks.items()}
+    sd = {k: (s * m).std() if bool(m.any()) else torch.zeros((), dtype=torch.float64) for k, m in masks.items()}
+    return ((mu["pc"] - mu["pa"]) ** 2 + (mu["na"] - mu["nc"]) ** 2
+            + kld * ((sd["pa"] - sd["pc"]) ** 2 + (sd["na"] - sd["nc"]) ** 2) - mu["pc"] + mu["na"])

@@ -59,6 +59,12 @@ CASES = {
                                                                  LABELS)),
     "suncet": (fc.SuNCEtLoss(), lambda m, t: m(t["features"], LABELS, support=t["extra"],
                                               support_labels=torch.tensor([0, 3, 9, 9]))),
+    "eps_in": (fc.EpsSupInfoNCELoss(epsilon=0.3, form="in"), lambda m, t: m(t["features"], LABELS)),
+    "epsilon_supcon": (fc.EpsilonSupConLoss(epsilon=0.3), lambda m, t: m(t["features"], LABELS)),
+    "paco": (fc.PaCoLoss(alpha=0.3, beta=0.8, gamma=0.5, supervised_temperature=0.7, label_smoothing=0.1),
+             lambda m, t: m(t["features"], LABELS, class_centers=t["centers"])),
+    "tsc": (fc.TSCLoss(target_weight=0.5), lambda m, t: m(t["query"], t["key"], LABELS, targets=t["centers"].detach(),
+                                                         target_labels=torch.arange(4))),
 }
 
 

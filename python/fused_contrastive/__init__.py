@@ -8,7 +8,9 @@ from .dispatch import BACKEND_CHOICES
 from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSupInfoNCELoss, InfoNCELoss, SpreadLoss,
                      SuNCEtLoss, SymmetricSpreadLoss, UniConLoss, bcl_loss, clip_loss, dcl_loss,
                      debiased_contrastive_loss, eps_supinfonce_loss, info_nce, spread_loss, suncet_loss,
-                     symmetric_spread_loss, unicon_loss)
+                     symmetric_spread_loss, unicon_loss, paco_loss, tsc_loss, PaCoLoss, TSCLoss,
+                     epsilon_supcon_loss, fairkl_regularizer, fairkl_loss,
+                     EpsilonSupConLoss, FairKLLoss)
 from .grad_cache import grad_cache_step
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
@@ -28,5 +30,7 @@ def explain_backends(features, labels=None, mask=None, **loss_kwargs) -> dict:
 __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_loss", "DCLLoss", "dcl_loss",
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
            "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "SymmetricSpreadLoss", "symmetric_spread_loss",
-           "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "MemoryBank", "MemoryBankLoss", "SigLipLoss",
+           "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "PaCoLoss", "paco_loss", "TSCLoss", "tsc_loss",
+           "epsilon_supcon_loss", "fairkl_regularizer", "fairkl_loss", "EpsilonSupConLoss", "FairKLLoss", "MemoryBank",
+           "MemoryBankLoss", "SigLipLoss",
            "siglip_loss", "explain_backends", "BACKEND_CHOICES", "compat", "grad_cache_step", "__version__"]

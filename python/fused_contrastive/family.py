@@ -173,7 +173,7 @@ _GROUP_DOC = """
 @deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None, extra_keys=None,
-                        extra_key_labels=None, reduction="mean", weight=None, normalize=False) -> Tensor:
+                        extra_key_labels=None, reduction="mean", weight=None, normalize=False, form="out") -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -183,11 +183,21 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     Computed as two statistics per row (LSE_N, then the per-positive softplus terms), never an N x N buffer.
     ``extra_keys`` / ``extra_key_labels``: keys that are never anchors (a memory bank), as in ``supcon_loss``.
     ``normalize=True`` L2-normalises every row (views and extra keys) first.
+    ``form="in"``: the authors' L_in form, ``L_i = -c [log sum_p exp(l_ip) - log(e^{-epsilon} / |P_i|
+    sum_p exp(l_ip) + sum_n exp(l_in))]``: SupCon's L_in with the positives weighted e^{-epsilon} / |P_i| in
+    the denominator (a per-class denominator bias: |P_i| is the same for every anchor of a class) and without
+    its log |P_i| term.
     """
     epsilon = _number("epsilon", epsilon, 0.0)
     features = _flatten_views(features)
     _check_finite(features=features)
     _check_scale("epsilon", epsilon, _accum_dtype(features), "epsilon", overflows="l_ip - epsilon")
+    _check_choice("form", form, ("out", "in"))
+    if form == "in":
+        return _eps_in(features, labels, epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
+                       contrast_mode=contrast_mode, backend=backend, process_group=process_group,
+                       extra_keys=extra_keys, extra_key_labels=extra_key_labels, reduction=reduction, weight=weight,
+                       normalize=normalize)
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
@@ -197,6 +207,159 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
                        process_group=process_group, reduction=reduction, weight=weight)
+
+
+def _positive_bias(spec: ContrastSpec, log_weight: Tensor) -> DenominatorBias:
+    """Keys of the anchor's class weighted exp(log_weight[class]) in its denominator, the others 1."""
+    return DenominatorBias(spec.anchor_labels, spec.key_labels, log_weight.to(spec.accum_dtype),
+                           torch.zeros_like(log_weight, dtype=spec.accum_dtype))
+
+
+def _log_pos_count(spec: ContrastSpec) -> Tensor:
+    count = spec.pos_count()
+    return torch.log(torch.where(count > 0, count, torch.ones_like(count)))
+
+
+def _eps_in(features, labels, *, epsilon, temperature, base_temperature, contrast_mode, backend, process_group,
+            extra_keys, extra_key_labels, reduction, weight, normalize) -> Tensor:
+    """eps-SupInfoNCE's L_in form (see eps_supinfonce_loss): variant "in" with the bias -epsilon - log |P| on
+    the anchor's class, minus the variant's log |P_i| (added back as a row term)."""
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+
+    def build(f, y):
+        spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature, variant="in",
+                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           normalize=normalize)
+        acc = spec.accum_dtype
+        # |P_i| is one number per class (every anchor is a key of its class, self excluded): put it in a table.
+        per_class = torch.zeros(spec.num_classes, dtype=acc, device=spec.device)
+        per_class = per_class.index_copy(0, spec.anchor_labels, _log_pos_count(spec))
+        return dataclasses.replace(spec, den_bias=_positive_bias(spec, -epsilon - per_class))
+
+    def without_log_count(specs, *_):
+        c = 1.0 if specs[0].base_temperature is None else specs[0].temperature / specs[0].base_temperature
+        return -c * _log_pos_count(specs[0])
+
+    blocks = features.shape[1] if contrast_mode == "all" else 1
+    return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
+                        adjust=without_log_count, reduction=reduction, weight=weight)
+
+
+@agreed
+@deferred_errors
+def epsilon_supcon_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                        contrast_mode="all", normalize=False, extra_keys=None, extra_key_labels=None, backend="auto",
+                        process_group=None, reduction="mean", weight=None) -> Tensor:
+    """EpsilonSupCon (Barbano et al., "Unbiased Supervised Contrastive Learning", Eq. 18): SupCon's L_out whose
+    denominator weighs every positive e^{-epsilon}: ``L_i = -(c/|P_i|) sum_p [l_ip - log(sum_{p'} exp(l_ip' -
+    epsilon) + sum_n exp(l_in))]``, c = temperature / base_temperature (1 when None); 0 for an anchor without
+    positives. One denominator per anchor (a denominator bias of -epsilon on its class), unlike
+    ``eps_supinfonce_loss``'s one per positive. The authors' 1e-6 inside the log is left out.
+    """
+    epsilon = _number("epsilon", epsilon, 0.0)
+    features = _flatten_views(features)
+    _check_finite(features=features)
+
+    def build(f, y):
+        spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
+                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           normalize=normalize)
+        return dataclasses.replace(spec, den_bias=_positive_bias(
+            spec, torch.full((spec.num_classes,), -epsilon, dtype=spec.accum_dtype, device=spec.device)))
+
+    return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
+                       process_group=process_group, reduction=reduction, weight=weight)
+
+
+def _pair_moments(z: Tensor, cells: Tensor, n_cells: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Over the pairs (i, j), self included, of rows in the same cell: (count, sum of z_i . z_j, sum of
+    (z_i . z_j)^2), from each cell's sum s_c and second-moment matrix M_c = sum z z^T: |s_c|^2 and |M_c|_F^2;
+    O(N D^2 + cells D^2), no N x N."""
+    ones = torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
+    count = torch.zeros(n_cells, dtype=z.dtype, device=z.device).index_add(0, cells, ones)
+    sums = torch.zeros(n_cells, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, cells, z)
+    outer = torch.zeros(n_cells, z.shape[1], z.shape[1], dtype=z.dtype, device=z.device)
+    for start in range(0, z.shape[0], _MOMENT_ROWS):  # [rows, D, D] a block at a time, never [N, D, D]
+        block = z[start:start + _MOMENT_ROWS]
+        outer = outer.index_add(0, cells[start:start + _MOMENT_ROWS], block[:, :, None] * block[:, None, :])
+    return (count * count).sum(), (sums * sums).sum(), (outer * outer).sum()
+
+
+_MOMENT_ROWS = 256
+
+
+@agreed
+@deferred_errors
+def fairkl_regularizer(features, labels, bias_labels, *, temperature=1.0, kld=1.0, normalize=False) -> Tensor:
+    """FairKL (Barbano et al., "Unbiased Supervised Contrastive Learning"): with s_ij = z_i . z_j / temperature
+    over every pair of rows (self included; the rows are the views of ``features [bsz, n_views, D]``, labels
+    and ``bias_labels [bsz]`` repeated per view), mu_g and sigma_g are the mean of s over the pairs of group g
+    and the standard deviation (unbiased) of s masked to g over all N^2 pairs (zeros off g, as the authors'
+    code), for g in positive / negative (same label or not) x aligned / conflicting (same bias label or not):
+    ``(mu_pc - mu_pa)^2 + (mu_na - mu_nc)^2 + kld [(sigma_pa - sigma_pc)^2 + (sigma_na - sigma_nc)^2]
+    - mu_pc + mu_na``. Exact from each (label, bias) cell's first and second moments (O(N D^2) time,
+    O(cells D^2) memory, no N x N); a group without pairs has mean 0 and a constant sigma (no gradient).
+    A scalar, differentiable in the features and the temperature. No process_group in this version.
+    """
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    bsz, n_views, _ = features.shape
+    labels = _check_labels(labels, bsz, features.device)
+    bias_labels = _check_labels(bias_labels, bsz, features.device)
+    _check_choice("normalize", normalize, (False, True))
+    kld = _number("kld", kld, 0.0)
+    acc = _accum_dtype(features)
+    temperature, _ = _tau(temperature, acc)
+    z = features.transpose(0, 1).reshape(bsz * n_views, -1).to(acc)
+    if normalize:
+        z = normalize_rows(z, acc)
+    y_ids, n_y = dense_ids(labels)
+    b_ids, n_bias = dense_ids(bias_labels)
+    yb_ids, n_yb = dense_ids(y_ids * n_bias + b_ids)  # the (label, bias) cells that occur
+    y_ids, b_ids, yb_ids = y_ids.repeat(n_views), b_ids.repeat(n_views), yb_ids.repeat(n_views)
+    n_rows = z.shape[0]
+    every = _pair_moments(z, torch.zeros_like(y_ids), 1)
+    same_y = _pair_moments(z, y_ids, n_y)
+    same_b = _pair_moments(z, b_ids, n_bias)
+    same_yb = _pair_moments(z, yb_ids, n_yb)
+    groups = {"pa": same_yb, "pc": [a - b for a, b in zip(same_y, same_yb)],
+              "na": [a - b for a, b in zip(same_b, same_yb)],
+              "nc": [e - y - b + yb for e, y, b, yb in zip(every, same_y, same_b, same_yb)]}
+    tau = temperature.to(acc) if isinstance(temperature, Tensor) else temperature
+    pairs = float(n_rows * n_rows)
+    mu, sigma = {}, {}
+    for name, (count, first, second) in groups.items():
+        first, second = first / tau, second / (tau * tau)
+        mu[name] = first / torch.clamp(count, min=1)
+        variance = torch.clamp(second - first * first / pairs, min=0) / max(pairs - 1, 1)
+        has = variance > 0
+        sigma[name] = torch.where(has, torch.sqrt(torch.where(has, variance, torch.ones_like(variance))), 0.0)
+    return ((mu["pc"] - mu["pa"]) ** 2 + (mu["na"] - mu["nc"]) ** 2
+            + kld * ((sigma["pa"] - sigma["pc"]) ** 2 + (sigma["na"] - sigma["nc"]) ** 2) - mu["pc"] + mu["na"])
+
+
+@agreed
+@deferred_errors
+def fairkl_loss(features, labels, bias_labels, *, epsilon=0.1, temperature=0.1, base_temperature=None,
+                fairkl_weight=1.0, kld=1.0, contrast_mode="all", normalize=False, backend="auto",
+                process_group=None, reduction="mean", weight=None) -> Tensor:
+    """eps-SupInfoNCE plus ``fairkl_weight`` x the FairKL regulariser (Barbano et al.): ``eps_supinfonce_loss``
+    (fused, one pass) on ``features [bsz, n_views, D]`` and ``labels``, and ``fairkl_regularizer`` on the same
+    view rows with ``bias_labels [bsz]`` (same temperature and normalize). The regulariser is one number per
+    batch, so ``reduction`` is "mean" or "sum" (added once) and ``process_group`` is not supported here."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for fairkl_loss (the regulariser is one number per "
+                         f"batch), got {reduction!r}")
+    if process_group is not None:
+        raise ValueError("process_group is not supported by fairkl_loss in this version")
+    fairkl_weight = _number("fairkl_weight", fairkl_weight, 0.0)
+    loss = eps_supinfonce_loss(features, labels, epsilon=epsilon, temperature=temperature,
+                               base_temperature=base_temperature, contrast_mode=contrast_mode, normalize=normalize,
+                               backend=backend, reduction=reduction, weight=weight)
+    if fairkl_weight == 0:
+        return loss
+    return loss + fairkl_weight * fairkl_regularizer(features, labels, bias_labels, temperature=temperature, kld=kld,
+                                                     normalize=normalize).to(loss.dtype)
 
 
 # ----------------------------------------------------------------------------- DCL / DCLW
@@ -809,6 +972,267 @@ def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", norma
                         adjust=without_log_count, reduction=reduction, weight=weight)
 
 
+# ----------------------------------------------------------------------------- PaCo / GPaCo
+
+def _class_index_labels(labels: Tensor, classes: int, what: str) -> None:
+    """Labels that index a table of ``classes`` rows (the class centers): integers in [0, classes)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers in [0, {classes}) for {what} (each indexes its class center), "
+                         f"got dtype {labels.dtype}")
+    if not compiling() and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}) for {what} (one class center per class), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+@agreed
+@deferred_errors
+def paco_loss(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0, temperature=0.2,
+              supervised_temperature=None, base_temperature=None, label_smoothing=0.0, logit_offsets=None,
+              contrast_mode="one", normalize=False, extra_keys=None, extra_key_labels=None, backend="auto",
+              process_group=None, reduction="mean", weight=None) -> Tensor:
+    """Parametric contrastive loss (PaCo, Cui et al.; GPaCo's label smoothing): SupCon whose keys are the views,
+    a labelled queue (``extra_keys``) and one learnable center per class, each center a key of every anchor.
+
+    With ``l_ij = q_i . k_j / temperature`` for the view and queue keys (self excluded) and
+    ``s_ik = (q_i . c_k + o_k) / supervised_temperature`` for the centers (``o = logit_offsets [C]``, PaCo-LT's
+    log class prior; constants), the denominator is ``D_i = sum_k exp(s_ik) + gamma sum_j exp(l_ij)`` and
+    ``L_i = -c / W_i [sum_k m_ik (s_ik - log D_i) + alpha sum_{j: y_j = y_i} (l_ij - log D_i)]``, where
+    ``m_ik = beta (1 - e)`` for k = y_i and ``beta e / (C - 1)`` else (``e = label_smoothing``),
+    ``W_i = beta + alpha |P_i|`` and ``c = temperature / base_temperature`` (1 when None).
+    ``labels`` are integers in [0, C) (the row of ``class_centers [C, D]``); ``supervised_temperature=None``
+    means ``temperature`` (the authors' default is 1.0); anchors are view 0 (``contrast_mode="one"``, the
+    authors' query) or every view (``"all"``). ``normalize=True`` L2-normalises the views and queue rows,
+    never the centers (a linear classifier's weights). With beta = 0 an anchor without a positive has loss 0
+    (the authors' code divides 0 by 0 there).
+    One fused pass: the centers are keys scaled by ``temperature / supervised_temperature``, gamma and the
+    offsets a per-key denominator bias, the positive weights a per-row scale of the fused positive sum plus
+    an O(N D) term for the center positives (the smoothing's sum over every center is ``q_i . sum_k c_k``).
+    """
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    if labels is None:
+        raise ValueError("labels must be given for paco_loss (each anchor's positive center is its class's)")
+    labels = _check_labels(labels, features.shape[0], features.device)
+    alpha, beta, gamma = (_number(name, value, 0.0) for name, value in (("alpha", alpha), ("beta", beta),
+                                                                         ("gamma", gamma)))
+    if alpha == 0 and beta == 0:
+        raise ValueError("alpha and beta must not both be 0 (no positive would remain)")
+    smoothing = _number("label_smoothing", label_smoothing, 0.0, 1.0)
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+    _check_choice("normalize", normalize, (False, True))
+    if not isinstance(class_centers, Tensor) or class_centers.dim() != 2 or class_centers.shape[0] < 1:
+        shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
+        raise ValueError(f"class_centers must be a tensor of shape [C, D] with C >= 1, got {shape}")
+    classes = class_centers.shape[0]
+    class_centers, _ = _extra_keys(class_centers, None, features, name="class_centers", rows="C", labelled=False)
+    if smoothing > 0 and classes < 2:
+        raise ValueError("label_smoothing > 0 needs at least 2 class centers (it moves mass to the other classes)")
+    _class_index_labels(labels, classes, "paco_loss")
+    acc = _accum_dtype(features)
+    if supervised_temperature is None:
+        supt = None
+    else:
+        supt = _number("supervised_temperature", supervised_temperature, 0.0)
+        if supt == 0:
+            raise ValueError("supervised_temperature must be > 0")
+        _check_inverse("supervised_temperature", supt, acc)
+    if logit_offsets is not None:
+        if not isinstance(logit_offsets, Tensor) or tuple(logit_offsets.shape) != (classes,):
+            shape = tuple(logit_offsets.shape) if isinstance(logit_offsets, Tensor) else type(logit_offsets).__name__
+            raise ValueError(f"logit_offsets must be a tensor of shape [C] with C = {classes}, got {shape}")
+        _check_data("logit_offsets", logit_offsets)
+        if not logit_offsets.is_floating_point():
+            raise ValueError(f"logit_offsets must be floating, got dtype {logit_offsets.dtype}")
+        _check_finite(logit_offsets=logit_offsets)
+        logit_offsets = logit_offsets.detach().to(device=features.device, dtype=acc)
+    bank, bank_labels = _bank(extra_keys, extra_key_labels, features)
+    blocks = features.shape[1] if contrast_mode == "all" else 1
+
+    if (logit_offsets is not None and supt is None and isinstance(temperature, Tensor)
+            and temperature.requires_grad):
+        raise ValueError("logit_offsets with a learned temperature needs a supervised_temperature (a number): the "
+                         "offsets' share o_k / temperature would get no gradient")
+
+    def build(f, y):
+        _class_index_labels(y, classes, "paco_loss")
+        views, queue, centers = f, bank, class_centers
+        if normalize:  # the views and the queue only: the centers are used as given
+            views = normalize_rows(f.reshape(-1, f.shape[-1]), acc).reshape(f.shape)
+            queue = None if bank is None else normalize_rows(bank, acc)
+            centers = centers.to(acc)
+        tau, _ = _tau(temperature, acc)
+        # A center key k_c = c tau / supt gives q . k_c / tau = q . c / supt: one temperature for every key.
+        center_keys = centers if supt is None else centers * (tau / supt)
+        center_labels = (torch.arange(classes, device=y.device, dtype=y.dtype) if beta > 0
+                         else torch.full((classes,), -1, device=y.device, dtype=y.dtype))  # -1: no label's
+        if queue is None:
+            more, more_labels = center_keys, center_labels
+        else:
+            common = torch.promote_types(y.dtype, bank_labels.dtype)  # compared by value, never truncated
+            more, more_labels = torch.cat([queue, center_keys]), torch.cat([bank_labels.to(common),
+                                                                            center_labels.to(common)])
+        spec = supcon_spec(views, y, temperature=temperature, base_temperature=base_temperature,
+                           contrast_mode=contrast_mode, extra_keys=more, extra_key_labels=more_labels)
+        spec_acc, device = spec.accum_dtype, spec.device
+        # Denominator bias: group 0 holds the views and queue (log gamma), group 1 + k center k (its offset).
+        key_groups = torch.zeros(spec.num_keys, dtype=torch.long, device=device)
+        key_groups[spec.num_keys - classes:] = torch.arange(1, classes + 1, device=device)
+        same = torch.zeros(classes + 1, dtype=spec_acc, device=device)
+        same[0] = math.log(gamma) if gamma > 0 else float("-inf")
+        other = torch.zeros(classes + 1, dtype=spec_acc, device=device)
+        if logit_offsets is not None:  # o_k / supervised_temperature (a constant to autograd)
+            inv = 1.0 / (spec.temperature.detach().to(spec_acc) if isinstance(spec.temperature, Tensor)
+                         else spec.temperature) if supt is None else 1.0 / supt
+            other[1:] = logit_offsets.to(spec_acc) * inv
+        bias = DenominatorBias(torch.zeros(spec.num_anchors, dtype=torch.long, device=device), key_groups, same,
+                               other)
+        row_weight = None
+        if beta > 0:  # the fused sum weighs every positive alpha / W_i; the center's own weight is added below
+            count = spec.pos_count()
+            row_weight = alpha * count / (alpha * (count - 1) + beta)
+        return dataclasses.replace(spec, den_bias=bias, pos_row_weight=row_weight)
+
+    def center_positives(specs, f, y):
+        """What the fused rows lack of the center positives, per anchor row: -c / W_i times
+        (m_own - m_other - alpha) s_iy + m_other sum_k s_ik (offsets included), O(N D)."""
+        spec = specs[0]
+        spec_acc = spec.accum_dtype
+        q = spec.anchors.to(spec_acc)
+        centers = class_centers.to(spec_acc)
+        tau = spec.temperature
+        inv = (1.0 / tau if supt is None else 1.0 / supt)
+        y_rows = y.repeat(blocks)
+        own = (q * centers[y_rows]).sum(1)
+        every = q @ centers.sum(0)
+        other_share = smoothing / (classes - 1) if classes > 1 else 0.0
+        m_own, m_other = beta * (1.0 - smoothing), beta * other_share
+        term = (m_own - m_other - alpha) * own + m_other * every
+        if logit_offsets is not None:
+            offsets = logit_offsets.to(spec_acc)
+            term = term + (m_own - m_other) * offsets[y_rows] + m_other * offsets.sum()
+        count = spec.pos_count()
+        c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
+        return -c * inv * term / (alpha * (count - 1) + beta)
+
+    return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
+                        adjust=center_positives if beta > 0 else None, reduction=reduction, weight=weight)
+
+
+# ----------------------------------------------------------------------------- TSC
+
+def _labelled_keys(name: str, keys, labels, query: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Optional [n, D] keys with their [n] labels (both or neither), detached (no gradient, as the authors')."""
+    label_name = name[:-1] + "_labels" if name.endswith("s") else name + "_labels"
+    if keys is None:
+        if labels is not None:
+            raise ValueError(f"{label_name} was given without {name}")
+        return None, None
+    if labels is None:
+        raise ValueError(f"{name} needs {label_name}: one label per row")
+    try:
+        keys, labels = _extra_keys(keys, labels, query[:, None], name=name, rows="n")
+    except ValueError as err:  # the shared check calls the labels by supcon_loss's name
+        raise ValueError(str(err).replace("extra_key_labels", label_name)) from None
+    return keys.detach(), labels
+
+
+@agreed
+@deferred_errors
+def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None, target_labels=None,
+             target_weight=1.0, temperature=0.07, normalize=True, backend="auto", process_group=None,
+             reduction="mean", weight=None) -> Tensor:
+    """Targeted supervised contrastive loss (TSC, Li et al., the authors' MoCo form). Anchor ``query[i]``'s keys
+    are its own ``key[i]``, the labelled ``queue [Qn, D]`` and the labelled ``targets [T, D]`` (the class
+    targets, assigned to classes by the user: ``target_labels [T]``, a class's targets are its positives);
+    ``l_ij = q_i . k_j / temperature``, ``log p_ij = l_ij - log sum_j exp(l_ij)`` over those keys only.
+    ``L_i = -(1/Z_i) [log p_i,own + sum_{queue, y = y_i} log p_ij + tw sum_{targets, y = y_i} log p_ij]
+    - log p_i,own`` with ``Z_i`` the number of positives (own key, queue and targets of the class, each
+    counted once) and ``tw = target_weight``. ``normalize=True`` (the authors') L2-normalises the query, key and
+    queue rows, never the targets. The queue and targets get no gradient (the authors' buffers).
+    One fused pass gives the per-row log-denominator; the positive terms are linear in q_i (class sums of
+    the queue and targets), O((B + Qn + T) D): ``L_i = A_i log sum_j exp(l_ij) - B_i`` with
+    ``A_i = 1 + (1 + n_queue + tw n_targets) / Z_i`` (a per-row factor carried by the row weights).
+    ``process_group``: the mean over the global batch (no anchor sees another sample's key, so each rank's
+    rows need only its own pairs; the queue and targets are the same on every rank).
+    """
+    _pair("query", query, "key", key)
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("normalize", normalize, (False, True))
+    tw = _number("target_weight", target_weight, 0.0)
+    bsz, device = query.shape[0], query.device
+    labels = _check_labels(labels, bsz, device)
+    queue, queue_labels = _labelled_keys("queue", queue, queue_labels, query)
+    targets, target_labels = _labelled_keys("targets", targets, target_labels, query)
+    weight = _check_weight(weight, [(bsz,)], device, "one per sample")
+    acc = _accum_dtype(query)
+    temperature, tau_float = _tau(temperature, acc)
+    bank = queue if queue is None or not normalize else normalize_rows(queue, acc)
+    n_queue = 0 if bank is None else bank.shape[0]
+
+    def class_counts(y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Dense class ids of (y, queue labels, target labels) compared by value, and per anchor the number
+        of queue rows and targets of its class."""
+        all_labels = [y] + [x for x in (queue_labels, target_labels) if x is not None]
+        common = functools.reduce(torch.promote_types, [x.dtype for x in all_labels])
+        ids, classes = dense_ids(torch.cat([x.to(common) for x in all_labels]))
+        anchor_ids, rest = ids[: y.shape[0]], ids[y.shape[0]:]
+
+        def count(row_ids):
+            ones = torch.ones(row_ids.shape[0], dtype=acc, device=y.device)
+            return torch.zeros(classes, dtype=acc, device=y.device).index_add_(0, row_ids, ones)[anchor_ids]
+
+        return anchor_ids, rest, count(rest[:n_queue]), count(rest[n_queue:]), classes
+
+    def log_den_scale(y: Tensor) -> Tensor:
+        """A_i = 1 + (1 + n_queue + tw n_targets) / Z_i: the weight of log sum_j exp(l_ij) in L_i."""
+        _, _, queue_count, target_count, _ = class_counts(y)
+        return 1 + (1 + queue_count + tw * target_count) / (1 + queue_count + target_count)
+
+    def build(q, k, y):
+        if normalize:
+            q, k = normalize_rows(q, acc), normalize_rows(k, acc)
+        more = [x.to(q.dtype) for x in (bank, targets) if x is not None]
+        spec = _info_nce_spec(q, k, temperature, torch.cat(more) if more else None, False, tau_float=tau_float)
+        # No positive term: the fused rows are the log-denominators (A_i rides in the row weights).
+        return dataclasses.replace(spec, pos_row_weight=torch.zeros(q.shape[0], dtype=spec.accum_dtype,
+                                                                     device=q.device))
+
+    def positives(specs, q, k, y):
+        """-B_i / A_i per row: B_i = (l_own + sum_queue l + tw sum_targets l) / Z_i + l_own, the class sums
+        of the (detached) queue and targets dotted with q_i: O((B + Qn + T) D)."""
+        spec = specs[0]
+        spec_acc, rows = spec.accum_dtype, spec.num_anchors
+        qa, ka = spec.anchors.to(spec_acc), spec.keys[:rows].to(spec_acc)
+        tau = spec.temperature.to(spec_acc) if isinstance(spec.temperature, Tensor) else spec.temperature
+        anchor_ids, rest, queue_count, target_count, classes = class_counts(y)
+
+        def class_sum(keys: Optional[Tensor], row_ids: Tensor) -> Tensor:
+            if keys is None:
+                return torch.zeros(rows, dtype=spec_acc, device=qa.device)
+            keys = keys.detach().to(spec_acc)
+            sums = torch.zeros(classes, keys.shape[1], dtype=spec_acc, device=qa.device).index_add_(0, row_ids, keys)
+            return (qa * sums[anchor_ids]).sum(1) / tau
+
+        own = (qa * ka).sum(1) / tau
+        total = own + class_sum(bank, rest[:n_queue]) + tw * class_sum(targets, rest[n_queue:])
+        b = total / (1 + queue_count + target_count) + own
+        return -b / log_den_scale(y)
+
+    scale = log_den_scale(labels)
+    row_weight = scale if weight is None else scale * weight.to(scale.dtype)
+    result = _blocks_loss([build], (query, key, labels), 1, backend=backend, process_group=process_group,
+                          adjust=positives, reduction="sum" if reduction == "mean" else reduction, weight=row_weight)
+    if reduction != "mean":
+        return result
+    total = (torch.full((), float(bsz), dtype=result.dtype, device=device) if weight is None
+             else weight.to(result.dtype).sum())
+    if process_group is not None:  # the global sum of the weights (they get no gradient in gather mode)
+        total = total.detach()
+        torch.distributed.all_reduce(total, group=process_group)
+    return result / torch.where(total > 0, total, torch.ones_like(total))
+
+
 # ----------------------------------------------------------------------------- modules
 
 _FEATURES = "torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1).requires_grad_()"
@@ -833,7 +1257,7 @@ class EpsSupInfoNCELoss(_LossModule):
     fn = staticmethod(eps_supinfonce_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
-                 process_group=None, normalize=False, reduction="mean"):
+                 process_group=None, normalize=False, reduction="mean", form="out"):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
@@ -841,9 +1265,10 @@ class EpsSupInfoNCELoss(_LossModule):
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("reduction", reduction, REDUCTIONS)
+        _check_choice("form", form, ("out", "in"))
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                          contrast_mode=contrast_mode, backend=backend, process_group=process_group, normalize=normalize,
-                         reduction=reduction)
+                         reduction=reduction, form=form)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
@@ -1111,6 +1536,141 @@ class SuNCEtLoss(_LossModule):
                            **self.kwargs)
 
 
+
+class PaCoLoss(_LossModule):
+    __doc__ = """Module form of ``paco_loss`` (PaCo / GPaCo, Cui et al.): SupCon with one learnable center per class.
+
+    ``L_i = -c / W_i [sum_k m_ik log p_ik + alpha sum_{j: y_j = y_i} log p_ij]`` over the centers k (logits
+    ``(q_i . c_k + o_k) / supervised_temperature``) and the view / queue keys j (logits ``q_i . k_j /
+    temperature``, weighted gamma in the denominator). ``class_centers [C, D]`` is given to the constructor
+    (an ``nn.Parameter`` is registered and trained) or per call; ``forward(features [bsz, n_views, D], labels
+    [bsz], *, class_centers=None, extra_keys=None, extra_key_labels=None, weight=None)``.
+    """ + _example("criterion = fc.PaCoLoss(torch.nn.Parameter(torch.randn(3, 16)), alpha=0.05, "
+                   "supervised_temperature=1.0)", f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(paco_loss)
+
+    def __init__(self, class_centers=None, *, alpha=1.0, beta=1.0, gamma=1.0, temperature=0.2,
+                 supervised_temperature=None, base_temperature=None, label_smoothing=0.0, logit_offsets=None,
+                 contrast_mode="one", normalize=False, backend="auto", process_group=None, reduction="mean"):
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+            _number(name, value, 0.0)
+        _number("label_smoothing", label_smoothing, 0.0, 1.0)
+        _check_temperature("temperature", temperature)
+        if supervised_temperature is not None:
+            _number("supervised_temperature", supervised_temperature, 0.0)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(class_centers=class_centers, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
+                         supervised_temperature=supervised_temperature, base_temperature=base_temperature,
+                         label_smoothing=label_smoothing, logit_offsets=logit_offsets, contrast_mode=contrast_mode,
+                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
+
+    def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
+                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+        kwargs = self.kwargs
+        centers = kwargs.pop("class_centers") if class_centers is None else class_centers
+        if centers is None:
+            raise ValueError("class_centers must be given to the constructor or to forward")
+        return paco_loss(features, labels, centers, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                         weight=weight, **{k: v for k, v in kwargs.items() if k != "class_centers"})
+
+
+class TSCLoss(_LossModule):
+    __doc__ = """Module form of ``tsc_loss`` (targeted supervised contrastive learning, Li et al.).
+
+    ``L_i = -(1/Z_i) [log p_i,own + sum_{queue, y = y_i} log p_ij + tw sum_{targets, y = y_i} log p_ij]
+    - log p_i,own`` over the keys own key, queue and targets. ``forward(query [B, D], key [B, D], labels [B], *,
+    queue=None, queue_labels=None, targets=None, target_labels=None, weight=None)``; the target assignment
+    (which class owns which target) stays the caller's.
+    """ + _example("criterion = fc.TSCLoss(temperature=0.07, target_weight=0.5)",
+                   "query, key = torch.randn(2, 8, 16)",
+                   f"loss = criterion(query, key, {_LABELS}, targets=torch.randn(3, 16), "
+                   "target_labels=torch.arange(3))")
+
+    fn = staticmethod(tsc_loss)
+
+    def __init__(self, *, target_weight=1.0, temperature=0.07, normalize=True, backend="auto", reduction="mean"):
+        _number("target_weight", target_weight, 0.0)
+        _check_temperature("temperature", temperature)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(target_weight=target_weight, temperature=temperature, normalize=normalize,
+                         backend=backend, reduction=reduction)
+
+    def forward(self, query: Tensor, key: Tensor, labels: Tensor, *, queue: Optional[Tensor] = None,
+                queue_labels: Optional[Tensor] = None, targets: Optional[Tensor] = None,
+                target_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+        return tsc_loss(query, key, labels, queue=queue, queue_labels=queue_labels, targets=targets,
+                        target_labels=target_labels, weight=weight, **self.kwargs)
+
+
+
+class EpsilonSupConLoss(_LossModule):
+    __doc__ = """Module form of ``epsilon_supcon_loss`` (EpsilonSupCon, Barbano et al., Eq. 18).
+
+    ``L_i = -(c/|P_i|) sum_p [l_ip - log(sum_{p'} exp(l_ip' - epsilon) + sum_n exp(l_in))]``.
+    ``forward(features [bsz, n_views, D], labels [bsz] = None, *, extra_keys=None, extra_key_labels=None,
+    weight=None)``.
+    """ + _example("criterion = fc.EpsilonSupConLoss(epsilon=0.25, temperature=0.1)",
+                   f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(epsilon_supcon_loss)
+
+    def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
+                 backend="auto", process_group=None, reduction="mean"):
+        _number("epsilon", epsilon, 0.0)
+        _check_temperature("temperature", temperature)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
+                         contrast_mode=contrast_mode, normalize=normalize, backend=backend,
+                         process_group=process_group, reduction=reduction)
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
+                extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+        return epsilon_supcon_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                                   weight=weight, **self.kwargs)
+
+
+class FairKLLoss(_LossModule):
+    __doc__ = """Module form of ``fairkl_loss``: eps-SupInfoNCE plus ``fairkl_weight`` x FairKL (Barbano et al.).
+
+    ``forward(features [bsz, n_views, D], labels [bsz], bias_labels [bsz], *, weight=None)``; ``reduction``
+    "mean" or "sum" (the regulariser is one number per batch).
+    """ + _example("criterion = fc.FairKLLoss(epsilon=0.1, temperature=0.1, fairkl_weight=1.0, kld=1.0)",
+                   f"loss = criterion({_FEATURES}, {_LABELS}, torch.tensor([0, 0, 1, 1, 0, 1, 0, 1]))")
+
+    fn = staticmethod(fairkl_loss)
+
+    def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, fairkl_weight=1.0, kld=1.0,
+                 contrast_mode="all", normalize=False, backend="auto", reduction="mean"):
+        _number("epsilon", epsilon, 0.0)
+        _number("fairkl_weight", fairkl_weight, 0.0)
+        _number("kld", kld, 0.0)
+        _check_temperature("temperature", temperature)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, ("mean", "sum"))
+        super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
+                         fairkl_weight=fairkl_weight, kld=kld, contrast_mode=contrast_mode, normalize=normalize,
+                         backend=backend, reduction=reduction)
+
+    def forward(self, features: Tensor, labels: Tensor, bias_labels: Tensor, *,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return fairkl_loss(features, labels, bias_labels, weight=weight, **self.kwargs)
+
+
 _QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
 _FUNCTION_EXAMPLES = {
     eps_supinfonce_loss: _example(f"loss = fc.eps_supinfonce_loss({_FEATURES}, {_LABELS}, epsilon=0.1)"),
@@ -1124,6 +1684,9 @@ _FUNCTION_EXAMPLES = {
     symmetric_spread_loss: _example(f"loss = fc.symmetric_spread_loss({_FEATURES}, {_LABELS})"),
     unicon_loss: _example(f"loss = fc.unicon_loss({_FEATURES}, {_UNIVERSUM}, {_LABELS})"),
     suncet_loss: _example(f"loss = fc.suncet_loss({_FEATURES}, {_LABELS}, normalize=True)"),
+    epsilon_supcon_loss: _example(f"loss = fc.epsilon_supcon_loss({_FEATURES}, {_LABELS}, epsilon=0.25)"),
+    paco_loss: _example(f"loss = fc.paco_loss({_FEATURES}, {_LABELS}, torch.randn(3, 16), alpha=0.05, beta=1.0, "
+                        "gamma=1.0, supervised_temperature=1.0, label_smoothing=0.1)"),
 }
 _PAIR_LOSSES = (info_nce, clip_loss)
 for _fn, _doc in _FUNCTION_EXAMPLES.items():
@@ -1133,5 +1696,5 @@ _MODULE_DOC = """
     (the per-anchor losses), with optional per-sample weights >= 0.
 """
 for _cls in (EpsSupInfoNCELoss, DCLLoss, InfoNCELoss, ClipLoss, DebiasedContrastiveLoss, BCLLoss, SpreadLoss,
-             SymmetricSpreadLoss, UniConLoss, SuNCEtLoss):
+             SymmetricSpreadLoss, UniConLoss, SuNCEtLoss, PaCoLoss):
     _cls.__doc__ = _cls.__doc__.replace("\n    Example:", _MODULE_DOC + "\n    Example:", 1)
