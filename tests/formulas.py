@@ -442,3 +442,71 @@ def siglip(images: Tensor, texts: Tensor, logit_scale, logit_bias, labels=None, 
     u = -z * t
     pair = u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))
     return pair.sum(1) if per_row else pair.sum() / x.shape[0]
+
+
+# ------------------------------------------------------------------------------------------
+# Soft targets. SCE (Denize et al.): a cross-entropy against lam * one-hot + (1 - lam) * the teacher's
+# softmax over the non-positive keys; CoMatch (Li et al.): against a thresholded, row-normalised
+# pseudo-label graph with self-loops. Row i's positive is key i; queue / bank rows follow the batch keys.
+# ------------------------------------------------------------------------------------------
+def _unit(x: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(x.to(torch.float64), dim=1)
+
+
+def sce(query, key, teacher=None, *, queue=None, teacher_queue=None, temperature=0.1, teacher_temperature=0.07,
+        lam=0.5, normalize=False, weight=None, reduction="mean"):
+    q, k = query.to(torch.float64), key.to(torch.float64)
+    t = (key if teacher is None else teacher).detach().to(torch.float64)
+    if queue is not None:
+        k = torch.cat([k, queue.detach().to(torch.float64)])
+        tq = queue if teacher is None else teacher_queue
+        t_keys = torch.cat([t, tq.detach().to(torch.float64)])
+    else:
+        t_keys = t
+    if normalize:
+        q, k, t, t_keys = _unit(q), _unit(k), _unit(t), _unit(t_keys)
+    rows = []
+    for i in range(q.shape[0]):
+        logits = q[i] @ k.T / temperature
+        log_p = logits - _lse(logits)
+        others = [j for j in range(k.shape[0]) if j != i]
+        target = torch.zeros(k.shape[0], dtype=torch.float64)
+        if others:
+            teach = (t[i] @ t_keys[others].T) / teacher_temperature
+            target[others] = (1 - lam) * torch.exp(teach - _lse(teach))
+            target[i] = lam
+        else:  # nothing to spread over: the positive takes the whole target
+            target[i] = 1.0
+        rows.append(-(target * log_p).sum())
+    return _reduce_pairs(torch.stack(rows), weight, reduction)
+
+
+def comatch(query, key, probs, *, bank=None, bank_probs=None, temperature=0.2, threshold=0.8, normalize=False,
+            weight=None, reduction="mean"):
+    q, k = query.to(torch.float64), key.to(torch.float64)
+    p = probs.detach().to(torch.float64)
+    p_keys = p
+    if bank is not None:
+        k = torch.cat([k, bank.detach().to(torch.float64)])
+        p_keys = torch.cat([p, bank_probs.detach().to(torch.float64)])
+    if normalize:
+        q, k = _unit(q), _unit(k)
+    rows = []
+    for i in range(q.shape[0]):
+        logits = q[i] @ k.T / temperature
+        log_p = logits - _lse(logits)
+        graph = p_keys @ p[i]
+        graph[i] = 1.0  # self-loop
+        graph = torch.where(graph >= threshold, graph, torch.zeros_like(graph))
+        rows.append(-(graph / graph.sum() * log_p).sum())
+    return _reduce_pairs(torch.stack(rows), weight, reduction)
+
+
+def _reduce_pairs(rows: Tensor, weight, reduction: str) -> Tensor:
+    w = torch.ones_like(rows) if weight is None else weight.to(torch.float64)
+    if reduction == "none":
+        return w * rows
+    total = (w * rows).sum()
+    if reduction == "sum":
+        return total
+    return total / w.sum() if float(w.sum()) > 0 else total * 0

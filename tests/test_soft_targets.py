@@ -1,0 +1,172 @@
+"""Soft per-pair targets (SCE, CoMatch) on reference and chunked: float64 parity with tests/formulas.py for the
+loss and every input's gradient (the teacher / probabilities get none), degenerate batches, temperatures
+0.01-1, reductions and weights, the fused kernels' refusal, and bad input."""
+import pytest
+import torch
+
+import fused_contrastive as fc
+from fused_contrastive import cuda_supcon, dispatch, soft_losses
+from fused_contrastive.soft_targets import SoftRows
+
+import formulas
+from helpers import assert_close
+
+F64 = torch.float64
+BACKENDS = ["reference", "chunked"]
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=F64), dim=-1)
+
+
+def probabilities(rows, classes, seed=0, sharp=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(sharp * torch.randn(rows, classes, generator=g, dtype=F64), dim=1)
+
+
+def check(fn, oracle, inputs: dict, grad_names, **kw):
+    """Loss and the gradient of every input in ``grad_names`` against the formula, in float64."""
+    a = {n: v.clone().requires_grad_(n in grad_names) if torch.is_tensor(v) else v for n, v in inputs.items()}
+    b = {n: v.clone().requires_grad_(n in grad_names) if torch.is_tensor(v) else v for n, v in inputs.items()}
+    got, want = fn(**a, **kw), oracle(**b, **{k: v for k, v in kw.items() if k != "backend"})
+    assert_close(got, want, F64, "loss")
+    scale = torch.linspace(0.5, 1.5, got.numel(), dtype=F64).reshape(got.shape)  # a non-uniform upstream
+    (got * scale).sum().backward()
+    (want * scale).sum().backward()
+    for name in grad_names:
+        assert_close(a[name].grad, b[name].grad, F64, f"grad {name}")
+    for name, value in a.items():  # the side inputs are constants
+        if torch.is_tensor(value) and name not in grad_names:
+            assert value.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bsz,queue,tau,tau_t,lam", [(8, 0, 0.1, 0.07, 0.5), (6, 5, 0.01, 0.05, 0.2),
+                                                      (5, 7, 1.0, 1.0, 1.0), (1, 3, 0.3, 0.1, 0.0), (1, 0, 0.5, 0.1, 0.5)])
+@pytest.mark.parametrize("own_teacher", [False, True])
+def test_sce(backend, bsz, queue, tau, tau_t, lam, own_teacher):
+    inputs = {"query": unit(bsz, 12, seed=1), "key": unit(bsz, 12, seed=2)}
+    if queue:
+        inputs["queue"] = unit(queue, 12, seed=3)
+    if own_teacher:
+        inputs["teacher"] = unit(bsz, 7, seed=4)
+        if queue:
+            inputs["teacher_queue"] = unit(queue, 7, seed=5)
+    check(fc.sce_loss, formulas.sce, inputs, ("query", "key"), temperature=tau, teacher_temperature=tau_t, lam=lam,
+          backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bsz,bank,tau,threshold,sharp", [(8, 0, 0.2, 0.8, 3.0), (7, 6, 0.01, 0.5, 1.0),
+                                                          (6, 4, 1.0, 0.0, 3.0), (5, 0, 0.1, 1.0, 3.0),
+                                                          (1, 3, 0.2, 0.3, 3.0), (6, 0, 0.2, 0.9, 50.0)])
+def test_comatch(backend, bsz, bank, tau, threshold, sharp):
+    inputs = {"query": unit(bsz, 12, seed=1), "key": unit(bsz, 12, seed=2), "probs": probabilities(bsz, 3, 6, sharp)}
+    if bank:
+        inputs["bank"], inputs["bank_probs"] = unit(bank, 12, seed=3), probabilities(bank, 3, 7, sharp)
+    check(fc.comatch_loss, formulas.comatch, inputs, ("query", "key"), temperature=tau, threshold=threshold,
+          backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", ["sce", "comatch"])
+def test_reductions_weights_normalize(backend, reduction, loss):
+    """Unnormalised input with normalize=True, per-pair weights (one of them 0), every reduction."""
+    weight = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.5], dtype=F64)
+    inputs = {"query": 3 * unit(5, 9, seed=1), "key": 0.5 * unit(5, 9, seed=2), "weight": weight}
+    if loss == "sce":
+        inputs["queue"] = unit(4, 9, seed=3)
+        check(fc.sce_loss, formulas.sce, inputs, ("query", "key"), normalize=True, reduction=reduction,
+              backend=backend)
+    else:
+        inputs["probs"] = probabilities(5, 2, 1)
+        check(fc.comatch_loss, formulas.comatch, inputs, ("query", "key"), threshold=0.4, normalize=True,
+              reduction=reduction, backend=backend)
+
+
+def test_degenerate_batches():
+    """Identical rows everywhere (one 'class'), and a graph whose rows keep only the self-loop, match too."""
+    same = unit(1, 8).repeat(6, 1)
+    for fn, oracle, extra in [(fc.sce_loss, formulas.sce, {}),
+                              (fc.comatch_loss, formulas.comatch, {"probs": probabilities(6, 4, 2)}),
+                              (fc.comatch_loss, formulas.comatch, {"probs": torch.eye(6, dtype=F64)})]:
+        for backend in BACKENDS:
+            check(fn, oracle, {"query": same, "key": unit(6, 8, seed=9), **extra}, ("query", "key"), backend=backend)
+    # an identity graph (all singletons) is InfoNCE exactly
+    q, k = unit(6, 8, seed=1), unit(6, 8, seed=2)
+    assert_close(fc.comatch_loss(q, k, torch.eye(6, dtype=F64), backend="chunked"), fc.info_nce(q, k, temperature=0.2), F64,
+                 "eye")
+    # lam = 1 is InfoNCE too
+    assert_close(fc.sce_loss(q, k, lam=1.0, backend="chunked"), fc.info_nce(q, k), F64, "lam=1")
+
+
+def test_chunked_tiles_and_temperature_gradient(monkeypatch):
+    """Several row blocks (a small tile budget) and a learnable temperature, against reference."""
+    import fused_contrastive.chunked as chunked
+
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16)
+    monkeypatch.setattr(chunked, "MIN_BLOCK_ROWS", 1)
+    q, k, p = unit(9, 6, seed=1), unit(9, 6, seed=2), probabilities(9, 3, 3)
+    results = {}
+    for backend in BACKENDS:
+        tau = torch.tensor(0.3, dtype=F64, requires_grad=True)
+        for name, fn in [("sce", lambda: fc.sce_loss(q, k, queue=unit(3, 6, seed=5), temperature=tau,
+                                                     backend=backend)),
+                         ("comatch", lambda: fc.comatch_loss(q, k, p, temperature=tau, threshold=0.3, backend=backend))]:
+            loss = fn()
+            (grad,) = torch.autograd.grad(loss, tau)
+            results[backend, name] = (loss, grad)
+    for name in ("sce", "comatch"):
+        for i, what in enumerate(("loss", "grad tau")):
+            assert_close(results["chunked", name][i], results["reference", name][i], F64, f"{name} {what}")
+
+
+def test_fused_backends_refuse():
+    q, k = unit(4, 8), unit(4, 8)
+    spec = soft_losses._soft_spec(q, k, None, 0.1, False, fc.spec.SoftTarget("teacher", k, k, lam=0.5, tau_t=0.1))
+    reasons = dispatch.explain(spec)
+    assert "soft per-pair targets" in reasons["triton"], reasons["triton"]  # (the interpreter runs CPU tensors)
+    assert "soft per-pair targets" in cuda_supcon.unsupported(spec)  # (why_not first asks for a CUDA device)
+    assert reasons["chunked"] is None and reasons["reference"] is None
+    with pytest.raises(RuntimeError, match="soft per-pair targets"):
+        fc.sce_loss(q, k, backend="triton")
+
+
+def test_never_materialises_a_target():
+    """The chunked path keeps O(N) state: what SoftRows saves for backward is the inputs and two [N] vectors."""
+    q, k = unit(6, 8, seed=1).requires_grad_(), unit(6, 8, seed=2)
+    spec = soft_losses._soft_spec(q, k, None, 0.1, False, fc.spec.SoftTarget("teacher", k, k, lam=0.5, tau_t=0.1))
+    rows = SoftRows.apply(q, k, None, spec)
+    node = rows.grad_fn
+    shapes = [tuple(t.shape) for t in node.saved_tensors]
+    assert shapes == [(6, 8), (6, 8), (6,), (6,)], shapes
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda q, k, p: fc.sce_loss(q, k, lam=1.5), "lam"),
+    (lambda q, k, p: fc.sce_loss(q, k, teacher_temperature=0.0), "teacher_temperature"),
+    (lambda q, k, p: fc.sce_loss(q, k, teacher=p[:3]), "teacher"),
+    (lambda q, k, p: fc.sce_loss(q, k, teacher=p, queue=q), "teacher_queue"),
+    (lambda q, k, p: fc.sce_loss(q, k, teacher_queue=q), "teacher_queue"),
+    (lambda q, k, p: fc.sce_loss(q, k, queue=q[:, :3]), "queue"),
+    (lambda q, k, p: fc.comatch_loss(q, k, p, threshold=1.2), "threshold"),
+    (lambda q, k, p: fc.comatch_loss(q, k, p[:2]), "probs"),
+    (lambda q, k, p: fc.comatch_loss(q, k, p.long()), "probs"),
+    (lambda q, k, p: fc.comatch_loss(q, k, p, bank=q), "bank_probs"),
+    (lambda q, k, p: fc.comatch_loss(q, k, p, bank=q, bank_probs=p[:, :2]), "bank_probs"),
+    (lambda q, k, p: fc.comatch_loss(q, k[:3], p), "key"),
+    (lambda q, k, p: fc.CoMatchLoss(threshold=-0.1), "threshold"),
+    (lambda q, k, p: fc.SCELoss(lam=-1), "lam"),
+])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(unit(4, 8), unit(4, 8, seed=1), probabilities(4, 3))
+
+
+def test_modules():
+    q, k, p = unit(5, 8, seed=1), unit(5, 8, seed=2), probabilities(5, 3)
+    assert_close(fc.SCELoss(lam=0.3)(q, k), fc.sce_loss(q, k, lam=0.3), F64, "SCELoss")
+    assert_close(fc.CoMatchLoss(threshold=0.2, reduction="sum")(q, k, p),
+                 fc.comatch_loss(q, k, p, threshold=0.2, reduction="sum"), F64, "CoMatchLoss")
