@@ -170,3 +170,56 @@ def test_modules():
     assert_close(fc.SCELoss(lam=0.3)(q, k), fc.sce_loss(q, k, lam=0.3), F64, "SCELoss")
     assert_close(fc.CoMatchLoss(threshold=0.2, reduction="sum")(q, k, p),
                  fc.comatch_loss(q, k, p, threshold=0.2, reduction="sum"), F64, "CoMatchLoss")
+
+
+def soft_cases(features, labels):
+    """(name, loss(query, key, labels, **kw)): the side inputs are functions of the labels (per sample)."""
+    gen = torch.Generator().manual_seed(3)
+    queue = torch.nn.functional.normalize(torch.randn(5, 6, dtype=F64, generator=gen), dim=-1)
+    table = torch.randn(10, 4, dtype=F64, generator=gen)  # a teacher embedding per label
+    teacher_queue = torch.randn(5, 4, dtype=F64, generator=gen)
+    bank_probs = torch.softmax(torch.randn(5, 10, dtype=F64, generator=gen), dim=1)
+
+    def probs(y):
+        return 0.6 * torch.nn.functional.one_hot(y, 10).to(F64) + 0.04
+
+    return [
+        ("sce", lambda q, k, y, **kw: fc.sce_loss(q, k, queue=queue, temperature=0.3, **kw)),
+        ("sce_teacher", lambda q, k, y, **kw: fc.sce_loss(q, k, table[y], queue=queue, teacher_queue=teacher_queue,
+                                                          normalize=True, **kw)),
+        ("comatch_bank", lambda q, k, y, **kw: fc.comatch_loss(q, k, probs(y), bank=queue, bank_probs=bank_probs,
+                                                               threshold=0.1, **kw)),
+    ]
+
+
+def check_gather(rank, world, lo, hi, features, labels, _):
+    """Gather mode: the global loss, and world_size x this rank's slice of the single-process gradients."""
+    import torch.distributed as dist
+    from test_distributed import assert_rel
+
+    weight = torch.linspace(0.0, 2.0, len(labels), dtype=F64)
+    for name, loss_fn in soft_cases(features, labels):
+        for backend in BACKENDS:  # (the fused kernels refuse soft targets)
+            for options in ({}, dict(reduction="sum", weight=weight), dict(reduction="none")):
+                q, k = features[:, 0].clone().requires_grad_(), features[:, 1].clone().requires_grad_()
+                ref = loss_fn(q, k, labels, backend="reference", **options)
+                upstream = torch.linspace(0.5, 1.5, ref.numel(), dtype=F64).reshape(ref.shape)
+                ref_grads = torch.autograd.grad((ref * upstream).sum(), (q, k))
+                ql, kl = features[lo:hi, 0].clone().requires_grad_(), features[lo:hi, 1].clone().requires_grad_()
+                local_options = {n: v[lo:hi] if n == "weight" else v for n, v in options.items()}
+                loss = loss_fn(ql, kl, labels[lo:hi], backend=backend, process_group=dist.group.WORLD,
+                               **local_options)
+                if options.get("reduction") == "none":
+                    ref, upstream = ref[lo:hi], upstream[lo:hi]
+                grads = torch.autograd.grad((loss * upstream).sum(), (ql, kl))
+                what = f"rank {rank}/{world} {name} {backend} {options.get('reduction', 'mean')}"
+                assert_rel(loss.detach(), ref.detach(), what + " loss")
+                for g, e in zip(grads, ref_grads):
+                    assert_rel(g, world * e[lo:hi], what + " grad", scale=world * e.norm())
+
+
+@pytest.mark.slow  # (two gloo processes: ~25 s on this machine)
+def test_gather_mode_is_exact():
+    from test_distributed import spawn
+
+    spawn(check_gather, 2)
