@@ -510,3 +510,36 @@ def _reduce_pairs(rows: Tensor, weight, reduction: str) -> Tensor:
     if reduction == "sum":
         return total
     return total / w.sum() if float(w.sum()) > 0 else total * 0
+
+
+# ------------------------------------------------------------------------------------------
+# RényiCL (Lee et al.): per target view, a self-normalised e^{(gamma-1) l} average of the positive logits
+# (negated) plus the ratio of alpha-mixed e^{gamma l}-weighted means of all logits; weights are constants.
+# ------------------------------------------------------------------------------------------
+def renyicl(sources, targets, *, temperature=0.5, alpha=1.0 / 65536, gamma=2.0, normalize=True):
+    src, tgt = sources.to(torch.float64), targets.to(torch.float64)
+    if normalize:
+        src = torch.nn.functional.normalize(src, dim=-1)
+        tgt = torch.nn.functional.normalize(tgt, dim=-1)
+    n, views = src.shape[0], src.shape[1]
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(2):
+        positives, negatives = [], []
+        for s in range(views):
+            if s == t:
+                continue
+            for i in range(n):
+                for j in range(n):
+                    logit = src[i, s] @ tgt[j, t] / temperature
+                    (positives if i == j else negatives).append(logit)
+        pos, neg = torch.stack(positives), torch.stack(negatives)
+        if gamma == 1:
+            first = -pos.mean()
+        else:
+            w = torch.exp((gamma - 1) * pos).detach()
+            first = -(w * pos).sum() / w.sum()
+        wp, wn = torch.exp(gamma * pos).detach(), torch.exp(gamma * neg).detach()
+        second = ((alpha * (wp * pos).mean() + (1 - alpha) * (wn * neg).mean())
+                  / (alpha * wp.mean() + (1 - alpha) * wn.mean()))
+        total = total + first + second
+    return total

@@ -223,3 +223,39 @@ def test_gather_mode_is_exact():
     from test_distributed import spawn
 
     spawn(check_gather, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,views,tau,alpha,gamma,normalize", [(6, 2, 0.5, 1 / 65536, 2.0, True),
+                                                               (5, 3, 0.1, 0.3, 1.0, True),
+                                                               (4, 2, 1.0, 1.0, 0.5, False),
+                                                               (7, 2, 0.05, 0.0, 3.0, True), (2, 4, 0.2, 0.5, 2.0, True)])
+def test_renyicl(backend, n, views, tau, alpha, gamma, normalize):
+    g = torch.Generator().manual_seed(n)
+    inputs = {"sources": torch.randn(n, views, 8, generator=g, dtype=F64),
+              "targets": torch.randn(n, 2, 8, generator=g, dtype=F64)}
+    check(fc.renyicl_loss, formulas.renyicl, inputs, ("sources", "targets"), temperature=tau, alpha=alpha,
+          gamma=gamma, normalize=normalize, backend=backend)
+
+
+def test_renyicl_tiles_and_refusals(monkeypatch):
+    import fused_contrastive.chunked as chunked
+
+    g = torch.Generator().manual_seed(0)
+    src, tgt = torch.randn(9, 3, 5, generator=g, dtype=F64), torch.randn(9, 2, 5, generator=g, dtype=F64)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 8)
+    monkeypatch.setattr(chunked, "MIN_BLOCK_ROWS", 1)
+    check(fc.renyicl_loss, formulas.renyicl, {"sources": src, "targets": tgt}, ("sources", "targets"),
+          temperature=0.2, backend="chunked")
+    for backend in ("triton", "cuda"):
+        with pytest.raises(RuntimeError, match="no fused kernel for RényiCL"):
+            fc.renyicl_loss(src, tgt, backend=backend)
+    for kw, match in [({"reduction": "sum"}, "reduction"), ({"weight": torch.ones(9)}, "weight"),
+                      ({"alpha": 2.0}, "alpha"), ({"temperature": 0.0}, "temperature"), ({"gamma": float("nan")}, "gamma")]:
+        with pytest.raises(ValueError, match=match):
+            fc.renyicl_loss(src, tgt, **kw)
+    for s, t, match in [(src[:1], tgt[:1], "n >= 2"), (src, tgt[:, :1], "targets"), (src[:, :1], tgt, "sources"),
+                        (src, tgt[:8], "share")]:
+        with pytest.raises(ValueError, match=match):
+            fc.renyicl_loss(s, t)
+    assert_close(fc.RenyiCLLoss(gamma=1.5)(src, tgt), fc.renyicl_loss(src, tgt, gamma=1.5), F64, "module")

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from .compiled import compiling, deferred_errors
@@ -213,3 +214,193 @@ class CoMatchLoss(_LossModule):
     def forward(self, query: Tensor, key: Tensor, probs: Tensor, *, bank=None, bank_probs=None,
                 weight: Optional[Tensor] = None) -> Tensor:
         return comatch_loss(query, key, probs, bank=bank, bank_probs=bank_probs, weight=weight, **self.kwargs)
+
+
+# ----------------------------------------------------------------------------- RényiCL
+
+RENYI_BACKENDS = ("reference", "chunked")
+
+
+def _renyi_terms(pos: Tensor, neg: Tensor, alpha: float, gamma: float, n_pos: int, n_neg: int):
+    """The authors' loss of one target view from the per-row statistics: ``pos`` [R] the positive logits,
+    ``neg`` = (row max m_i of gamma l over the negatives, sum_j e^{gamma l_ij - m_i}, sum_j l_ij e^{gamma l_ij - m_i})
+    [R] each. Returns (loss, c1 [R] (dL/dl_ii of the first term), the negatives' global shift M and factor f:
+    dL/dl_ij = f e^{gamma l_ij - M}, and the positives' factor of the second term g: + g e^{gamma l_ii - M})."""
+    neg_max, neg_sum, neg_wsum = neg
+    if gamma == 1:
+        loss_1 = -pos.sum() / n_pos
+        c1 = torch.full_like(pos, -1.0 / n_pos)
+    else:  # a self-normalised weighted mean of the positives, weights e^{(gamma - 1) l} (constants to autograd)
+        e1 = torch.exp((gamma - 1) * pos - ((gamma - 1) * pos).max())
+        loss_1 = -(pos * e1).sum() / e1.sum()
+        c1 = -e1 / e1.sum()
+    # Second term: the alpha-mixture of the positive and negative means, weights e^{gamma l}, one global shift M.
+    shift = torch.maximum((gamma * pos).max(), neg_max.max())
+    e_pos = torch.exp(gamma * pos - shift)
+    row_scale = torch.exp(neg_max - shift)
+    den = alpha * e_pos.sum() / n_pos + (1 - alpha) * (neg_sum * row_scale).sum() / n_neg
+    num = alpha * (pos * e_pos).sum() / n_pos + (1 - alpha) * (neg_wsum * row_scale).sum() / n_neg
+    return loss_1 + num / den, c1, shift, (1 - alpha) / n_neg / den, alpha / n_pos / den
+
+
+def _renyi_stats(Q: Tensor, K: Tensor, tau: float, gamma: float, step: int):
+    """(positive logits [R], (m_i, sum e^{gamma l - m_i}, sum l e^{gamma l - m_i}) over the negatives) of the rows of
+    ``Q`` [S, n, D] (S source views, rows s * n + i) against ``K`` [n, D] (key i is row i's positive), in blocks."""
+    views, n = Q.shape[0], Q.shape[1]
+    flat = Q.reshape(views * n, -1)
+    pos, neg_max, neg_sum, neg_wsum = (torch.empty(views * n, dtype=Q.dtype, device=Q.device) for _ in range(4))
+    for r0 in range(0, views * n, step):
+        r1 = min(views * n, r0 + step)
+        S = flat[r0:r1] @ K.T / tau
+        diag = torch.arange(r0, r1, device=Q.device) % n
+        local = torch.arange(r1 - r0, device=Q.device)
+        pos[r0:r1] = S[local, diag]
+        g = gamma * S
+        g[local, diag] = float("-inf")
+        m = g.amax(1)
+        m = torch.where(torch.isfinite(m), m, 0.0)  # (one key: no negatives)
+        e = torch.exp(g - m[:, None])
+        S[local, diag] = 0.0
+        neg_max[r0:r1], neg_sum[r0:r1], neg_wsum[r0:r1] = m, e.sum(1), (S * e).sum(1)
+    return pos, (neg_max, neg_sum, neg_wsum)
+
+
+class _RenyiChunked(torch.autograd.Function):
+    """One target view's term, block by block: O(rows) statistics, gradients from two more tile passes."""
+
+    @staticmethod
+    def forward(ctx, Q: Tensor, K: Tensor, tau: float, alpha: float, gamma: float):
+        from .chunked import block_rows
+
+        views, n = Q.shape[0], Q.shape[1]
+        step = block_rows(n)
+        pos, neg = _renyi_stats(Q, K, tau, gamma, step)
+        loss, c1, shift, f_neg, g_pos = _renyi_terms(pos, neg, alpha, gamma, views * n, views * n * (n - 1))
+        ctx.save_for_backward(Q, K, pos, c1, shift, f_neg, g_pos)
+        ctx.tau, ctx.gamma, ctx.step = tau, gamma, step
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        Q, K, pos, c1, shift, f_neg, g_pos = ctx.saved_tensors
+        tau, gamma, step = ctx.tau, ctx.gamma, ctx.step
+        views, n = Q.shape[0], Q.shape[1]
+        flat = Q.reshape(views * n, -1)
+        dQ, dK = torch.empty_like(flat), torch.zeros_like(K)
+        pos_weight = c1 + g_pos * torch.exp(gamma * pos - shift)
+        for r0 in range(0, views * n, step):
+            r1 = min(views * n, r0 + step)
+            diag = torch.arange(r0, r1, device=Q.device) % n
+            local = torch.arange(r1 - r0, device=Q.device)
+            G = torch.exp(gamma * (flat[r0:r1] @ K.T / tau) - shift) * f_neg
+            G[local, diag] = pos_weight[r0:r1]
+            G.mul_(grad / tau)
+            torch.mm(G, K, out=dQ[r0:r1])
+            dK.addmm_(G.T, flat[r0:r1])
+        return dQ.reshape(Q.shape), dK, None, None, None
+
+
+def _renyi_reference(Q: Tensor, K: Tensor, tau: float, alpha: float, gamma: float) -> Tensor:
+    """Dense: every [n, n] logit matrix of the term, the weights detached (the oracle)."""
+    views, n = Q.shape[0], Q.shape[1]
+    logits = Q @ K.T / tau  # [S, n, n]
+    eye = torch.eye(n, dtype=torch.bool, device=Q.device).expand_as(logits)
+    pos, neg = logits[eye], logits[~eye]
+    if gamma == 1:
+        loss_1 = -pos.mean()
+    else:
+        w1 = torch.exp((gamma - 1) * (pos - pos.max())).detach()
+        loss_1 = -(pos * w1).sum() / w1.sum()
+    if neg.numel() == 0:
+        neg = pos.new_zeros(1)[:0]
+    shift = (gamma * torch.cat([pos, neg])).max().detach()
+    w_pos, w_neg = torch.exp(gamma * pos - shift).detach(), torch.exp(gamma * neg - shift).detach()
+    neg_mean = lambda x: x.sum() / max(neg.numel(), 1)  # noqa: E731 (an empty mean is 0: alpha = 1 or n = 1)
+    den = alpha * w_pos.mean() + (1 - alpha) * neg_mean(w_neg)
+    return loss_1 + (alpha * (pos * w_pos).mean() + (1 - alpha) * neg_mean(neg * w_neg)) / den
+
+
+@deferred_errors
+def renyicl_loss(sources, targets, *, temperature=0.5, alpha=1.0 / 65536, gamma=2.0, normalize=True, backend="auto",
+                 reduction="mean", weight=None) -> Tensor:
+    """RényiCL (Lee et al., "RényiCL: Contrastive Representation Learning with Skew Rényi Divergence"), the
+    authors' objective.
+
+    ``sources [n, V, D]``: the online (predictor) outputs of V >= 2 views; ``targets [n, 2, D]``: the
+    momentum outputs of views 0 and 1. For each target view t and every source view s != t,
+    ``l_ij = src_s,i . tgt_t,j / temperature`` (rows L2-normalised first, as the authors do; ``normalize=False``
+    uses them as given); positives l_ii, negatives l_ij (j != i). Per target view, over all its positives P and
+    negatives N: ``-sum_P l e^{(gamma-1) l} / sum_P e^{(gamma-1) l}`` (``-mean_P l`` when gamma = 1) plus
+    ``(alpha mean_P l e^{gamma l} + (1-alpha) mean_N l e^{gamma l}) / (alpha mean_P e^{gamma l} + (1-alpha)
+    mean_N e^{gamma l})``, the exponential weights being constants to autograd (the authors' stop-gradients);
+    the loss is the sum over t = 0, 1. Defaults are the authors' (temperature 0.5, alpha 1/65536, gamma 2).
+    A batch-level ratio, not a mean of per-anchor rows: only ``reduction="mean"`` without ``weight``.
+    Runs on chunked (per-row statistics, O(n) memory) and reference; one process only.
+    """
+    _not_traced("renyicl_loss")
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    if reduction != "mean" or weight is not None:
+        raise ValueError("reduction and weight: renyicl_loss is a batch-level ratio of sums, not a mean of "
+                         "per-anchor losses; only reduction='mean' without weight is defined")
+    _check_choice("normalize", normalize, (False, True))
+    for name, x, views in (("sources", sources, None), ("targets", targets, 2)):
+        if (not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point() or x.shape[0] < 1
+                or (views is not None and x.shape[1] != views) or (views is None and x.shape[1] < 2)):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a floating tensor of shape [n, {views or 'V >= 2'}, D], got {shape}")
+        _check_data(name, x)
+    if sources.shape[0] != targets.shape[0] or sources.shape[2] != targets.shape[2] or sources.dtype != targets.dtype \
+            or sources.device != targets.device:
+        raise ValueError(f"sources and targets must share n, D, dtype and device, got {tuple(sources.shape)} "
+                         f"{sources.dtype} {sources.device} and {tuple(targets.shape)} {targets.dtype} {targets.device}")
+    if sources.shape[0] < 2:
+        raise ValueError(f"sources and targets need n >= 2 samples (the negatives of a row are the other samples), "
+                         f"got n = {sources.shape[0]}")
+    _check_finite(sources=sources, targets=targets)
+    if isinstance(temperature, Tensor) and temperature.requires_grad:
+        raise ValueError("temperature must be a number (or a tensor without grad) for renyicl_loss: its weights "
+                         "are stop-gradient constants, the temperature gets no gradient here")
+    tau = _number("temperature", float(temperature) if isinstance(temperature, Tensor) else temperature, 0.0)
+    acc = _accum_dtype(sources)
+    _check_inverse("temperature", tau, acc)
+    alpha = _number("alpha", alpha, 0.0, 1.0)
+    gamma = _number("gamma", gamma)
+    chosen = "chunked" if backend == "auto" else backend
+    if chosen not in RENYI_BACKENDS:
+        raise RuntimeError(f"backend {backend!r} cannot run this input: no fused kernel for RényiCL (a batch-level "
+                           "ratio of exponentially weighted sums); use chunked or reference")
+    src = sources.to(acc)
+    tgt = targets.to(acc)
+    if normalize:
+        src = normalize_rows(src.reshape(-1, src.shape[-1]), acc).reshape(src.shape)
+        tgt = normalize_rows(tgt.reshape(-1, tgt.shape[-1]), acc).reshape(tgt.shape)
+    loss = src.new_zeros(())
+    for t in range(2):
+        Q = torch.stack([src[:, s] for s in range(src.shape[1]) if s != t])
+        K = tgt[:, t]
+        if chosen == "reference":
+            loss = loss + _renyi_reference(Q, K, tau, alpha, gamma)
+        else:
+            loss = loss + _RenyiChunked.apply(Q, K, tau, alpha, gamma)
+    return loss.to(torch.promote_types(sources.dtype, torch.float32)) if sources.dtype != torch.float64 else loss
+
+
+class RenyiCLLoss(_LossModule):
+    __doc__ = """Module form of ``renyicl_loss`` (RényiCL, Lee et al.). ``forward(sources [n, V, D],
+    targets [n, 2, D])``.
+    """ + _example("criterion = fc.RenyiCLLoss(temperature=0.5, gamma=2.0)",
+                   "loss = criterion(torch.randn(8, 2, 16, requires_grad=True), torch.randn(8, 2, 16))")
+
+    fn = staticmethod(renyicl_loss)
+
+    def __init__(self, *, temperature=0.5, alpha=1.0 / 65536, gamma=2.0, normalize=True, backend="auto"):
+        _number("temperature", temperature, 0.0)
+        _number("alpha", alpha, 0.0, 1.0)
+        _number("gamma", gamma)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(temperature=temperature, alpha=alpha, gamma=gamma, normalize=normalize, backend=backend)
+
+    def forward(self, sources: Tensor, targets: Tensor) -> Tensor:
+        return renyicl_loss(sources, targets, **self.kwargs)
