@@ -543,3 +543,30 @@ def renyicl(sources, targets, *, temperature=0.5, alpha=1.0 / 65536, gamma=2.0, 
                   / (alpha * wp.mean() + (1 - alpha) * wn.mean()))
         total = total + first + second
     return total
+
+
+# ------------------------------------------------------------------------------------------
+# CACR (Zheng et al.), Euclidean cost: attraction over a sample's other views, weights softmax(+tau_pos d);
+# repulsion over the other samples of a second view, weights softmax(-tau_neg d); weights not detached.
+# ------------------------------------------------------------------------------------------
+def cacr(features, *, alpha=1.0, beta=1.0, tau_pos=1.0, tau_neg=1.0, normalize=False):
+    z = features.to(torch.float64)
+    if normalize:
+        z = torch.nn.functional.normalize(z, dim=-1)
+    n, views = z.shape[0], z.shape[1]
+    attraction = torch.zeros((), dtype=torch.float64)
+    for x in range(views):
+        per_sample = []
+        for i in range(n):
+            d = torch.stack([((z[i, x] - z[i, p]) ** 2).sum() for p in range(views) if p != x])
+            per_sample.append((alpha * d * torch.softmax(tau_pos * d, 0)).sum())
+        attraction = attraction + torch.stack(per_sample).mean()
+    repulsion, pairs = torch.zeros((), dtype=torch.float64), 0
+    for x in range(views):
+        for y in range(x + 1, views):
+            rows = []
+            for i in range(n):
+                d = torch.stack([((z[i, x] - z[j, y]) ** 2).sum() for j in range(n) if j != i])
+                rows.append((-beta * d * torch.softmax(-tau_neg * d, 0)).sum())
+            repulsion, pairs = repulsion + torch.stack(rows).mean(), pairs + 1
+    return attraction / views + repulsion / pairs

@@ -12,7 +12,7 @@ from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSup
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
 from .siglip import SigLipLoss, siglip_loss
-from .soft_losses import CoMatchLoss, RenyiCLLoss, SCELoss, comatch_loss, renyicl_loss, sce_loss
+from .soft_losses import CACRLoss, CoMatchLoss, RenyiCLLoss, cacr_loss, SCELoss, comatch_loss, renyicl_loss, sce_loss
 from . import compat  # noqa: E402  (drop-ins for open_clip, pytorch-metric-learning, lightly)
 
 __version__ = "0.1.0"
@@ -29,4 +29,4 @@ __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_los
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
            "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "SymmetricSpreadLoss", "symmetric_spread_loss",
            "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "MemoryBank", "MemoryBankLoss", "SigLipLoss",
-           "siglip_loss", "SCELoss", "sce_loss", "CoMatchLoss", "comatch_loss", "RenyiCLLoss", "renyicl_loss", "explain_backends", "BACKEND_CHOICES", "compat", "__version__"]
+           "siglip_loss", "SCELoss", "sce_loss", "CoMatchLoss", "comatch_loss", "RenyiCLLoss", "renyicl_loss", "CACRLoss", "cacr_loss", "explain_backends", "BACKEND_CHOICES", "compat", "__version__"]

@@ -404,3 +404,144 @@ class RenyiCLLoss(_LossModule):
 
     def forward(self, sources: Tensor, targets: Tensor) -> Tensor:
         return renyicl_loss(sources, targets, **self.kwargs)
+
+
+# ----------------------------------------------------------------------------- CACR
+
+def _sq_dist(X: Tensor, Y: Tensor) -> Tensor:
+    """||x_i - y_j||^2 from the Gram product (what a tile computes): [len(X), len(Y)], clamped at 0."""
+    return ((X * X).sum(1)[:, None] + (Y * Y).sum(1)[None, :] - 2 * X @ Y.T).clamp_(min=0)
+
+
+def _repulsion_rows(d: Tensor, diag: Tensor, local: Tensor, tau_neg: float):
+    """(w, mean distance dbar) of rows of squared distances ``d`` with each row's own sample (column ``diag``)
+    out: w_ij = softmax_j(-tau_neg d_ij), dbar_i = sum_j w_ij d_ij."""
+    t = -tau_neg * d
+    t[local, diag] = float("-inf")
+    w = torch.softmax(t, dim=1)
+    d = d.clone()
+    d[local, diag] = 0.0
+    return w, (w * d).sum(1), d
+
+
+class _RepulsionChunked(torch.autograd.Function):
+    """mean_i of -beta sum_{j != i} w_ij d_ij, w_ij = softmax_j(-tau_neg d_ij) (differentiated through, as the
+    authors' code does), block by block: g_ij = -beta w_ij (1 - tau_neg (d_ij - dbar_i)) / n."""
+
+    @staticmethod
+    def forward(ctx, X: Tensor, Y: Tensor, beta: float, tau_neg: float):
+        from .chunked import block_rows
+
+        n, step = X.shape[0], block_rows(X.shape[0])
+        dbar = torch.empty(n, dtype=X.dtype, device=X.device)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            local = torch.arange(r1 - r0, device=X.device)
+            _, dbar[r0:r1], _ = _repulsion_rows(_sq_dist(X[r0:r1], Y), local + r0, local, tau_neg)
+        ctx.save_for_backward(X, Y, dbar)
+        ctx.beta, ctx.tau_neg, ctx.step = beta, tau_neg, step
+        return -beta * dbar.mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        X, Y, dbar = ctx.saved_tensors
+        n, step = X.shape[0], ctx.step
+        dX, dY = torch.empty_like(X), torch.zeros_like(Y)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            local = torch.arange(r1 - r0, device=X.device)
+            w, _, d = _repulsion_rows(_sq_dist(X[r0:r1], Y), local + r0, local, ctx.tau_neg)
+            G = w * (1 - ctx.tau_neg * (d - dbar[r0:r1, None])) * (-ctx.beta * grad / n)
+            G[local, local + r0] = 0.0
+            # d_ij = |x_i|^2 + |y_j|^2 - 2 x_i . y_j
+            dX[r0:r1] = 2 * (X[r0:r1] * G.sum(1)[:, None] - G @ Y)
+            dY.add_(2 * (Y * G.sum(0)[:, None] - G.T @ X[r0:r1]))
+        return dX, dY, None, None
+
+
+def _repulsion_reference(X: Tensor, Y: Tensor, beta: float, tau_neg: float) -> Tensor:
+    n = X.shape[0]
+    local = torch.arange(n, device=X.device)
+    w, dbar, _ = _repulsion_rows(_sq_dist(X, Y), local, local, tau_neg)
+    return -beta * dbar.mean()
+
+
+def _attraction(z: Tensor, alpha: float, tau_pos: float) -> Tensor:
+    """mean over query views x and samples of sum_p w_p alpha ||z_x - z_p||^2 over the sample's other views p,
+    w = softmax_p(tau_pos ||z_x - z_p||^2) (differentiated through); O(n V^2) terms, no batch-pair matrix."""
+    views = z.shape[1]
+    sq = ((z[:, :, None] - z[:, None, :]) ** 2).sum(-1)  # [n, V, V]
+    off = ~torch.eye(views, dtype=torch.bool, device=z.device)
+    sq = sq[:, off].reshape(z.shape[0], views, views - 1)
+    w = torch.softmax(tau_pos * sq, dim=-1)
+    return (alpha * sq * w).sum(-1).mean(0).sum() / views
+
+
+@deferred_errors
+def cacr_loss(features, *, alpha=1.0, beta=1.0, tau_pos=1.0, tau_neg=1.0, normalize=False, backend="auto",
+              reduction="mean", weight=None) -> Tensor:
+    """CACR (Zheng et al., "Contrastive Attraction and Contrastive Repulsion for Representation Learning"), the
+    authors' loss with the Euclidean cost (their default; ``choice="full"``, not debiased).
+
+    ``features [n, V, D]`` (V >= 2 views of n >= 2 samples). Attraction: for each query view x and sample i,
+    ``sum_p w_p alpha ||z_xi - z_pi||^2`` over the sample's other views p, ``w = softmax_p(tau_pos ||.||^2)`` (the
+    farther positives weigh more), averaged over samples and over x. Repulsion: for each pair of views x < y,
+    ``mean_i -beta sum_{j != i} w_ij ||z_xi - z_yj||^2``, ``w_ij = softmax_j(-tau_neg ||.||^2)`` (the closer
+    negatives weigh more), averaged over the pairs. The loss is their sum; the softmax weights are
+    differentiated through, as in the authors' code. Features are used as given (the authors' encoder
+    L2-normalises its output), or normalised first with ``normalize=True``. The repulsion runs on chunked
+    (row-block tiles of squared distances, O(n) saved) or reference; a batch mean, so only ``reduction="mean"``
+    without ``weight`` here. One process only.
+    """
+    _not_traced("cacr_loss")
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    if reduction != "mean" or weight is not None:
+        raise ValueError("reduction and weight: cacr_loss supports reduction='mean' without weight only in this version")
+    _check_choice("normalize", normalize, (False, True))
+    if (not isinstance(features, Tensor) or features.dim() != 3 or not features.is_floating_point()
+            or features.shape[0] < 2 or features.shape[1] < 2):
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a floating tensor of shape [n, V, D] with n >= 2 and V >= 2, got {shape}")
+    _check_data("features", features)
+    _check_finite(features=features)
+    alpha, beta = _number("alpha", alpha), _number("beta", beta)
+    tau_pos, tau_neg = _number("tau_pos", tau_pos), _number("tau_neg", tau_neg)
+    chosen = "chunked" if backend == "auto" else backend
+    if chosen not in RENYI_BACKENDS:
+        raise RuntimeError(f"backend {backend!r} cannot run this input: no fused kernel for CACR (Euclidean costs "
+                           "with softmax weights differentiated through); use chunked or reference")
+    acc = _accum_dtype(features)
+    z = features.to(acc)
+    if normalize:
+        z = normalize_rows(z.reshape(-1, z.shape[-1]), acc).reshape(z.shape)
+    views = z.shape[1]
+    repulsion, pairs = z.new_zeros(()), 0
+    for x in range(views):
+        for y in range(x + 1, views):
+            X, Y = z[:, x].contiguous(), z[:, y].contiguous()
+            if chosen == "reference":
+                repulsion = repulsion + _repulsion_reference(X, Y, beta, tau_neg)
+            else:
+                repulsion = repulsion + _RepulsionChunked.apply(X, Y, beta, tau_neg)
+            pairs += 1
+    loss = _attraction(z, alpha, tau_pos) + repulsion / pairs
+    return loss if features.dtype == torch.float64 else loss.float()
+
+
+class CACRLoss(_LossModule):
+    __doc__ = """Module form of ``cacr_loss`` (CACR, Zheng et al.). ``forward(features [n, V, D])``.
+    """ + _example("criterion = fc.CACRLoss(tau_pos=1.0, tau_neg=1.0)",
+                   "loss = criterion(torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1).requires_grad_())")
+
+    fn = staticmethod(cacr_loss)
+
+    def __init__(self, *, alpha=1.0, beta=1.0, tau_pos=1.0, tau_neg=1.0, normalize=False, backend="auto"):
+        for name, value in (("alpha", alpha), ("beta", beta), ("tau_pos", tau_pos), ("tau_neg", tau_neg)):
+            _number(name, value)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        super().__init__(alpha=alpha, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg, normalize=normalize, backend=backend)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return cacr_loss(features, **self.kwargs)
