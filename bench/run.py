@@ -139,6 +139,9 @@ def family_loss(loss, backend):
                                                 bank=fixed(f, f.shape[0] * f.shape[1])["keys"],
                                                 bank_probs=_soft_probs(fixed(f, f.shape[0] * f.shape[1])["labels"]),
                                                 temperature=0.2, threshold=0.5, backend=backend),
+        # RényiCL: the views as sources, their detached copies as the targets; CACR: the two views.
+        "renyicl": lambda f, y: fc.renyicl_loss(f, f.detach(), backend=backend),
+        "cacr": lambda f, y: fc.cacr_loss(f, backend=backend),
         # SigLIP with a learnable scale and bias (open_clip's initial values), as bench/siglip.py times it.
         "siglip": lambda f, y: fc.siglip_loss(*pairs(f), *_siglip_scale_bias(f), backend=backend),
     }
