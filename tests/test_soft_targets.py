@@ -1,11 +1,13 @@
 """Soft per-pair targets (SCE, CoMatch) on reference and chunked: float64 parity with tests/formulas.py for the
 loss and every input's gradient (the teacher / probabilities get none), degenerate batches, temperatures
 0.01-1, reductions and weights, the fused kernels' refusal, and bad input."""
+import dataclasses
+
 import pytest
 import torch
 
 import fused_contrastive as fc
-from fused_contrastive import cuda_supcon, dispatch, soft_losses
+from fused_contrastive import cuda_supcon, dispatch, family, soft_losses
 from fused_contrastive.soft_targets import SoftRows
 
 import formulas
@@ -287,3 +289,24 @@ def test_cacr_tiles_and_refusals(monkeypatch):
         with pytest.raises(ValueError, match="features"):
             fc.cacr_loss(bad)
     assert_close(fc.CACRLoss(beta=0.5)(f), fc.cacr_loss(f, beta=0.5), F64, "module")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_denominator_path(backend):
+    """A spec whose denominator is restricted (MoCo v1: the positive and the queue only, a -inf bias on the
+    other batch keys) takes the tiles' masked path: the teacher's softmax then runs over the queue only."""
+    q, k, queue = unit(5, 8, seed=1), unit(5, 8, seed=2), unit(4, 8, seed=3)
+    target = fc.spec.SoftTarget("teacher", k, torch.cat([k, queue]), lam=0.3, tau_t=0.2)
+    spec = dataclasses.replace(family._info_nce_spec(q.requires_grad_(), k, 0.1, queue, False), soft_target=target)
+    got = dispatch.run(spec, backend)
+    (got_grad,) = torch.autograd.grad(got, q)
+    qq = q.detach().clone().requires_grad_()
+    rows = []
+    for i in range(5):
+        keys = torch.cat([k[i:i + 1], queue])
+        log_p = torch.log_softmax(qq[i] @ keys.T / 0.1, 0)
+        w = torch.cat([torch.tensor([0.3], dtype=F64), 0.7 * torch.softmax(k[i] @ queue.T / 0.2, 0)])
+        rows.append(-(w * log_p).sum())
+    want = torch.stack(rows).mean()
+    assert_close(got, want, F64, "loss")
+    assert_close(got_grad, torch.autograd.grad(want, qq)[0], F64, "grad query")

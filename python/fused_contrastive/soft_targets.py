@@ -19,20 +19,38 @@ from .spec import ContrastSpec, SoftTarget, inverse_pos_count, reduce_rows
 NEG_INF = float("-inf")
 
 
-def tile_masks(spec: ContrastSpec, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def tile_masks(spec: ContrastSpec, rows: Tensor):
     """(in_den [R, M] bool, bias [R, M] (0 outside the denominator), a [R, M]) for anchor ``rows``: the keys in
-    the denominator (not self, b_ij > -inf), the denominator log-weights, the positives (labels rule)."""
+    the denominator (not self, b_ij > -inf), the denominator log-weights, the positives (labels rule).
+    in_den and bias are None when every key is in every denominator with b = 0 (the pair losses): the tile
+    then skips those full-size mask passes."""
     acc = spec.accum_dtype
-    cols = torch.arange(spec.num_keys, device=spec.device)
-    not_self = cols[None, :] != spec.self_columns()[rows][:, None]
-    in_den = not_self
-    bias = torch.zeros((), dtype=acc, device=spec.device)
+    in_den = bias = None
+    a = spec.anchor_labels[rows][:, None] == spec.key_labels[None, :]
+    if spec.self_offset is not None:
+        cols = torch.arange(spec.num_keys, device=spec.device)
+        in_den = cols[None, :] != spec.self_columns()[rows][:, None]
+        a &= in_den
     if spec.den_bias is not None:
         b = spec.den_bias.tile(rows).to(acc)
-        in_den = in_den & (b > NEG_INF)
+        in_den = b > NEG_INF if in_den is None else in_den & (b > NEG_INF)
         bias = torch.where(in_den, b, 0.0)
-    a = ((spec.anchor_labels[rows][:, None] == spec.key_labels[None, :]) & not_self).to(acc)
-    return in_den, bias, a
+    return in_den, bias, a.to(acc)
+
+
+def _den_logits(S: Tensor, in_den, bias) -> Tensor:
+    """l_ij + b_ij on the denominator, -inf elsewhere."""
+    if bias is not None:
+        S = S + bias
+    return S if in_den is None else torch.where(in_den, S, NEG_INF)
+
+
+def _lse(den_logits: Tensor, in_den) -> Tensor:
+    """Row LSE of the denominator; -inf for a row without any key (and no NaN)."""
+    if in_den is None:
+        return torch.logsumexp(den_logits, 1)
+    has_den = in_den.any(1)
+    return torch.where(has_den, torch.logsumexp(torch.where(has_den[:, None], den_logits, 0.0), 1), NEG_INF)
 
 
 def target_tile(target: SoftTarget, rows: Tensor, in_den: Tensor, a: Tensor, pos_count: Tensor) -> Tensor:
@@ -42,7 +60,7 @@ def target_tile(target: SoftTarget, rows: Tensor, in_den: Tensor, a: Tensor, pos
     if target.kind == "teacher":
         # The teacher's softmax runs over the denominator's non-positive keys. A row without any (one sample,
         # no queue) puts its whole target on the positive, as the authors' masked softmax does.
-        candidate = in_den & (a == 0)
+        candidate = a == 0 if in_den is None else in_den & (a == 0)
         has_candidate = candidate.any(1)
         t = torch.where(candidate, side / target.tau_t, NEG_INF)
         t_max = torch.where(has_candidate, t.amax(1), 0.0)
@@ -53,13 +71,16 @@ def target_tile(target: SoftTarget, rows: Tensor, in_den: Tensor, a: Tensor, pos
         return lam * a * inverse_pos_count(pos_count)[:, None] + (1 - lam) * teacher
     # "graph": the positive is a self-loop of weight 1; other keys their probability product if >= threshold.
     u = torch.where(a > 0, a, torch.where(side >= target.threshold, side, 0.0))
-    u = torch.where(in_den, u, 0.0)
+    if in_den is not None:
+        u = torch.where(in_den, u, 0.0)
     total = u.sum(1)
     return u / torch.where(total > 0, total, 1.0)[:, None]
 
 
-def _weighted_logits(w: Tensor, den_logits: Tensor) -> Tensor:
+def _weighted_logits(w: Tensor, den_logits: Tensor, in_den) -> Tensor:
     """sum_j w_ij (l_ij + b_ij) with 0 where w is 0 (den_logits is -inf outside the denominator)."""
+    if in_den is None:  # every logit finite
+        return (w * den_logits).sum(1)
     return torch.where(w > 0, w * den_logits, 0.0).sum(1)
 
 
@@ -68,11 +89,10 @@ def dense_rows(spec: ContrastSpec, logits: Tensor, rows: Tensor) -> tuple[Tensor
     in_den, bias, a = tile_masks(spec, rows)
     pos_count = a.sum(1)
     has_pos = pos_count > 0
-    den_logits = torch.where(in_den, logits + bias, NEG_INF)
-    has_den = in_den.any(1)
-    lse = torch.where(has_den, torch.logsumexp(torch.where(has_den[:, None], den_logits, 0.0), 1), NEG_INF)
+    den_logits = _den_logits(logits, in_den, bias)
+    lse = _lse(den_logits, in_den)
     w = target_tile(spec.soft_target, rows, in_den, a, pos_count)
-    loss = lse - _weighted_logits(w, den_logits)
+    loss = lse - _weighted_logits(w, den_logits, in_den)
     return torch.where(has_pos, loss, torch.zeros_like(loss)), has_pos
 
 
@@ -87,7 +107,7 @@ def _tile(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, r0: int, r1: int
     rows = torch.arange(r0, r1, device=K.device)
     in_den, bias, a = tile_masks(spec, rows)
     S = Q[r0:r1] @ K.T / tau
-    den_logits = torch.where(in_den, S + bias, NEG_INF)
+    den_logits = _den_logits(S, in_den, bias)
     w = target_tile(spec.soft_target, rows, in_den, a, pos_count[r0:r1])
     return S, den_logits, w, in_den
 
@@ -109,11 +129,9 @@ class SoftRows(torch.autograd.Function):
         for r0 in range(0, Q.shape[0], step):
             r1 = min(Q.shape[0], r0 + step)
             _, den_logits, w, in_den = _tile(spec, Q, K, tau, r0, r1, pos_count)
-            has_den = in_den.any(1)
-            block_lse = torch.where(has_den, torch.logsumexp(torch.where(has_den[:, None], den_logits, 0.0), 1),
-                                    NEG_INF)
+            block_lse = _lse(den_logits, in_den)
             lse[r0:r1] = block_lse
-            out[r0:r1] = block_lse - _weighted_logits(w, den_logits)
+            out[r0:r1] = block_lse - _weighted_logits(w, den_logits, in_den)
         out = torch.where(pos_count > 0, out, 0.0)
         ctx.save_for_backward(anchors, keys, lse, pos_count)
         ctx.spec, ctx.same = spec, anchors is keys
