@@ -310,3 +310,24 @@ def test_masked_denominator_path(backend):
     want = torch.stack(rows).mean()
     assert_close(got, want, F64, "loss")
     assert_close(got_grad, torch.autograd.grad(want, qq)[0], F64, "grad query")
+
+
+@pytest.mark.parametrize("loss", ["sce", "comatch", "renyicl", "cacr"])
+def test_float32_matches_float64(loss):
+    """float32 inputs (float32 accumulation) against float64 on the same values, loss and gradient, tau 0.01."""
+    g = torch.Generator().manual_seed(1)
+    f = torch.nn.functional.normalize(torch.randn(48, 2, 16, generator=g), dim=-1)
+    t = torch.randn(48, 2, 16, generator=g)
+    p = torch.softmax(torch.randn(48, 4, generator=g), dim=1)
+    calls = {"sce": lambda x: fc.sce_loss(x[:, 0], x[:, 1], temperature=0.01, teacher_temperature=0.05),
+             "comatch": lambda x: fc.comatch_loss(x[:, 0], x[:, 1], p, temperature=0.01, threshold=0.3),
+             "renyicl": lambda x: fc.renyicl_loss(x, t.to(x.dtype), temperature=0.01),
+             "cacr": lambda x: fc.cacr_loss(x, tau_neg=3.0)}
+    results = []
+    for dtype in (torch.float32, F64):
+        x = f.to(dtype).requires_grad_()
+        value = calls[loss](x)
+        results.append((value, torch.autograd.grad(value, x)[0]))
+    assert results[0][0].dtype == torch.float32
+    assert_close(results[0][0], results[1][0], torch.float32, "loss")
+    assert_close(results[0][1], results[1][1], torch.float32, "grad")
