@@ -20,7 +20,7 @@ from timing import load_average
 
 LOSSES = ["supcon", "supcon_in", "supcon_extra_keys", "supcon_memory_bank", "eps_supinfonce", "dcl", "dclw", "info_nce", "info_nce_queue",
           "clip", "debiased", "bcl", "spread", "symmetric_spread", "dclw_learned", "unicon", "suncet",
-          "paco", "tsc", "eps_supinfonce_in", "epsilon_supcon", "fairkl"]
+          "paco", "tsc", "eps_supinfonce_in", "epsilon_supcon", "fairkl", "sce", "comatch", "renyicl", "cacr"]
 # The distributed code path on one rank (gloo on CPU, NCCL on GPU): its overhead over plain SupCon.
 DISTRIBUTED = ["supcon_gather_1rank", "supcon_ring_1rank"]
 

@@ -48,6 +48,14 @@ def supcontrast_style(features, labels, temperature=TEMPERATURE):
     return -mean_log_prob_pos.mean()
 
 
+def _soft_probs(labels):
+    """Pseudo-label probabilities [n, NUM_CLASSES] for CoMatch: 0.7 on the label, the rest spread evenly."""
+    import torch
+
+    one_hot = torch.nn.functional.one_hot(labels, NUM_CLASSES).float()
+    return 0.7 * one_hot + 0.3 * (1 - one_hot) / (NUM_CLASSES - 1)
+
+
 def family_loss(loss, backend):
     """One of the family's losses as (features [bsz, 2, D], labels [bsz]) -> loss, on ``backend``, with N x N
     logits for every loss (N = 2 bsz rows): the pair losses (InfoNCE, CLIP) pair each of the N rows with its
@@ -137,6 +145,17 @@ def family_loss(loss, backend):
                                         targets=fixed(f, f.shape[0])["centers"].detach(),
                                         target_labels=torch.arange(NUM_CLASSES, device=f.device),
                                         target_weight=0.5, temperature=t, backend=backend),
+        # Soft targets: the pairs against N fixed queue / bank rows; SCE's teacher is the key (the default),
+        # CoMatch's probabilities a smoothed one-hot of the labels (the bank's from its labels).
+        "sce": lambda f, y: fc.sce_loss(*pairs(f), queue=fixed(f, f.shape[0] * f.shape[1])["keys"], temperature=t,
+                                        backend=backend),
+        "comatch": lambda f, y: fc.comatch_loss(*pairs(f), _soft_probs(torch.cat([y, y])),
+                                                bank=fixed(f, f.shape[0] * f.shape[1])["keys"],
+                                                bank_probs=_soft_probs(fixed(f, f.shape[0] * f.shape[1])["labels"]),
+                                                temperature=0.2, threshold=0.5, backend=backend),
+        # RényiCL: the views as sources, their detached copies as the targets; CACR: the two views.
+        "renyicl": lambda f, y: fc.renyicl_loss(f, f.detach(), backend=backend),
+        "cacr": lambda f, y: fc.cacr_loss(f, backend=backend),
         # SigLIP with a learnable scale and bias (open_clip's initial values), as bench/siglip.py times it.
         "siglip": lambda f, y: fc.siglip_loss(*pairs(f), *_siglip_scale_bias(f), backend=backend),
     }

@@ -584,3 +584,130 @@ def fairkl(features, labels, bias_labels, *, temperature=1.0, kld=1.0, normalize
     sd = {k: (s * m).std() if bool(m.any()) else torch.zeros((), dtype=torch.float64) for k, m in masks.items()}
     return ((mu["pc"] - mu["pa"]) ** 2 + (mu["na"] - mu["nc"]) ** 2
             + kld * ((sd["pa"] - sd["pc"]) ** 2 + (sd["na"] - sd["nc"]) ** 2) - mu["pc"] + mu["na"])
+
+
+# Soft targets. SCE (Denize et al.): a cross-entropy against lam * one-hot + (1 - lam) * the teacher's
+# softmax over the non-positive keys; CoMatch (Li et al.): against a thresholded, row-normalised
+# pseudo-label graph with self-loops. Row i's positive is key i; queue / bank rows follow the batch keys.
+# ------------------------------------------------------------------------------------------
+def _unit(x: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(x.to(torch.float64), dim=1)
+
+
+def sce(query, key, teacher=None, *, queue=None, teacher_queue=None, temperature=0.1, teacher_temperature=0.07,
+        lam=0.5, normalize=False, weight=None, reduction="mean"):
+    q, k = query.to(torch.float64), key.to(torch.float64)
+    t = (key if teacher is None else teacher).detach().to(torch.float64)
+    if queue is not None:
+        k = torch.cat([k, queue.detach().to(torch.float64)])
+        tq = queue if teacher is None else teacher_queue
+        t_keys = torch.cat([t, tq.detach().to(torch.float64)])
+    else:
+        t_keys = t
+    if normalize:
+        q, k, t, t_keys = _unit(q), _unit(k), _unit(t), _unit(t_keys)
+    rows = []
+    for i in range(q.shape[0]):
+        logits = q[i] @ k.T / temperature
+        log_p = logits - _lse(logits)
+        others = [j for j in range(k.shape[0]) if j != i]
+        target = torch.zeros(k.shape[0], dtype=torch.float64)
+        if others:
+            teach = (t[i] @ t_keys[others].T) / teacher_temperature
+            target[others] = (1 - lam) * torch.exp(teach - _lse(teach))
+            target[i] = lam
+        else:  # nothing to spread over: the positive takes the whole target
+            target[i] = 1.0
+        rows.append(-(target * log_p).sum())
+    return _reduce_pairs(torch.stack(rows), weight, reduction)
+
+
+def comatch(query, key, probs, *, bank=None, bank_probs=None, temperature=0.2, threshold=0.8, normalize=False,
+            weight=None, reduction="mean"):
+    q, k = query.to(torch.float64), key.to(torch.float64)
+    p = probs.detach().to(torch.float64)
+    p_keys = p
+    if bank is not None:
+        k = torch.cat([k, bank.detach().to(torch.float64)])
+        p_keys = torch.cat([p, bank_probs.detach().to(torch.float64)])
+    if normalize:
+        q, k = _unit(q), _unit(k)
+    rows = []
+    for i in range(q.shape[0]):
+        logits = q[i] @ k.T / temperature
+        log_p = logits - _lse(logits)
+        graph = p_keys @ p[i]
+        graph[i] = 1.0  # self-loop
+        graph = torch.where(graph >= threshold, graph, torch.zeros_like(graph))
+        rows.append(-(graph / graph.sum() * log_p).sum())
+    return _reduce_pairs(torch.stack(rows), weight, reduction)
+
+
+def _reduce_pairs(rows: Tensor, weight, reduction: str) -> Tensor:
+    w = torch.ones_like(rows) if weight is None else weight.to(torch.float64)
+    if reduction == "none":
+        return w * rows
+    total = (w * rows).sum()
+    if reduction == "sum":
+        return total
+    return total / w.sum() if float(w.sum()) > 0 else total * 0
+
+
+# ------------------------------------------------------------------------------------------
+# RényiCL (Lee et al.): per target view, a self-normalised e^{(gamma-1) l} average of the positive logits
+# (negated) plus the ratio of alpha-mixed e^{gamma l}-weighted means of all logits; weights are constants.
+# ------------------------------------------------------------------------------------------
+def renyicl(sources, targets, *, temperature=0.5, alpha=1.0 / 65536, gamma=2.0, normalize=True):
+    src, tgt = sources.to(torch.float64), targets.to(torch.float64)
+    if normalize:
+        src = torch.nn.functional.normalize(src, dim=-1)
+        tgt = torch.nn.functional.normalize(tgt, dim=-1)
+    n, views = src.shape[0], src.shape[1]
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(2):
+        positives, negatives = [], []
+        for s in range(views):
+            if s == t:
+                continue
+            for i in range(n):
+                for j in range(n):
+                    logit = src[i, s] @ tgt[j, t] / temperature
+                    (positives if i == j else negatives).append(logit)
+        pos, neg = torch.stack(positives), torch.stack(negatives)
+        if gamma == 1:
+            first = -pos.mean()
+        else:
+            w = torch.exp((gamma - 1) * pos).detach()
+            first = -(w * pos).sum() / w.sum()
+        wp, wn = torch.exp(gamma * pos).detach(), torch.exp(gamma * neg).detach()
+        second = ((alpha * (wp * pos).mean() + (1 - alpha) * (wn * neg).mean())
+                  / (alpha * wp.mean() + (1 - alpha) * wn.mean()))
+        total = total + first + second
+    return total
+
+
+# ------------------------------------------------------------------------------------------
+# CACR (Zheng et al.), Euclidean cost: attraction over a sample's other views, weights softmax(+tau_pos d);
+# repulsion over the other samples of a second view, weights softmax(-tau_neg d); weights not detached.
+# ------------------------------------------------------------------------------------------
+def cacr(features, *, alpha=1.0, beta=1.0, tau_pos=1.0, tau_neg=1.0, normalize=False):
+    z = features.to(torch.float64)
+    if normalize:
+        z = torch.nn.functional.normalize(z, dim=-1)
+    n, views = z.shape[0], z.shape[1]
+    attraction = torch.zeros((), dtype=torch.float64)
+    for x in range(views):
+        per_sample = []
+        for i in range(n):
+            d = torch.stack([((z[i, x] - z[i, p]) ** 2).sum() for p in range(views) if p != x])
+            per_sample.append((alpha * d * torch.softmax(tau_pos * d, 0)).sum())
+        attraction = attraction + torch.stack(per_sample).mean()
+    repulsion, pairs = torch.zeros((), dtype=torch.float64), 0
+    for x in range(views):
+        for y in range(x + 1, views):
+            rows = []
+            for i in range(n):
+                d = torch.stack([((z[i, x] - z[j, y]) ** 2).sum() for j in range(n) if j != i])
+                rows.append((-beta * d * torch.softmax(-tau_neg * d, 0)).sum())
+            repulsion, pairs = repulsion + torch.stack(rows).mean(), pairs + 1
+    return attraction / views + repulsion / pairs

@@ -695,6 +695,9 @@ def variant_code(spec) -> int:
 
 def why_not(spec) -> str | None:
     """Why these kernels cannot run the spec (None: they can)."""
+    if getattr(spec, "soft_target", None) is not None:
+        return ("no fused kernel for soft per-pair targets (SCE / CoMatch); use chunked (tiled, O(N) extra "
+                "memory) or reference")
     if spec.device.type != "cuda" and not _interpreting():
         return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
     if spec.variant not in VARIANTS:

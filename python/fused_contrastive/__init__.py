@@ -15,6 +15,7 @@ from .grad_cache import grad_cache_step
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
 from .siglip import SigLipLoss, siglip_loss
+from .soft_losses import CACRLoss, CoMatchLoss, RenyiCLLoss, cacr_loss, SCELoss, comatch_loss, renyicl_loss, sce_loss
 from . import compat  # noqa: E402  (drop-ins for open_clip, pytorch-metric-learning, lightly)
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_los
            "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "PaCoLoss", "paco_loss", "TSCLoss", "tsc_loss",
            "epsilon_supcon_loss", "fairkl_regularizer", "fairkl_loss", "EpsilonSupConLoss", "FairKLLoss", "MemoryBank",
            "MemoryBankLoss", "SigLipLoss",
-           "siglip_loss", "explain_backends", "BACKEND_CHOICES", "compat", "grad_cache_step", "__version__"]
+           "siglip_loss", "SCELoss", "sce_loss", "CoMatchLoss", "comatch_loss", "RenyiCLLoss", "renyicl_loss", "CACRLoss",
+           "cacr_loss", "explain_backends", "BACKEND_CHOICES", "compat", "grad_cache_step", "__version__"]

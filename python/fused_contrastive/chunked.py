@@ -27,6 +27,8 @@ from torch.autograd.function import once_differentiable
 
 import dataclasses
 
+from . import soft_targets
+
 from .spec import (ContrastSpec, debiased_row_losses, inverse_pos_count, normalize_backward, positive_scale,
                    reduce_rows, reduction_coef, row_losses, temperature_grad, weight_grad)
 
@@ -304,6 +306,8 @@ class ChunkedRows(torch.autograd.Function):
 
 
 def loss(spec: ContrastSpec) -> Tensor:
+    if spec.soft_target is not None:
+        return soft_targets.chunked_loss(spec)
     tau = spec.temperature if isinstance(spec.temperature, Tensor) else None
     anchors, keys = spec.normalized_inputs()
     if spec.reduction == "none":
@@ -316,6 +320,8 @@ def loss(spec: ContrastSpec) -> Tensor:
 def loss_and_grads(spec: ContrastSpec):
     """(loss, dQ, dK, dtau, rows) of a "mean" or "sum" spec without autograd (torch.compile's op calls this);
     rows: the unweighted L_i (for the weights' gradient)."""
+    if spec.soft_target is not None:
+        raise ValueError("soft per-pair targets (SCE, CoMatch) do not run under torch.compile in this version")
     tau = spec.temperature if isinstance(spec.temperature, Tensor) else None
     anchors, keys = spec.normalized_inputs()
     loss, rows, _, dQ, dK, dtau = ChunkedLoss.forward(anchors, keys, tau, spec.row_weight, spec, True)
@@ -332,6 +338,7 @@ def loss_and_grads(spec: ContrastSpec):
 
 def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
     """(LSE over this key shard's denominator, positive statistic over it) per anchor; no gradient."""
+    soft_targets.refuse_ring(spec)
     acc = spec.accum_dtype
     Q, K = spec.anchors.to(acc), spec.keys.to(acc)
     stats = _forward(spec, Q, K, spec.tau_value(), want_grad=False)

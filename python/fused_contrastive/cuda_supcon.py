@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import fused
+from . import fused, soft_targets
 from .spec import ContrastSpec, normalize_rows
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,6 +118,8 @@ def extension():
 
 def unsupported(spec: ContrastSpec) -> Optional[str]:
     """What the kernels do not cover, from the spec alone (no device, no build)."""
+    if spec.soft_target is not None:
+        return soft_targets.why_not_fused(spec)
     if spec.variant != "out":
         return f"no CUDA kernel for the row formula {spec.variant!r} (L_out only; use triton or chunked)"
     if spec.den_bias is not None:

@@ -108,7 +108,7 @@ def check_group(group) -> None:
 
 # Arguments describing one sample per row: only their dtype and trailing shape must agree across ranks.
 PER_SAMPLE = ("features", "labels", "mask", "query", "key", "image_features", "text_features", "weight",
-              "universum")
+              "universum", "teacher", "probs")  # (teacher, probs: the soft-target losses)
 # Compared by value in the loss's label dtype: where they live and whether they require grad do not matter.
 LABEL_ARGS = ("labels", "extra_key_labels")
 _NOT_COMPARED = ("backend", "process_group")  # a backend does not change the result; the group is the group
@@ -264,8 +264,12 @@ def local_rows(spec: ContrastSpec, start: int, stop: int) -> ContrastSpec:
     bias = spec.den_bias
     if bias is not None:
         bias = dataclasses.replace(bias, anchor_groups=bias.anchor_groups[start:stop])
+    target = spec.soft_target  # soft targets: the anchors' side inputs go with their rows
+    if target is not None:
+        target = dataclasses.replace(target, anchor_side=target.anchor_side[start:stop])
     return dataclasses.replace(
         spec, anchors=spec.anchors[start:stop], anchor_labels=rows(spec.anchor_labels), den_bias=bias,
+        soft_target=target,
         pos_row_weight=rows(spec.pos_row_weight), row_weight=rows(spec.row_weight),
         reduction="none" if spec.reduction == "none" else "sum",
         self_offset=None if spec.self_offset is None else spec.self_offset + start)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import soft_targets
 from .spec import ContrastSpec, debiased_row_losses, reduce_rows
 
 
@@ -89,7 +90,10 @@ def per_row(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
     tau = spec.temperature.to(acc) if isinstance(spec.temperature, Tensor) else spec.temperature
     anchors, keys = spec.normalized_inputs()
     logits = anchors.to(acc) @ keys.to(acc).T / tau
-    return dense_rows(spec, logits, torch.arange(spec.num_anchors, device=spec.device), tau)
+    rows = torch.arange(spec.num_anchors, device=spec.device)
+    if spec.soft_target is not None:
+        return soft_targets.dense_rows(spec, logits, rows)
+    return dense_rows(spec, logits, rows, tau)
 
 
 def loss(spec: ContrastSpec) -> Tensor:
@@ -99,6 +103,7 @@ def loss(spec: ContrastSpec) -> Tensor:
 
 def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
     """Ring mode: (LSE over this key shard's denominator, sum_j a_ij l_ij or LSE_P over it), densely."""
+    soft_targets.refuse_ring(spec)
     acc = spec.accum_dtype
     rows = torch.arange(spec.num_anchors, device=spec.device)
     logits = spec.anchors.to(acc) @ spec.keys.to(acc).T / spec.tau_value()

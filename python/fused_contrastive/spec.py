@@ -39,6 +39,24 @@ class DenominatorBias:
         return torch.where(same_group, self.same[key_groups][None, :], self.other[key_groups][None, :])
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 
+@dataclass(frozen=True)
+class SoftTarget:
+    """A per-pair target distribution w_ij over anchor i's denominator keys, built inside each tile from
+    O(N) side inputs (never an [Na, M] tensor), replacing the positive rule's a_ij / Z_i in L_out:
+    L_i = LSE_i - sum_j w_ij (l_ij + b_ij), with sum_j w_ij = 1.
+
+    kind "teacher" (SCE): w_ij = lam a_ij / Z_i + (1 - lam) softmax_j(t_ij / tau_t) over the denominator keys
+    that are not positives, t_ij = anchor_side[i] . key_side[j] (a second, gradient-free similarity).
+    kind "graph" (CoMatch): u_ij = 1 on the positive (a self-loop), anchor_side[i] . key_side[j] elsewhere,
+    set to 0 below ``threshold``; w_ij = u_ij / sum_j u_ij."""
+    kind: str  # "teacher" | "graph"
+    anchor_side: Tensor  # [Na, S], in the accumulation dtype, detached
+    key_side: Tensor  # [M, S]
+    lam: float = 0.0  # "teacher": the weight of the one-hot positive target
+    tau_t: float = 1.0  # "teacher": the teacher similarities' temperature
+    threshold: float = 0.0  # "graph": entries below it are not targets
+
+
 
 @dataclass(frozen=True)
 class ContrastSpec:
@@ -72,6 +90,7 @@ class ContrastSpec:
     tau_plus: float = 0.0  # "debiased": the class prior of a false negative
     beta: float = 0.0  # "debiased": hard-negative concentration (0: Chuang et al. alone)
     row_weight: Optional[Tensor] = None  # [Na] per-anchor weights w_i >= 0 of the reduction (None: all 1)
+    soft_target: Optional[SoftTarget] = None  # soft per-pair targets in place of a_ij / Z_i (SCE, CoMatch)
 
     def normalized_inputs(self) -> tuple[Tensor, Tensor]:
         """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it, in the
