@@ -3,8 +3,7 @@
 Every rank checks: the returned loss equals the global loss, its per-sample gradients equal
 world_size x their slice of the global gradient, and the average of the ranks' gradients of shared
 tensors (temperature, logit scale, class centers, extra keys: what DDP computes) equals the global
-gradient; float64, rel. error < 1e-9. SupCon in both modes (with extra keys too); every other loss in
-gather mode.
+gradient; float64, rel. error < 1e-9. Every loss in both modes, on every CPU backend.
 """
 import datetime
 import os
@@ -95,52 +94,65 @@ def family_cases(features, labels):
     bank = torch.randn(4, 6, dtype=torch.float64, generator=gen)
     bank_labels = torch.tensor([0, 2, 5, 9])
     scale = torch.tensor(7.0, dtype=torch.float64)
+    tau = torch.tensor(0.3, dtype=torch.float64)
+    views, pair = (features, labels), (features[:, 0], features[:, 1])
     return [
-        ("eps_supinfonce", lambda f, y, **kw: fc.eps_supinfonce_loss(f, y, epsilon=0.2, temperature=0.3, **kw),
-         (features, labels), ()),
-        ("dclw", lambda f, **kw: fc.dcl_loss(f, temperature=0.3, weighted=True, **kw), (features,), ()),
-        ("info_nce_queue", lambda q, k, **kw: fc.info_nce(q, k, temperature=0.3, queue=queue, **kw),
-         (features[:, 0], features[:, 1]), ()),
-        ("clip", lambda i, t, s, **kw: fc.clip_loss(i, t, s, **kw), (features[:, 0], features[:, 1]), (scale,)),
-        ("debiased", lambda f, **kw: fc.debiased_contrastive_loss(f, **kw), (features,), ()),
-        ("bcl_centers", lambda f, y, c, **kw: fc.bcl_loss(f, y, temperature=0.3, class_centers=c, **kw),
-         (features, labels), (centers,)),
-        ("spread", lambda f, y, **kw: fc.spread_loss(f, y, **kw), (features, labels), ()),
+        ("eps_supinfonce", lambda f, y, t, **kw: fc.eps_supinfonce_loss(f, y, epsilon=0.2, temperature=t,
+                                                                       base_temperature=0.1, **kw), views, (tau,)),
+        ("eps_one_extra_keys", lambda f, y, e, **kw: fc.eps_supinfonce_loss(
+            f, y, contrast_mode="one", extra_keys=e, extra_key_labels=bank_labels, **kw), views, (bank,)),
+        ("dcl", lambda f, t, **kw: fc.dcl_loss(f, temperature=t, **kw), (features,), (tau,)),
+        ("dclw_queue", lambda f, **kw: fc.dcl_loss(f, temperature=0.3, weighted=True, extra_keys=queue, **kw),
+         (features,), ()),
+        ("info_nce_queue", lambda q, k, t, **kw: fc.info_nce(q, k, temperature=t, queue=queue, **kw), pair, (tau,)),
+        ("moco_v2", lambda q, k, **kw: fc.info_nce(q, k, temperature=0.3, queue=queue, in_batch_negatives=False,
+                                                   **kw), pair, ()),
+        ("info_nce_symmetric", lambda q, k, **kw: fc.info_nce(q, k, symmetric=True, **kw), pair, ()),
+        ("clip", lambda i, t, s, **kw: fc.clip_loss(i, t, s, **kw), pair, (scale,)),
+        ("debiased", lambda f, t, **kw: fc.debiased_contrastive_loss(f, temperature=t, **kw), (features,), (tau,)),
+        ("hard_negatives", lambda f, t, e, **kw: fc.debiased_contrastive_loss(f, temperature=t, beta=0.7,
+                                                                              extra_keys=e, **kw),
+         (features,), (tau, queue)),
+        ("bcl_centers", lambda f, y, c, **kw: fc.bcl_loss(f, y, temperature=0.3, class_centers=c, **kw), views,
+         (centers,)),
+        ("spread", lambda f, y, **kw: fc.spread_loss(f, y, **kw), views, ()),
         ("supcon_extra_keys", lambda f, y, e, **kw: fc.supcon_loss(f, y, extra_keys=e, extra_key_labels=bank_labels,
-                                                                   **kw), (features, labels), (bank,)),
-        ("supcon_extra_keys_ring", lambda f, y, e, **kw: fc.supcon_loss(
-            f, y, extra_keys=e, extra_key_labels=bank_labels, normalize=True, distributed="ring", **kw),
-         (features, labels), (bank,)),
+                                                                   **kw), views, (bank,)),
+        ("supcon_in_extra_keys", lambda f, y, e, t, **kw: fc.supcon_loss(
+            f, y, extra_keys=e, extra_key_labels=bank_labels, normalize=True, variant="in", temperature=t,
+            no_positive="exclude", **kw), views, (bank, tau)),
     ]
 
 
 def check_family(rank, world, lo, hi, features, labels, backends):
-    """Every other loss in gather mode (and SupCon with extra keys in ring mode): loss, per-sample gradients
-    (world x slice), shared tensors' DDP average."""
+    """Every loss in gather and ring mode: loss, per-sample gradients (world x slice), shared tensors' DDP
+    average (temperature, logit scale, centers, extra keys), against the single-process loss of the global
+    batch."""
     for name, loss_fn, per_sample, shared in family_cases(features, labels):
+        full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+        shared_ref = [t.clone().requires_grad_() for t in shared]
+        ref = loss_fn(*full, *shared_ref, backend="reference")
+        diff_inputs = [t for t in full if t.requires_grad] + shared_ref
+        ref_grads = torch.autograd.grad(ref, diff_inputs)
         for backend in backends:
-            full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
-            shared_ref = [t.clone().requires_grad_() for t in shared]
-            ref = loss_fn(*full, *shared_ref, backend="reference")
-            diff_inputs = [t for t in full if t.requires_grad] + shared_ref
-            ref_grads = torch.autograd.grad(ref, diff_inputs)
-
-            local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
-            shared_local = [t.clone().requires_grad_() for t in shared]
-            loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD)
-            grads = torch.autograd.grad(loss, [t for t in local if t.requires_grad] + shared_local)
-            what = f"rank {rank}/{world} {name} {backend}"
-            assert_rel(loss.detach(), ref.detach(), what + " loss")
-            n_local = sum(t.requires_grad for t in local)
-            for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
-                assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
-            for g, e in zip(grads[n_local:], ref_grads[n_local:]):
-                dist.all_reduce(g)
-                assert_rel(g / world, e, what + " shared grad (DDP average)")
+            for mode in ("gather", "ring"):
+                local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+                shared_local = [t.clone().requires_grad_() for t in shared]
+                loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
+                               distributed=mode)
+                grads = torch.autograd.grad(loss, [t for t in local if t.requires_grad] + shared_local)
+                what = f"rank {rank}/{world} {name} {backend} {mode}"
+                assert_rel(loss.detach(), ref.detach(), what + " loss")
+                n_local = sum(t.requires_grad for t in local)
+                for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
+                    assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
+                for g, e in zip(grads[n_local:], ref_grads[n_local:]):
+                    dist.all_reduce(g)
+                    assert_rel(g / world, e, what + " shared grad (DDP average)")
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_family_gather_mode_is_exact(world):
+def test_family_gather_and_ring_modes_are_exact(world):
     spawn(check_family, world)
 
 

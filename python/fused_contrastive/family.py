@@ -121,30 +121,38 @@ def _not_compiled(process_group) -> None:
                          "call the loss outside the compiled region)")
 
 
-def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group) -> Tensor:
+def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group,
+                distributed: str = "gather", sample_stat=None) -> Tensor:
     """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
-    ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed)."""
+    ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed), in gather or
+    ring mode (the same ``build`` on the global labels; ``sample_stat``: see distributed.ring_views)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("distributed", distributed, ("gather", "ring"))
     _not_compiled(process_group)
     if process_group is None:
         return compiled.run(build(features, labels), backend)
     # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
-    return _gathered_views(process_group, features, labels, contrast_mode, backend, build)
+    return _gathered_views(process_group, features, labels, contrast_mode, backend, build, mode=distributed,
+                           sample_stat=sample_stat)
 
 
 def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group,
-                names: tuple = ()) -> list[Tensor]:
+                names: tuple = (), distributed: str = "gather") -> list[Tensor]:
     """Same for row-paired inputs (query/key, image/text): one loss per ``build(first, second) -> spec``, whose
-    anchors are rows of one of the two (both directions of CLIP share one gather)."""
+    anchors are rows of one of the two (both directions of CLIP share one gather; in ring mode each direction
+    passes the other input around the ring: CLIP's text rows against the travelling image shards)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("distributed", distributed, ("gather", "ring"))
     _not_compiled(process_group)
     if process_group is None:
         return [compiled.run(build(first, second), backend, *names[i:i + 1]) for i, build in enumerate(builds)]
-    from . import distributed
+    from . import distributed as dist_mode
 
-    batch = distributed.gather_batch(process_group, first, second)
-    ranges = distributed.view_ranges(batch, 1)
-    return [distributed.run_rows(build(*batch.tensors), ranges, process_group, backend) for build in builds]
+    if distributed == "ring":
+        return dist_mode.ring_pairs(builds, first, second, group=process_group, backend=backend)
+    batch = dist_mode.gather_batch(process_group, first, second)
+    ranges = dist_mode.view_ranges(batch, 1)
+    return [dist_mode.run_rows(build(*batch.tensors), ranges, process_group, backend) for build in builds]
 
 
 _GROUP_DOC = """
@@ -164,8 +172,8 @@ _GROUP_DOC = """
 @agreed
 @deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
-                        contrast_mode="all", backend="auto", process_group=None, extra_keys=None,
-                        extra_key_labels=None) -> Tensor:
+                        contrast_mode="all", backend="auto", process_group=None, distributed="gather",
+                        extra_keys=None, extra_key_labels=None) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -186,7 +194,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
         return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
-                       process_group=process_group)
+                       process_group=process_group, distributed=distributed)
 
 
 # ----------------------------------------------------------------------------- DCL / DCLW
@@ -194,7 +202,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 @agreed
 @deferred_errors
 def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
-             extra_keys=None) -> Tensor:
+             distributed="gather", extra_keys=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
 
     All 2·bsz views are anchors; a view's positive is the other view of its sample; its denominator is the
@@ -210,18 +218,23 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="a
     if weighted:  # DCLW divides a cosine (up to 1) by sigma
         _check_inverse("sigma", sigma, _accum_dtype(features), overflows="cosine / sigma")
 
-    def build(f, _):
+    def view_cosine(f):  # per sample: the cosine of its two views, in the accumulation dtype
+        acc = _accum_dtype(f)
+        with torch.no_grad():
+            return torch.nn.functional.cosine_similarity(f[:, 0].to(acc), f[:, 1].to(acc), dim=1)
+
+    def build(f, _, cosine=None):  # ring mode passes the global batch's cosines (f is then a placeholder)
         _two_views(f, 2, "dcl_loss")  # the (global) batch needs a negative
         spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)
         weight = None
         if weighted:
             with torch.no_grad():
-                acc = spec.accum_dtype
-                cosine = torch.nn.functional.cosine_similarity(f[:, 0].to(acc), f[:, 1].to(acc), dim=1)
+                cosine = view_cosine(f) if cosine is None else cosine
                 weight = (2 - f.shape[0] * torch.softmax(cosine / sigma, dim=0)).repeat(2)
         return dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight)
 
-    return _views_loss(build, features, None, backend=backend, process_group=process_group)
+    return _views_loss(build, features, None, backend=backend, process_group=process_group, distributed=distributed,
+                       sample_stat=view_cosine if weighted else None)
 
 
 # ----------------------------------------------------------------------------- InfoNCE / MoCo / CLIP
@@ -268,7 +281,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 @agreed
 @deferred_errors
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
-             backend="auto", process_group=None) -> Tensor:
+             backend="auto", process_group=None, distributed="gather") -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
 
     The denominator holds every key and every ``queue [Qn, D]`` row (MoCo v3 / CLIP-row style);
@@ -297,14 +310,14 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
 
     names = [("query", "key", "temperature"), ("key", "query", "temperature")]
     losses = _pairs_loss([build, build_reverse] if symmetric else [build], query, key, backend=backend,
-                         process_group=process_group, names=names)
+                         process_group=process_group, names=names, distributed=distributed)
     return 0.5 * (losses[0] + losses[1]) if symmetric else losses[0]
 
 
 @agreed
 @deferred_errors
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
-              process_group=None) -> Tensor:
+              process_group=None, distributed="gather") -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
 
     ``logits = logit_scale * image @ text.T``; the loss is the mean of the row-wise (image -> text) and
@@ -337,7 +350,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
     names = [("image_features", "text_features", "logit_scale"), ("text_features", "image_features", "logit_scale")]
     rows, cols = _pairs_loss([image_to_text, text_to_image], image_features, text_features, backend=backend,
-                             process_group=process_group, names=names)
+                             process_group=process_group, names=names, distributed=distributed)
     loss = 0.5 * (rows + cols)
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
         loss = loss + 0.0 * logit_bias.sum()  # shift-invariant: a zero gradient, and a graph to carry it
@@ -349,7 +362,7 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 @agreed
 @deferred_errors
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
-                              process_group=None, extra_keys=None) -> Tensor:
+                              process_group=None, distributed="gather", extra_keys=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
     al.'s hard-negative reweighting when ``beta > 0``.
 
@@ -372,7 +385,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
         return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
                                    den_bias=_without_positives(spec))
 
-    return _views_loss(build, features, None, backend=backend, process_group=process_group)
+    return _views_loss(build, features, None, backend=backend, process_group=process_group, distributed=distributed)
 
 
 # ----------------------------------------------------------------------------- BCL
@@ -380,7 +393,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 @agreed
 @deferred_errors
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
-             extra_keys=None, extra_key_labels=None) -> Tensor:
+             distributed="gather", extra_keys=None, extra_key_labels=None) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
     SupCon (L_out, scale 1) whose denominator weighs each key by one over the batch count of its class,
@@ -429,15 +442,16 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         other = torch.where(count > 0, -torch.log(count.clamp(min=1)), 0.0)
         return dataclasses.replace(spec, den_bias=DenominatorBias(spec.anchor_labels, key_labels, same, other))
 
-    return _views_loss(build, features, labels, backend=backend, process_group=process_group)
+    return _views_loss(build, features, labels, backend=backend, process_group=process_group,
+                       distributed=distributed)
 
 
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
 
 @agreed
 @deferred_errors
-def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None, extra_keys=None,
-                extra_key_labels=None) -> Tensor:
+def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None, distributed="gather",
+                extra_keys=None, extra_key_labels=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
     a view's positive is the other view of its sample, its denominator the keys of its own class only
     (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors.
@@ -462,7 +476,8 @@ def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_gr
         den_bias = DenominatorBias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
         return dataclasses.replace(spec, den_bias=den_bias)
 
-    return _views_loss(build, features, labels, backend=backend, process_group=process_group)
+    return _views_loss(build, features, labels, backend=backend, process_group=process_group,
+                       distributed=distributed)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -489,14 +504,15 @@ class EpsSupInfoNCELoss(_LossModule):
     fn = staticmethod(eps_supinfonce_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
-                 process_group=None):
+                 process_group=None, distributed="gather"):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
-                         contrast_mode=contrast_mode, backend=backend, process_group=process_group)
+                         contrast_mode=contrast_mode, backend=backend, process_group=process_group, distributed=distributed)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None) -> Tensor:
@@ -514,13 +530,15 @@ class DCLLoss(_LossModule):
 
     fn = staticmethod(dcl_loss)
 
-    def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
+                 distributed="gather"):
         _check_temperature("temperature", temperature)
         _check_choice("weighted", weighted, (False, True))
         _check_sigma(sigma)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, distributed=distributed)
 
     def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
         return dcl_loss(features, extra_keys=extra_keys, **self.kwargs)
@@ -539,13 +557,14 @@ class InfoNCELoss(_LossModule):
     fn = staticmethod(info_nce)
 
     def __init__(self, *, temperature=0.1, in_batch_negatives=True, symmetric=False, backend="auto",
-                 process_group=None):
+                 process_group=None, distributed="gather"):
         _check_temperature("temperature", temperature)
         _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
         _check_choice("symmetric", symmetric, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
-                         backend=backend, process_group=process_group)
+                         backend=backend, process_group=process_group, distributed=distributed)
 
     def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None) -> Tensor:
         return info_nce(query, key, queue=queue, **self.kwargs)
@@ -565,13 +584,15 @@ class ClipLoss(_LossModule):
 
     fn = staticmethod(clip_loss)
 
-    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None):
+    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None,
+                 distributed="gather"):
         if logit_scale is not None:
             _check_logit_scale(logit_scale)
         _check_logit_bias(logit_bias)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         super().__init__(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, distributed=distributed)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None) -> Tensor:
         kwargs = self.kwargs
@@ -592,13 +613,15 @@ class DebiasedContrastiveLoss(_LossModule):
 
     fn = staticmethod(debiased_contrastive_loss)
 
-    def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto", process_group=None,
+                 distributed="gather"):
         _check_temperature("temperature", temperature)
         _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
         _number("beta", beta, 0.0)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, distributed=distributed)
 
     def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
         return debiased_contrastive_loss(features, extra_keys=extra_keys, **self.kwargs)
@@ -616,15 +639,17 @@ class BCLLoss(_LossModule):
 
     fn = staticmethod(bcl_loss)
 
-    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
+                 distributed="gather"):
         _check_temperature("temperature", temperature)
         if class_centers is not None and (not isinstance(class_centers, Tensor) or class_centers.dim() != 2
                                           or not class_centers.is_floating_point()):
             shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
             raise ValueError(f"class_centers must be a floating tensor of shape [C, D], got {shape}")
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         super().__init__(temperature=temperature, class_centers=class_centers, backend=backend,
-                         process_group=process_group)
+                         process_group=process_group, distributed=distributed)
 
     def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
                 extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None) -> Tensor:
@@ -643,10 +668,12 @@ class SpreadLoss(_LossModule):
 
     fn = staticmethod(spread_loss)
 
-    def __init__(self, *, temperature=0.5, backend="auto", process_group=None):
+    def __init__(self, *, temperature=0.5, backend="auto", process_group=None,
+                 distributed="gather"):
         _check_temperature("temperature", temperature)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        super().__init__(temperature=temperature, backend=backend, process_group=process_group)
+        _check_choice("distributed", distributed, ("gather", "ring"))
+        super().__init__(temperature=temperature, backend=backend, process_group=process_group, distributed=distributed)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None) -> Tensor:

@@ -358,33 +358,26 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
         return compiled.run(spec, backend)
     if mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
-    if distributed == "ring":
-        from .distributed import supcon_loss_ring
-
-        features = _flatten_views(features)
-        labels = None if labels is None else _check_labels(labels, features.shape[0], features.device)
-        if extra_keys is not None:
-            extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features,
-                                                       labelled=extra_key_labels is not None or labels is not None)
-            if labels is not None:  # the same comparison rule as gather mode's _class_ids
-                labels, extra_key_labels = _common_labels(labels, extra_key_labels)
-        return supcon_loss_ring(features, labels, group=process_group, temperature=spec.temperature, tau_float=spec.tau_float,
-                                base_temperature=spec.base_temperature, contrast_mode=contrast_mode,
-                                no_positive=no_positive, normalize=normalize, variant=variant, backend=backend,
-                                extra_keys=extra_keys, extra_key_labels=extra_key_labels)
     return _gathered_views(process_group, features, labels, contrast_mode, backend,
                            lambda f, y: supcon_spec(f, y, temperature=spec.temperature, temperature_value=spec.tau_float,
-                                                    **{k: v for k, v in kwargs.items() if k != "temperature"}))
+                                                    **{k: v for k, v in kwargs.items() if k != "temperature"}),
+                           mode=distributed)
 
 
-def _gathered_views(process_group, features, labels, contrast_mode: str, backend: str, build) -> Tensor:
+def _gathered_views(process_group, features, labels, contrast_mode: str, backend: str, build, mode: str = "gather",
+                    sample_stat=None) -> Tensor:
     """A view-stacked loss over the global batch: gather features (and labels), ``build(features, labels)``
-    the global spec, run this rank's anchor rows (see fused_contrastive.distributed)."""
+    the global spec, run this rank's anchor rows (see fused_contrastive.distributed). ``mode="ring"``: the
+    same ``build`` on the global labels, the features passed around the ring instead (``sample_stat``: see
+    distributed.ring_views)."""
     from . import distributed
 
     features = _flatten_views(features)
     if labels is not None:
         labels = _check_labels(labels, features.shape[0], features.device)
+    if mode == "ring":
+        return distributed.ring_views(build, features, labels, contrast_mode=contrast_mode, group=process_group,
+                                      backend=backend, sample_stat=sample_stat)
     batch = distributed.gather_batch(process_group, features, labels)
     spec = build(*batch.tensors)
     views = features.shape[1] if contrast_mode == "all" else 1
