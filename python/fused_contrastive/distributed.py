@@ -441,12 +441,14 @@ def _placeholder(x: Tensor, rows: int) -> Tensor:
     return x.new_zeros(()).expand(rows, *x.shape[1:])
 
 
-def _run_ring(spec: ContrastSpec, anchors: Tensor, keys: Tensor, views: int, anchor_views: int, batch: GlobalBatch,
+def _run_ring(built: list, anchors: Tensor, keys: Tensor, views: int, anchor_views: int, batch: GlobalBatch,
               group, backend: str) -> Tensor:
-    """The ring mode of a loss whose ``spec`` was built on the global batch (keys: ``views`` view-major blocks of
-    the global samples, then extra keys; anchors: the first ``anchor_views`` blocks) with placeholder features:
-    this rank's ``anchors`` and ``keys`` (its own samples, the same layout) replace them, and only the keys
-    travel. Every shard's spec is the global spec's metadata at that shard's rows."""
+    """The ring mode of a loss whose spec (``built``: a list holding it, which this function empties so that its
+    tensors can be freed) was built on the global batch (keys: ``views`` view-major blocks of the global
+    samples, then extra keys; anchors: the first ``anchor_views`` blocks) with placeholder features: this
+    rank's ``anchors`` and ``keys`` (its own samples, the same layout) replace them, and only the keys travel.
+    Every shard's spec is the global spec's metadata at that shard's rows."""
+    spec = built.pop()
     if spec.mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
     assert spec.self_offset in (None, 0), "ring mode: an anchor's self is its own key row or none"
@@ -469,6 +471,12 @@ def _run_ring(spec: ContrastSpec, anchors: Tensor, keys: Tensor, views: int, anc
     bias, anchor_labels = spec.den_bias, spec.anchor_labels[anchor_rows]
     anchor_groups = None if bias is None else bias.anchor_groups[anchor_rows]
     row_weight = None if spec.pos_row_weight is None else spec.pos_row_weight[anchor_rows]
+    # With extra keys build()'s torch.cat has written the placeholder rows out as zeros: [views N + E, D], for
+    # as long as anything refers to it. Keep a copy of the extra rows only (differentiable: the copy's
+    # gradient reaches the extra keys through the cat) and drop the global spec's tensors.
+    if extra is not None:
+        extra = extra.clone()
+    spec = dataclasses.replace(spec, anchors=anchors, keys=keys)
 
     def shard_spec(shard_anchors, shard, owner):
         rows = extra_rows if owner is None else key_rows[owner]
@@ -500,12 +508,14 @@ def ring_views(build, features: Tensor, labels: Optional[Tensor], *, contrast_mo
     stat = None if sample_stat is None else sample_stat(features.detach())
     batch = gather_batch(group, ids, stat, layout=(n_views, dim, labels is None))
     args = [_placeholder(features, batch.total), None if labels is None else batch.tensors[0]]
-    spec = build(*args) if stat is None else build(*args, batch.tensors[1])
+    built = [build(*args) if stat is None else build(*args, batch.tensors[1])]
+    spec = built[0]
     keys = features.transpose(0, 1).reshape(n_views * b, dim)  # this rank's views, view-major
     if spec.normalize:  # differentiably here, so that every shard is already unit-norm; fp32 for 16-bit inputs
         keys = normalize_rows(keys, spec.accum_dtype).to(keys.dtype)
+    del spec
     anchor_views = n_views if contrast_mode == "all" else 1
-    return _run_ring(spec, keys[:anchor_views * b], keys, n_views, anchor_views, batch, group, backend)
+    return _run_ring(built, keys[:anchor_views * b], keys, n_views, anchor_views, batch, group, backend)
 
 
 def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str) -> list[Tensor]:
@@ -516,7 +526,7 @@ def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str) ->
     place_first, place_second = _placeholder(first, batch.total), _placeholder(second, batch.total)
     losses = []
     for build in builds:
-        spec = build(place_first, place_second)
-        anchors, keys = (first, second) if spec.anchors is place_first else (second, first)
-        losses.append(_run_ring(spec, anchors, keys, 1, 1, batch, group, backend))
+        built = [build(place_first, place_second)]
+        anchors, keys = (first, second) if built[0].anchors is place_first else (second, first)
+        losses.append(_run_ring(built, anchors, keys, 1, 1, batch, group, backend))
     return losses

@@ -162,6 +162,9 @@ _GROUP_DOC = """
     Non-per-sample tensors (queue, extra keys, class centers, temperature) must be the same on every rank,
     and every other argument too: the ranks compare them first, and all raise the same ValueError when one
     rank's input is invalid or the ranks differ (only the batch size may).
+    ``distributed``: ``"gather"`` (default) all-gathers the per-sample inputs; ``"ring"`` passes the keys
+    around the ring instead, one rank's shard at a time (only O(N) labels and scalars are gathered; extra keys,
+    a queue and class centers stay home): the same loss and gradients, for when the gathered keys do not fit.
     Labels (where taken) of any real dtype compare by value as ``torch.eq`` does; NaN labels are refused (NaN
     equals no label, so such a sample would have no positive). Non-finite features give a non-finite loss, as
     torch's losses do, unless FUSED_CONTRASTIVE_CHECK_FINITE=1 (then a ValueError; a host sync per input)."""
