@@ -222,8 +222,11 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
          f"rank {bad_rank} of the process group ({world} ranks): features must have at least one sample", both),
         ("gather / ring", lambda **kw: fc.supcon_loss(f, y, distributed=mine("gather", "ring"), **kw), "distributed",
          gather),
-        ("logit_scale", lambda **kw: fc.clip_loss(f[:, 0], f[:, 1], mine(10.0, 20.0), **kw), "logit_scale", gather),
-        ("bcl labels", lambda **kw: fc.bcl_loss(f, mine(y, y.float()), **kw), "labels", gather),
+        ("clip gather / ring", lambda **kw: fc.clip_loss(f[:, 0], f[:, 1], 10.0, distributed=mine("gather", "ring"),
+                                                         **kw), "distributed", gather),
+        ("logit_scale", lambda **kw: fc.clip_loss(f[:, 0], f[:, 1], mine(10.0, 20.0), **kw), "logit_scale", both),
+        ("bcl labels", lambda **kw: fc.bcl_loss(f, mine(y, y.float()), **kw), "labels", both),
+        ("dcl weighted", lambda **kw: fc.dcl_loss(f, weighted=mine(False, True), **kw), "weighted", both),
     ]
     for what, call, word, modes in differ:
         for mode in modes:

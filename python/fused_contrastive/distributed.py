@@ -8,6 +8,16 @@ batch exactly as one process would, and computes only its own anchor rows agains
 keys (``local_rows``: a slice of the anchors, the self offset moved with it). Nothing of
 size N x N is ever built, and any backend serves the per-rank part.
 
+Ring mode (``distributed="ring"``, every loss): the same ``build`` runs on the global batch's O(N) metadata
+(labels gathered, features replaced by a zero-stride placeholder of the global shape; per-sample scalars a
+loss needs, DCLW's view cosines, gathered too), so class ids, denominator biases and counts are gather mode's.
+Only the key features travel: each rank's shard goes around the ring while this rank's anchors accumulate
+per-row statistics over it (LSEs merge by logaddexp, positive sums by sum; epsilon-SupInfoNCE goes around a
+second time, since each positive's term needs the merged LSE_N). A rank holds its own shard and one incoming
+at a time. The backward sends every shard around again with its key-gradient accumulator. Extra keys, a
+queue and class centers stay home as one more shard. (With them, build()'s concatenation of keys and extra
+keys writes the placeholder out once, [views * N + E, D] zeros, freed before the ring starts.)
+
 Tensors that are not per sample (a MoCo queue, labelled extra keys, BCL's class centers,
 a learnable temperature or logit scale) are the same on every rank, as DDP keeps
 parameters, and are not gathered.
