@@ -270,3 +270,20 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
 
 def test_ranks_agree_or_fail_together():
     spawn(check_agreement, 2, timeout_s=300)  # a hang fails; 60 s aborted a rank once on a loaded machine
+
+
+def test_ring_build_keeps_extra_keys_apart():
+    """Ring mode builds the global spec on zero-stride placeholder features: appending extra keys (a bank, a
+    queue) must not write the placeholder out as a [views N + E, D] buffer; the extra keys go to the driver."""
+    from fused_contrastive import distributed, family, losses
+
+    features = distributed._placeholder(torch.zeros(1, 2, 6, dtype=torch.float64), 1000)
+    bank = torch.randn(4, 6, dtype=torch.float64)
+    labels = torch.arange(1000) % 7
+    spec, extra = distributed._build_on_placeholders(
+        lambda f, y: losses.supcon_spec(f, y, extra_keys=bank, extra_key_labels=torch.arange(4)), features, labels)
+    assert extra is bank and spec.num_keys == 2004 and spec.keys.stride() == (0, 0)
+    spec, extra = distributed._build_on_placeholders(
+        lambda q, k: family._info_nce_spec(q, k, 0.1, bank, True), features[:, 0], features[:, 1])
+    assert torch.equal(extra, bank) and spec.num_keys == 1004 and spec.keys.stride() == (0, 0)
+    assert distributed.append_keys(bank, bank).shape == (8, 6)  # outside ring mode: a plain concatenation

@@ -15,8 +15,7 @@ Only the key features travel: each rank's shard goes around the ring while this 
 per-row statistics over it (LSEs merge by logaddexp, positive sums by sum; epsilon-SupInfoNCE goes around a
 second time, since each positive's term needs the merged LSE_N). A rank holds its own shard and one incoming
 at a time. The backward sends every shard around again with its key-gradient accumulator. Extra keys, a
-queue and class centers stay home as one more shard. (With them, build()'s concatenation of keys and extra
-keys writes the placeholder out once, [views * N + E, D] zeros, freed before the ring starts.)
+queue and class centers stay home as one more shard (``append_keys`` hands them over while ``build`` runs).
 
 Tensors that are not per sample (a MoCo queue, labelled extra keys, BCL's class centers,
 a learnable temperature or logit scale) are the same on every rank, as DDP keeps
@@ -445,28 +444,56 @@ class _Ring(torch.autograd.Function):
         return dQ.to(anchors.dtype), carried.to(keys.dtype), grad_tau, grad_extra, None
 
 
+# Set while ring mode builds a spec on placeholder features: append_keys then records the extra keys here
+# instead of writing the placeholder rows out next to them.
+_RING_EXTRA: contextvars.ContextVar = contextvars.ContextVar("fused_contrastive_ring_extra", default=None)
+
+
+def append_keys(keys: Tensor, extra: Tensor) -> Tensor:
+    """``torch.cat([keys, extra])``: the keys a spec holds, extra keys (never anchors) after the batch's. In ring
+    mode's build (keys are a placeholder there) a placeholder of the combined shape, the extra keys going to
+    the ring driver, which keeps them home as one more shard."""
+    if torch.compiler.is_compiling():  # never ring mode (no process group under compile)
+        return torch.cat([keys, extra])
+    recorded = _RING_EXTRA.get()
+    if recorded is None:
+        return torch.cat([keys, extra])
+    recorded.append(extra)
+    return _placeholder(keys, keys.shape[0] + extra.shape[0])
+
+
+def _build_on_placeholders(build, *args) -> tuple[ContrastSpec, Optional[Tensor]]:
+    """(build(*args), the extra keys it appended or None)."""
+    recorded = []
+    token = _RING_EXTRA.set(recorded)
+    try:
+        spec = build(*args)
+    finally:
+        _RING_EXTRA.reset(token)
+    assert len(recorded) <= 1
+    return spec, (recorded[0] if recorded else None)
+
+
 def _placeholder(x: Tensor, rows: int) -> Tensor:
     """Zeros of shape [rows, *x.shape[1:]] that take no memory (every stride 0): in ring mode ``build`` sees the
     global batch's shape, dtype and device through it, and its metadata (labels, counts, biases) is real."""
     return x.new_zeros(()).expand(rows, *x.shape[1:])
 
 
-def _run_ring(built: list, anchors: Tensor, keys: Tensor, views: int, anchor_views: int, batch: GlobalBatch,
-              group, backend: str) -> Tensor:
-    """The ring mode of a loss whose spec (``built``: a list holding it, which this function empties so that its
-    tensors can be freed) was built on the global batch (keys: ``views`` view-major blocks of the global
-    samples, then extra keys; anchors: the first ``anchor_views`` blocks) with placeholder features: this
-    rank's ``anchors`` and ``keys`` (its own samples, the same layout) replace them, and only the keys travel.
-    Every shard's spec is the global spec's metadata at that shard's rows."""
-    spec = built.pop()
+def _run_ring(spec: ContrastSpec, extra: Optional[Tensor], anchors: Tensor, keys: Tensor, views: int,
+              anchor_views: int, batch: GlobalBatch, group, backend: str) -> Tensor:
+    """The ring mode of a loss whose ``spec`` was built on the global batch (keys: ``views`` view-major blocks of
+    the global samples, then the ``extra`` keys; anchors: the first ``anchor_views`` blocks) with placeholder
+    features: this rank's ``anchors`` and ``keys`` (its own samples, the same layout) replace them, and only the
+    keys travel. Every shard's spec is the global spec's metadata at that shard's rows."""
     if spec.mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
     assert spec.self_offset in (None, 0), "ring mode: an anchor's self is its own key row or none"
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     total, sizes, device = batch.total, batch.sizes, keys.device
-    extra = spec.keys[views * total:] if spec.num_keys > views * total else None
-    if extra is not None and spec.normalize:
-        extra = normalize_rows(extra, spec.accum_dtype).to(extra.dtype)
+    assert spec.num_keys == views * total + (0 if extra is None else extra.shape[0])
+    if extra is not None:  # a copy: a memory bank may overwrite its rows in place before the backward
+        extra = normalize_rows(extra, spec.accum_dtype).to(extra.dtype) if spec.normalize else extra.clone()
     offsets = [sum(sizes[:r]) for r in range(world)]
     key_rows = [(torch.arange(views, device=device)[:, None] * total + offsets[r]
                  + torch.arange(sizes[r], device=device)[None, :]).reshape(-1) for r in range(world)]
@@ -481,12 +508,6 @@ def _run_ring(built: list, anchors: Tensor, keys: Tensor, views: int, anchor_vie
     bias, anchor_labels = spec.den_bias, spec.anchor_labels[anchor_rows]
     anchor_groups = None if bias is None else bias.anchor_groups[anchor_rows]
     row_weight = None if spec.pos_row_weight is None else spec.pos_row_weight[anchor_rows]
-    # With extra keys build()'s torch.cat has written the placeholder rows out as zeros: [views N + E, D], for
-    # as long as anything refers to it. Keep a copy of the extra rows only (differentiable: the copy's
-    # gradient reaches the extra keys through the cat) and drop the global spec's tensors.
-    if extra is not None:
-        extra = extra.clone()
-    spec = dataclasses.replace(spec, anchors=anchors, keys=keys)
 
     def shard_spec(shard_anchors, shard, owner):
         rows = extra_rows if owner is None else key_rows[owner]
@@ -518,14 +539,12 @@ def ring_views(build, features: Tensor, labels: Optional[Tensor], *, contrast_mo
     stat = None if sample_stat is None else sample_stat(features.detach())
     batch = gather_batch(group, ids, stat, layout=(n_views, dim, labels is None))
     args = [_placeholder(features, batch.total), None if labels is None else batch.tensors[0]]
-    built = [build(*args) if stat is None else build(*args, batch.tensors[1])]
-    spec = built[0]
+    spec, extra = _build_on_placeholders(build, *args, *([] if stat is None else [batch.tensors[1]]))
     keys = features.transpose(0, 1).reshape(n_views * b, dim)  # this rank's views, view-major
     if spec.normalize:  # differentiably here, so that every shard is already unit-norm; fp32 for 16-bit inputs
         keys = normalize_rows(keys, spec.accum_dtype).to(keys.dtype)
-    del spec
     anchor_views = n_views if contrast_mode == "all" else 1
-    return _run_ring(built, keys[:anchor_views * b], keys, n_views, anchor_views, batch, group, backend)
+    return _run_ring(spec, extra, keys[:anchor_views * b], keys, n_views, anchor_views, batch, group, backend)
 
 
 def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str) -> list[Tensor]:
@@ -536,7 +555,7 @@ def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str) ->
     place_first, place_second = _placeholder(first, batch.total), _placeholder(second, batch.total)
     losses = []
     for build in builds:
-        built = [build(place_first, place_second)]
-        anchors, keys = (first, second) if built[0].anchors is place_first else (second, first)
-        losses.append(_run_ring(built, anchors, keys, 1, 1, batch, group, backend))
+        spec, extra = _build_on_placeholders(build, place_first, place_second)
+        anchors, keys = (first, second) if spec.anchors is place_first else (second, first)
+        losses.append(_run_ring(spec, extra, anchors, keys, 1, 1, batch, group, backend))
     return losses

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from . import compiled, dispatch
 from .compiled import compiling, deferred_errors, require
-from .distributed import agreed
+from .distributed import agreed, append_keys
 from .losses import (CONTRAST_MODES, _accum_dtype, _check_base_temperature, _check_choice, _check_data,
                      _check_finite, _check_inverse, _check_labels, _check_scale, _check_temperature, _common_labels,
                      _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, dense_ids, supcon_spec,
@@ -261,7 +261,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
     ids = torch.arange(bsz, device=device)
     keys, key_labels, num_classes = key, ids, bsz
     if queue is not None:  # the queue is one more "class" that no anchor has: never a positive
-        keys = torch.cat([key, queue.detach()])
+        keys = append_keys(key, queue.detach())
         key_labels = torch.cat([ids, torch.full((queue.shape[0],), bsz, device=device)])
         num_classes = bsz + 1
     temperature = _check_temperature("temperature", temperature)

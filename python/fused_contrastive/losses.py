@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import compiled, dispatch
 from .compiled import CHECK_FINITE_ENV, compiling, deferred_errors, finite_check_on, require
-from .distributed import agreed
+from .distributed import agreed, append_keys
 from .spec import NO_POSITIVE_MODES, VARIANTS, ContrastSpec
 
 CONTRAST_MODES = ("all", "one")
@@ -266,7 +266,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
         # Without labels and mask (SimCLR), extra keys without labels are negatives of every anchor (a queue).
         unlabelled = labels is None and extra_key_labels is None
         extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features, labelled=not unlabelled)
-        keys = torch.cat([keys, extra_keys])  # the extra keys follow the views; they are never anchors
+        keys = append_keys(keys, extra_keys)  # the extra keys follow the views; they are never anchors
     anchors = keys if contrast_mode == "all" and extra_keys is None else keys[: bsz * (n_views if contrast_mode == "all" else 1)]
     key_labels = anchor_labels = dense = None
     num_classes = 0
