@@ -337,7 +337,8 @@ def _ring_pass(plan: _RingPlan, anchors: Tensor, keys: Tensor, extra: Optional[T
     for step in range(world):
         pending = []
         if step < world - 1:
-            (incoming,), pending = _rotate([shard], plan.group, [(plan.shard_rows[(owner - 1) % world], shard.shape[1])])
+            incoming_rows = plan.shard_rows[(owner - 1) % world]
+            (incoming,), pending = _rotate([shard], plan.group, [(incoming_rows, shard.shape[1])])
         if step == 0 and extra is not None:
             visit(plan.shard_spec(anchors, extra, None))
         visit(plan.shard_spec(anchors, shard, owner))

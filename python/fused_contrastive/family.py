@@ -515,7 +515,8 @@ class EpsSupInfoNCELoss(_LossModule):
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
-                         contrast_mode=contrast_mode, backend=backend, process_group=process_group, distributed=distributed)
+                         contrast_mode=contrast_mode, backend=backend, process_group=process_group,
+                         distributed=distributed)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None) -> Tensor:
