@@ -68,6 +68,15 @@ def _label_cases(loss):
     return cases
 
 
+def _reduction_cases():
+    return [("reduction", {"reduction": "avg"}, "reduction"), ("weight shape", {"weight": torch.ones(3)}, "weight"),
+            ("weight integers", {"weight": torch.ones(4, dtype=torch.long)}, "weight"),
+            ("weight list", {"weight": [1.0] * 4}, "weight"), ("weight negative", {"weight": -torch.ones(4)}, "weight"),
+            ("weight NaN", {"weight": torch.full((4,), float("nan"))}, "weight"),
+            ("weight inf", {"weight": torch.full((4,), float("inf"))}, "weight"),
+            ("weight on another device", {"weight": torch.ones(4, device="meta")}, "weight")]
+
+
 BANK = torch.randn(3, 8)
 SPECIFIC = {
     "supcon_loss": [
@@ -79,6 +88,7 @@ SPECIFIC = {
         ("base_temperature zero", {"base_temperature": 0.0}, "base_temperature"),
         ("loss scale beyond fp32", {"temperature": 0.1, "base_temperature": 1e-300}, "base_temperature"),
         ("contrast_mode", {"contrast_mode": "both"}, "contrast_mode"),
+        ("per-view weight, contrast_mode one", {"contrast_mode": "one", "weight": torch.ones(4, 2)}, "weight"),
         ("no_positive", {"no_positive": "drop"}, "no_positive"),
         ("variant", {"variant": "mid"}, "variant"),
         ("normalize", {"normalize": "yes"}, "normalize"),
@@ -124,6 +134,7 @@ def bad_inputs():
     table = []
     for loss in GOOD:
         cases = _feature_cases(loss) + _temperature_cases(loss) + [("backend", {"backend": "jax"}, "backend")]
+        cases += _reduction_cases()
         if "labels" in GOOD[loss]:
             cases += _label_cases(loss)
         table += [(f"{loss}: {name}", loss, bad, word) for name, bad, word in cases + SPECIFIC.get(loss, [])]

@@ -109,6 +109,11 @@ CASES = {
     # one shard of the keys, which moves each anchor's self by minus the shard's start, below 0 too (ring).
     "rank_rows": dict(kind="random", shard="rows"),
     "key_shard": dict(kind="random", shard="keys"),
+    # Per-row backward coefficients: reduction="none" (a random row gradient of either sign) with weights, and
+    # a weighted mean that leaves anchors without positives out; the gather mode's rank rows with weights.
+    "none_weighted": dict(kind="random", reduction="none", weighted=True, learnable=True, base_temperature=0.07),
+    "mean_weighted_exclude": dict(kind="random", no_positive="exclude", weighted=True),
+    "sum_weighted_rank_rows": dict(kind="random", reduction="sum", weighted=True, shard="rows"),
 }
 
 
@@ -124,6 +129,7 @@ def check_against_reference(case, bsz, dim=33, dtype=torch.float32, temperature=
     opts = {**CASES[case], **more}
     kind, learnable, extra = opts.pop("kind"), opts.pop("learnable", False), opts.pop("extra", 0)
     how = opts.pop("shard", None)
+    reduction, weighted = opts.pop("reduction", "mean"), opts.pop("weighted", False)
     labels, mask = make_labels(kind, bsz, seed=bsz)
     if opts.pop("mask_weights", False):
         mask = mask * (0.5 + torch.rand(bsz, bsz, generator=torch.Generator().manual_seed(bsz)))
@@ -141,9 +147,15 @@ def check_against_reference(case, bsz, dim=33, dtype=torch.float32, temperature=
         if extra:
             opts["extra_keys"] = extra_keys.to(run_dtype)
         spec = supcon_spec(f, labels, mask, temperature=tau, **opts)
+        if weighted or reduction != "mean":
+            gen = torch.Generator().manual_seed(bsz)
+            weight = torch.rand(spec.num_anchors, generator=gen, dtype=torch.float64).to(run_dtype)
+            weight[::3] = 0
+            spec = dataclasses.replace(spec, reduction=reduction, row_weight=weight if weighted else None)
         loss = run(spec if how is None else shard(spec, how))
         inputs = (f, tau) if learnable else (f,)
-        results.append((loss, *torch.autograd.grad(loss, inputs)))
+        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        results.append((loss, *torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), inputs)))
     for expected, actual, what in zip(results[0], results[1], ("loss", "features grad", "tau grad")):
         assert actual.dtype == (torch.float32 if what == "loss" else dtype)
         assert_close(actual, expected, dtype, f"{case} {what}")

@@ -129,33 +129,51 @@ def family_cases(features, labels):
 TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives")
 
 
+def reduction_options(world, total):
+    """The default mean, and on 2 ranks weighted "mean" / "sum" and "none" with per-sample weights (some 0);
+    "none" is differentiated with a random per-row gradient."""
+    weight = torch.rand(total, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    weight[::3] = 0
+    if world != 2:
+        return [{}]
+    return [{}, dict(reduction="mean", weight=weight), dict(reduction="sum", weight=weight),
+            dict(reduction="none", weight=weight)]
+
+
 def check_family(rank, world, lo, hi, features, labels, backends):
     """Every loss in gather and ring mode: loss, per-sample gradients (world x slice), shared tensors' DDP
     average (temperature, logit scale, centers, extra keys), against the single-process loss of the global
-    batch."""
+    batch; with reductions and weights too."""
     for name, loss_fn, per_sample, shared in family_cases(features, labels):
-        full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
-        shared_ref = [t.clone().requires_grad_() for t in shared]
-        ref = loss_fn(*full, *shared_ref, backend="reference")
-        diff_inputs = [t for t in full if t.requires_grad] + shared_ref
-        ref_grads = torch.autograd.grad(ref, diff_inputs)
-        for backend in backends:
-            for mode in ("gather", "ring") if backend != "triton" or name in TRITON_RING else ("gather",):
-                local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
-                shared_local = [t.clone().requires_grad_() for t in shared]
-                loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
-                               distributed=mode)
-                grads = torch.autograd.grad(loss, [t for t in local if t.requires_grad] + shared_local)
-                what = f"rank {rank}/{world} {name} {backend} {mode}"
-                assert_rel(loss.detach(), ref.detach(), what + " loss")
-                n_local = sum(t.requires_grad for t in local)
-                for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
-                    assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
-                for g, e in zip(grads[n_local:], ref_grads[n_local:]):
-                    dist.all_reduce(g)
-                    assert_rel(g / world, e, what + " shared grad (DDP average)")
+        for options in reduction_options(world, len(labels)):
+            full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+            shared_ref = [t.clone().requires_grad_() for t in shared]
+            ref = loss_fn(*full, *shared_ref, backend="reference", **options)
+            upstream = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+            diff_inputs = [t for t in full if t.requires_grad] + shared_ref
+            ref_grads = torch.autograd.grad((ref * upstream).sum(), diff_inputs)
+            if options.get("reduction") == "none":  # this rank's rows
+                ref, upstream = ref[lo:hi], upstream[lo:hi]
+            for backend in backends:
+                for mode in ("gather", "ring") if backend != "triton" or name in TRITON_RING else ("gather",):
+                    local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+                    shared_local = [t.clone().requires_grad_() for t in shared]
+                    local_options = {k: v[lo:hi] if k == "weight" else v for k, v in options.items()}
+                    loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
+                                   distributed=mode, **local_options)
+                    grads = torch.autograd.grad((loss * upstream).sum(),
+                                                [t for t in local if t.requires_grad] + shared_local)
+                    what = f"rank {rank}/{world} {name} {backend} {mode} {options.get('reduction', 'mean')}"
+                    assert_rel(loss.detach(), ref.detach(), what + " loss")
+                    n_local = sum(t.requires_grad for t in local)
+                    for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
+                        assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
+                    for g, e in zip(grads[n_local:], ref_grads[n_local:]):
+                        dist.all_reduce(g)
+                        assert_rel(g / world, e, what + " shared grad (DDP average)")
 
 
+@pytest.mark.slow  # every loss x backend x mode (x reduction on 2 ranks): minutes on a loaded 2-core machine
 @pytest.mark.parametrize("world", [2, 3])
 def test_family_gather_and_ring_modes_are_exact(world):
     spawn(check_family, world)

@@ -848,8 +848,9 @@ def forward_stats(spec, Q, K, inv_tau):
 
 def _coef_in_exponent(rows, dk_log2):
     """(LSE_i log2(e) - log2|coef_i| - dk_log2, +inf where coef_i = 0 or the row has no key; the sign every
-    coef_i shares, [1]) for L_out's dK, whose tile then needs no multiply by coef. coef_i = c / count times the
-    upstream gradient, one scalar, so the signs agree; checked on the device without a host sync."""
+    coef_i shares, [1]) for L_out's dK, whose tile then needs no multiply by coef. coef_i = c times the row's
+    gradient (the reduction's w_i / divisor times one upstream scalar), so the signs agree unless
+    ``rows.mixed_signs`` (reduction="none": the backward splits them); checked on the device without a host sync."""
     coef, lse = rows.coef, rows.lse
     negative = (coef < 0).any()
     torch._assert_async(~(negative & (coef > 0).any()), "coef_i of mixed signs")
@@ -914,15 +915,27 @@ def backward_grads(spec, Q, K, inv_tau, rows, need_dq=True, need_dk=True, logit_
                 sums = sums - rows.pos_scale * (Q.to(pos_grad.dtype) * pos_grad).sum(1) * inv_tau
             sums = sums * rows.coef
     if need_dk:
-        dk = torch.empty(K.shape, dtype=K.dtype, device=K.device)
-        if outside:  # sum_i coef_i pos_scale_i a_ij q_i
-            pos_grad = key_positive_sums(spec, Q.to(dummy.dtype) * (rows.coef * rows.pos_scale)[:, None])
+        def launch_dk(part):
+            dk = torch.empty(K.shape, dtype=K.dtype, device=K.device)
+            if outside:  # sum_i coef_i pos_scale_i a_ij q_i
+                pos_grad = key_positive_sums(spec, Q.to(dummy.dtype) * (part.coef * part.pos_scale)[:, None])
+            else:
+                pos_grad = dummy
+            row_shift, coef_sign = _coef_in_exponent(part, dk_log2) if variant_code(spec) == 0 else (dummy, dummy)
+            grid = lambda meta: (triton.cdiv(K.shape[0], meta["BLOCK_N"]),)  # noqa: E731
+            supcon_bwd_dk[grid](DK=dk, stride_dkm=dk.stride(0), POS_GRAD=pos_grad, stride_pgm=pos_grad.stride(0),
+                                ROW_SHIFT=row_shift, COEF_SIGN=coef_sign, G_LOG2=dk_log2,
+                                **{**factors, "COEF": part.coef}, **args)
+            return dk
+
+        if variant_code(spec) == 0 and rows.mixed_signs:
+            # L_out's dK carries |coef_i| in the exponent with one sign for all rows: per-row gradients of
+            # either sign (reduction="none") take one launch for the positive coefs and one for the negative.
+            parts = [fused.RowFactors(rows.lse, rows.coef.clamp(**bound), rows.pos_scale, rows.den_scale)
+                     for bound in ({"min": 0.0}, {"max": 0.0})]
+            dk = (launch_dk(parts[0]).to(spec.accum_dtype) + launch_dk(parts[1])).to(K.dtype)
         else:
-            pos_grad = dummy
-        row_shift, coef_sign = _coef_in_exponent(rows, dk_log2) if variant_code(spec) == 0 else (dummy, dummy)
-        grid = lambda meta: (triton.cdiv(K.shape[0], meta["BLOCK_N"]),)  # noqa: E731
-        supcon_bwd_dk[grid](DK=dk, stride_dkm=dk.stride(0), POS_GRAD=pos_grad, stride_pgm=pos_grad.stride(0),
-                            ROW_SHIFT=row_shift, COEF_SIGN=coef_sign, G_LOG2=dk_log2, **factors, **args)
+            dk = launch_dk(rows)
     dq = dq if need_dq else None
     return (dq, dk, sums) if logit_sums else (dq, dk)
 

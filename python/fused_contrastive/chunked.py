@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .spec import (ContrastSpec, debiased_row_losses, inverse_pos_count, mean_divisor, normalize_backward,
-                   positive_scale, row_losses, temperature_grad)
+import dataclasses
+
+from .spec import (ContrastSpec, debiased_row_losses, inverse_pos_count, normalize_backward, positive_scale,
+                   reduce_rows, reduction_coef, row_losses, temperature_grad, weight_grad)
 
 # Elements of one [block, M] fp32 tile (8 MiB): a few live tiles stay small next to the inputs, and
 # [block, D] x [D, M] products stay efficient; measured on 2 CPU cores at N = 8192, D = 128, a 4x larger
@@ -43,9 +45,10 @@ def block_rows(num_keys: int) -> int:
 class _Stats:
     loss_rows: Tensor  # L_i
     has_pos: Tensor
-    dQ: Tensor | None  # gradients of sum_i L_i over the counted rows, before the reduction's scale
+    # Gradients of the spec's result sum_i coef_i L_i (coef: spec.reduction_coef, the reduction and weights)
+    dQ: Tensor | None
     dK: Tensor | None
-    dtau_direct: Tensor | None  # d sum_i L_i / dtau through the row formula itself, not the logits
+    dtau_direct: Tensor | None  # d sum_i coef_i L_i / dtau through the row formula itself, not the logits
     lse: Tensor  # LSE over the denominator, -inf for a row without keys
     pos_stat: Tensor  # sum_j a_ij l_ij (L_out), LSE_P (L_in)
 
@@ -93,6 +96,9 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
     # rows overwrite it with their own -dL/dl_p.
     pos_scale = positive_scale(spec, pos_count)
     inv_count = inverse_pos_count(pos_count)
+    # dResult/dL_i: every gradient tile's row i is scaled by it (the reduction, the weights, or in the
+    # backward of reduction="none" the incoming per-row gradient).
+    coef = reduction_coef(spec, has_pos) if want_grad else None
 
     class_sums = spec.mask is None and variant in ("out", "debiased")
     # Rows whose denominator is a single key, their only positive (a batch of one sample, InfoNCE without
@@ -167,7 +173,7 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
             loss_rows[r0:r1] = torch.where(keep, -c * inv_count[r0:r1] * pos_sum[r0:r1], 0.0)
             if want_grad:  # g = (1/Z) (R_i softmax_N - a sigmoid(gap)), R_i = sum_p sigmoid(gap)
                 sig = gap.sigmoid_().mul_(W)
-                E.mul_(sig.sum(1)[:, None]).sub_(sig).mul_(inv_count[r0:r1, None])
+                E.mul_(sig.sum(1)[:, None]).sub_(sig).mul_((inv_count[r0:r1] * coef[r0:r1])[:, None])
         elif variant == "debiased":
             with torch.enable_grad():
                 stats = [t.detach().requires_grad_() for t in (lse[r0:r1], pos_sum[r0:r1], *(h[1] for h in hard))]
@@ -176,7 +182,8 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
                 log_reweighted = torch.log(n.clamp(min=1)) + stats[2] - stats[3] if hard else None
                 rows_loss = torch.where(keep, debiased_row_losses(spec, stats[0], stats[1], n, tau_leaf,
                                                                   log_reweighted), 0.0)
-                derivs = torch.autograd.grad(rows_loss.sum(), (*stats, tau_leaf), allow_unused=True)
+                weighted = rows_loss if coef is None else rows_loss * coef[r0:r1]
+                derivs = torch.autograd.grad(weighted.sum(), (*stats, tau_leaf), allow_unused=True)
                 derivs = [torch.zeros_like(x) if d is None else d for d, x in zip(derivs, (*stats, tau_leaf))]
             loss_rows[r0:r1] = rows_loss.detach()
             dtau_direct += derivs[-1]
@@ -188,11 +195,12 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
         elif want_grad:
             # g_ij = softmax_ij - a_ij w_i / Z_i (L_out) or - a_ij exp(l_ij - LSE_P) (L_in), on rows with
             # positives (c and 1/tau applied at the end)
-            E.mul_(keep[:, None].to(acc))
+            row_scale = (keep.to(acc) * coef[r0:r1])[:, None]
+            E.mul_(row_scale)
             if variant == "in":
-                E.sub_(T.mul_(keep[:, None].to(acc)))
+                E.sub_(T.mul_(row_scale))
             elif not class_sums:
-                E.sub_(W.mul_(pos_scale[r0:r1, None]))
+                E.sub_(W.mul_((pos_scale[r0:r1] * coef[r0:r1])[:, None]))
         if want_grad:
             torch.mm(E, K, out=dQ[r0:r1])
             dK.addmm_(E.T, Q[r0:r1])
@@ -201,7 +209,8 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
         loss_rows = torch.where(grad_rows, row_losses(spec, lse, pos_sum, pos_count, c), c * lone_loss)
     if want_grad:
         if class_sums:
-            pos_scale = torch.where(grad_rows, pos_scale, 0.0)
+            # (the debiased rows' -dL/dl_p came from the coef-weighted sum already)
+            pos_scale = torch.where(grad_rows, pos_scale * coef if variant == "out" else pos_scale, 0.0)
             dQ.addcmul_(pos_keys, pos_scale[:, None], value=-1)
             del pos_keys
             weighted_anchors = Q * pos_scale[:, None]
@@ -216,62 +225,105 @@ def _forward(spec: ContrastSpec, Q: Tensor, K: Tensor, tau: float, want_grad: bo
 
 
 class ChunkedLoss(torch.autograd.Function):
-    """Mean loss over anchors. Outputs (loss, dQ, dK, dtau): the gradients are computed in the
-    forward pass when ``want_grad`` and are only scaled in backward. Written with setup_context
-    so that torch.func transforms (used under torch.compile) can differentiate it."""
+    """The spec's "mean" or "sum" result sum_i coef_i L_i. Outputs (loss, rows, dQ, dK, dtau): the gradients
+    are computed in the forward pass when ``want_grad`` (the coefficients are known then: the reduction and
+    the weights) and are only scaled in backward. Written with setup_context so that torch.func transforms
+    (used under torch.compile) can differentiate it."""
 
     @staticmethod
-    def forward(anchors: Tensor, keys: Tensor, tau_tensor, spec: ContrastSpec, want_grad: bool):
+    def forward(anchors: Tensor, keys: Tensor, tau_tensor, row_weight, spec: ContrastSpec, want_grad: bool):
         acc = spec.accum_dtype
         tau = spec.tau_value()
         Q = anchors.to(acc)
         K = Q if anchors is keys else keys.to(acc)
         stats = _forward(spec, Q, K, tau, want_grad)
-        count = mean_divisor(spec, stats.has_pos)
-        loss = stats.loss_rows.sum() / count
+        loss = reduce_rows(spec, stats.loss_rows, stats.has_pos)
         none = loss.new_zeros(0)
         if not want_grad:
-            return loss, none, none, none
-        dQ, dK = stats.dQ / count, stats.dK / count
+            return loss, stats.loss_rows, stats.has_pos, none, none, none
         dtau = none
         if tau_tensor is not None:
-            dtau = temperature_grad(spec, Q, dQ, loss, tau) + stats.dtau_direct / count
-        return loss, dQ, dK, dtau
+            dtau = temperature_grad(spec, Q, stats.dQ, loss, tau) + stats.dtau_direct
+        return loss, stats.loss_rows, stats.has_pos, stats.dQ, stats.dK, dtau
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        anchors, keys, tau_tensor, _, _ = inputs
+        anchors, keys, tau_tensor, row_weight, spec, _ = inputs
         ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(*output)
+        ctx.spec = spec
         ctx.dtypes = (anchors.dtype, keys.dtype, tau_tensor.dtype if tau_tensor is not None else None)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_):
-        dQ, dK, dtau = ctx.saved_tensors
+        loss, rows, has_pos, dQ, dK, dtau = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_q = (dQ * grad_loss).to(ctx.dtypes[0]) if need[0] else None
         grad_k = (dK * grad_loss).to(ctx.dtypes[1]) if need[1] else None
         grad_tau = (dtau * grad_loss).to(ctx.dtypes[2]) if need[2] else None
-        return grad_q, grad_k, grad_tau, None, None
+        grad_w = None
+        if need[3]:
+            grad_w = (weight_grad(ctx.spec, rows, has_pos, loss) * grad_loss).to(ctx.spec.row_weight.dtype)
+        return grad_q, grad_k, grad_tau, grad_w, None, None
+
+
+class ChunkedRows(torch.autograd.Function):
+    """reduction="none": the rows w_i L_i. The per-row gradient G_i is known only in backward, which runs the
+    forward again with coef_i = G_i w_i (one more [block, M] product per block than the mean's path)."""
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, keys: Tensor, tau_tensor, row_weight, spec: ContrastSpec):
+        acc = spec.accum_dtype
+        Q = anchors.to(acc)
+        K = Q if anchors is keys else keys.to(acc)
+        stats = _forward(spec, Q, K, spec.tau_value(), False)
+        ctx.save_for_backward(anchors, keys, stats.loss_rows)
+        ctx.spec, ctx.same = spec, anchors is keys
+        ctx.dtypes = (anchors.dtype, keys.dtype, tau_tensor.dtype if tau_tensor is not None else None)
+        return reduce_rows(spec, stats.loss_rows, stats.has_pos)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        anchors, keys, rows = ctx.saved_tensors
+        spec, need = ctx.spec, ctx.needs_input_grad
+        acc, tau = spec.accum_dtype, spec.tau_value()
+        coef = grad_rows.to(acc) if spec.row_weight is None else grad_rows.to(acc) * spec.row_weight.to(acc)
+        summed = dataclasses.replace(spec, reduction="sum", row_weight=coef)
+        Q = anchors.to(acc)
+        K = Q if ctx.same else keys.to(acc)
+        stats = _forward(summed, Q, K, tau, True)
+        grad_tau = None
+        if need[2]:
+            loss = (coef * stats.loss_rows).sum()
+            grad_tau = (temperature_grad(summed, Q, stats.dQ, loss, tau) + stats.dtau_direct).to(ctx.dtypes[2])
+        grad_w = (grad_rows * rows).to(spec.row_weight.dtype) if need[3] else None
+        return (stats.dQ.to(ctx.dtypes[0]) if need[0] else None, stats.dK.to(ctx.dtypes[1]) if need[1] else None,
+                grad_tau, grad_w, None)
 
 
 def loss(spec: ContrastSpec) -> Tensor:
     tau = spec.temperature if isinstance(spec.temperature, Tensor) else None
     anchors, keys = spec.normalized_inputs()
-    want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (anchors, keys, tau))
-    return ChunkedLoss.apply(anchors, keys, tau, spec, want_grad)[0]
+    if spec.reduction == "none":
+        return ChunkedRows.apply(anchors, keys, tau, spec.row_weight, spec)
+    want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (anchors, keys, tau, spec.row_weight))
+    return ChunkedLoss.apply(anchors, keys, tau, spec.row_weight, spec, want_grad)[0]
 
 
 def loss_and_grads(spec: ContrastSpec):
-    """(loss, dQ, dK, dtau) without autograd (torch.compile's custom op calls this)."""
+    """(loss, dQ, dK, dtau, rows) of a "mean" or "sum" spec without autograd (torch.compile's op calls this);
+    rows: the unweighted L_i (for the weights' gradient)."""
     tau = spec.temperature if isinstance(spec.temperature, Tensor) else None
     anchors, keys = spec.normalized_inputs()
-    loss, dQ, dK, dtau = ChunkedLoss.forward(anchors, keys, tau, spec, True)
+    loss, rows, _, dQ, dK, dtau = ChunkedLoss.forward(anchors, keys, tau, spec.row_weight, spec, True)
     if spec.normalize:
         dQ = normalize_backward(spec.anchors, dQ)
         dK = normalize_backward(spec.keys, dK)
-    return loss, dQ.to(spec.anchors.dtype), dK.to(spec.keys.dtype), dtau.to(tau.dtype) if tau is not None else None
+    return (loss, dQ.to(spec.anchors.dtype), dK.to(spec.keys.dtype), dtau.to(tau.dtype) if tau is not None else None,
+            rows)
 
 
 # ----------------------------------------------------------------------------- ring mode (distributed)

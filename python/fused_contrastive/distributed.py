@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
-from .spec import ContrastSpec, normalize_rows
+from .spec import ContrastSpec, counted_weight, normalize_rows
 
 
 class _AllGather(torch.autograd.Function):
@@ -116,7 +116,7 @@ def check_group(group) -> None:
 # ----------------------------------------------------------------------------- agreement before any collective
 
 # Arguments describing one sample per row: only their dtype and trailing shape must agree across ranks.
-PER_SAMPLE = ("features", "labels", "mask", "query", "key", "image_features", "text_features")
+PER_SAMPLE = ("features", "labels", "mask", "query", "key", "image_features", "text_features", "weight")
 # Compared by value in the loss's label dtype: where they live and whether they require grad do not matter.
 LABEL_ARGS = ("labels", "extra_key_labels")
 _NOT_COMPARED = ("backend", "process_group")  # a backend does not change the result; the group is the group
@@ -264,7 +264,8 @@ def gather_batch(group, *tensors: Optional[Tensor], layout: tuple = ()) -> Globa
 
 
 def local_rows(spec: ContrastSpec, start: int, stop: int) -> ContrastSpec:
-    """The spec restricted to anchors [start, stop), summed (the caller divides by the global count)."""
+    """The spec restricted to anchors [start, stop) (their weights with them), summed (the caller divides by
+    the global count), or its rows when the spec's reduction is "none"."""
     def rows(t):
         return None if t is None else t[start:stop]
 
@@ -273,29 +274,39 @@ def local_rows(spec: ContrastSpec, start: int, stop: int) -> ContrastSpec:
         bias = dataclasses.replace(bias, anchor_groups=bias.anchor_groups[start:stop])
     return dataclasses.replace(
         spec, anchors=spec.anchors[start:stop], anchor_labels=rows(spec.anchor_labels), den_bias=bias,
-        pos_row_weight=rows(spec.pos_row_weight), reduction="sum",
+        pos_row_weight=rows(spec.pos_row_weight), row_weight=rows(spec.row_weight),
+        reduction="none" if spec.reduction == "none" else "sum",
         self_offset=None if spec.self_offset is None else spec.self_offset + start)
 
 
 def run_rows(spec: ContrastSpec, ranges: list[tuple[int, int]], group, backend: str) -> Tensor:
-    """The global mean loss of ``spec`` (built on the global batch) from this rank's anchor ``ranges``,
-    with DDP-exact gradients."""
+    """The global result of ``spec`` (built on the global batch) from this rank's anchor ``ranges``, with
+    DDP-exact gradients: "mean" / "sum" over the global batch (the mean divided by the global sum of counted
+    weights), or "none": this rank's rows. The weights are constants here (no gradient of their own)."""
     if spec.mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
     world = dist.get_world_size(group)
+    if spec.row_weight is not None:
+        spec = dataclasses.replace(spec, row_weight=spec.row_weight.detach())
+    pieces = [local_rows(spec, start, stop) for start, stop in ranges]
+    if spec.reduction == "none":
+        rows = torch.cat([dispatch.run(local, backend) for local in pieces])
+        return world * rows - ((world - 1) * rows).detach()  # the rows; gradient world_size x this rank's
     local_sum = torch.zeros((), dtype=spec.accum_dtype, device=spec.device)
-    local_count = torch.zeros((), dtype=torch.long, device=spec.device)
-    for start, stop in ranges:
-        local = local_rows(spec, start, stop)
+    local_weight = torch.zeros((), dtype=spec.accum_dtype, device=spec.device)
+    for local in pieces:
         local_sum = local_sum + dispatch.run(local, backend)
-        local_count = local_count + ((local.pos_count() > 0).sum() if spec.no_positive == "exclude" else stop - start)
-    totals = torch.stack([local_sum.detach(), local_count.to(local_sum.dtype)])
+        local_weight = local_weight + counted_weight(local, local.pos_count() > 0).sum()
+    totals = torch.stack([local_sum.detach(), local_weight])
     dist.all_reduce(totals, group=group)
-    global_sum, global_count = totals[0], totals[1].clamp(min=1)
-    scaled_share = world * local_sum / global_count
+    global_sum, global_weight = totals[0], totals[1]
+    divisor = torch.where(global_weight > 0, global_weight, torch.ones_like(global_weight))
+    if spec.reduction == "sum":
+        divisor = torch.ones_like(divisor)
+    scaled_share = world * local_sum / divisor
     # Value: the global loss. Gradient: world_size x this rank's share (the gather's backward adds the
     # other ranks' key gradients), which DDP's average turns into the single-process gradient.
-    return scaled_share + (global_sum / global_count - scaled_share).detach()
+    return scaled_share + (global_sum / divisor - scaled_share).detach()
 
 
 def view_ranges(batch: GlobalBatch, anchor_views: int) -> list[tuple[int, int]]:
@@ -326,7 +337,7 @@ class _RingPlan:
     spec: ContrastSpec  # this rank's anchors against its own shard (reduction "sum"): the row formula's settings
     pos_count: Tensor  # Z_i of this rank's anchors over every key (global metadata)
     den_count: Optional[Tensor]  # the denominator's size over every key (debiased only)
-    counted: Tensor  # how many of this rank's anchors the mean counts
+    row_weight: Optional[Tensor]  # w_i of this rank's anchors (constants: no gradient of their own)
 
 
 def _ring_pass(plan: _RingPlan, anchors: Tensor, keys: Tensor, extra: Optional[Tensor], visit) -> None:
@@ -355,7 +366,9 @@ class _Ring(torch.autograd.Function):
     turns them into the row formula's factors over every key (fused.row_factors with the global counts), and
     the backward rotates each shard with its key-gradient accumulator, which arrives back at its owner after
     world_size steps. Extra keys (the same on every rank, never anchors) are one more shard that stays home.
-    Returns the global loss; every gradient is world_size x this rank's share."""
+    Returns the global "mean" / "sum" (sum_i w_i L_i over every rank's anchors, the mean divided by the global
+    sum of counted weights), or this rank's rows w_i L_i for "none"; every gradient is world_size x this
+    rank's share."""
 
     @staticmethod
     def forward(ctx, anchors: Tensor, keys: Tensor, tau_tensor, extra_keys, plan: _RingPlan):
@@ -389,28 +402,37 @@ class _Ring(torch.autograd.Function):
             _ring_pass(plan, Q, K, extra, second_pass)
             pos_stat, pos_aux = sums
         tau = spec.tau_value()
-        loss_sum, lse, coef, pos_scale, den_scale, tau_direct = row_factors(
+        rows, has_pos, lse, coef, pos_scale, den_scale, tau_direct = row_factors(
             spec, lse, pos_stat, pos_aux, tau, pos_count=plan.pos_count, den_count=plan.den_count)
-        totals = torch.stack([loss_sum.detach(), plan.counted.to(device=lse.device, dtype=lse.dtype)])
-        dist.all_reduce(totals, group=plan.group)
-        global_count = totals[1].clamp(min=1)
-        # Value: the global loss. Gradients: world_size x this rank's share, which DDP's average turns into
-        # the single-process gradient.
-        scale = world / global_count
-        ctx.save_for_backward(anchors, keys, extra_keys, lse, coef * scale, pos_scale, den_scale, tau_direct * scale,
-                              loss_sum * scale)
+        weight = torch.ones_like(rows) if plan.row_weight is None else plan.row_weight.to(rows.dtype)
+        # Result = sum_i G_i L_i, and every gradient world_size x this rank's share: G_i = world w_i / divisor
+        # (times the upstream scalar) for "mean" / "sum", world w_i (times each row's upstream gradient) for "none".
+        if spec.reduction == "none":
+            result = weight * rows
+            grad_unit = world * weight
+        else:
+            counted = has_pos if spec.no_positive == "exclude" else torch.ones_like(has_pos)
+            totals = torch.stack([(weight * rows).sum(), (weight * counted.to(rows.dtype)).sum()])
+            dist.all_reduce(totals, group=plan.group)
+            divisor = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
+            if spec.reduction == "sum":
+                divisor = torch.ones_like(divisor)
+            result = totals[0] / divisor
+            grad_unit = world * weight / divisor
+        ctx.save_for_backward(anchors, keys, extra_keys, lse, coef, pos_scale, den_scale, tau_direct, rows, grad_unit)
         ctx.plan, ctx.tau = plan, tau
         ctx.tau_dtype = None if tau_tensor is None else tau_tensor.dtype
-        return totals[0] / global_count
+        return result
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        anchors, keys, extra, lse, coef, pos_scale, den_scale, tau_direct, loss_share = ctx.saved_tensors
+        anchors, keys, extra, lse, coef, pos_scale, den_scale, tau_direct, rows, grad_unit = ctx.saved_tensors
         plan = ctx.plan
         grads_from_stats, group = plan.ops.grads_from_stats, plan.group
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        coef = coef * grad_loss
+        grad_rows = grad_unit * grad_loss.to(grad_unit.dtype)  # G_i: dResult/dL_i times the upstream gradient
+        coef = coef * grad_rows
         acc = lse.dtype
         Q, shard, owner = anchors.detach(), keys.detach(), rank
         dQ = torch.zeros(Q.shape, dtype=acc, device=Q.device)
@@ -438,9 +460,9 @@ class _Ring(torch.autograd.Function):
                 owner = (owner - 1) % world
         grad_tau = None
         if ctx.tau_dtype is not None:  # l is linear in 1/tau: -(1/tau) sum_i q_i . dQ_i, + loss / tau for c
-            grad_tau = -(Q.to(acc) * dQ).sum() / ctx.tau + tau_direct * grad_loss
+            grad_tau = -(Q.to(acc) * dQ).sum() / ctx.tau + (tau_direct * grad_rows).sum()
             if plan.spec.base_temperature is not None:
-                grad_tau = grad_tau + loss_share * grad_loss / ctx.tau
+                grad_tau = grad_tau + (rows * grad_rows).sum() / ctx.tau
             grad_tau = grad_tau.to(ctx.tau_dtype)
         return dQ.to(anchors.dtype), carried.to(keys.dtype), grad_tau, grad_extra, None
 
@@ -505,10 +527,10 @@ def _run_ring(spec: ContrastSpec, extra: Optional[Tensor], anchors: Tensor, keys
     parts = [local_rows(spec, start, stop) for start, stop in ranges]
     pos_count = torch.cat([part.pos_count() for part in parts])
     den_count = torch.cat([part.den_count() for part in parts]) if spec.variant == "debiased" else None
-    counted = (pos_count > 0).sum() if spec.no_positive == "exclude" else torch.tensor(anchors.shape[0])
     bias, anchor_labels = spec.den_bias, spec.anchor_labels[anchor_rows]
     anchor_groups = None if bias is None else bias.anchor_groups[anchor_rows]
     row_weight = None if spec.pos_row_weight is None else spec.pos_row_weight[anchor_rows]
+    weight = None if spec.row_weight is None else spec.row_weight.detach()[anchor_rows]
 
     def shard_spec(shard_anchors, shard, owner):
         rows = extra_rows if owner is None else key_rows[owner]
@@ -517,30 +539,33 @@ def _run_ring(spec: ContrastSpec, extra: Optional[Tensor], anchors: Tensor, keys
         # An anchor's self (its own key row: local row i of anchors is key row i) only in its own shard.
         return dataclasses.replace(spec, anchors=shard_anchors, keys=shard, anchor_labels=anchor_labels,
                                    key_labels=spec.key_labels[rows], den_bias=den_bias, pos_row_weight=row_weight,
-                                   self_offset=spec.self_offset if owner == rank else None, reduction="sum",
+                                   self_offset=spec.self_offset if owner == rank else None, row_weight=None,
                                    normalize=False)
 
     own = shard_spec(anchors, keys, rank)
     chosen = dispatch.select(own, backend)
     if chosen.ring is None:
         raise ValueError(f"backend {chosen.name!r} has no ring mode; use distributed='gather'")
-    plan = _RingPlan(chosen.ring, group, shard_spec, [views * n for n in sizes], own, pos_count, den_count, counted)
+    plan = _RingPlan(chosen.ring, group, shard_spec, [views * n for n in sizes], own, pos_count, den_count, weight)
     tau_tensor = spec.temperature if isinstance(spec.temperature, Tensor) else None
     with torch.autocast(device.type, enabled=False):
         return _Ring.apply(anchors, keys, tau_tensor, extra, plan)
 
 
 def ring_views(build, features: Tensor, labels: Optional[Tensor], *, contrast_mode: str, group, backend: str,
-               sample_stat=None) -> Tensor:
+               sample_stat=None, reduce=None, weight: Optional[Tensor] = None) -> Tensor:
     """Ring mode of a view-stacked loss: ``build(features, labels)`` is gather mode's, applied to the global
     labels (O(N), gathered) and placeholder features; ``sample_stat(features) -> [b]``: a per-sample scalar
-    that ``build`` needs from the features (DCLW's view cosine), gathered and passed as its third argument."""
+    that ``build`` needs from the features (DCLW's view cosine), gathered and passed as its third argument;
+    ``reduce(spec, global weight) -> spec`` sets the reduction and the per-sample ``weight`` (gathered)."""
     b, n_views, dim = features.shape
     ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
     stat = None if sample_stat is None else sample_stat(features.detach())
-    batch = gather_batch(group, ids, stat, layout=(n_views, dim, labels is None))
+    batch = gather_batch(group, ids, stat, weight, layout=(n_views, dim, labels is None))
     args = [_placeholder(features, batch.total), None if labels is None else batch.tensors[0]]
     spec, extra = _build_on_placeholders(build, *args, *([] if stat is None else [batch.tensors[1]]))
+    if reduce is not None:
+        spec = reduce(spec, batch.tensors[2])
     keys = features.transpose(0, 1).reshape(n_views * b, dim)  # this rank's views, view-major
     if spec.normalize:  # differentiably here, so that every shard is already unit-norm; fp32 for 16-bit inputs
         keys = normalize_rows(keys, spec.accum_dtype).to(keys.dtype)
@@ -548,15 +573,19 @@ def ring_views(build, features: Tensor, labels: Optional[Tensor], *, contrast_mo
     return _run_ring(spec, extra, keys[:anchor_views * b], keys, n_views, anchor_views, batch, group, backend)
 
 
-def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str) -> list[Tensor]:
+def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str, reduce=None,
+               weight: Optional[Tensor] = None) -> list[Tensor]:
     """Ring mode of row-paired losses (query/key, image/text): each ``build(first, second)`` (gather mode's,
-    on placeholders of the global batch) takes its anchors from one input; the other one travels."""
-    batch = gather_batch(group, torch.zeros(first.shape[0], dtype=torch.long, device=first.device),
+    on placeholders of the global batch) takes its anchors from one input; the other one travels. ``reduce``
+    and ``weight``: as in ring_views."""
+    batch = gather_batch(group, torch.zeros(first.shape[0], dtype=torch.long, device=first.device), weight,
                          layout=(first.shape[1],))
     place_first, place_second = _placeholder(first, batch.total), _placeholder(second, batch.total)
     losses = []
     for build in builds:
         spec, extra = _build_on_placeholders(build, place_first, place_second)
+        if reduce is not None:
+            spec = reduce(spec, batch.tensors[1])
         anchors, keys = (first, second) if spec.anchors is place_first else (second, first)
         losses.append(_run_ring(spec, extra, anchors, keys, 1, 1, batch, group, backend))
     return losses

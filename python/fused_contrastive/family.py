@@ -47,9 +47,10 @@ from .compiled import compiling, deferred_errors, require
 from .distributed import agreed, append_keys
 from .losses import (CONTRAST_MODES, _accum_dtype, _check_base_temperature, _check_choice, _check_data,
                      _check_finite, _check_inverse, _check_labels, _check_scale, _check_temperature, _common_labels,
-                     _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, dense_ids, supcon_spec,
-                     tau_unknown)
-from .spec import ContrastSpec, DenominatorBias
+                     _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, _check_weight, _reduced,
+                     _view_weight, _views_layout, dense_ids, supcon_spec, tau_unknown, PAIRS_REDUCTION_DOC,
+                     VIEWS_REDUCTION_DOC)
+from .spec import REDUCTIONS, ContrastSpec, DenominatorBias
 
 
 def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *, closed_high: bool = True) -> float:
@@ -122,37 +123,48 @@ def _not_compiled(process_group) -> None:
 
 
 def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group,
-                distributed: str = "gather", sample_stat=None) -> Tensor:
+                reduction: str = "mean", weight=None, distributed: str = "gather", sample_stat=None) -> Tensor:
     """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
-    ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed), in gather or
-    ring mode (the same ``build`` on the global labels; ``sample_stat``: see distributed.ring_views)."""
+    ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed), reduced as
+    ``reduction`` with the per-sample (or per-view) ``weight``; in gather or ring mode (the same ``build`` on
+    the global labels; ``sample_stat``: see distributed.ring_views)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("distributed", distributed, ("gather", "ring"))
     _not_compiled(process_group)
+    weight = _view_weight(weight, features, contrast_mode)
+    views = features.shape[1] if contrast_mode == "all" else 1
     if process_group is None:
-        return compiled.run(build(features, labels), backend)
+        result = compiled.run(_reduced(build(features, labels), reduction, weight, views), backend)
+        return _views_layout(result, reduction, views, contrast_mode)
     # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
-    return _gathered_views(process_group, features, labels, contrast_mode, backend, build, mode=distributed,
-                           sample_stat=sample_stat)
+    return _gathered_views(process_group, features, labels, contrast_mode, backend, build, reduction, weight,
+                           mode=distributed, sample_stat=sample_stat)
 
 
 def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group,
-                names: tuple = (), distributed: str = "gather") -> list[Tensor]:
-    """Same for row-paired inputs (query/key, image/text): one loss per ``build(first, second) -> spec``, whose
-    anchors are rows of one of the two (both directions of CLIP share one gather; in ring mode each direction
-    passes the other input around the ring: CLIP's text rows against the travelling image shards)."""
+                names: tuple = (), reduction: str = "mean", weight=None, distributed: str = "gather") -> list[Tensor]:
+    """Same for row-paired inputs (query/key, image/text): one result per ``build(first, second) -> spec``,
+    whose anchors are rows of one of the two (both directions of CLIP share one gather; in ring mode each
+    direction passes the other input around the ring: CLIP's text rows against the travelling image shards),
+    each reduced as ``reduction`` with the per-pair ``weight [B]``."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("distributed", distributed, ("gather", "ring"))
     _not_compiled(process_group)
+    weight = _check_weight(weight, [(first.shape[0],)], first.device, "one per pair")
     if process_group is None:
-        return [compiled.run(build(first, second), backend, *names[i:i + 1]) for i, build in enumerate(builds)]
+        return [compiled.run(_reduced(build(first, second), reduction, weight, 1), backend, *names[i:i + 1])
+                for i, build in enumerate(builds)]
     from . import distributed as dist_mode
 
     if distributed == "ring":
-        return dist_mode.ring_pairs(builds, first, second, group=process_group, backend=backend)
-    batch = dist_mode.gather_batch(process_group, first, second)
+        return dist_mode.ring_pairs(builds, first, second, group=process_group, backend=backend,
+                                    reduce=lambda spec, w: _reduced(spec, reduction, w, 1), weight=weight)
+    batch = dist_mode.gather_batch(process_group, first, second, weight)
     ranges = dist_mode.view_ranges(batch, 1)
-    return [dist_mode.run_rows(build(*batch.tensors), ranges, process_group, backend) for build in builds]
+    return [dist_mode.run_rows(_reduced(build(*batch.tensors[:2]), reduction, batch.tensors[2], 1), ranges,
+                               process_group, backend) for build in builds]
 
 
 _GROUP_DOC = """
@@ -175,8 +187,8 @@ _GROUP_DOC = """
 @agreed
 @deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
-                        contrast_mode="all", backend="auto", process_group=None, distributed="gather",
-                        extra_keys=None, extra_key_labels=None) -> Tensor:
+                        contrast_mode="all", backend="auto", process_group=None, distributed="gather", extra_keys=None,
+                        extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -197,7 +209,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
         return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
-                       process_group=process_group, distributed=distributed)
+                       process_group=process_group, distributed=distributed, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- DCL / DCLW
@@ -205,7 +217,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 @agreed
 @deferred_errors
 def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
-             distributed="gather", extra_keys=None) -> Tensor:
+             distributed="gather", extra_keys=None, reduction="mean", weight=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
 
     All 2·bsz views are anchors; a view's positive is the other view of its sample; its denominator is the
@@ -236,7 +248,8 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="a
                 weight = (2 - f.shape[0] * torch.softmax(cosine / sigma, dim=0)).repeat(2)
         return dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight)
 
-    return _views_loss(build, features, None, backend=backend, process_group=process_group, distributed=distributed,
+    return _views_loss(build, features, None, backend=backend, process_group=process_group,
+                       distributed=distributed, reduction=reduction, weight=weight,
                        sample_stat=view_cosine if weighted else None)
 
 
@@ -284,7 +297,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 @agreed
 @deferred_errors
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
-             backend="auto", process_group=None, distributed="gather") -> Tensor:
+             backend="auto", process_group=None, distributed="gather", reduction="mean", weight=None) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
 
     The denominator holds every key and every ``queue [Qn, D]`` row (MoCo v3 / CLIP-row style);
@@ -313,14 +326,15 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
 
     names = [("query", "key", "temperature"), ("key", "query", "temperature")]
     losses = _pairs_loss([build, build_reverse] if symmetric else [build], query, key, backend=backend,
-                         process_group=process_group, names=names, distributed=distributed)
+                         process_group=process_group, distributed=distributed, names=names,
+                         reduction=reduction, weight=weight)
     return 0.5 * (losses[0] + losses[1]) if symmetric else losses[0]
 
 
 @agreed
 @deferred_errors
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
-              process_group=None, distributed="gather") -> Tensor:
+              process_group=None, distributed="gather", reduction="mean", weight=None) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
 
     ``logits = logit_scale * image @ text.T``; the loss is the mean of the row-wise (image -> text) and
@@ -353,7 +367,8 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
     names = [("image_features", "text_features", "logit_scale"), ("text_features", "image_features", "logit_scale")]
     rows, cols = _pairs_loss([image_to_text, text_to_image], image_features, text_features, backend=backend,
-                             process_group=process_group, names=names, distributed=distributed)
+                             process_group=process_group, distributed=distributed, names=names,
+                             reduction=reduction, weight=weight)
     loss = 0.5 * (rows + cols)
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
         loss = loss + 0.0 * logit_bias.sum()  # shift-invariant: a zero gradient, and a graph to carry it
@@ -365,7 +380,8 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 @agreed
 @deferred_errors
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
-                              process_group=None, distributed="gather", extra_keys=None) -> Tensor:
+                              process_group=None, distributed="gather", extra_keys=None, reduction="mean",
+                              weight=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
     al.'s hard-negative reweighting when ``beta > 0``.
 
@@ -388,7 +404,8 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
         return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
                                    den_bias=_without_positives(spec))
 
-    return _views_loss(build, features, None, backend=backend, process_group=process_group, distributed=distributed)
+    return _views_loss(build, features, None, backend=backend, process_group=process_group,
+                       distributed=distributed, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- BCL
@@ -396,7 +413,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 @agreed
 @deferred_errors
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
-             distributed="gather", extra_keys=None, extra_key_labels=None) -> Tensor:
+             distributed="gather", extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
     SupCon (L_out, scale 1) whose denominator weighs each key by one over the batch count of its class,
@@ -446,7 +463,7 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         return dataclasses.replace(spec, den_bias=DenominatorBias(spec.anchor_labels, key_labels, same, other))
 
     return _views_loss(build, features, labels, backend=backend, process_group=process_group,
-                       distributed=distributed)
+                       distributed=distributed, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
@@ -454,7 +471,7 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 @agreed
 @deferred_errors
 def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None, distributed="gather",
-                extra_keys=None, extra_key_labels=None) -> Tensor:
+                extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
     a view's positive is the other view of its sample, its denominator the keys of its own class only
     (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors.
@@ -480,7 +497,7 @@ def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_gr
         return dataclasses.replace(spec, den_bias=den_bias)
 
     return _views_loss(build, features, labels, backend=backend, process_group=process_group,
-                       distributed=distributed)
+                       distributed=distributed, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -507,21 +524,22 @@ class EpsSupInfoNCELoss(_LossModule):
     fn = staticmethod(eps_supinfonce_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
-                 process_group=None, distributed="gather"):
+                 process_group=None, distributed="gather", reduction="mean"):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                          contrast_mode=contrast_mode, backend=backend, process_group=process_group,
-                         distributed=distributed)
+                         distributed=distributed, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
-                extra_key_labels: Optional[Tensor] = None) -> Tensor:
+                extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
         return eps_supinfonce_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
-                                   **self.kwargs)
+                                   weight=weight, **self.kwargs)
 
 
 class DCLLoss(_LossModule):
@@ -535,17 +553,20 @@ class DCLLoss(_LossModule):
     fn = staticmethod(dcl_loss)
 
     def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
-                 distributed="gather"):
+                 distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("weighted", weighted, (False, True))
         _check_sigma(sigma)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, backend=backend,
-                         process_group=process_group, distributed=distributed)
+                         process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
-    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
-        return dcl_loss(features, extra_keys=extra_keys, **self.kwargs)
+    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return dcl_loss(features, extra_keys=extra_keys, weight=weight, **self.kwargs)
 
 
 class InfoNCELoss(_LossModule):
@@ -561,17 +582,20 @@ class InfoNCELoss(_LossModule):
     fn = staticmethod(info_nce)
 
     def __init__(self, *, temperature=0.1, in_batch_negatives=True, symmetric=False, backend="auto",
-                 process_group=None, distributed="gather"):
+                 process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
         _check_choice("symmetric", symmetric, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
-                         backend=backend, process_group=process_group, distributed=distributed)
+                         backend=backend, process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
-    def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None) -> Tensor:
-        return info_nce(query, key, queue=queue, **self.kwargs)
+    def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return info_nce(query, key, queue=queue, weight=weight, **self.kwargs)
 
 
 class ClipLoss(_LossModule):
@@ -588,23 +612,26 @@ class ClipLoss(_LossModule):
 
     fn = staticmethod(clip_loss)
 
-    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None,
-                 distributed="gather"):
+    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None, distributed="gather",
+                 reduction="mean"):
         if logit_scale is not None:
             _check_logit_scale(logit_scale)
         _check_logit_bias(logit_bias)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
-                         process_group=process_group, distributed=distributed)
+                         process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None) -> Tensor:
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None,
+                weight: Optional[Tensor] = None) -> Tensor:
         kwargs = self.kwargs
         logit_scale = _one_of("logit_scale", kwargs.pop("logit_scale"), logit_scale)
         if logit_scale is None:
             raise ValueError("logit_scale must be given, to ClipLoss(logit_scale=...) or to forward")
         kwargs["logit_bias"] = _one_of("logit_bias", kwargs["logit_bias"], logit_bias)
-        return clip_loss(image_features, text_features, logit_scale, **kwargs)
+        return clip_loss(image_features, text_features, logit_scale, weight=weight, **kwargs)
 
 
 class DebiasedContrastiveLoss(_LossModule):
@@ -618,17 +645,20 @@ class DebiasedContrastiveLoss(_LossModule):
     fn = staticmethod(debiased_contrastive_loss)
 
     def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto", process_group=None,
-                 distributed="gather"):
+                 distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
         _number("beta", beta, 0.0)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, backend=backend,
-                         process_group=process_group, distributed=distributed)
+                         process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
-    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None) -> Tensor:
-        return debiased_contrastive_loss(features, extra_keys=extra_keys, **self.kwargs)
+    def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return debiased_contrastive_loss(features, extra_keys=extra_keys, weight=weight, **self.kwargs)
 
 
 class BCLLoss(_LossModule):
@@ -644,7 +674,7 @@ class BCLLoss(_LossModule):
     fn = staticmethod(bcl_loss)
 
     def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
-                 distributed="gather"):
+                 distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         if class_centers is not None and (not isinstance(class_centers, Tensor) or class_centers.dim() != 2
                                           or not class_centers.is_floating_point()):
@@ -652,14 +682,18 @@ class BCLLoss(_LossModule):
             raise ValueError(f"class_centers must be a floating tensor of shape [C, D], got {shape}")
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, class_centers=class_centers, backend=backend,
-                         process_group=process_group, distributed=distributed)
+                         process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
-                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None) -> Tensor:
+                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
         kwargs = self.kwargs
         kwargs["class_centers"] = _one_of("class_centers", kwargs["class_centers"], class_centers)
-        return bcl_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels, **kwargs)
+        return bcl_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels, weight=weight,
+                        **kwargs)
 
 
 class SpreadLoss(_LossModule):
@@ -672,17 +706,18 @@ class SpreadLoss(_LossModule):
 
     fn = staticmethod(spread_loss)
 
-    def __init__(self, *, temperature=0.5, backend="auto", process_group=None,
-                 distributed="gather"):
+    def __init__(self, *, temperature=0.5, backend="auto", process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
-        super().__init__(temperature=temperature, backend=backend, process_group=process_group, distributed=distributed)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(temperature=temperature, backend=backend, process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
-                extra_key_labels: Optional[Tensor] = None) -> Tensor:
+                extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
         return spread_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
-                           **self.kwargs)
+                           weight=weight, **self.kwargs)
 
 
 _QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
@@ -696,5 +731,12 @@ _FUNCTION_EXAMPLES = {
     bcl_loss: _example(f"loss = fc.bcl_loss({_FEATURES}, {_LABELS}, class_centers=torch.randn(3, 16))"),
     spread_loss: _example(f"loss = fc.spread_loss({_FEATURES}, {_LABELS})"),
 }
+_PAIR_LOSSES = (info_nce, clip_loss)
 for _fn, _doc in _FUNCTION_EXAMPLES.items():
-    _fn.__doc__ += _GROUP_DOC + "\n" + _doc
+    _fn.__doc__ += (PAIRS_REDUCTION_DOC if _fn in _PAIR_LOSSES else VIEWS_REDUCTION_DOC) + _GROUP_DOC + "\n" + _doc
+_MODULE_DOC = """
+    ``reduction`` (constructor) and ``weight`` (forward) as in the function: "mean" (default), "sum" or "none"
+    (the per-anchor losses), with optional per-sample weights >= 0.
+"""
+for _cls in (EpsSupInfoNCELoss, DCLLoss, InfoNCELoss, ClipLoss, DebiasedContrastiveLoss, BCLLoss, SpreadLoss):
+    _cls.__doc__ = _cls.__doc__.replace("\n    Example:", _MODULE_DOC + "\n    Example:", 1)

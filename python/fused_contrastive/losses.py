@@ -4,6 +4,7 @@ Every argument error is a ValueError that names the argument and what was expect
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Optional, Union
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from . import compiled, dispatch
 from .compiled import CHECK_FINITE_ENV, compiling, deferred_errors, finite_check_on, require
 from .distributed import agreed, append_keys
-from .spec import NO_POSITIVE_MODES, VARIANTS, ContrastSpec
+from .spec import NO_POSITIVE_MODES, REDUCTIONS, VARIANTS, ContrastSpec
 
 CONTRAST_MODES = ("all", "one")
 # Label dtypes that torch.eq can compare with any other (torch has no promotion for uint16/32/64).
@@ -232,6 +233,67 @@ def _extra_keys(extra_keys, extra_key_labels, features: Tensor, name: str = "ext
     return extra_keys, extra_key_labels.to(features.device)
 
 
+def _check_weight(weight, shapes: list, device: torch.device, what: str) -> Optional[Tensor]:
+    """Per-sample weights: None, or a floating tensor of one of ``shapes`` on ``device`` holding finite
+    values >= 0 (checked when the graph runs under torch.compile)."""
+    if weight is None:
+        return None
+    allowed = " or ".join(f"[{', '.join(map(str, shape))}]" for shape in shapes)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"weight must be a floating tensor of shape {allowed} ({what}), got {type(weight).__name__}")
+    _check_data("weight", weight)
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating tensor ({what}), got dtype {weight.dtype}")
+    if tuple(weight.shape) not in [tuple(shape) for shape in shapes]:
+        raise ValueError(f"weight must have shape {allowed} ({what}), got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight must be on the features' device ({device}), got {weight.device}")
+    values = weight.detach()
+    return require(weight, ~torch.isfinite(values) | (values < 0), "weight must hold finite values >= 0")
+
+
+def _view_weight(weight, features: Tensor, contrast_mode: str) -> Optional[Tensor]:
+    """A view-stacked loss's weights, validated: [bsz] (every anchor view of the sample), or [bsz, n_views]
+    (per view) with contrast_mode="all"."""
+    bsz, n_views, _ = features.shape
+    shapes = [(bsz,)] + ([(bsz, n_views)] if contrast_mode == "all" else [])
+    return _check_weight(weight, shapes, features.device, "one per sample" + (", or per view" if len(shapes) > 1 else ""))
+
+
+def _anchor_weight(weight: Optional[Tensor], views: int) -> Optional[Tensor]:
+    """Per-sample weights as one per anchor row (view-major: row v * bsz + b is view v of sample b)."""
+    if weight is None:
+        return None
+    return weight.repeat(views) if weight.dim() == 1 else weight[:, :views].transpose(0, 1).reshape(-1)
+
+
+def _reduced(spec: ContrastSpec, reduction: str, weight: Optional[Tensor], views: int) -> ContrastSpec:
+    """The spec with its reduction and one weight per anchor row (``views`` anchor views per sample)."""
+    return dataclasses.replace(spec, reduction=reduction, row_weight=_anchor_weight(weight, views))
+
+
+def _views_layout(result: Tensor, reduction: str, views: int, contrast_mode: str = "all") -> Tensor:
+    """reduction="none": the view-major rows as [bsz, n_views] (contrast_mode="all") or [bsz] ("one")."""
+    if reduction != "none" or contrast_mode == "one":
+        return result
+    return result.reshape(views, -1).transpose(0, 1)
+
+
+_REDUCTION_DOC = """
+    ``reduction``: ``"mean"`` (default) sum_i w_i L_i / sum_i w_i over the counted anchors (0 when that sum
+    is 0), ``"sum"`` sum_i w_i L_i, ``"none"`` the per-anchor losses w_i L_i ({layout}); an anchor without
+    positives has L_i = 0. ``weight`` (optional): finite weights >= 0, {weight}; None means 1, which gives
+    the unweighted loss. With ``process_group``, "mean" / "sum" are the global ones and "none" returns this
+    rank's rows (every gradient world_size x this rank's share, as for the mean); the weights then get no
+    gradient of their own."""
+VIEWS_REDUCTION_DOC = _REDUCTION_DOC.format(
+    layout='``[bsz, n_views]`` with contrast_mode="all", ``[bsz]`` with "one"',
+    weight='``[bsz]`` (each of the sample\'s anchor views gets it) or ``[bsz, n_views]`` (per view, contrast_mode="all")')
+PAIRS_REDUCTION_DOC = _REDUCTION_DOC.format(
+    layout="``[B]``; a symmetric loss gives the mean of pair i's two directions, so ``.mean()`` equals \"mean\"",
+    weight="``[B]``, one per pair (both directions of a symmetric loss)")
+
+
 def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out",
                 temperature_value: Optional[float] = None, extra_keys=None, extra_key_labels=None) -> ContrastSpec:
@@ -304,7 +366,8 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
 @deferred_errors
 def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temperature=None,
                 contrast_mode="all", no_positive="zero", normalize=False, variant="out", backend="auto",
-                process_group=None, distributed="gather", extra_keys=None, extra_key_labels=None) -> Tensor:
+                process_group=None, distributed="gather", extra_keys=None, extra_key_labels=None,
+                reduction="mean", weight=None) -> Tensor:
     """Supervised contrastive loss (Khosla et al., L_out), SimCLR's NT-Xent without labels.
 
     features: ``[bsz, n_views, ...]`` (extra dims flattened) or flat ``[N, D]`` (one view).
@@ -335,7 +398,7 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
     Non-finite features give a non-finite loss, as torch's losses do; set FUSED_CONTRASTIVE_CHECK_FINITE=1 to
     get a ValueError instead (a host sync per input). A temperature whose inverse overflows the accumulation
     dtype (fp32 for fp32/fp16/bf16 features) is refused.
-    Returns the mean over anchors, in float32 (float64 for float64 features). Works under
+    Returns the mean over anchors (see ``reduction``), in float32 (float64 for float64 features). Works under
     ``torch.compile(fullgraph=True)`` (as one custom op, fused_contrastive.compiled; extra keys too, a
     process group not) and under autocast (the loss always accumulates in fp32, whatever autocast would pick).
 
@@ -346,42 +409,53 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
         >>> loss.backward()
     """
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
     if process_group is not None and compiling():
         raise ValueError("process_group cannot be combined with torch.compile in this version (compile the model, "
                          "call the loss outside the compiled region)")
+    flat = _flatten_views(features)
+    views = 1 if contrast_mode == "one" else flat.shape[1]
+    if contrast_mode in CONTRAST_MODES:  # else supcon_spec names contrast_mode
+        weight = _view_weight(weight, flat, contrast_mode)
     kwargs = dict(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
                   no_positive=no_positive, normalize=normalize, variant=variant, extra_keys=extra_keys,
                   extra_key_labels=extra_key_labels)
     spec = supcon_spec(features, labels, mask, **kwargs)  # validates the local inputs before any communication
     _check_choice("distributed", distributed, ("gather", "ring"))
     if process_group is None:
-        return compiled.run(spec, backend)
+        return _views_layout(compiled.run(_reduced(spec, reduction, weight, views), backend), reduction, views,
+                             contrast_mode)
     if mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
     return _gathered_views(process_group, features, labels, contrast_mode, backend,
                            lambda f, y: supcon_spec(f, y, temperature=spec.temperature, temperature_value=spec.tau_float,
                                                     **{k: v for k, v in kwargs.items() if k != "temperature"}),
-                           mode=distributed)
+                           reduction, weight, mode=distributed)
 
 
-def _gathered_views(process_group, features, labels, contrast_mode: str, backend: str, build, mode: str = "gather",
+def _gathered_views(process_group, features, labels, contrast_mode: str, backend: str, build,
+                    reduction: str = "mean", weight: Optional[Tensor] = None, mode: str = "gather",
                     sample_stat=None) -> Tensor:
-    """A view-stacked loss over the global batch: gather features (and labels), ``build(features, labels)``
-    the global spec, run this rank's anchor rows (see fused_contrastive.distributed). ``mode="ring"``: the
-    same ``build`` on the global labels, the features passed around the ring instead (``sample_stat``: see
+    """A view-stacked loss over the global batch: gather features (and labels, weights), ``build(features,
+    labels)`` the global spec, run this rank's anchor rows (see fused_contrastive.distributed). ``mode="ring"``:
+    the same ``build`` on the global labels, the features passed around the ring instead (``sample_stat``: see
     distributed.ring_views)."""
     from . import distributed
 
     features = _flatten_views(features)
     if labels is not None:
         labels = _check_labels(labels, features.shape[0], features.device)
-    if mode == "ring":
-        return distributed.ring_views(build, features, labels, contrast_mode=contrast_mode, group=process_group,
-                                      backend=backend, sample_stat=sample_stat)
-    batch = distributed.gather_batch(process_group, features, labels)
-    spec = build(*batch.tensors)
     views = features.shape[1] if contrast_mode == "all" else 1
-    return distributed.run_rows(spec, distributed.view_ranges(batch, views), process_group, backend)
+    if mode == "ring":
+        result = distributed.ring_views(build, features, labels, contrast_mode=contrast_mode, group=process_group,
+                                        backend=backend, sample_stat=sample_stat,
+                                        reduce=lambda spec, w: _reduced(spec, reduction, w, views), weight=weight)
+        return _views_layout(result, reduction, views, contrast_mode)
+    batch = distributed.gather_batch(process_group, features, labels, weight)
+    spec = build(*batch.tensors[:2])
+    spec = _reduced(spec, reduction, batch.tensors[2], views)
+    result = distributed.run_rows(spec, distributed.view_ranges(batch, views), process_group, backend)
+    return _views_layout(result, reduction, views, contrast_mode)
 
 
 def _show(value) -> str:
@@ -441,7 +515,8 @@ class SupConLoss(_LossModule):
 
     ``L = -(temperature / base_temperature) * mean_i (1/|P_i|) sum_{p in P_i} log(exp(l_ip) / sum_{j != i}
     exp(l_ij))`` with ``l_ij = z_i . z_j / temperature``; see ``supcon_loss`` for every argument.
-    ``features [bsz, n_views, D]`` (or ``[N, D]``), ``labels [bsz]`` or ``mask [bsz, bsz]``; returns a scalar.
+    ``features [bsz, n_views, D]`` (or ``[N, D]``), ``labels [bsz]`` or ``mask [bsz, bsz]``, ``weight`` (per
+    sample or per view); returns a scalar, or the per-anchor losses with ``reduction="none"``.
     Unlike ``supcon_loss`` (``base_temperature=None``: loss scale 1), ``base_temperature`` defaults to 0.07
     as SupContrast's constructor does. A tensor ``temperature`` is registered: an ``nn.Parameter`` as a
     parameter (learned), any other tensor as a buffer.
@@ -457,7 +532,8 @@ class SupConLoss(_LossModule):
     fn = staticmethod(supcon_loss)
 
     def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *, no_positive="zero",
-                 normalize=False, variant="out", backend="auto", process_group=None, distributed="gather"):
+                 normalize=False, variant="out", backend="auto", process_group=None, distributed="gather",
+                 reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
@@ -466,11 +542,16 @@ class SupConLoss(_LossModule):
         _check_choice("variant", variant, VARIANTS)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, contrast_mode=contrast_mode, base_temperature=base_temperature,
                          no_positive=no_positive, normalize=normalize, variant=variant, backend=backend,
-                         process_group=process_group, distributed=distributed)
+                         process_group=process_group, distributed=distributed, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
-                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None) -> Tensor:
+                extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
         return supcon_loss(features, labels, mask, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
-                           **self.kwargs)
+                           weight=weight, **self.kwargs)
+
+
+supcon_loss.__doc__ = supcon_loss.__doc__.replace("\n\n    Example:", VIEWS_REDUCTION_DOC + "\n\n    Example:", 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .spec import ContrastSpec, debiased_row_losses, mean_divisor
+from .spec import ContrastSpec, debiased_row_losses, reduce_rows
 
 
 def positive_weights(spec: ContrastSpec, rows: Tensor) -> Tensor:
@@ -94,7 +94,7 @@ def per_row(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
 
 def loss(spec: ContrastSpec) -> Tensor:
     loss_rows, has_pos = per_row(spec)
-    return loss_rows.sum() / mean_divisor(spec, has_pos)
+    return reduce_rows(spec, loss_rows, has_pos)
 
 
 def _shard(spec: ContrastSpec):

@@ -59,7 +59,9 @@ class ContrastSpec:
     no_positive: str  # "zero": anchors without positives count in the mean with loss 0; "exclude": they don't
     normalize: bool = False  # L2-normalise every anchor and key row first (F.normalize semantics, eps 1e-12)
     tau_float: float = 0.0  # the temperature's value, read once when the spec is built
-    reduction: str = "mean"  # "sum": the sum of L_i (the distributed layer divides by the global count)
+    # How the rows L_i become the result: "mean" sum_i w_i L_i / sum_{i counted} w_i, "sum" sum_i w_i L_i,
+    # "none" the rows w_i L_i themselves ([Na]); w_i = row_weight[i], 1 when None (see reduction_coef).
+    reduction: str = "mean"
     # "out": L_i = c (LSE_A - sum_j a_ij l_ij / Z_i);  "in": L_i = c (LSE_A - LSE_P + log Z_i), with
     # LSE_P = log sum_j a_ij exp(l_ij) (DESIGN.md's exception table).
     variant: str = "out"
@@ -69,6 +71,7 @@ class ContrastSpec:
     epsilon: float = 0.0  # "eps": the margin subtracted from each positive's logit in its own denominator
     tau_plus: float = 0.0  # "debiased": the class prior of a false negative
     beta: float = 0.0  # "debiased": hard-negative concentration (0: Chuang et al. alone)
+    row_weight: Optional[Tensor] = None  # [Na] per-anchor weights w_i >= 0 of the reduction (None: all 1)
 
     def normalized_inputs(self) -> tuple[Tensor, Tensor]:
         """(anchors, keys), L2-normalised by differentiable torch ops when the spec asks for it, in the
@@ -225,13 +228,57 @@ def debiased_row_losses(spec: ContrastSpec, lse_n: Tensor, pos_logit: Tensor, n:
     return torch.log(torch.exp(pos_logit - shift) + ng) + shift - pos_logit
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def counted_weight(spec: ContrastSpec, has_pos: Tensor) -> Tensor:
+    """[Na]: w_i on the rows the mean counts (every row with no_positive="zero", rows with a positive with
+    "exclude"), 0 elsewhere; w_i = 1 without weights."""
+    acc = spec.accum_dtype
+    counted = has_pos if spec.no_positive == "exclude" else torch.ones_like(has_pos)
+    w = counted.to(acc)
+    return w if spec.row_weight is None else w * spec.row_weight.to(acc)
+
+
 def mean_divisor(spec: ContrastSpec, has_pos: Tensor) -> Tensor:
-    """How many anchors the mean divides by (at least 1, so an all-excluded batch gives 0, not NaN)."""
-    if spec.reduction == "sum":
+    """What the mean divides sum_i w_i L_i by: the sum of the counted weights (the count of counted anchors
+    without weights); 1 where that is 0 (the loss is then 0, never NaN) and for "sum"."""
+    if spec.reduction != "mean":
         return torch.ones((), dtype=spec.accum_dtype, device=has_pos.device)
-    if spec.no_positive == "exclude":
-        return has_pos.sum().clamp(min=1).to(spec.accum_dtype)
-    return torch.full((), spec.num_anchors, dtype=spec.accum_dtype, device=has_pos.device)
+    if spec.row_weight is None and spec.no_positive != "exclude":
+        return torch.full((), spec.num_anchors, dtype=spec.accum_dtype, device=has_pos.device).clamp(min=1)
+    else:
+        total = counted_weight(spec, has_pos).sum()
+    return torch.where(total > 0, total, torch.ones_like(total))
+
+
+def reduction_coef(spec: ContrastSpec, has_pos: Tensor) -> Tensor:
+    """[Na] coef_i = dResult/dL_i of a "mean" or "sum" spec: the result is sum_i coef_i L_i. Every backend
+    scales row i of its gradient tile by coef_i; "none" gets the per-row gradient from autograd instead."""
+    acc = spec.accum_dtype
+    coef = torch.ones(has_pos.shape, dtype=acc, device=has_pos.device)
+    if spec.row_weight is not None:
+        coef = coef * spec.row_weight.to(acc)
+    return coef / mean_divisor(spec, has_pos)
+
+
+def reduce_rows(spec: ContrastSpec, rows: Tensor, has_pos: Tensor) -> Tensor:
+    """The spec's result from the per-row losses L_i (0 on rows without positives), by ordinary
+    differentiable torch ops: gradients reach the rows (and the weights) through autograd."""
+    if spec.row_weight is not None:
+        rows = rows * spec.row_weight.to(rows.dtype)
+    if spec.reduction == "none":
+        return rows
+    return rows.sum() / mean_divisor(spec, has_pos)
+
+
+def weight_grad(spec: ContrastSpec, rows: Tensor, has_pos: Tensor, loss: Tensor) -> Tensor:
+    """dResult/dw_i of a "mean" or "sum" spec with weights (its own divisor): L_i, minus the result times
+    the row's share of the divisor for the mean."""
+    if spec.reduction == "sum":
+        return rows
+    counted = has_pos if spec.no_positive == "exclude" else torch.ones_like(has_pos)
+    return (rows - loss * counted.to(rows.dtype)) / mean_divisor(spec, has_pos)
 
 
 def temperature_grad(spec: ContrastSpec, Q: Tensor, dQ: Tensor, loss: Tensor, tau: float) -> Tensor:
