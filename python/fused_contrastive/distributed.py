@@ -405,8 +405,8 @@ class _Ring(torch.autograd.Function):
         rows, has_pos, lse, coef, pos_scale, den_scale, tau_direct = row_factors(
             spec, lse, pos_stat, pos_aux, tau, pos_count=plan.pos_count, den_count=plan.den_count)
         weight = torch.ones_like(rows) if plan.row_weight is None else plan.row_weight.to(rows.dtype)
-        # Result = sum_i G_i L_i, and every gradient world_size x this rank's share: G_i = world w_i / divisor
-        # (times the upstream scalar) for "mean" / "sum", world w_i (times each row's upstream gradient) for "none".
+        # Result = sum_i G_i L_i, every gradient world_size x this rank's share: G_i = world w_i / divisor (times
+        # the upstream scalar) for "mean" / "sum", world w_i (times each row's upstream gradient) for "none".
         if spec.reduction == "none":
             result = weight * rows
             grad_unit = world * weight
