@@ -51,7 +51,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # csrc/ travels in the wheel too, so that a wheel built without CUDA can still JIT-build the kernels.
-    packages=["fused_contrastive", "fused_contrastive.triton_kernels", "fused_contrastive.csrc"],
+    packages=["fused_contrastive", "fused_contrastive.compat", "fused_contrastive.triton_kernels",
+              "fused_contrastive.csrc"],
     package_dir={"fused_contrastive": "python/fused_contrastive",
                  "fused_contrastive.triton_kernels": "triton_kernels",
                  "fused_contrastive.csrc": "csrc"},
@@ -60,7 +61,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         # ninja: torch's JIT builds (the CUDA extension on first use; its CPU emulation in the tests).
-        "test": ["pytest", "hypothesis", "scikit-learn", "triton>=3.6", "ninja"],
+        # pytorch-metric-learning: tests/test_compat.py compares the pml drop-ins with it.
+        "test": ["pytest", "hypothesis", "scikit-learn", "triton>=3.6", "ninja", "pytorch-metric-learning"],
         "bench": ["matplotlib", "tqdm", "pytorch-metric-learning"],
     },
     ext_modules=ext_modules,

@@ -68,6 +68,11 @@ def losses():
             views(t), t["labels"], temperature=tau, extra_keys=t["queue"],
             extra_key_labels=t["labels"][: t["queue"].shape[0]], backend=b)),
         "clip": (["feats"], lambda t, b, tau: fc.clip_loss(*pair(t), 1.0 / tau, backend=b)),
+        # logit scale 0.1 / temperature (10 and 0.2): at 1 / temperature = 100 a lone, well-matched pair's gradient
+        # (sigmoid(-90) ~ 1e-39 times the scale) lies below fp16's smallest subnormal, 0 in any fp16 output.
+        "siglip": (["feats"], lambda t, b, tau: fc.siglip_loss(*pair(t), 0.1 / tau, -5.0, backend=b)),
+        "siglip_labels": (["feats"], lambda t, b, tau: fc.siglip_loss(*pair(t), 0.1 / tau, -5.0, t["labels"],
+                                                                      backend=b)),
         "info_nce": (["feats"], lambda t, b, tau: fc.info_nce(*pair(t), temperature=tau, backend=b)),
         "info_nce_queue": (["feats"], lambda t, b, tau: fc.info_nce(*pair(t), temperature=tau, queue=t["queue"],
                                                                     backend=b)),

@@ -18,8 +18,11 @@
 #
 # THE CALL, for the next session with a GPU (the device tool's `run`, from the repository root):
 #   command:   bash bench/gpu_suite.sh "$OUT"
-#   carry:     [".whl"]     (.whl/ holds inf_cl-1.2.1-py3-none-any.whl and memeff-0.3.1-py3-none-any.whl;
-#                            fetch them with `make gpu-wheels`; absent, the suite says "not carried")
+#   carry:     [".whl", ".compat_libs"]
+#                           (.whl/ holds inf_cl-1.2.1-py3-none-any.whl and memeff-0.3.1-py3-none-any.whl;
+#                            fetch them with `make gpu-wheels`; absent, the suite says "not carried";
+#                            .compat_libs/open_clip/loss.py is open_clip's, for the SigLIP comparison:
+#                            make setup installs it there; absent, that provider is "skipped")
 #   timeout_s: 540          (the suite budgets 450 s and ends by about 480 s even when a step must be
 #                            killed; the rest is margin for the transfers)
 # Then copy the eight returned files (files_at) to bench/results/gpu_<date>/ and commit them.

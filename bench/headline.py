@@ -5,8 +5,11 @@
    SupContrast-style eager loss and the same loss through torch.compile.
 3. clip: CLIP (both directions) at N = 65536 rows per side, D = 512, bf16: ours (triton, chunked) against
    Inf-CL 1.2.1 and memeff 0.3.1 (reported "not installed (not carried)" when their wheels did not travel).
-4. largest_n: the largest N that runs fwd+bwd at D = 128, bf16, doubling from 131072 within a time box,
-   on the faster of triton and cuda in section 2.
+4. siglip: SigLIP (learnable scale and bias) at N = 65536 rows per side, D = 512, bf16: ours (triton, chunked)
+   against open_clip's SigLipLoss (its loss.py; "skipped" when .compat_libs did not travel).
+5. largest_n: the largest N that runs fwd+bwd at D = 128, bf16, doubling from 131072 within a time box,
+   on the faster of triton and cuda in section 2; largest_n_siglip: the same for SigLIP on triton at D = 512
+   (a third of that box).
 
 Each case of sections 2-3 runs in its own process (bench/run.py --case: its peak memory is its own, and a
 crash cannot take the others down); timings follow bench/timing.py (fwd and bwd separately, repeats,
@@ -30,12 +33,15 @@ sys.path.insert(0, HERE)
 import run  # noqa: E402
 import timing  # noqa: E402
 
-GPU = {"gemm": 8192, "supcon": (32768, 128), "clip": (65536, 512), "largest_from": 131072, "budget_s": 2.0,
+GPU = {"gemm": 8192, "supcon": (32768, 128), "clip": (65536, 512), "siglip": (65536, 512), "largest_from": 131072,
+       "budget_s": 2.0,
        "timeout_s": 120.0, "compile_timeout_s": 180.0, "min_left_s": 10.0}
-REHEARSAL = {"gemm": 256, "supcon": (64, 16), "clip": (64, 32), "largest_from": 32, "budget_s": 0.3,
+REHEARSAL = {"gemm": 256, "supcon": (64, 16), "clip": (64, 32), "siglip": (64, 32), "largest_from": 32,
+             "budget_s": 0.3,
              "timeout_s": 60.0, "compile_timeout_s": 60.0, "min_left_s": 1.0}
 SUPCON_PROVIDERS = ["triton", "cuda", "chunked", "supcontrast", "supcontrast-compiled"]
 CLIP_PROVIDERS = ["clip:triton", "infcl-clip", "memeff-clip", "clip:chunked"]
+SIGLIP_PROVIDERS = ["siglip:triton", "open_clip-siglip", "siglip:chunked"]
 DTYPE = "bfloat16"
 
 
@@ -44,7 +50,7 @@ class Report:
 
     def __init__(self, out_dir, env):
         self.out_dir, self.data = out_dir, {"environment": env, "gemm": None, "supcon": [], "clip": [],
-                                            "largest_n": []}
+                                            "siglip": [], "largest_n": [], "largest_n_siglip": []}
         os.makedirs(out_dir, exist_ok=True)
 
     def save(self):
@@ -96,22 +102,26 @@ def markdown(d):
                      f"20-80% {run.fmt_time(g['stats']['q20'])}-{run.fmt_time(g['stats']['q80'])}).")
     lines.append("")
     for key, title in (("supcon", "SupCon L_out, 2 views, temperature 0.1"),
-                       ("clip", "CLIP, both directions, logit scale 10")):
+                       ("clip", "CLIP, both directions, logit scale 10"),
+                       ("siglip", "SigLIP, learnable logit scale 10 and bias -10")):
         rows = d[key]
         if rows:
             n, dim = rows[0]["n"], rows[0]["dim"]
             lines += [f"## {title}: N = {n}, D = {dim}, {rows[0]['dtype']}", ""]
             lines += _case_table(rows, lambda r: 6 * r["n"] ** 2 * r["dim"]) + [""]
-    if d["largest_n"]:
-        ok = [r for r in d["largest_n"] if r["status"] == "ok"]
-        lines += [f"## Largest N, fwd+bwd, D = {d['largest_n'][0].get('dim')}, {DTYPE}", ""]
+    for key in ("largest_n", "largest_n_siglip"):
+        if not d.get(key):
+            continue
+        ok = [r for r in d[key] if r["status"] == "ok"]
+        lines += [f"## Largest N{' (SigLIP)' if key.endswith('siglip') else ''}, fwd+bwd, D = {d[key][0].get('dim')}, "
+                  f"{DTYPE}", ""]
         if ok:
             best = ok[-1]
             lines += [f"Largest N run: **{best['n']}** on {best['provider']} (first call {run.fmt_time(best['first_s'])}, "
                       f"which includes compilation/autotuning at a new size; steady "
                       f"{run.fmt_time(best.get('steady_s'))}; peak {run.fmt_bytes(best.get('peak_bytes'))}).", ""]
         lines += ["| provider | N | first call | steady | peak memory | status |", "|---|---|---|---|---|---|"]
-        for r in d["largest_n"]:
+        for r in d[key]:
             lines.append(f"| {r.get('provider')} | {r['n']} | {run.fmt_time(r.get('first_s'))} | "
                          f"{run.fmt_time(r.get('steady_s'))} | {run.fmt_bytes(r.get('peak_bytes'))} | {r['status']} |")
     return "\n".join(lines) + "\n"
@@ -195,13 +205,14 @@ def largest_n_child(provider, start, dim, device, box_s):
         n *= 2
 
 
-def largest_n(report, providers, start, dim, device, box_s, skip):
-    """Runs largest_n_child in a subprocess and records each size as it reports it."""
-    fastest = [r for r in report.data["supcon"] if r["provider"] in providers and r["status"] == "ok"]
+def largest_n(report, providers, start, dim, device, box_s, skip, key="largest_n", source="supcon"):
+    """Runs largest_n_child in a subprocess and records each size as it reports it (under ``key``), on the
+    fastest of ``providers`` in section ``source``."""
+    fastest = [r for r in report.data[source] if r["provider"] in providers and r["status"] == "ok"]
     provider = min(fastest, key=lambda r: r["fwd_bwd_s"])["provider"] if fastest else providers[0]
     reason = skip_reason(provider, device, skip)
     if reason:
-        report.data["largest_n"].append({"provider": provider, "n": start, "dim": dim, "status": f"skipped: {reason}"})
+        report.data[key].append({"provider": provider, "n": start, "dim": dim, "status": f"skipped: {reason}"})
         report.save()
         return
     cmd = [sys.executable, __file__, "--largest-child", provider, str(start), str(dim), device, str(box_s)]
@@ -210,17 +221,17 @@ def largest_n(report, providers, start, dim, device, box_s, skip):
     try:
         for line in proc.stdout:
             if line.startswith("{"):
-                report.data["largest_n"].append(json.loads(line))
+                report.data[key].append(json.loads(line))
                 report.save()
-                print(f"largest_n {line.strip()}", flush=True)
+                print(f"{key} {line.strip()}", flush=True)
             if time.monotonic() > deadline:
                 break
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    if not report.data["largest_n"]:
-        report.data["largest_n"].append({"provider": provider, "n": start, "dim": dim,
+    if not report.data[key]:
+        report.data[key].append({"provider": provider, "n": start, "dim": dim,
                                          "status": f"failed: no result (exit code {proc.returncode})"})
         report.save()
 
@@ -260,9 +271,13 @@ def main():
         # torch.compile's minute of compilation goes after the CLIP comparison, which matters more.
         cases(report, "supcon", SUPCON_PROVIDERS[:-1], *cfg["supcon"], device, cfg, deadline - largest_box, skip)
         cases(report, "clip", CLIP_PROVIDERS, *cfg["clip"], device, cfg, deadline - largest_box, skip)
+        cases(report, "siglip", SIGLIP_PROVIDERS, *cfg["siglip"], device, cfg, deadline - largest_box, skip)
         cases(report, "supcon", SUPCON_PROVIDERS[-1:], *cfg["supcon"], device, cfg, deadline - largest_box, skip)
-        box = max(2.0, min(largest_box, deadline - time.monotonic() - 5))
+        box = max(2.0, min(largest_box * 2 / 3, deadline - time.monotonic() - largest_box / 3 - 5))
         largest_n(report, ["triton", "cuda"], cfg["largest_from"], cfg["supcon"][1], device, box, skip)
+        box = max(2.0, min(largest_box / 3, deadline - time.monotonic() - 5))
+        largest_n(report, ["siglip:triton"], cfg["largest_from"], cfg["siglip"][1], device, box, skip,
+                  key="largest_n_siglip", source="siglip")
     except KeyboardInterrupt:
         report.data["interrupted"] = True
         report.save()

@@ -117,8 +117,36 @@ def family_loss(loss, backend):
         "debiased": lambda f, y: fc.debiased_contrastive_loss(f, temperature=0.5, beta=1.0, backend=backend),
         "bcl": lambda f, y: fc.bcl_loss(f, y, temperature=t, class_centers=fixed(f, 1)["centers"], backend=backend),
         "spread": lambda f, y: fc.spread_loss(f, y, temperature=0.5, backend=backend),
+        # SigLIP with a learnable scale and bias (open_clip's initial values), as bench/siglip.py times it.
+        "siglip": lambda f, y: fc.siglip_loss(*pairs(f), *_siglip_scale_bias(f), backend=backend),
     }
     return losses[loss]
+
+
+def _siglip_scale_bias(f):
+    import torch
+
+    return (torch.tensor(10.0, device=f.device, requires_grad=True),
+            torch.tensor(-10.0, device=f.device, requires_grad=True))
+
+
+def open_clip_siglip():
+    """open_clip's SigLipLoss (its loss.py by file path: tests/helpers.py) on the rows family_loss("siglip")
+    builds, with the same scale and bias: the same loss as siglip:<backend>."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from helpers import open_clip_loss_module
+
+    module = open_clip_loss_module()
+    if module is None:
+        raise ImportError("open_clip's loss.py is not available (.compat_libs/ not carried or not installed by make setup)")
+    loss = module.SigLipLoss()
+
+    def run(f, y):
+        import torch
+
+        return loss(torch.cat([f[:, 0], f[:, 1]]), torch.cat([f[:, 1], f[:, 0]]), *_siglip_scale_bias(f))
+
+    return run
 
 
 def make_provider(name):
@@ -153,6 +181,8 @@ def make_provider(name):
         return lambda f, y: cal_inf_loss(f[:, 0].contiguous(), f[:, 1].contiguous(), scale=1.0 / TEMPERATURE)
     if name in CLIP_PROVIDERS:
         return clip_provider(name)
+    if name == "open_clip-siglip":
+        return open_clip_siglip()
     raise ValueError(name)
 
 
@@ -204,6 +234,13 @@ def provider_skip_reason(name, device):
         backend = name.split(":")[-1]
         probe = torch.zeros(4, 2, 8, device=device)
         return dispatch.BACKENDS[backend].why_not(supcon_spec(probe, torch.arange(4, device=device)))
+    if name == "open_clip-siglip":
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from helpers import open_clip_loss_module
+
+        if open_clip_loss_module() is None:
+            return "open_clip's loss.py is not available (carry .compat_libs, which make setup fills)"
+        return None
     if name == "pml" and importlib.util.find_spec("pytorch_metric_learning") is None:
         return "pytorch-metric-learning is not installed (pip install pytorch-metric-learning)"
     if name == "supcontrast-compiled" and device == "cpu":

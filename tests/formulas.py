@@ -313,3 +313,26 @@ def supcon_extra_keys(features, labels, extra_keys, extra_key_labels, *, tempera
         log_den = _lse(logits[i][not_self])
         losses.append(-c * (logits[i][pos] - log_den).mean())
     return _mean(losses)
+
+
+def siglip(images: Tensor, texts: Tensor, logit_scale, logit_bias, labels=None, mask=None,
+           negative_only: bool = False, per_row: bool = False) -> Tensor:
+    """SigLIP: pair (i, j) is a binary decision, z_ij = +1 when text j is a match of image i, -1 otherwise; every
+    pair adds log(1 + exp(-z_ij t_ij)) with t_ij = logit_scale * <image_i, text_j> + logit_bias (as
+    max(u, 0) + log1p(e^-|u|), u = -z t: exact at any t, also where e^-|u| is far below 1); the total is divided by the number of images. Matches: i == j,
+    or equal labels, or the mask's nonzero entries; none with negative_only. ``per_row``: each image's sum, [B], undivided."""
+    x, y = images.to(torch.float64), texts.to(torch.float64)
+    t = torch.as_tensor(logit_scale, dtype=torch.float64) * (x @ y.T) + torch.as_tensor(logit_bias, dtype=torch.float64)
+    if negative_only:
+        match = torch.zeros(t.shape, dtype=torch.bool)
+    elif labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1)
+        match = labels[:, None] == labels[None, :]
+    elif mask is not None:
+        match = torch.as_tensor(mask) != 0
+    else:
+        match = torch.eye(*t.shape, dtype=torch.bool)
+    z = match.to(torch.float64) * 2 - 1
+    u = -z * t
+    pair = u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))
+    return pair.sum(1) if per_row else pair.sum() / x.shape[0]

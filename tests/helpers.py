@@ -175,3 +175,21 @@ def assert_close_rounded(actual, expected, dtype, allowance: float, what: str):
         assert torch.isfinite(actual.detach().double()).all(), f"{what}: non-finite values"
         return
     assert_close(actual, expected, dtype, what + f" (rounding allowance {allowance:.3g})")
+
+
+COMPAT_LIBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".compat_libs")
+
+
+def open_clip_loss_module():
+    """open_clip's ``open_clip/loss.py`` as a module, or None. open_clip_torch itself would pull another torch
+    into this environment, so ``make setup`` installs its wheel without dependencies into .compat_libs/ and
+    only this module (it imports torch alone) is loaded, by file path."""
+    import importlib.util
+
+    path = os.path.join(COMPAT_LIBS, "open_clip", "loss.py")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location("open_clip_loss_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -70,6 +70,10 @@ def test_rehearsal_results_are_complete(rehearsal):
     for other in ("infcl-clip", "memeff-clip"):  # not carried here, or carried but CUDA-only
         assert re.match(r"skipped: .*(not installed \(not carried|CUDA devices only)", clip[other]), clip
     assert data["largest_n"] and data["largest_n"][0]["status"] == "ok", data["largest_n"]
+    siglip = {r["provider"]: r["status"] for r in data["siglip"]}
+    assert siglip["siglip:triton"] == siglip["siglip:chunked"] == "ok", siglip
+    assert siglip["open_clip-siglip"] == "ok" or siglip["open_clip-siglip"].startswith("skipped"), siglip
+    assert data["largest_n_siglip"] and data["largest_n_siglip"][0]["status"] == "ok", data["largest_n_siglip"]
     assert re.search(r"\d+ skipped", (out / "tests.txt").read_text())
 
 

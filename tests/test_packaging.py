@@ -17,7 +17,9 @@ def test_wheel_contents_and_cuda_skip_line(tmp_path):
     assert "skipping the optional CUDA extension: FUSED_CONTRASTIVE_SKIP_CUDA_BUILD=1" in out.stdout + out.stderr
     (wheel,) = tmp_path.glob("fused_contrastive-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("__init__.py", "losses.py", "chunked.py", "reference.py", "dispatch.py", "info.py",
+    for module in ("__init__.py", "losses.py", "chunked.py", "reference.py", "dispatch.py", "info.py", "siglip.py",
+                   "triton_kernels/siglip.py",
                    "triton_kernels/__init__.py", "cuda_supcon.py", "fused.py", "csrc/supcon.cu", "csrc/supcon_api.cpp",
-                   "csrc/supcon_kernels.cuh", "csrc/supcon_params.h"):
+                   "csrc/supcon_kernels.cuh", "csrc/supcon_params.h", "compat/__init__.py", "compat/pml.py",
+                   "compat/open_clip.py", "compat/lightly.py"):
         assert f"fused_contrastive/{module}" in names

@@ -10,6 +10,8 @@ from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSup
                      spread_loss)
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
+from .siglip import SigLipLoss, siglip_loss
+from . import compat  # noqa: E402  (drop-ins for open_clip, pytorch-metric-learning, lightly)
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,5 @@ def explain_backends(features, labels=None, mask=None, **loss_kwargs) -> dict:
 
 __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_loss", "DCLLoss", "dcl_loss",
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
-           "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "MemoryBank", "MemoryBankLoss",
-           "explain_backends", "BACKEND_CHOICES", "__version__"]
+           "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "MemoryBank", "MemoryBankLoss", "SigLipLoss",
+           "siglip_loss", "explain_backends", "BACKEND_CHOICES", "compat", "__version__"]
