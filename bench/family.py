@@ -19,7 +19,7 @@ from run import HERE, ROOT, environment, fmt_bytes, fmt_noise, fmt_time, spawn_c
 from timing import load_average
 
 LOSSES = ["supcon", "supcon_in", "supcon_extra_keys", "supcon_memory_bank", "eps_supinfonce", "dcl", "dclw", "info_nce", "info_nce_queue",
-          "clip", "debiased", "bcl", "spread"]
+          "clip", "debiased", "bcl", "spread", "symmetric_spread", "dclw_learned", "unicon", "suncet"]
 # The distributed code path on one rank (gloo on CPU, NCCL on GPU): its overhead over plain SupCon.
 DISTRIBUTED = ["supcon_gather_1rank", "supcon_ring_1rank"]
 

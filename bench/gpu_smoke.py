@@ -91,6 +91,11 @@ def losses():
         "bcl": (["feats", "centers"], lambda t, b, tau: fc.bcl_loss(views(t), t["labels"], temperature=tau,
                                                                     class_centers=t["centers"], backend=b)),
         "spread": (["feats"], lambda t, b, tau: fc.spread_loss(views(t), t["labels"], temperature=tau, backend=b)),
+        "symmetric_spread": (["feats"], lambda t, b, tau: fc.symmetric_spread_loss(views(t), t["labels"],
+                                                                                   temperature=tau, backend=b)),
+        "dclw_learned": (["feats"], lambda t, b, tau: fc.dcl_loss(views(t), temperature=tau, weighted=True,
+                                                                  detach_weight=False, backend=b)),
+        "suncet": (["feats"], lambda t, b, tau: fc.suncet_loss(views(t), t["labels"], temperature=tau, backend=b)),
     }
 
 

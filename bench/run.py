@@ -52,7 +52,7 @@ def family_loss(loss, backend):
     """One of the family's losses as (features [bsz, 2, D], labels [bsz]) -> loss, on ``backend``, with N x N
     logits for every loss (N = 2 bsz rows): the pair losses (InfoNCE, CLIP) pair each of the N rows with its
     other view; the MoCo queue and the labelled extra keys hold bsz more rows (no gradient); BCL adds one
-    center per class; supcon_memory_bank is SupCon through MemoryBankLoss with a full bank of BANK_ROWS labelled
+    center per class; unicon's universum is N fixed rows (its keys); supcon_memory_bank is SupCon through MemoryBankLoss with a full bank of BANK_ROWS labelled
     keys (each call reads the bank, then enqueues the batch's views)."""
     import torch
 
@@ -116,7 +116,13 @@ def family_loss(loss, backend):
         "clip": lambda f, y: fc.clip_loss(*pairs(f), 1.0 / t, backend=backend),
         "debiased": lambda f, y: fc.debiased_contrastive_loss(f, temperature=0.5, beta=1.0, backend=backend),
         "bcl": lambda f, y: fc.bcl_loss(f, y, temperature=t, class_centers=fixed(f, 1)["centers"], backend=backend),
-        "spread": lambda f, y: fc.spread_loss(f, y, temperature=0.5, backend=backend),
+        "spread": lambda f, y: fc.spread_loss(f, y, temperature=0.5, backend=backend),  # bsz x bsz: view 1 vs 0
+        "symmetric_spread": lambda f, y: fc.symmetric_spread_loss(f, y, temperature=0.5, backend=backend),
+        "dclw_learned": lambda f, y: fc.dcl_loss(f, temperature=t, weighted=True, detach_weight=False,
+                                                 backend=backend),
+        "unicon": lambda f, y: fc.unicon_loss(f, fixed(f, f.shape[0] * f.shape[1])["keys"], y, temperature=t,
+                                              backend=backend),  # universum: N rows (no gradient here)
+        "suncet": lambda f, y: fc.suncet_loss(f, y, temperature=t, backend=backend),
         # SigLIP with a learnable scale and bias (open_clip's initial values), as bench/siglip.py times it.
         "siglip": lambda f, y: fc.siglip_loss(*pairs(f), *_siglip_scale_bias(f), backend=backend),
     }

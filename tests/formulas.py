@@ -103,30 +103,41 @@ def eps_supinfonce(features, labels=None, *, epsilon=0.1, temperature=0.1, base_
 # ------------------------------------------------------------------------------------------
 # Decoupled contrastive learning (Yeh et al.), with the optional von Mises-Fisher weighting
 # ------------------------------------------------------------------------------------------
-def dcl(features, *, temperature=0.1, weighted=False, sigma=0.5, extra_keys=None):
-    """L_i = -w_i * l_ip + log sum_{n} exp(l_in), n over the 2B rows minus self and positive.
+def dcl(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False, extra_keys=None):
+    """L_i = -w_i * mean_p l_ip + log sum_{n} exp(l_in): p over the other views of the anchor's sample, n over
+    the views of the other samples (and the extra keys). features [B, V, D], B >= 2, V >= 2.
 
-    features [B, 2, D], B >= 2 (with B = 1 the denominator would be empty; the package raises).
-    w_i = 1, or for DCLW w = 2 - B * softmax_b(cos(z1_b, z2_b) / sigma) (raw cosine of the two
-    un-normalised views), the same for both views of a sample, detached. Mean over 2B anchors.
+    w_i = 1, or for DCLW (V = 2) w = 2 - B * softmax_b(s_b / sigma), the same for both views of sample b:
+    detach_weight=True: s_b = cos(z1_b, z2_b) of the views as given, w a constant;
+    detach_weight=False (the authors' reference code): s_b = z1_b . z2_b and w differentiated through.
+    normalize: every row (views and extra keys) L2-normalised first. Mean over the B*V anchors.
     """
     bsz, n_views = features.shape[:2]
-    assert n_views == 2 and bsz >= 2
-    z = _stack_views(features)
-    logits = z @ _with_extra(z, torch.zeros(2 * bsz), extra_keys, None)[0].T / temperature  # extra: negatives
-    n = 2 * bsz
+    assert n_views >= 2 and bsz >= 2
+    f = features.to(torch.float64)
+    extra = None if extra_keys is None else extra_keys.to(torch.float64)
+    if normalize:
+        f = torch.nn.functional.normalize(f, dim=-1)
+        extra = None if extra is None else torch.nn.functional.normalize(extra, dim=-1)
+    z = _stack_views(f)
+    keys = z if extra is None else torch.cat([z, extra])
+    logits = z @ keys.T / temperature
     if weighted:
-        f = features.detach().to(torch.float64)
-        cos = torch.nn.functional.cosine_similarity(f[:, 0], f[:, 1], dim=-1)
-        w_sample = 2.0 - bsz * torch.softmax(cos / sigma, dim=0)
+        assert n_views == 2
+        if detach_weight:
+            s = torch.nn.functional.cosine_similarity(f[:, 0].detach(), f[:, 1].detach(), dim=-1)
+        else:
+            s = (f[:, 0] * f[:, 1]).sum(-1)
+        w_sample = 2.0 - bsz * torch.softmax(s / sigma, dim=0)
     else:
         w_sample = torch.ones(bsz, dtype=torch.float64)
-    keys = torch.arange(logits.shape[1])
+    sample = torch.cat([torch.arange(bsz).repeat(n_views), torch.full((keys.shape[0] - n_views * bsz,), -1)])
     losses = []
-    for i in range(n):
-        p = (i + bsz) % n
-        den = (keys != i) & (keys != p)
-        losses.append(-w_sample[i % bsz] * logits[i, p] + _lse(logits[i][den]))
+    for i in range(n_views * bsz):
+        own = sample == i % bsz
+        positives = own.clone()
+        positives[i] = False
+        losses.append(-w_sample[i % bsz] * logits[i][positives].mean() + _lse(logits[i][~own]))
     return _mean(losses)
 
 
@@ -181,40 +192,48 @@ def clip(image, text, logit_scale, *, logit_bias=None):
 # ------------------------------------------------------------------------------------------
 # Debiased (Chuang et al.) / hard-negative (Robinson et al.) contrastive loss
 # ------------------------------------------------------------------------------------------
-def debiased(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, extra_keys=None):
+def debiased(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, extra_keys=None):
     """Chuang et al.'s debiased loss with Robinson et al.'s hardness reweighting (beta > 0).
 
-    pos_i = exp(l_ip) (the other view); negatives: the Nn = 2B - 2 other rows.
+    For each anchor row i and each positive p (another view of i's sample; with V = 2 the one other view):
+    pos = exp(l_ip); negatives: the Nn = V (B - 1) views of the other samples (+ extra keys).
     reweight_i = sum_n exp(l_in)                                   (beta == 0)
                = sum_n imp_in exp(l_in) / mean_n imp_in, imp = exp(beta * l_in)   (beta > 0)
-    Ng_i = max((-tau_plus * Nn * pos_i + reweight_i) / (1 - tau_plus), Nn * exp(-1/t))
-    L_i = -log(pos_i / (pos_i + Ng_i)); mean over 2B anchors. B >= 2.
+    Ng = max((-tau_plus * Nn * pos + reweight_i) / (1 - tau_plus), Nn * exp(-1/t))
+    L_ip = -log(pos / (pos + Ng)); mean over the (anchor, positive) pairs. B >= 2.
 
     Plain exponentials in float64, as the papers' code does: exact and finite for the temperatures
     tested (>= 0.1, normalised features: |l| <= 10); not meant for t ~ 0.01.
     """
     bsz, n_views = features.shape[:2]
-    assert n_views == 2 and bsz >= 2
-    z = _stack_views(features)
-    logits = z @ _with_extra(z, torch.zeros(2 * bsz), extra_keys, None)[0].T / temperature  # extra: negatives
-    n = 2 * bsz
-    n_neg = logits.shape[1] - 2
-    keys = torch.arange(logits.shape[1])
+    assert n_views >= 2 and bsz >= 2
+    f = features.to(torch.float64)
+    extra = None if extra_keys is None else extra_keys.to(torch.float64)
+    if normalize:
+        f = torch.nn.functional.normalize(f, dim=-1)
+        extra = None if extra is None else torch.nn.functional.normalize(extra, dim=-1)
+    z = _stack_views(f)
+    keys = z if extra is None else torch.cat([z, extra])
+    logits = z @ keys.T / temperature
+    sample = torch.cat([torch.arange(bsz).repeat(n_views), torch.full((keys.shape[0] - n_views * bsz,), -1)])
+    n_neg = keys.shape[0] - n_views
     floor = n_neg * torch.exp(torch.tensor(-1.0 / temperature, dtype=torch.float64))
     losses = []
-    for i in range(n):
-        p = (i + bsz) % n
-        pos = torch.exp(logits[i, p])
-        l_neg = logits[i][(keys != i) & (keys != p)]
+    for i in range(n_views * bsz):
+        l_neg = logits[i][sample != i % bsz]
         neg = torch.exp(l_neg)
         if beta == 0:
             reweight = neg.sum()
         else:
             imp = torch.exp(beta * l_neg)
             reweight = (imp * neg).sum() / imp.mean()
-        ng = (-tau_plus * n_neg * pos + reweight) / (1.0 - tau_plus)
-        ng = torch.clamp(ng, min=float(floor))
-        losses.append(-torch.log(pos / (pos + ng)))
+        for v in range(n_views):
+            p = v * bsz + i % bsz
+            if p == i:
+                continue
+            pos = torch.exp(logits[i, p])
+            ng = torch.clamp((-tau_plus * n_neg * pos + reweight) / (1.0 - tau_plus), min=float(floor))
+            losses.append(-torch.log(pos / (pos + ng)))
     return _mean(losses)
 
 
@@ -261,24 +280,111 @@ def bcl(features, labels, *, temperature=0.1, class_centers=None, extra_keys=Non
 
 
 # ------------------------------------------------------------------------------------------
-# Spread-out / class-conditional InfoNCE: the denominator keeps only same-class keys
+# Class-conditional InfoNCE ("spread", Chen et al. 2022): the authors' definition and the symmetric form
 # ------------------------------------------------------------------------------------------
-def spread(features, labels, *, temperature=0.5, extra_keys=None, extra_key_labels=None):
-    """L_i = -l_ip + log sum_{j != i, y_j == y_i} exp(l_ij); p = the other view of the sample
-    (always in the denominator). features [B, 2, D]; mean over 2B anchors."""
+def _normalized(x, normalize):
+    x = x.to(torch.float64)
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def spread(features, labels, *, temperature=0.5, normalize=False, extra_keys=None, extra_key_labels=None):
+    """The authors' spread term: for every pair of views u > v, the anchors are view u's rows and the
+    keys view v's rows (then the extra keys); anchor i's positive is key i, its denominator the keys with
+    its label, key i included: L_i = -l_ii + log sum_{j: y_j = y_i} exp(l_ij). Mean over the B anchors of a
+    pair, averaged over the V (V - 1) / 2 pairs. normalize: cosine logits (every row L2-normalised)."""
     bsz, n_views = features.shape[:2]
-    assert n_views == 2
-    z = _stack_views(features)
-    y = torch.as_tensor(labels).reshape(-1).repeat(2)
-    all_keys, y_keys = _with_extra(z, y, extra_keys, extra_key_labels)
+    assert n_views >= 2
+    y = torch.as_tensor(labels).reshape(-1)
+    pair_losses = []
+    for u in range(n_views):
+        for v in range(u):
+            anchors = _normalized(features[:, u], normalize)
+            keys = _normalized(features[:, v], normalize)
+            key_y = y
+            if extra_keys is not None:
+                keys = torch.cat([keys, _normalized(extra_keys, normalize)])
+                bank_y = torch.as_tensor(extra_key_labels).reshape(-1).to(torch.float64)
+                key_y = torch.cat([y.to(torch.float64), bank_y])
+            logits = anchors @ keys.T / temperature
+            rows = [-logits[i, i] + _lse(logits[i][key_y == y[i]]) for i in range(bsz)]
+            pair_losses.append(_mean(rows))
+    return torch.stack(pair_losses).mean()
+
+
+def symmetric_spread(features, labels, *, temperature=0.5, normalize=False, extra_keys=None, extra_key_labels=None):
+    """Every view row an anchor: L_i = -mean_p l_ip + log sum_{j != i, y_j == y_i} exp(l_ij), p over the
+    other views of the sample (always in the denominator). features [B, V, D]; mean over the V*B anchors."""
+    bsz, n_views = features.shape[:2]
+    assert n_views >= 2
+    z = _stack_views(_normalized(features, normalize))
+    y = torch.as_tensor(labels).reshape(-1).repeat(n_views)
+    extra = None if extra_keys is None else _normalized(extra_keys, normalize)
+    all_keys, y_keys = _with_extra(z, y, extra, extra_key_labels)
     logits = z @ all_keys.T / temperature
-    n = 2 * bsz
     keys = torch.arange(all_keys.shape[0])
+    sample = torch.cat([torch.arange(bsz).repeat(n_views), torch.full((keys.numel() - n_views * bsz,), -1)])
     losses = []
-    for i in range(n):
-        p = (i + bsz) % n
+    for i in range(n_views * bsz):
+        positives = (sample == i % bsz) & (keys != i)
         den = (keys != i) & (y_keys == y[i])
-        losses.append(-logits[i, p] + _lse(logits[i][den]))
+        losses.append(-logits[i][positives].mean() + _lse(logits[i][den]))
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# UniCon (Han et al.): the universum rows are the keys
+# ------------------------------------------------------------------------------------------
+def unicon(features, universum, labels, *, temperature=0.1, base_temperature=None, contrast_mode="all",
+           normalize=False):
+    """Keys: the universum rows u_j, j < V*B, stacked view-major like the views ([V*B, D]); u_j carries
+    the label of sample j % B. Anchors: the V*B view rows ("all") or view 0's B rows ("one").
+    P_i: universum rows with the anchor's label, j != i; denominator: every universum row but j = i.
+    L_i = -(c/|P_i|) sum_{p in P_i} [l_ip - log sum_{j != i} exp(l_ij)], c = t / base_t (1 if None);
+    0 when P_i is empty. Mean over anchors."""
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(_normalized(features, normalize))
+    u = _normalized(universum, normalize)
+    y = torch.as_tensor(labels).reshape(-1).repeat(n_views)
+    c = 1.0 if base_temperature is None else temperature / base_temperature
+    n_anchors = bsz if contrast_mode == "one" else bsz * n_views
+    logits = z[:n_anchors] @ u.T / temperature
+    keys = torch.arange(u.shape[0])
+    losses = []
+    for i in range(n_anchors):
+        kept = keys != i
+        positives = kept & (y == y[i])
+        if not bool(positives.any()):
+            losses.append(_zero(logits[i]))
+            continue
+        losses.append(-c * (logits[i][positives] - _lse(logits[i][kept])).mean())
+    return _mean(losses)
+
+
+# ------------------------------------------------------------------------------------------
+# SuNCEt (Assran et al.): minus the log of the class's summed softmax probability over the support
+# ------------------------------------------------------------------------------------------
+def suncet(features, labels, *, temperature=0.1, contrast_mode="all", normalize=False, support=None,
+           support_labels=None):
+    """Support: the V*B view rows, then the labelled support rows. p_ij = softmax over the support
+    without the anchor itself; L_i = -log sum_{j: y_j = y_i} p_ij (0 when the anchor's class has no other
+    support row). Anchors: every view row ("all") or view 0 ("one"); mean over anchors."""
+    bsz, n_views = features.shape[:2]
+    z = _stack_views(_normalized(features, normalize))
+    y = torch.as_tensor(labels).reshape(-1).repeat(n_views)
+    extra = None if support is None else _normalized(support, normalize)
+    keys, y_keys = _with_extra(z, y, extra, support_labels)
+    n_anchors = bsz if contrast_mode == "one" else bsz * n_views
+    logits = z[:n_anchors] @ keys.T / temperature
+    key_idx = torch.arange(keys.shape[0])
+    losses = []
+    for i in range(n_anchors):
+        kept = key_idx != i
+        positives = kept & (y_keys == y[i])
+        if not bool(positives.any()):
+            losses.append(_zero(logits[i]))
+            continue
+        log_p = logits[i] - _lse(logits[i][kept])
+        losses.append(-_lse(log_p[positives]))
     return _mean(losses)
 
 

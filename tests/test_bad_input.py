@@ -20,6 +20,9 @@ GOOD = {  # a valid call of every public loss, by keyword
     "debiased_contrastive_loss": dict(features=F),
     "bcl_loss": dict(features=F, labels=L),
     "spread_loss": dict(features=F, labels=L),
+    "symmetric_spread_loss": dict(features=F, labels=L),
+    "unicon_loss": dict(features=F, universum=torch.nn.functional.normalize(torch.randn(8, 8), dim=-1), labels=L),
+    "suncet_loss": dict(features=F, labels=L),
 }
 NAN_F = F.clone().index_fill_(0, torch.tensor([1]), float("nan"))
 
@@ -63,7 +66,7 @@ def _label_cases(loss):
              ("NaN label", {"labels": torch.tensor([0.0, float("nan"), 0.0, 1.0])}, "labels"),
              ("complex labels", {"labels": L.to(torch.complex64)}, "labels"),
              ("meta labels", {"labels": L.to("meta")}, "labels")]
-    if loss in ("bcl_loss", "spread_loss"):
+    if loss in ("bcl_loss", "spread_loss", "symmetric_spread_loss", "unicon_loss", "suncet_loss"):
         cases.append(("no labels", {"labels": None}, "labels"))
     return cases
 
@@ -108,7 +111,7 @@ SPECIFIC = {
                             ("contrast_mode", {"contrast_mode": "both"}, "contrast_mode")],
     "dcl_loss": [("weighted", {"weighted": "yes"}, "weighted"), ("sigma zero", {"sigma": 0.0}, "sigma"),
                  ("sigma tiny", {"weighted": True, "sigma": 1e-40}, "sigma"),
-                 ("three views", {"features": torch.randn(4, 3, 8)}, "features"),
+                 ("three views weighted", {"features": torch.randn(4, 3, 8), "weighted": True}, "features"),
                  ("one sample (local only)", {"features": F[:1]}, "features")],
     "info_nce": [("queue D", {"queue": torch.randn(5, 3)}, "queue"),
                  ("queue dtype", {"queue": torch.randn(5, 8).double()}, "queue"),
@@ -119,13 +122,29 @@ SPECIFIC = {
     "debiased_contrastive_loss": [("tau_plus one", {"tau_plus": 1.0}, "tau_plus"),
                                   ("beta negative", {"beta": -1.0}, "beta"),
                                   ("beta beyond fp32", {"beta": 1e38, "temperature": 0.1}, "beta"),
-                                  ("three views", {"features": torch.randn(4, 3, 8)}, "features")],
+                                  ("one view", {"features": torch.randn(4, 1, 8)}, "features")],
     "bcl_loss": [("centers D", {"class_centers": torch.randn(2, 5)}, "class_centers"),
                  ("centers dtype", {"class_centers": torch.randn(2, 8).double()}, "class_centers"),
                  ("centers vector", {"class_centers": torch.randn(8)}, "class_centers"),
                  ("label beyond centers", {"class_centers": torch.randn(1, 8)}, "labels"),
                  ("float labels with centers", {"labels": L.double(), "class_centers": torch.randn(2, 8)}, "labels")],
-    "spread_loss": [("three views", {"features": torch.randn(4, 3, 8)}, "features")],
+    "spread_loss": [("one view", {"features": torch.randn(4, 1, 8)}, "features"),
+                    ("normalize", {"normalize": "yes"}, "normalize")],
+    "symmetric_spread_loss": [("one view", {"features": torch.randn(4, 1, 8)}, "features"),
+                              ("bank labels alone", {"extra_key_labels": [0]}, "extra_key_labels")],
+    "unicon_loss": [("universum rows", {"universum": torch.randn(4, 8)}, "universum"),
+                    ("universum D", {"universum": torch.randn(8, 7)}, "universum"),
+                    ("universum dtype", {"universum": torch.randn(8, 8).double()}, "universum"),
+                    ("universum meta", {"universum": torch.randn(8, 8, device="meta")}, "universum"),
+                    ("universum non-finite (check on)", {"universum": torch.full((8, 8), float("nan"))}, "universum"),
+                    ("contrast_mode", {"contrast_mode": "both"}, "contrast_mode")],
+    "suncet_loss": [("support without labels", {"support": BANK}, "support_labels"),
+                    ("support labels alone", {"support_labels": [0, 1, 2]}, "support_labels"),
+                    ("support D", {"support": BANK[:, :5], "support_labels": [0, 1, 2]}, "support"),
+                    ("support label count", {"support": BANK, "support_labels": [0, 1]}, "support_labels"),
+                    ("support label NaN", {"support": BANK, "support_labels": [0.0, float("nan"), 1.0]},
+                     "support_labels"),
+                    ("contrast_mode", {"contrast_mode": "both"}, "contrast_mode")],
 }
 
 

@@ -48,6 +48,17 @@ CASES = {
     "bcl": (fc.BCLLoss(), lambda m, t: m(t["features"], LABELS)),
     "bcl_centers": (fc.BCLLoss(), lambda m, t: m(t["features"], LABELS, class_centers=t["centers"])),
     "spread": (fc.SpreadLoss(), lambda m, t: m(t["features"], LABELS * 2.5)),
+    "spread_3views_bank": (fc.SpreadLoss(normalize=True), lambda m, t: m(
+        torch.stack([t["features"][:, 0], t["features"][:, 1], t["query"]], 1), LABELS,
+        extra_keys=t["extra"], extra_key_labels=torch.tensor([0, 3, 9, 9]))),
+    "symmetric_spread": (fc.SymmetricSpreadLoss(), lambda m, t: m(t["features"], LABELS)),
+    "dclw_learned": (fc.DCLLoss(weighted=True, detach_weight=False, normalize=True), lambda m, t: m(t["features"])),
+    "debiased_3views": (fc.DebiasedContrastiveLoss(beta=0.5), lambda m, t: m(
+        torch.stack([t["features"][:, 0], t["features"][:, 1], t["key"]], 1))),
+    "unicon": (fc.UniConLoss(contrast_mode="one"), lambda m, t: m(t["features"], torch.cat([t["query"], t["key"]]),
+                                                                 LABELS)),
+    "suncet": (fc.SuNCEtLoss(), lambda m, t: m(t["features"], LABELS, support=t["extra"],
+                                              support_labels=torch.tensor([0, 3, 9, 9]))),
 }
 
 

@@ -407,7 +407,7 @@ def test_formulas_match_pml_ntxent_where_identical(bsz, temperature):
         # without debiasing and hardness, the floor Nn*exp(-1/t) is inactive on unit vectors
         "debiased(tau_plus=0, beta=0)": formulas.debiased(unit, temperature=temperature, tau_plus=0.0, beta=0.0),
         # one class: the denominator is every other row
-        "spread(one class)": formulas.spread(unit, same, temperature=temperature),
+        "symmetric_spread(one class)": formulas.symmetric_spread(unit, same, temperature=temperature),
     }
     (expected_grad,) = torch.autograd.grad(expected, raw)
     for name, value in identical.items():
@@ -436,7 +436,7 @@ def _f(*shape):
 
 
 ERRORS = [
-    ("dcl features [B,3,D]", lambda: fc.dcl_loss(_f(4, 3, 8)), "features"),
+    ("dclw features [B,3,D]", lambda: fc.dcl_loss(_f(4, 3, 8), weighted=True), "features"),
     ("dcl features [B,D]", lambda: fc.dcl_loss(_f(4, 8)), "features"),
     ("info_nce shape mismatch", lambda: fc.info_nce(_f(4, 8), _f(5, 8)), "query|key"),
     ("info_nce dim mismatch", lambda: fc.info_nce(_f(4, 8), _f(4, 9)), "query|key"),

@@ -107,12 +107,20 @@ def _family_calls(bsz, dim, seed=0):
         ("supcon_extra_keys", lambda t, b: fc.supcon_loss(t[0], labels.to(t[0].device), extra_keys=t[1],
                                                            extra_key_labels=labels[: len(queue)].to(t[0].device),
                                                            backend=b), [feats, queue]),
+        ("symmetric_spread", lambda t, b: fc.symmetric_spread_loss(t[0], labels.to(t[0].device), backend=b), [feats]),
+        ("dclw_learned", lambda t, b: fc.dcl_loss(t[0], weighted=True, detach_weight=False, normalize=True,
+                                                  backend=b), [feats]),
+        ("unicon", lambda t, b: fc.unicon_loss(t[0], t[1], labels.to(t[0].device), backend=b),
+         [feats, unit(2 * bsz, dim)]),
+        ("suncet_support", lambda t, b: fc.suncet_loss(t[0], labels.to(t[0].device), support=t[1],
+                                                       support_labels=labels[: len(queue)].to(t[0].device),
+                                                       backend=b), [feats, queue]),
     ]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype,dim", [(torch.float32, 33), (torch.bfloat16, 128), (torch.float16, 255)])
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(12))
 def test_family_parity(backend, dtype, dim, case):
     name, fn, tensors = _family_calls(1023, dim, seed=case)[case]
     rounded = [t.to(dtype) for t in tensors]

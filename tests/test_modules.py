@@ -43,6 +43,14 @@ CASES = {
                 ("class_centers", [[0.6, 0.8, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0, 0, 0.8, 0.6]])),
     "SpreadLoss": (fc.spread_loss, dict(temperature=0.3), lambda f, q, k: ((f, LABELS), {}), ("temperature", 0.0),
                    ("temperature", 0.3)),
+    "SymmetricSpreadLoss": (fc.symmetric_spread_loss, dict(normalize=True), lambda f, q, k: ((f, LABELS), {}),
+                            ("normalize", 1.5), ("temperature", 0.3)),
+    "UniConLoss": (fc.unicon_loss, dict(base_temperature=0.2, contrast_mode="one"),
+                   lambda f, q, k: ((f, torch.cat([q, k]), LABELS), {}), ("contrast_mode", "both"),
+                   ("temperature", 0.3)),
+    "SuNCEtLoss": (fc.suncet_loss, dict(normalize=True), lambda f, q, k: ((f, LABELS), dict(support=q[:3],
+                                                                                          support_labels=LABELS[:3])),
+                   ("contrast_mode", "none"), ("temperature", 0.3)),
 }
 NAMES = list(CASES)
 

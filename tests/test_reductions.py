@@ -75,7 +75,21 @@ CASES = {
                     lambda b: (b,), lambda b: (b, 2), None,
                     lambda t: formulas.bcl(t["f"], t["y"], temperature=t["tau"], class_centers=t["centers"]), 1),
     "spread": (lambda t, **kw: fc.spread_loss(t["f"], t["y"], temperature=t["tau"], **kw),
-               lambda b: (b,), lambda b: (b, 2), None, lambda t: formulas.spread(t["f"], t["y"], temperature=t["tau"]), 1),
+               lambda b: (b,), lambda b: (b,), None, lambda t: formulas.spread(t["f"], t["y"], temperature=t["tau"]), 1),
+    "symmetric_spread": (lambda t, **kw: fc.symmetric_spread_loss(t["f"], t["y"], temperature=t["tau"], **kw),
+                         lambda b: (b, 2), lambda b: (b, 2), None,
+                         lambda t: formulas.symmetric_spread(t["f"], t["y"], temperature=t["tau"]), 1),
+    "dclw_learned": (lambda t, **kw: fc.dcl_loss(t["f"], temperature=t["tau"], weighted=True, detach_weight=False,
+                                                 **kw),
+                     lambda b: (b,), lambda b: (b, 2), None,
+                     lambda t: formulas.dcl(t["f"], temperature=t["tau"], weighted=True, detach_weight=False), 2),
+    "unicon": (lambda t, **kw: fc.unicon_loss(t["f"], t["f"].detach().flip(0), t["y"], temperature=t["tau"], **kw),
+               lambda b: (b, 2), lambda b: (b, 2), None,
+               lambda t: formulas.unicon(t["f"], t["f"].detach().flip(0).transpose(0, 1).reshape(-1, 6), t["y"],
+                                         temperature=t["tau"]), 1),
+    "suncet": (lambda t, **kw: fc.suncet_loss(t["f"], t["y"], temperature=t["tau"], **kw),
+               lambda b: (b, 2), lambda b: (b, 2), None, lambda t: formulas.suncet(t["f"], t["y"], temperature=t["tau"]),
+               1),
 }
 LEAVES = ("f", "tau", "scale", "centers")
 

@@ -6,8 +6,9 @@ best one that can run the input; ``explain_backends`` says why the others cannot
 """
 from .dispatch import BACKEND_CHOICES
 from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSupInfoNCELoss, InfoNCELoss, SpreadLoss,
-                     bcl_loss, clip_loss, dcl_loss, debiased_contrastive_loss, eps_supinfonce_loss, info_nce,
-                     spread_loss)
+                     SuNCEtLoss, SymmetricSpreadLoss, UniConLoss, bcl_loss, clip_loss, dcl_loss,
+                     debiased_contrastive_loss, eps_supinfonce_loss, info_nce, spread_loss, suncet_loss,
+                     symmetric_spread_loss, unicon_loss)
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
 from .siglip import SigLipLoss, siglip_loss
@@ -25,5 +26,6 @@ def explain_backends(features, labels=None, mask=None, **loss_kwargs) -> dict:
 
 __all__ = ["SupConLoss", "supcon_loss", "EpsSupInfoNCELoss", "eps_supinfonce_loss", "DCLLoss", "dcl_loss",
            "InfoNCELoss", "info_nce", "ClipLoss", "clip_loss", "DebiasedContrastiveLoss", "debiased_contrastive_loss",
-           "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "MemoryBank", "MemoryBankLoss", "SigLipLoss",
+           "BCLLoss", "bcl_loss", "SpreadLoss", "spread_loss", "SymmetricSpreadLoss", "symmetric_spread_loss",
+           "UniConLoss", "unicon_loss", "SuNCEtLoss", "suncet_loss", "MemoryBank", "MemoryBankLoss", "SigLipLoss",
            "siglip_loss", "explain_backends", "BACKEND_CHOICES", "compat", "__version__"]

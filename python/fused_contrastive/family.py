@@ -11,11 +11,15 @@ info_nce                  Q = query, K = key (+ queue); positive = key[i]; no se
 clip_loss                 info_nce both ways with tau = 1 / logit_scale
 debiased_contrastive_loss variant "debiased", positives out of the denominator
 bcl_loss                  b_ij = -log(count of key j's class, minus 1 for the anchor's class)
-spread_loss               b_ij = -inf for keys of another class
+spread_loss               view u anchors vs view v < u keys; b_ij = -inf for keys of another class
+symmetric_spread_loss     every view an anchor; b_ij = -inf for keys of another class
+unicon_loss               keys = the universum rows (labelled by their source sample), self's out
+suncet_loss               variant "in" (L_in) minus the constant mean log |P_i|; support = extra keys
 ========================  ==============================================================
 
 Every loss also has a module form (``SupConLoss``, ``EpsSupInfoNCELoss``, ``DCLLoss``, ``InfoNCELoss``,
-``ClipLoss``, ``DebiasedContrastiveLoss``, ``BCLLoss``, ``SpreadLoss``): the constructor takes the function's
+``ClipLoss``, ``DebiasedContrastiveLoss``, ``BCLLoss``, ``SpreadLoss``, ``SymmetricSpreadLoss``, ``UniConLoss``,
+``SuNCEtLoss``): the constructor takes the function's
 settings (validated there, with the function's ValueErrors), ``forward`` the per-call tensors, and it calls
 the function. Tensor settings given to the constructor (temperature, logit_scale, logit_bias, class_centers)
 are registered: an ``nn.Parameter`` as a parameter, any other tensor as a buffer. The constructor's defaults
@@ -35,6 +39,7 @@ ClipLoss logit_scale        None (constructor   required           open_clip pas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Optional
@@ -50,7 +55,7 @@ from .losses import (CONTRAST_MODES, _accum_dtype, _check_base_temperature, _che
                      _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, _check_weight, _reduced,
                      _view_weight, _views_layout, dense_ids, supcon_spec, tau_unknown, PAIRS_REDUCTION_DOC,
                      VIEWS_REDUCTION_DOC)
-from .spec import REDUCTIONS, ContrastSpec, DenominatorBias
+from .spec import REDUCTIONS, ContrastSpec, DenominatorBias, mean_divisor, normalize_rows
 
 
 def _number(name: str, value, low: float = -math.inf, high: float = math.inf, *, closed_high: bool = True) -> float:
@@ -98,15 +103,6 @@ def _check_logit_bias(logit_bias) -> None:
         _check_finite(logit_bias=logit_bias)
     elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real)):
         raise ValueError(f"logit_bias must be a number or a one-element tensor, got {type(logit_bias).__name__}")
-
-
-def _two_views(features, min_bsz: int, loss: str) -> Tensor:
-    features = _flatten_views(features)
-    _check_finite(features=features)
-    if features.shape[1] != 2 or features.shape[0] < min_bsz:
-        raise ValueError(f"features must be [bsz, 2, D] (two views per sample) with bsz >= {min_bsz} for {loss}, "
-                         f"got shape {tuple(features.shape)}")
-    return features
 
 
 def _without_positives(spec: ContrastSpec) -> DenominatorBias:
@@ -188,7 +184,7 @@ _GROUP_DOC = """
 @deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", backend="auto", process_group=None, distributed="gather", extra_keys=None,
-                        extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
+                        extra_key_labels=None, reduction="mean", weight=None, normalize=False) -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
     Each positive p of anchor i has its own denominator ``exp(l_ip - epsilon) + sum_n exp(l_in)`` over the
@@ -197,6 +193,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     anchor without positives. ``features [bsz, n_views, D]``; no labels: the other views are the positives.
     Computed as two statistics per row (LSE_N, then the per-positive softplus terms), never an N x N buffer.
     ``extra_keys`` / ``extra_key_labels``: keys that are never anchors (a memory bank), as in ``supcon_loss``.
+    ``normalize=True`` L2-normalises every row (views and extra keys) first.
     """
     epsilon = _number("epsilon", epsilon, 0.0)
     features = _flatten_views(features)
@@ -205,7 +202,8 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
-                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels)
+                           contrast_mode=contrast_mode, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           normalize=normalize)
         return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
@@ -216,41 +214,84 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
 
 @agreed
 @deferred_errors
-def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
-             distributed="gather", extra_keys=None, reduction="mean", weight=None) -> Tensor:
-    """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, 2, D]``, bsz >= 2.
+def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
+             backend="auto", process_group=None, distributed="gather", extra_keys=None, reduction="mean",
+             weight=None) -> Tensor:
+    """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, n_views, D]``, n_views >= 2, bsz >= 2.
 
-    All 2·bsz views are anchors; a view's positive is the other view of its sample; its denominator is the
-    other 2·bsz - 2 views (the positive removed): ``L_i = -w_i l_ip + log sum_n exp(l_in)``, mean over anchors.
-    ``weighted=True`` is DCLW: ``w = 2 - bsz * softmax_b(cos(view1_b, view2_b) / sigma)`` per sample (the same
-    as 2·bsz times a softmax over the 2·bsz directed pairs), computed from the raw cosine of the two views and
-    detached, as in the authors' code: it steers which pairs matter, it is not trained through.
-    ``extra_keys [E, D]`` (a memory bank): more negatives in every anchor's denominator, never anchors.
+    All n_views·bsz views are anchors; a view's positives are the other views of its sample, its denominator
+    the views of the other samples (the positives removed): ``L_i = -w_i mean_p l_ip + log sum_n exp(l_in)``,
+    mean over anchors (with 2 views: the other view is the one positive).
+    ``weighted=True`` is DCLW (2 views only): ``w = 2 - bsz * softmax_b(s_b / sigma)`` per sample (the same
+    for both of its views). ``detach_weight=True`` (default; lightly's form): s_b is the cosine of the sample's
+    two views and w is a constant to autograd (it steers which pairs matter, it is not trained through).
+    ``detach_weight=False``: the authors' reference code: s_b is the dot product of the two views as given
+    (the same as the cosine on unit-norm features, or with ``normalize=True``) and the gradient flows through
+    w too (an O(bsz) chain through the s_b, added by autograd next to the fused loss).
+    ``normalize=True`` L2-normalises every row first. ``extra_keys [E, D]`` (a memory bank): more negatives
+    in every anchor's denominator, never anchors.
     """
-    features = _two_views(features, 1 if process_group is not None else 2, "dcl_loss")
+    features = _views(features, 1 if process_group is not None else 2, "dcl_loss")
     _check_choice("weighted", weighted, (False, True))
+    _check_choice("detach_weight", detach_weight, (False, True))
+    _check_choice("normalize", normalize, (False, True))
     sigma = _check_sigma(sigma)
+    if weighted and features.shape[1] != 2:
+        raise ValueError(f"features must have 2 views for weighted=True (DCLW weighs the pair of views), got "
+                         f"{features.shape[1]}")
     if weighted:  # DCLW divides a cosine (up to 1) by sigma
         _check_inverse("sigma", sigma, _accum_dtype(features), overflows="cosine / sigma")
 
-    def view_cosine(f):  # per sample: the cosine of its two views, in the accumulation dtype
+    def pair_weight(f, learned):
+        """w per sample, [bsz]: from the cosine (detached) or, learned, from the dot product of the views."""
+        acc = _accum_dtype(f)
+        first, second = f[:, 0].to(acc), f[:, 1].to(acc)
+        if normalize:
+            first, second = normalize_rows(first, acc), normalize_rows(second, acc)
+        if learned:
+            similarity = (first * second).sum(1)
+        else:
+            similarity = torch.nn.functional.cosine_similarity(first.detach(), second.detach(), dim=1)
+        return 2 - f.shape[0] * torch.softmax(similarity / sigma, dim=0)
+
+    def view_cosine(f):  # per sample: the cosine of its two views (the same on normalised rows), detached
         acc = _accum_dtype(f)
         with torch.no_grad():
             return torch.nn.functional.cosine_similarity(f[:, 0].to(acc), f[:, 1].to(acc), dim=1)
 
     def build(f, _, cosine=None):  # ring mode passes the global batch's cosines (f is then a placeholder)
-        _two_views(f, 2, "dcl_loss")  # the (global) batch needs a negative
-        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)
+        _views(f, 2, "dcl_loss")  # the (global) batch needs a negative
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys, normalize=normalize)
         weight = None
         if weighted:
             with torch.no_grad():
-                cosine = view_cosine(f) if cosine is None else cosine
-                weight = (2 - f.shape[0] * torch.softmax(cosine / sigma, dim=0)).repeat(2)
+                if cosine is None:
+                    weight = pair_weight(f, not detach_weight)
+                else:  # detached weight only: the learned one is refused in ring mode before this
+                    weight = 2 - f.shape[0] * torch.softmax(cosine / sigma, dim=0)
+                weight = weight.repeat(2)
         return dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight)
 
-    return _views_loss(build, features, None, backend=backend, process_group=process_group,
-                       distributed=distributed, reduction=reduction, weight=weight,
-                       sample_stat=view_cosine if weighted else None)
+    def weight_gradient(specs, f, _):
+        """Per anchor row, zero, with the gradient of its loss through w: row i of sample b has the term
+        -w_b l_b (one positive, the other view: l_b = z_b0 . z_b1 / tau), so its derivative in w_b is -l_b,
+        which the rows -(w_b - w_b.detach()) l_b.detach() carry (reduced as the loss's rows are)."""
+        weight = pair_weight(f, True)
+        with torch.no_grad():
+            acc = specs[0].accum_dtype
+            first, second = f[:, 0].to(acc), f[:, 1].to(acc)
+            if normalize:
+                first, second = normalize_rows(first, acc), normalize_rows(second, acc)
+            tau = specs[0].temperature
+            tau = tau.detach().to(acc) if isinstance(tau, Tensor) else tau
+            positive_logit = (first * second).sum(1) / tau
+        return (-(weight - weight.detach()) * positive_logit).repeat(2)
+
+    adjust = weight_gradient if weighted and not detach_weight else None
+    return _blocks_loss([build], (features, None), features.shape[1], backend=backend, process_group=process_group,
+                        adjust=adjust, reduction=reduction, weight=weight, distributed=distributed,
+                        loss="dcl_loss (weighted=True, detach_weight=False)",
+                        sample_stat=view_cosine if weighted else None)
 
 
 # ----------------------------------------------------------------------------- InfoNCE / MoCo / CLIP
@@ -297,15 +338,18 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 @agreed
 @deferred_errors
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
-             backend="auto", process_group=None, distributed="gather", reduction="mean", weight=None) -> Tensor:
+             backend="auto", process_group=None, distributed="gather", reduction="mean", weight=None,
+             normalize=False) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
 
     The denominator holds every key and every ``queue [Qn, D]`` row (MoCo v3 / CLIP-row style);
     ``in_batch_negatives=False`` keeps only the positive and the queue (MoCo v1/v2). Queue rows get no
     gradient. ``symmetric=True`` averages the query->key and key->query losses (no queue then).
-    Features are used as given (normalise them first). Mean over rows.
+    Features are used as given, or L2-normalised first (queries, keys, queue) with ``normalize=True``.
+    Mean over rows.
     """
     _pair("query", query, "key", key)
+    _check_choice("normalize", normalize, (False, True))
     _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
     _check_choice("symmetric", symmetric, (False, True))
     if queue is not None:
@@ -319,10 +363,10 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
         if symmetric:
             raise ValueError("symmetric=True cannot be combined with a queue (the queue has no anchors)")
     def build(q, k):
-        return _info_nce_spec(q, k, temperature, queue, in_batch_negatives)
+        return dataclasses.replace(_info_nce_spec(q, k, temperature, queue, in_batch_negatives), normalize=normalize)
 
     def build_reverse(q, k):
-        return _info_nce_spec(k, q, temperature, None, in_batch_negatives)
+        return dataclasses.replace(_info_nce_spec(k, q, temperature, None, in_batch_negatives), normalize=normalize)
 
     names = [("query", "key", "temperature"), ("key", "query", "temperature")]
     losses = _pairs_loss([build, build_reverse] if symmetric else [build], query, key, backend=backend,
@@ -334,7 +378,7 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
 @agreed
 @deferred_errors
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
-              process_group=None, distributed="gather", reduction="mean", weight=None) -> Tensor:
+              process_group=None, distributed="gather", reduction="mean", weight=None, normalize=False) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
 
     ``logits = logit_scale * image @ text.T``; the loss is the mean of the row-wise (image -> text) and
@@ -343,9 +387,11 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
     which gets its gradient when it requires grad. The column direction is a second pass with the roles
     swapped (its own per-row LSE = the column LSE of the first), never the full matrix.
     ``logit_bias`` (open_clip adds it to every logit) cannot change a softmax cross-entropy: it is accepted,
-    gets a zero gradient, and leaves the loss as it is.
+    gets a zero gradient, and leaves the loss as it is. ``normalize=True`` L2-normalises every image and text
+    row first (open_clip's models do that before the loss).
     """
     _pair("image_features", image_features, "text_features", text_features)
+    _check_choice("normalize", normalize, (False, True))
     scale_value = _check_logit_scale(logit_scale)
     traced = math.isnan(scale_value)
     if not traced:
@@ -360,10 +406,12 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
     _check_logit_bias(logit_bias)
 
     def image_to_text(image, text):
-        return _info_nce_spec(image, text, temperature, None, True, 1.0 / scale_value)
+        return dataclasses.replace(_info_nce_spec(image, text, temperature, None, True, 1.0 / scale_value),
+                                   normalize=normalize)
 
     def text_to_image(image, text):  # the column direction: its per-row LSE is the column LSE of the other
-        return _info_nce_spec(text, image, temperature, None, True, 1.0 / scale_value)
+        return dataclasses.replace(_info_nce_spec(text, image, temperature, None, True, 1.0 / scale_value),
+                                   normalize=normalize)
 
     names = [("image_features", "text_features", "logit_scale"), ("text_features", "image_features", "logit_scale")]
     rows, cols = _pairs_loss([image_to_text, text_to_image], image_features, text_features, backend=backend,
@@ -379,33 +427,49 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
 @agreed
 @deferred_errors
-def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto",
+def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
                               process_group=None, distributed="gather", extra_keys=None, reduction="mean",
                               weight=None) -> Tensor:
-    """Debiased contrastive loss (Chuang et al.) for ``features [bsz, 2, D]``, bsz >= 2, with Robinson et
-    al.'s hard-negative reweighting when ``beta > 0``.
+    """Debiased contrastive loss (Chuang et al.) for ``features [bsz, n_views, D]``, n_views >= 2, bsz >= 2,
+    with Robinson et al.'s hard-negative reweighting when ``beta > 0``.
 
-    For the 2·bsz anchors, with the positive p (other view) and the n = 2·bsz - 2 negatives:
+    For each anchor view and each of its positives p (another view of its sample), with the n negatives
+    (the views of the other samples: n = n_views·(bsz - 1)):
     ``Ng = max((n * sum_n e^{(1+beta) l_in} / sum_n e^{beta l_in} - tau_plus * n * e^{l_ip}) / (1 - tau_plus),
-    n * e^{-1/temperature})`` and ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over anchors. The clamp
-    assumes L2-normalised features (cosine >= -1), as the papers do. Computed in log space.
+    n * e^{-1/temperature})`` and ``L_ip = -log(e^{l_ip} / (e^{l_ip} + Ng))``, mean over the (anchor,
+    positive) pairs: with 2 views the papers' loss over the 2·bsz anchors, with more each pair of views
+    counts as one such anchor (``reduction="none"``: ``[bsz, n_views (n_views - 1)]``, the ordered pairs
+    (0, 1), (0, 2), ..., (1, 0), ...; ``weight`` then ``[bsz]``). The clamp assumes L2-normalised features
+    (cosine >= -1), as the papers do
+    (``normalize=True`` normalises every row first). Computed in log space.
     ``extra_keys [E, D]`` (a memory bank): more negatives (n grows by E), never anchors.
     """
-    features = _two_views(features, 1 if process_group is not None else 2, "debiased_contrastive_loss")
+    features = _views(features, 1 if process_group is not None else 2, "debiased_contrastive_loss")
     tau_plus = _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
     beta = _number("beta", beta, 0.0)
+    _check_choice("normalize", normalize, (False, True))
+    n_views = features.shape[1]
 
-    def build(f, _):
-        _two_views(f, 2, "debiased_contrastive_loss")  # the (global) batch needs a negative
-        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)
+    def debiased(spec):
         # The hard-negative terms exponentiate (1 + beta) l_ij: up to (1 + beta) / temperature for unit features.
         if not math.isnan(spec.tau_float):  # NaN: unknown while tracing; the op checks the same range
             _check_scale("beta", (1.0 + beta) / spec.tau_float, spec.accum_dtype, "(1 + beta) / temperature")
-        return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta,
-                                   den_bias=_without_positives(spec))
+        return dataclasses.replace(spec, variant="debiased", tau_plus=tau_plus, beta=beta)
 
-    return _views_loss(build, features, None, backend=backend, process_group=process_group,
-                       distributed=distributed, reduction=reduction, weight=weight)
+    def build(f, _):
+        _views(f, 2, "debiased_contrastive_loss")  # the (global) batch needs a negative
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys, normalize=normalize)
+        return debiased(dataclasses.replace(spec, den_bias=_without_positives(spec)))
+
+    if n_views == 2:
+        builds = [build]
+    else:  # one spec per ordered pair of views (u, v): view u's anchors, view v's row of the sample as positive
+        builds = [functools.partial(_pair_spec, u=u, v=v, temperature=temperature, normalize=normalize,
+                                    extra_keys=extra_keys, finish=debiased)
+                  for u in range(n_views) for v in range(n_views) if u != v]
+    return _blocks_loss(builds, (features, None), 2 if n_views == 2 else 1, backend=backend,
+                        process_group=process_group, reduction=reduction, weight=weight, distributed=distributed,
+                        loss="debiased_contrastive_loss (n_views > 2)")
 
 
 # ----------------------------------------------------------------------------- BCL
@@ -413,7 +477,8 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 @agreed
 @deferred_errors
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
-             distributed="gather", extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
+             distributed="gather",
+             extra_keys=None, extra_key_labels=None, reduction="mean", weight=None, normalize=False) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
     SupCon (L_out, scale 1) whose denominator weighs each key by one over the batch count of its class,
@@ -422,7 +487,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
     label c (labels must then be integers in [0, C)); they count in the histogram, are positives of their
     class and get gradients. Mean over the view rows; an anchor without positives has loss 0.
     ``extra_keys`` / ``extra_key_labels`` (a memory bank): labelled keys after the centers, counted in the
-    histogram like every key, never anchors.
+    histogram like every key, never anchors. ``normalize=True`` L2-normalises every row (views, centers, bank)
+    first (the authors normalise their centers).
     """
     features = _flatten_views(features)
     _check_finite(features=features)
@@ -453,7 +519,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         extra_key_labels = torch.cat([center_labels, extra_key_labels])
 
     def build(f, y):
-        spec = supcon_spec(f, y, temperature=temperature, extra_keys=extra_keys, extra_key_labels=extra_key_labels)
+        spec = supcon_spec(f, y, temperature=temperature, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                           normalize=normalize)
         acc, key_labels = spec.accum_dtype, spec.key_labels
         count = torch.zeros(spec.num_classes, dtype=acc, device=spec.device)
         count.index_add_(0, key_labels, torch.ones(key_labels.shape[0], dtype=acc, device=spec.device))
@@ -470,34 +537,321 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 
 @agreed
 @deferred_errors
-def spread_loss(features, labels, *, temperature=0.5, backend="auto", process_group=None, distributed="gather",
+def spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="auto", process_group=None,
+                distributed="gather",
                 extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
-    """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022, for ``features [bsz, 2, D]``:
-    a view's positive is the other view of its sample, its denominator the keys of its own class only
-    (self excluded): ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``, mean over the 2·bsz anchors.
-    ``extra_keys`` / ``extra_key_labels`` (a memory bank): never positives, in the denominators of their class."""
-    features = _two_views(features, 1, "spread_loss")
+    """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022 ("Perfectly Balanced"), as the
+    authors' code computes it, for ``features [bsz, n_views, D]``, n_views >= 2, and ``labels [bsz]``.
+
+    For each pair of views u > v, view u's rows are the anchors and view v's rows the keys: anchor i's
+    positive is its own sample's row k_i, its denominator the keys of its class, the positive included:
+    ``L_i = -l_ii + log sum_{j: y_j = y_i} exp(l_ij)`` with ``l_ij = z_{u,i} . z_{v,j} / temperature``;
+    the loss is the mean over anchors, averaged over the n_views (n_views - 1) / 2 pairs (with 2 views:
+    view 1 against view 0 only). ``normalize=True`` L2-normalises every row first (the authors' ``lc_norm``).
+    ``extra_keys`` / ``extra_key_labels`` (a memory bank): keys of every pair, never positives, in the
+    denominators of their class. ``symmetric_spread_loss`` is the form with every view as an anchor.
+    ``reduction="none"`` gives ``[bsz]`` with 2 views (view 1's rows), ``[bsz, n_pairs]`` with more (pairs in
+    the order (1, 0), (2, 0), (2, 1), ...); ``weight`` is ``[bsz]`` (every row of the sample).
+    """
+    features = _views(features, 1, "spread_loss")
     if labels is None:
         raise ValueError("labels must be given for spread_loss (one class per sample: its denominator's keys)")
     labels = _check_labels(labels, features.shape[0], features.device)
+    _check_choice("normalize", normalize, (False, True))
+    extra_keys, extra_key_labels = _bank(extra_keys, extra_key_labels, features)
+    n_views = features.shape[1]
+    builds = [functools.partial(_spread_pair_spec, u=u, v=v, temperature=temperature, normalize=normalize,
+                                extra_keys=extra_keys, extra_key_labels=extra_key_labels)
+              for u in range(1, n_views) for v in range(u)]
+    return _blocks_loss(builds, (features, labels), 1, backend=backend, process_group=process_group,
+                        reduction=reduction, weight=weight, distributed=distributed, loss="spread_loss")
+
+
+# ----------------------------------------------------------------------------- more of the family
+
+def _views(features, min_bsz: int, loss: str) -> Tensor:
+    """[bsz, n_views, D] with n_views >= 2 and bsz >= min_bsz."""
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    if features.shape[1] < 2 or features.shape[0] < min_bsz:
+        raise ValueError(f"features must be [bsz, n_views, D] with n_views >= 2 and bsz >= {min_bsz} for {loss}, "
+                         f"got shape {tuple(features.shape)}")
+    return features
+
+
+def _bank(extra_keys, extra_key_labels, features):
     if extra_keys is not None:
-        extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features)
-    elif extra_key_labels is not None:
+        return _extra_keys(extra_keys, extra_key_labels, features)
+    if extra_key_labels is not None:
         raise ValueError("extra_key_labels was given without extra_keys")
+    return None, None
+
+
+def _tau(temperature, acc: torch.dtype):
+    """(temperature as the spec takes it, its value: NaN while tracing, when the op checks the range)."""
+    temperature = _check_temperature("temperature", temperature)
+    tau_float = tau_unknown(temperature) if isinstance(temperature, Tensor) else temperature
+    if not math.isnan(tau_float):
+        _check_inverse("temperature", tau_float, acc)
+    return temperature, tau_float
+
+
+def _blocks_loss(builds, tensors: tuple, blocks: int, *, backend: str, process_group, adjust=None,
+                 reduction: str = "mean", weight=None, distributed: str = "gather", loss: str = "",
+                 sample_stat=None) -> Tensor:
+    """The loss over ``build(*tensors) -> spec`` for every build (specs with as many anchor rows each), each
+    spec's anchors being ``blocks`` blocks of one row per sample (block-major), on this process's batch or on
+    the global batch of ``process_group`` (the per-sample ``tensors`` gathered; each rank computes its own rows
+    of every block). ``reduction`` over all the specs' rows: "mean" (every spec has the same rows and weights,
+    so the mean of the specs' means), "sum", or "none": ``[bsz, len(builds) * blocks]`` (``[bsz]`` when that
+    is one column). ``weight``: ``[bsz]``, or ``[bsz, blocks]`` (per block) for a single spec.
+    ``adjust(specs, *tensors) -> [Na]`` (the first spec's rows, global): terms added to the rows and reduced
+    with them: constants of the batch, or zero-valued terms carrying a gradient the specs cannot (they see the
+    global tensors: the gather's backward then makes their gradient world_size x this rank's share)."""
+    _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("distributed", distributed, ("gather", "ring"))
+    _not_compiled(process_group)
+    if process_group is not None and distributed == "ring":
+        # One spec whose anchors are every view row of (features, labels), nothing added to its rows: the
+        # views loss exactly (same rows, layout and weights), which the ring driver runs.
+        views = len(builds) == 1 and adjust is None and len(tensors) == 2 and blocks == tensors[0].shape[1]
+        if not views:  # several specs, an adjusting term or a third per-sample tensor: not in the driver yet
+            raise ValueError(f"distributed='ring' is not available for {loss} with these arguments in this version "
+                             f"(use distributed='gather')")
+        return _views_loss(builds[0], *tensors, backend=backend, process_group=process_group, reduction=reduction,
+                           weight=weight, distributed="ring", sample_stat=sample_stat)
+    bsz, device = tensors[0].shape[0], tensors[0].device
+    shapes = [(bsz,)] + ([(bsz, blocks)] if blocks > 1 and len(builds) == 1 else [])
+    weight = _check_weight(weight, shapes, device, "one per sample" + (", or per view" if len(shapes) > 1 else ""))
+    world, ranges = 1, None
+    if process_group is None:
+        specs = [_reduced(build(*tensors), reduction, weight, blocks) for build in builds]
+        results = [compiled.run(spec, backend) for spec in specs]
+    else:
+        from . import distributed
+
+        batch = distributed.gather_batch(process_group, *tensors, weight)
+        tensors, weight = tuple(batch.tensors[:-1]), batch.tensors[-1]
+        weight = None if weight is None else weight.detach()  # as run_rows: no gradient of their own here
+        specs = [_reduced(build(*tensors), reduction, weight, blocks) for build in builds]
+        ranges = distributed.view_ranges(batch, blocks)
+        world = torch.distributed.get_world_size(process_group)
+        results = [distributed.run_rows(spec, ranges, process_group, backend) for spec in specs]
+    adjusted = None
+    if adjust is not None:
+        spec = specs[0]
+        adjusted = adjust(specs, *tensors)
+        if spec.row_weight is not None:
+            adjusted = adjusted * spec.row_weight.to(adjusted.dtype)
+        if reduction != "none":
+            has_pos = spec.pos_count() > 0
+            adjusted = adjusted.sum() / mean_divisor(spec, has_pos)
+        elif ranges is not None:  # this rank's rows, with the gradient scale of run_rows' rows
+            adjusted = torch.cat([adjusted[start:stop] for start, stop in ranges])
+            adjusted = world * adjusted - ((world - 1) * adjusted).detach()
+    if reduction != "none":
+        loss = results[0] if len(results) == 1 else torch.stack(results).sum()
+        loss = loss / len(results) if reduction == "mean" else loss
+        return loss if adjusted is None else loss + adjusted
+    if adjusted is not None:
+        results[0] = results[0] + adjusted
+    rows = torch.cat([r.reshape(blocks, -1).transpose(0, 1) for r in results], dim=1)  # [bsz, specs * blocks]
+    return rows[:, 0] if rows.shape[1] == 1 else rows
+
+
+def _view_rows(f: Tensor, view: int) -> Tensor:
+    return f[:, view]
+
+
+def _spread_pair_spec(f, y, *, u: int, v: int, temperature, normalize: bool, extra_keys, extra_key_labels
+                      ) -> ContrastSpec:
+    """Anchors: view u; keys: view v (then the bank); positive: the anchor's own sample; denominator: the
+    keys of the anchor's class (b = 0 there, -inf elsewhere)."""
+    bsz, device = f.shape[0], f.device
+    acc = _accum_dtype(f)
+    temperature, tau_float = _tau(temperature, acc)
+    ids = torch.arange(bsz, device=device)
+    keys, key_labels = _view_rows(f, v), ids
+    if extra_keys is not None:  # one class numbering for samples and bank, compared as torch.eq
+        y = torch.cat(_common_labels(y, extra_key_labels))
+        keys = torch.cat([keys, extra_keys])
+        key_labels = torch.cat([ids, torch.full((extra_keys.shape[0],), bsz, device=device)])  # never positives
+    classes, num_classes = dense_ids(y)
+    same = torch.zeros(num_classes, dtype=acc, device=device)
+    den_bias = DenominatorBias(classes[:bsz], classes, same, torch.full_like(same, float("-inf")))
+    return ContrastSpec(anchors=_view_rows(f, u), keys=keys, self_offset=None, anchor_labels=ids,
+                        key_labels=key_labels, num_classes=bsz + 1, mask=None, temperature=temperature,
+                        base_temperature=None, no_positive="zero", normalize=normalize, tau_float=tau_float,
+                        den_bias=den_bias)
+
+
+def _pair_spec(f, _, *, u: int, v: int, temperature, normalize: bool, extra_keys, finish) -> ContrastSpec:
+    """Anchors: view u; keys: every view (then ``extra_keys``); positive: the anchor's sample in view v;
+    denominator: the other samples' views and the extra keys (its own sample's views out). ``finish(spec)``
+    sets the row formula."""
+    bsz, n_views, dim = f.shape
+    device, acc = f.device, _accum_dtype(f)
+    temperature, tau_float = _tau(temperature, acc)
+    ids = torch.arange(bsz, device=device)
+    keys = f.transpose(0, 1).reshape(n_views * bsz, dim)
+    none = torch.full((bsz,), bsz, device=device)  # a class no anchor has
+    key_labels = torch.cat([ids if view == v else none for view in range(n_views)])
+    groups = ids.repeat(n_views)
+    if extra_keys is not None:
+        extra_keys, _ = _extra_keys(extra_keys, None, f, labelled=False)
+        keys = torch.cat([keys, extra_keys])
+        extra = torch.full((extra_keys.shape[0],), bsz, device=device)
+        key_labels, groups = torch.cat([key_labels, extra]), torch.cat([groups, extra])
+    same = torch.full((bsz + 1,), float("-inf"), dtype=acc, device=device)
+    den_bias = DenominatorBias(ids, groups, same, torch.zeros_like(same))
+    return finish(ContrastSpec(anchors=_view_rows(f, u), keys=keys, self_offset=None, anchor_labels=ids,
+                               key_labels=key_labels, num_classes=bsz + 1, mask=None, temperature=temperature,
+                               base_temperature=None, no_positive="zero", normalize=normalize,
+                               tau_float=tau_float, den_bias=den_bias))
+
+
+@agreed
+@deferred_errors
+def symmetric_spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="auto", process_group=None,
+                          distributed="gather",
+                          extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
+    """Class-conditional InfoNCE with every view as an anchor (NT-Xent restricted to the anchor's class),
+    for ``features [bsz, n_views, D]``, n_views >= 2: a view's positives are the other views of its sample,
+    its denominator every other view of its class (self excluded, the positives included):
+    ``L_i = -mean_p l_ip + log sum_{j != i: y_j = y_i} exp(l_ij)``, mean over the n_views·bsz anchors.
+
+    This was this package's ``spread_loss`` before it followed the authors' code (``spread_loss``: view u
+    against view v < u only). It is kept under its own name because it is symmetric in the views, as
+    SimCLR's NT-Xent is: every view row is both an anchor and a key of every other row (with 2 views, 2·bsz
+    anchors against 2·bsz - 1 keys each, where the authors' form has bsz against bsz), so no view is
+    privileged and a batch gives about four times the pairs. The two differ on the same batch.
+    ``extra_keys`` / ``extra_key_labels`` (a memory bank): never positives, in the denominators of their class.
+    """
+    features = _views(features, 1, "symmetric_spread_loss")
+    if labels is None:
+        raise ValueError("labels must be given for symmetric_spread_loss (one class per sample: its denominator's "
+                         "keys)")
+    labels = _check_labels(labels, features.shape[0], features.device)
+    _check_choice("normalize", normalize, (False, True))
+    extra_keys, extra_key_labels = _bank(extra_keys, extra_key_labels, features)
+    n_views = features.shape[1]
 
     def build(f, y):
         bsz = f.shape[0]
         if extra_keys is not None:  # one class numbering for samples and bank, compared as torch.eq
             y = torch.cat(_common_labels(y, extra_key_labels))
         ids, num_classes = dense_ids(y)
-        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys)  # bank keys: never positives
-        classes = torch.cat([ids[:bsz].repeat(2), ids[bsz:]])
+        spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys, normalize=normalize)  # bank: no positive
+        classes = torch.cat([ids[:bsz].repeat(n_views), ids[bsz:]])
         same = torch.zeros(num_classes, dtype=spec.accum_dtype, device=spec.device)
         den_bias = DenominatorBias(classes[: spec.num_anchors], classes, same, torch.full_like(same, float("-inf")))
         return dataclasses.replace(spec, den_bias=den_bias)
 
-    return _views_loss(build, features, labels, backend=backend, process_group=process_group,
-                       distributed=distributed, reduction=reduction, weight=weight)
+    return _blocks_loss([build], (features, labels), n_views, backend=backend, process_group=process_group,
+                        reduction=reduction, weight=weight, distributed=distributed, loss="symmetric_spread_loss")
+
+
+def _universum_views(universum, features: Tensor) -> Tensor:
+    """The universum as [bsz, n_views, D] (given so, or view-major [n_views·bsz, D] as the authors stack it)."""
+    bsz, n_views, dim = features.shape
+    if isinstance(universum, Tensor) and universum.dim() == 2 and tuple(universum.shape) == (bsz * n_views, dim):
+        universum = universum.reshape(n_views, bsz, dim).transpose(0, 1)
+    if not isinstance(universum, Tensor) or tuple(universum.shape) != (bsz, n_views, dim):
+        shape = tuple(universum.shape) if isinstance(universum, Tensor) else type(universum).__name__
+        raise ValueError(f"universum must be a tensor of shape [n_views * bsz, D] = [{n_views * bsz}, {dim}] "
+                         f"(view-major, one universum row per view row) or [bsz, n_views, D], got {shape}")
+    _check_data("universum", universum)
+    if universum.dtype != features.dtype or universum.device != features.device:
+        raise ValueError(f"universum must have the features' dtype and device ({features.dtype}, {features.device}), "
+                         f"got {universum.dtype} on {universum.device}")
+    _check_finite(universum=universum)
+    return universum
+
+
+@agreed
+@deferred_errors
+def unicon_loss(features, universum, labels, *, temperature=0.1, base_temperature=None, contrast_mode="all",
+                normalize=False, backend="auto", process_group=None, distributed="gather", reduction="mean",
+                weight=None) -> Tensor:
+    """UniCon (Han et al., "Universum-inspired Supervised Contrastive Learning"), as the authors' code computes it.
+
+    ``features [bsz, n_views, D]``, ``labels [bsz]``, ``universum`` one row per view row: ``[n_views·bsz, D]``
+    stacked view-major as the authors do (row v·bsz + b: the mixup of view v of sample b with a sample of
+    another class, built by the user), or ``[bsz, n_views, D]``. The keys are the universum rows only; universum
+    row j carries the label of the sample it was mixed from, and the anchor's own row's universum (j = i) is
+    out: ``L_i = -(c/|P_i|) sum_{p in P_i} [l_ip - log sum_{j != i} exp(l_ij)]``, ``l_ij = z_i . u_j / tau``,
+    P_i the universum rows of the anchor's class (j != i), c = temperature / base_temperature (1 when None;
+    the authors' module has 0.1 / 0.1). Anchors: every view row ("all") or view 0 ("one"); mean over anchors,
+    0 for an anchor without positives (the authors' code divides 0 by 0 there). The universum gets gradients.
+    """
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    universum = _universum_views(universum, features)
+    if labels is None:
+        raise ValueError("labels must be given for unicon_loss (the universum's positives are by label)")
+    labels = _check_labels(labels, features.shape[0], features.device)
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+    _check_choice("normalize", normalize, (False, True))
+
+    def build(f, y, u):
+        spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
+                           contrast_mode=contrast_mode, normalize=normalize)
+        keys = u.transpose(0, 1).reshape(-1, u.shape[-1])  # view-major, as the views
+        anchors = spec.keys if contrast_mode == "all" else spec.keys[: f.shape[0]]
+        return dataclasses.replace(spec, anchors=anchors, keys=keys)  # self_offset 0: universum row i is out
+
+    blocks = features.shape[1] if contrast_mode == "all" else 1
+    return _blocks_loss([build], (features, labels, universum), blocks, backend=backend, process_group=process_group,
+                        reduction=reduction, weight=weight, distributed=distributed, loss="unicon_loss")
+
+
+@agreed
+@deferred_errors
+def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", normalize=False, support=None,
+                support_labels=None, backend="auto", process_group=None, distributed="gather", reduction="mean",
+                weight=None) -> Tensor:
+    """SuNCEt (Assran et al., "Supervision Accelerates Pre-training in Contrastive Semi-Supervised Learning"):
+    ``L_i = -log sum_{p in P_i} softmax_i(p) = log sum_{j != i} exp(l_ij) - log sum_{p in P_i} exp(l_ip)``,
+    minus the log of the summed probability of the keys of the anchor's class, ``l_ij = z_i . z_j / tau``.
+
+    The keys (the support set) are the batch's view rows (self excluded) and the labelled ``support [S, D]``
+    rows (``support_labels [S]``; never anchors). It is SupCon's L_in without its log |P_i| term:
+    ``L_suncet_i = L_in_i - log |P_i|``, a constant of the labels, so the gradients are L_in's and the loss is
+    computed as L_in's spec minus the mean of log |P_i|. ``features [bsz, n_views, D]`` (the authors: one view,
+    normalised: ``normalize=True``); anchors every view row ("all") or view 0 ("one"); mean over anchors, 0 for
+    an anchor without positives (the authors' code gives -log 0 = inf there).
+    """
+    features = _flatten_views(features)
+    _check_finite(features=features)
+    if labels is None:
+        raise ValueError("labels must be given for suncet_loss (the positives are the keys of the anchor's class)")
+    labels = _check_labels(labels, features.shape[0], features.device)
+    _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+    _check_choice("normalize", normalize, (False, True))
+    if support is not None:
+        if support_labels is None:
+            raise ValueError("support needs support_labels: one label per support row, compared with the labels")
+        try:
+            support, support_labels = _extra_keys(support, support_labels, features, name="support", rows="S")
+        except ValueError as err:  # the shared check calls the labels by supcon_loss's name
+            raise ValueError(str(err).replace("extra_key_labels", "support_labels")) from None
+    elif support_labels is not None:
+        raise ValueError("support_labels was given without support")
+
+    def build(f, y):
+        return supcon_spec(f, y, temperature=temperature, contrast_mode=contrast_mode, normalize=normalize,
+                           variant="in", extra_keys=support, extra_key_labels=support_labels)
+
+    def without_log_count(specs, *_):
+        """-log |P_i| per row (0 without positives): L_in's rows minus these are SuNCEt's."""
+        pos_count = specs[0].pos_count()
+        return -torch.log(torch.where(pos_count > 0, pos_count, torch.ones_like(pos_count)))
+
+    blocks = features.shape[1] if contrast_mode == "all" else 1
+    return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
+                        adjust=without_log_count, reduction=reduction, weight=weight, distributed=distributed,
+                        loss="suncet_loss")
 
 
 # ----------------------------------------------------------------------------- modules
@@ -524,17 +878,19 @@ class EpsSupInfoNCELoss(_LossModule):
     fn = staticmethod(eps_supinfonce_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
-                 process_group=None, distributed="gather", reduction="mean"):
+                 process_group=None, distributed="gather", normalize=False, reduction="mean"):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                          contrast_mode=contrast_mode, backend=backend, process_group=process_group,
-                         distributed=distributed, reduction=reduction)
+                         distributed=distributed, normalize=normalize,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
@@ -545,23 +901,26 @@ class EpsSupInfoNCELoss(_LossModule):
 class DCLLoss(_LossModule):
     __doc__ = """Module form of ``dcl_loss`` (decoupled contrastive loss, Yeh et al.; ``weighted=True``: DCLW).
 
-    ``L_i = -w_i l_ip + log sum_n exp(l_in)``: the positive p (the other view) out of the denominator,
-    ``l_ij = z_i . z_j / temperature``, ``w_i = 1`` (DCL) or the detached von Mises-Fisher weight (DCLW).
-    ``forward(features [bsz, 2, D], *, extra_keys [E, D] = None)`` returns the mean over the 2·bsz anchors.
+    ``L_i = -w_i mean_p l_ip + log sum_n exp(l_in)``: the positives p (the other views) out of the denominator,
+    ``l_ij = z_i . z_j / temperature``, ``w_i = 1`` (DCL) or the von Mises-Fisher weight (DCLW, 2 views;
+    ``detach_weight=False``: the authors' form, trained through). ``forward(features [bsz, n_views, D], *,
+    extra_keys [E, D] = None)`` returns the mean over the n_views·bsz anchors.
     """ + _example("criterion = fc.DCLLoss(temperature=0.1, weighted=True)", f"loss = criterion({_FEATURES})")
 
     fn = staticmethod(dcl_loss)
 
-    def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, backend="auto", process_group=None,
-                 distributed="gather", reduction="mean"):
+    def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
+                 backend="auto", process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("weighted", weighted, (False, True))
         _check_sigma(sigma)
+        _check_choice("detach_weight", detach_weight, (False, True))
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
-        super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, backend=backend,
-                         process_group=process_group, distributed=distributed,
+        super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, detach_weight=detach_weight,
+                         normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
                          reduction=reduction)
 
     def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None,
@@ -582,15 +941,16 @@ class InfoNCELoss(_LossModule):
     fn = staticmethod(info_nce)
 
     def __init__(self, *, temperature=0.1, in_batch_negatives=True, symmetric=False, backend="auto",
-                 process_group=None, distributed="gather", reduction="mean"):
+                 process_group=None, distributed="gather", normalize=False, reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
         _check_choice("symmetric", symmetric, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
-                         backend=backend, process_group=process_group, distributed=distributed,
+                         backend=backend, process_group=process_group, distributed=distributed, normalize=normalize,
                          reduction=reduction)
 
     def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None,
@@ -613,16 +973,17 @@ class ClipLoss(_LossModule):
     fn = staticmethod(clip_loss)
 
     def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None, distributed="gather",
+                 normalize=False,
                  reduction="mean"):
         if logit_scale is not None:
             _check_logit_scale(logit_scale)
         _check_logit_bias(logit_bias)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
-                         process_group=process_group, distributed=distributed,
-                         reduction=reduction)
+                         process_group=process_group, distributed=distributed, normalize=normalize, reduction=reduction)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None,
                 weight: Optional[Tensor] = None) -> Tensor:
@@ -635,26 +996,28 @@ class ClipLoss(_LossModule):
 
 
 class DebiasedContrastiveLoss(_LossModule):
-    __doc__ = """Module form of ``debiased_contrastive_loss`` (Chuang et al.; hard negatives, Robinson et al., if beta > 0).
+    __doc__ = """Module form of ``debiased_contrastive_loss`` (Chuang et al.; hard negatives, Robinson et al.,
+    if beta > 0).
 
     ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))`` with the debiased (and, for ``beta > 0``, reweighted)
     negative mass ``Ng`` estimated from the n negatives and clamped below at ``n e^{-1/temperature}``.
-    ``forward(features [bsz, 2, D], *, extra_keys [E, D] = None)`` returns the mean over the 2·bsz anchors.
+    ``forward(features [bsz, n_views, D], *, extra_keys [E, D] = None)`` returns the mean over the anchors
+    (with more than 2 views, over the (anchor, positive view) pairs).
     """ + _example("criterion = fc.DebiasedContrastiveLoss(tau_plus=0.1, beta=0.5)", f"loss = criterion({_FEATURES})")
 
     fn = staticmethod(debiased_contrastive_loss)
 
-    def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, backend="auto", process_group=None,
-                 distributed="gather", reduction="mean"):
+    def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
+                 process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
         _number("beta", beta, 0.0)
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
-        super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, backend=backend,
-                         process_group=process_group, distributed=distributed,
-                         reduction=reduction)
+        super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, normalize=normalize, backend=backend,
+                         process_group=process_group, distributed=distributed, reduction=reduction)
 
     def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None,
                 weight: Optional[Tensor] = None) -> Tensor:
@@ -674,8 +1037,10 @@ class BCLLoss(_LossModule):
     fn = staticmethod(bcl_loss)
 
     def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
-                 distributed="gather", reduction="mean"):
+                 distributed="gather", normalize=False,
+                 reduction="mean"):
         _check_temperature("temperature", temperature)
+        _check_choice("normalize", normalize, (False, True))
         if class_centers is not None and (not isinstance(class_centers, Tensor) or class_centers.dim() != 2
                                           or not class_centers.is_floating_point()):
             shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
@@ -684,8 +1049,7 @@ class BCLLoss(_LossModule):
         _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, class_centers=class_centers, backend=backend,
-                         process_group=process_group, distributed=distributed,
-                         reduction=reduction)
+                         process_group=process_group, distributed=distributed, normalize=normalize, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
                 extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None,
@@ -697,27 +1061,121 @@ class BCLLoss(_LossModule):
 
 
 class SpreadLoss(_LossModule):
-    __doc__ = """Module form of ``spread_loss`` (class-conditional InfoNCE, Chen et al. 2022).
+    __doc__ = """Module form of ``spread_loss`` (class-conditional InfoNCE, Chen et al. 2022, the authors' definition).
 
-    ``L_i = -l_ip + log sum_{j: y_j = y_i, j != i} exp(l_ij)``: the other view as positive, the keys of the
-    anchor's own class as denominator. ``forward(features [bsz, 2, D], labels [bsz], *, extra_keys,
-    extra_key_labels)`` returns the mean over the 2·bsz anchors.
+    For each pair of views u > v: ``L_i = -l_ii + log sum_{j: y_j = y_i} exp(l_ij)``, ``l_ij = z_{u,i} . z_{v,j} /
+    temperature``: view u's row of sample i as anchor, view v's rows of its class as denominator (its own
+    sample's row, the positive, included). ``forward(features [bsz, n_views, D], labels [bsz], *, extra_keys,
+    extra_key_labels)`` returns the mean over anchors and pairs of views (a scalar).
     """ + _example("criterion = fc.SpreadLoss(temperature=0.5)", f"loss = criterion({_FEATURES}, {_LABELS})")
 
     fn = staticmethod(spread_loss)
 
-    def __init__(self, *, temperature=0.5, backend="auto", process_group=None, distributed="gather", reduction="mean"):
+    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, distributed="gather",
+                 reduction="mean"):
         _check_temperature("temperature", temperature)
+        _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
-        super().__init__(temperature=temperature, backend=backend, process_group=process_group, distributed=distributed,
+        super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
+              distributed=distributed,
                          reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
         return spread_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
                            weight=weight, **self.kwargs)
+
+
+class SymmetricSpreadLoss(_LossModule):
+    __doc__ = """Module form of ``symmetric_spread_loss`` (class-conditional NT-Xent: every view an anchor).
+
+    ``L_i = -mean_p l_ip + log sum_{j != i: y_j = y_i} exp(l_ij)``: the other views of the sample as positives,
+    every other view of the anchor's class as denominator. ``forward(features [bsz, n_views, D], labels [bsz],
+    *, extra_keys, extra_key_labels)`` returns the mean over the n_views·bsz anchors.
+    """ + _example("criterion = fc.SymmetricSpreadLoss(temperature=0.5)", f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(symmetric_spread_loss)
+
+    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, distributed="gather",
+                 reduction="mean"):
+        _check_temperature("temperature", temperature)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
+              distributed=distributed,
+                         reduction=reduction)
+
+    def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
+                extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+        return symmetric_spread_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                                     weight=weight, **self.kwargs)
+
+
+_UNIVERSUM = "torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)"
+
+
+class UniConLoss(_LossModule):
+    __doc__ = """Module form of ``unicon_loss`` (UniCon, Han et al.: mixup universum rows as the keys).
+
+    ``L_i = -(c/|P_i|) sum_{p in P_i} [l_ip - log sum_{j != i} exp(l_ij)]``, ``l_ij = z_i . u_j / temperature``
+    over the universum rows u_j (labelled by the sample each was mixed from), P_i those of the anchor's class,
+    c = temperature / base_temperature. ``forward(features [bsz, n_views, D], universum [n_views·bsz, D] (view-major)
+    or [bsz, n_views, D], labels [bsz])`` (the authors' argument order) returns the mean over anchors.
+    """ + _example("criterion = fc.UniConLoss(temperature=0.1)",
+                   f"loss = criterion({_FEATURES}, {_UNIVERSUM}, {_LABELS})")
+
+    fn = staticmethod(unicon_loss)
+
+    def __init__(self, *, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
+                 backend="auto", process_group=None, distributed="gather", reduction="mean"):
+        _check_temperature("temperature", temperature)
+        _check_base_temperature(base_temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
+                         normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
+                         reduction=reduction)
+
+    def forward(self, features: Tensor, universum: Tensor, labels: Tensor, *,
+                weight: Optional[Tensor] = None) -> Tensor:
+        return unicon_loss(features, universum, labels, weight=weight, **self.kwargs)
+
+
+class SuNCEtLoss(_LossModule):
+    __doc__ = """Module form of ``suncet_loss`` (SuNCEt, Assran et al.).
+
+    ``L_i = log sum_{j != i} exp(l_ij) - log sum_{p in P_i} exp(l_ip)``: minus the log of the summed softmax
+    probability of the keys of the anchor's class (SupCon's L_in without its log |P_i|). ``forward(features
+    [bsz, n_views, D], labels [bsz], *, support [S, D] = None, support_labels [S] = None)`` returns the mean
+    over anchors; the support rows are labelled keys, never anchors.
+    """ + _example("criterion = fc.SuNCEtLoss(temperature=0.1, normalize=True)",
+                   f"loss = criterion({_FEATURES}, {_LABELS})")
+
+    fn = staticmethod(suncet_loss)
+
+    def __init__(self, *, temperature=0.1, contrast_mode="all", normalize=False, backend="auto", process_group=None,
+                 distributed="gather",
+                 reduction="mean"):
+        _check_temperature("temperature", temperature)
+        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+        _check_choice("normalize", normalize, (False, True))
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
+        _check_choice("reduction", reduction, REDUCTIONS)
+        super().__init__(temperature=temperature, contrast_mode=contrast_mode, normalize=normalize, backend=backend,
+                         process_group=process_group, distributed=distributed, reduction=reduction)
+
+    def forward(self, features: Tensor, labels: Tensor, *, support: Optional[Tensor] = None,
+                support_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+        return suncet_loss(features, labels, support=support, support_labels=support_labels, weight=weight,
+                           **self.kwargs)
 
 
 _QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
@@ -730,6 +1188,9 @@ _FUNCTION_EXAMPLES = {
     debiased_contrastive_loss: _example(f"loss = fc.debiased_contrastive_loss({_FEATURES}, tau_plus=0.1, beta=0.5)"),
     bcl_loss: _example(f"loss = fc.bcl_loss({_FEATURES}, {_LABELS}, class_centers=torch.randn(3, 16))"),
     spread_loss: _example(f"loss = fc.spread_loss({_FEATURES}, {_LABELS})"),
+    symmetric_spread_loss: _example(f"loss = fc.symmetric_spread_loss({_FEATURES}, {_LABELS})"),
+    unicon_loss: _example(f"loss = fc.unicon_loss({_FEATURES}, {_UNIVERSUM}, {_LABELS})"),
+    suncet_loss: _example(f"loss = fc.suncet_loss({_FEATURES}, {_LABELS}, normalize=True)"),
 }
 _PAIR_LOSSES = (info_nce, clip_loss)
 for _fn, _doc in _FUNCTION_EXAMPLES.items():
@@ -738,5 +1199,6 @@ _MODULE_DOC = """
     ``reduction`` (constructor) and ``weight`` (forward) as in the function: "mean" (default), "sum" or "none"
     (the per-anchor losses), with optional per-sample weights >= 0.
 """
-for _cls in (EpsSupInfoNCELoss, DCLLoss, InfoNCELoss, ClipLoss, DebiasedContrastiveLoss, BCLLoss, SpreadLoss):
+for _cls in (EpsSupInfoNCELoss, DCLLoss, InfoNCELoss, ClipLoss, DebiasedContrastiveLoss, BCLLoss, SpreadLoss,
+             SymmetricSpreadLoss, UniConLoss, SuNCEtLoss):
     _cls.__doc__ = _cls.__doc__.replace("\n    Example:", _MODULE_DOC + "\n    Example:", 1)

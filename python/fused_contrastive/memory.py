@@ -42,7 +42,7 @@ from . import family, losses
 # The losses a bank can join, and how: "views" losses take [bsz, n_views, D] features whose views are
 # enqueued, with their labels when the loss takes them; info_nce enqueues its key rows as a MoCo queue.
 _VIEWS_LOSSES = (losses.supcon_loss, family.eps_supinfonce_loss, family.bcl_loss, family.spread_loss,
-                 family.dcl_loss, family.debiased_contrastive_loss)
+                 family.symmetric_spread_loss, family.dcl_loss, family.debiased_contrastive_loss)
 _REFUSED = {
     family.clip_loss: "clip_loss is symmetric: every image is an anchor of the image->text direction and every "
                       "text of the text->image one, while stored keys are never anchors, so a bank would enter one "
@@ -172,7 +172,7 @@ class MemoryBankLoss(nn.Module):
     ``CrossBatchMemory``, lightly's ``memory_bank_size``, MoCo's queue).
 
     ``loss``: ``supcon_loss``, ``eps_supinfonce_loss``, ``dcl_loss``, ``debiased_contrastive_loss``,
-    ``bcl_loss``, ``spread_loss`` or ``info_nce`` (the function, or its module form such as
+    ``bcl_loss``, ``spread_loss``, ``symmetric_spread_loss`` or ``info_nce`` (the function, or its module form such as
     ``SupConLoss(...)``); ``clip_loss`` is refused (see below). ``size``, ``dim``, ``dtype``,
     ``label_dtype``: the bank's (``MemoryBank``). ``loss_kwargs``: passed to the loss at every call
     (temperature, backend, process_group, ...); ``forward``'s keyword arguments override them.
@@ -196,7 +196,7 @@ class MemoryBankLoss(nn.Module):
         if fn not in _VIEWS_LOSSES and fn is not family.info_nce:
             raise ValueError(f"loss must be one of the package's losses that take keys (supcon_loss, "
                              f"eps_supinfonce_loss, dcl_loss, debiased_contrastive_loss, bcl_loss, spread_loss, "
-                             f"info_nce) or their modules, got {loss!r}")
+                             f"symmetric_spread_loss, info_nce) or their modules, got {loss!r}")
         for name in ("extra_keys", "extra_key_labels", "queue"):
             if name in loss_kwargs or name in stored:
                 raise ValueError(f"{name} must not be given: the memory bank supplies it")
