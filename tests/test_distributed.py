@@ -276,6 +276,17 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
             kw = dict(process_group=group) if mode == "gather" else dict(process_group=group, distributed="ring")
             raised_together(f"{what} ({mode})", lambda: call(**kw), world, word)
 
+    # Losses whose ring mode is not in the driver yet: every rank refuses distributed="ring" alike.
+    f3 = torch.cat([f, f[:, :1]], dim=1)
+    refused = [("spread_loss", lambda **kw: fc.spread_loss(f, y, **kw)),
+               ("dcl_loss", lambda **kw: fc.dcl_loss(f, weighted=True, detach_weight=False, **kw)),
+               ("debiased_contrastive_loss", lambda **kw: fc.debiased_contrastive_loss(f3, **kw)),
+               ("unicon_loss", lambda **kw: fc.unicon_loss(f, f.flip(0), y, **kw)),
+               ("suncet_loss", lambda **kw: fc.suncet_loss(f, y, **kw))]
+    for name, call in refused:
+        message = raised_together(f"{name} ring", lambda: call(process_group=group, distributed="ring"), world, name)
+        assert "distributed='gather'" in message, message
+
     # Any other exception before the exchange: that rank re-raises it, the others name it.
     from fused_contrastive import losses
 
