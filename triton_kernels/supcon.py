@@ -960,5 +960,5 @@ def row_stats(spec):
     return fused.row_stats(spec, KERNELS)
 
 
-def grads_from_stats(spec, lse, coef, pos_scale):
-    return fused.grads_from_stats(spec, lse, coef, pos_scale, KERNELS)
+def grads_from_stats(spec, lse, coef, pos_scale, den_scale):
+    return fused.grads_from_stats(spec, lse, coef, pos_scale, den_scale, KERNELS)

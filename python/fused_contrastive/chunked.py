@@ -333,26 +333,15 @@ def loss_and_grads(spec: ContrastSpec):
 
 
 # ----------------------------------------------------------------------------- ring mode (distributed)
-# The keys of one rank at a time: per-row statistics over that shard, then, once they are merged over all
-# shards, the gradients with the merged statistics. L_out / L_in with labels only (what ring mode runs).
+# One shard of the keys at a time (fused_contrastive.distributed's ring driver): per-row statistics over the
+# shard, which the driver merges over all shards, then the gradients of the shard's tiles from the merged
+# statistics. Every row formula; positives from labels (ring mode has no dense mask).
 
-def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
-    """(LSE over this key shard's denominator, positive statistic over it) per anchor; no gradient."""
-    soft_targets.refuse_ring(spec)
-    acc = spec.accum_dtype
-    Q, K = spec.anchors.to(acc), spec.keys.to(acc)
-    stats = _forward(spec, Q, K, spec.tau_value(), want_grad=False)
-    return stats.lse, stats.pos_stat
-
-
-def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """dQ, dK (accumulation dtype) of this shard's tiles g = coef_i (exp(l + b - LSE_i) - positive part), the
-    statistics being the merged ones: pos_scale is w_i / Z_i (L_out) or LSE_P_i (L_in)."""
+def _shard_tiles(spec: ContrastSpec):
+    """(rows, S, W, den) per row block of the shard: logits l, positives a (self 0), l + b with self at -inf."""
     acc, tau = spec.accum_dtype, spec.tau_value()
     Q, K = spec.anchors.to(acc), spec.keys.to(acc)
-    dQ, dK = torch.empty_like(Q), torch.zeros_like(K)
     self_cols = spec.self_columns()
-    lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)
     step = block_rows(K.shape[0])
     for r0 in range(0, Q.shape[0], step):
         r1 = min(Q.shape[0], r0 + step)
@@ -361,16 +350,77 @@ def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: T
         S = Q[r0:r1] @ K.T / tau
         W = (spec.anchor_labels[r0:r1, None] == spec.key_labels[None, :]).to(acc)
         W[local[blk_self], self_cols[r0:r1][blk_self]] = 0
+        den = S + spec.den_bias.tile(rows).to(acc) if spec.den_bias is not None else S.clone()
+        den[local[blk_self], self_cols[r0:r1][blk_self]] = float("-inf")
+        yield r0, r1, S, W, den
+
+
+def _hard(spec: ContrastSpec) -> bool:
+    return spec.variant == "debiased" and spec.beta != 0
+
+
+def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse, pos_stat, pos_aux) over this shard, no gradient: the denominator's LSE; sum_j a_ij l_ij (L_out,
+    debiased) or LSE_P (L_in); with hard negatives pos_aux [2, Na] holds the LSEs of (1+beta) l and beta l
+    over the denominator (else it is lse). Epsilon-SupInfoNCE's positive terms need the merged LSE first:
+    ``eps_terms``."""
+    soft_targets.refuse_ring(spec)
+    acc = spec.accum_dtype
+    Na = spec.num_anchors
+    lse = torch.empty(Na, dtype=acc, device=spec.device)
+    pos = torch.zeros(Na, dtype=acc, device=spec.device)
+    aux = torch.empty(2, Na, dtype=acc, device=spec.device) if _hard(spec) else lse
+    for r0, r1, S, W, den in _shard_tiles(spec):
         if spec.variant == "in":
-            # a_ij exp(l_ij - LSE_P) as exp(l + log a - LSE_P): off the positives exp(-inf) = 0, where
-            # a * exp(l - LSE_P) is 0 * inf = NaN once exp(l) overflows (small tau, rows without positives)
-            W.log_().add_(S).sub_(pos_scale[r0:r1, None]).exp_()
+            pos[r0:r1], _ = _row_lse(S + torch.log(W))
+        elif spec.variant in ("out", "debiased"):
+            pos[r0:r1] = (W * S).sum(1)
+        if aux is not lse:
+            aux[0, r0:r1], _ = _row_lse(den * (1 + spec.beta))
+            aux[1, r0:r1], _ = _row_lse(den * spec.beta)
+        lse[r0:r1], _ = _row_lse(den)
+    return lse, pos, aux
+
+
+def eps_terms(spec: ContrastSpec, lse_n: Tensor) -> tuple[Tensor, Tensor]:
+    """Epsilon-SupInfoNCE over this shard's positives given the merged LSE_N: (sum_p [eps - softplus(gap)],
+    R = sum_p sigmoid(gap)) with gap = LSE_N + eps - l_ip; both merge by sum."""
+    acc = spec.accum_dtype
+    pos = torch.zeros(spec.num_anchors, dtype=acc, device=spec.device)
+    r_sum = torch.zeros_like(pos)
+    for r0, r1, S, W, _ in _shard_tiles(spec):
+        gap = (lse_n[r0:r1] + spec.epsilon)[:, None] - S
+        pos[r0:r1] = (W * (spec.epsilon - torch.logaddexp(gap, gap.new_zeros(())))).sum(1)
+        r_sum[r0:r1] = (W * gap.sigmoid()).sum(1)
+    return pos, r_sum
+
+
+def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: Tensor,
+                     den_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """dQ, dK (accumulation dtype) of this shard's tiles g_ij = coef_i (u_i e^{l + b - LSE_i} - positive part)
+    from the merged per-row factors (fused.row_factors): u_i = 1 (L_out, L_in), R_i (eps), dL/dLSE_N
+    (debiased); hard negatives replace the e^{l + b - LSE} term by the (1+beta) and beta softmaxes ([3, Na]
+    lse and den_scale). Positive part: a_ij pos_scale_i (L_out, debiased), a_ij e^{l - LSE_P} (L_in),
+    a_ij sigmoid(LSE_N + eps - l) (eps)."""
+    tau, acc = spec.tau_value(), spec.accum_dtype
+    Q, K = spec.anchors.to(acc), spec.keys.to(acc)
+    dQ, dK = torch.empty_like(Q), torch.zeros_like(K)
+    safe = torch.where(torch.isfinite(lse), lse, 0.0)
+    for r0, r1, S, W, den in _shard_tiles(spec):
+        if _hard(spec):
+            G = (den * (1 + spec.beta) - safe[1, r0:r1, None]).exp_().mul_(den_scale[1, r0:r1, None])
+            G.add_((den * spec.beta - safe[2, r0:r1, None]).exp_().mul_(den_scale[2, r0:r1, None]))
         else:
-            W.mul_(pos_scale[r0:r1, None])
-        if spec.den_bias is not None:
-            S.add_(spec.den_bias.tile(rows).to(acc))
-        S[local[blk_self], self_cols[r0:r1][blk_self]] = float("-inf")
-        G = S.sub_(lse_safe[r0:r1, None]).exp_().sub_(W).mul_(coef[r0:r1, None])
+            G = den.sub_(safe[r0:r1, None]).exp_()
+            if spec.variant in ("eps", "debiased"):
+                G.mul_(den_scale[r0:r1, None])
+        if spec.variant == "in":  # exp(l + log a - LSE_P): 0 off the positives even where exp(l) overflows
+            G.sub_(W.log_().add_(S).sub_(pos_scale[r0:r1, None]).exp_())
+        elif spec.variant == "eps":
+            G.sub_(W.mul_(((lse[r0:r1] + spec.epsilon)[:, None] - S).sigmoid_()))
+        else:
+            G.sub_(W.mul_(pos_scale[r0:r1, None]))
+        G.mul_(coef[r0:r1, None])
         torch.mm(G, K, out=dQ[r0:r1])
         dK.addmm_(G.T, Q[r0:r1])
     return dQ / tau, dK / tau

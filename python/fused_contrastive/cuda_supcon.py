@@ -234,5 +234,5 @@ def row_stats(spec: ContrastSpec):
     return fused.row_stats(_prepared(spec), KERNELS)
 
 
-def grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale):
-    return fused.grads_from_stats(_prepared(spec), lse, coef, pos_scale, KERNELS)
+def grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale, den_scale):
+    return fused.grads_from_stats(_prepared(spec), lse, coef, pos_scale, den_scale, KERNELS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ class Backend:
     # Devices on which ``auto`` considers it. Triton can run CPU tensors under TRITON_INTERPRET=1,
     # but that is a debugging mode, far slower than chunked: only an explicit request uses it.
     auto_devices: tuple = ("cpu", "cuda")
-    # Ring mode's per-shard operations (row_stats, grads_from_stats); None: gather mode only.
+    # Ring mode's per-shard operations (RingOps); None: gather mode only.
     ring: Optional[tuple] = None
     # Why ``auto`` passes over it although it could run (asked before why_not, which may build things).
     auto_why_not: Optional[Callable[[ContrastSpec], Optional[str]]] = None
@@ -64,8 +64,18 @@ def _triton_row_stats(spec: ContrastSpec):
     return _triton_module()[0].row_stats(spec)
 
 
-def _triton_grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale):
-    return _triton_module()[0].grads_from_stats(spec, lse, coef, pos_scale)
+def _triton_grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale, den_scale):
+    return _triton_module()[0].grads_from_stats(spec, lse, coef, pos_scale, den_scale)
+
+
+class RingOps(NamedTuple):
+    """Ring mode's per-shard operations (fused_contrastive.distributed): ``row_stats(spec) -> (lse, pos_stat,
+    pos_aux)`` over one key shard; ``eps_terms(spec, lse_n) -> (pos_sum, R)``, epsilon-SupInfoNCE's positive
+    terms given the merged LSE_N; ``grads_from_stats(spec, lse, coef, pos_scale, den_scale) -> (dQ, dK)`` of
+    the shard's tiles from the merged row factors."""
+    row_stats: Callable
+    grads_from_stats: Callable
+    eps_terms: Callable = chunked.eps_terms  # tiles in torch: the fused kernels' second pass uses their own LSE
 
 
 # GPU generations (compute capability major) on which a benchmark in bench/results/ measured the CUDA
@@ -87,13 +97,13 @@ def _cuda_auto_why_not(spec: ContrastSpec) -> Optional[str]:
 # Order of preference for ``auto``; reference is the oracle and is never chosen by ``auto``.
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", cuda_supcon.why_not, cuda_supcon.loss, cuda_supcon.loss_and_grads, auto_devices=("cuda",),
-                    ring=(cuda_supcon.row_stats, cuda_supcon.grads_from_stats), auto_why_not=_cuda_auto_why_not),
+                    ring=RingOps(cuda_supcon.row_stats, cuda_supcon.grads_from_stats), auto_why_not=_cuda_auto_why_not),
     "triton": Backend("triton", _triton_why_not, _triton_loss, _triton_loss_and_grads, auto_devices=("cuda",),
-                      ring=(_triton_row_stats, _triton_grads_from_stats)),
+                      ring=RingOps(_triton_row_stats, _triton_grads_from_stats)),
     "chunked": Backend("chunked", chunked.why_not, chunked.loss, chunked.loss_and_grads,
-                       ring=(chunked.row_stats, chunked.grads_from_stats)),
+                       ring=RingOps(chunked.row_stats, chunked.grads_from_stats, chunked.eps_terms)),
     "reference": Backend("reference", reference.why_not, reference.loss,
-                         ring=(reference.row_stats, reference.grads_from_stats)),
+                         ring=RingOps(reference.row_stats, reference.grads_from_stats, reference.eps_terms)),
 }
 AUTO_ORDER = ("cuda", "triton", "chunked")
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)

@@ -8,6 +8,15 @@ batch exactly as one process would, and computes only its own anchor rows agains
 keys (``local_rows``: a slice of the anchors, the self offset moved with it). Nothing of
 size N x N is ever built, and any backend serves the per-rank part.
 
+Ring mode (``distributed="ring"``, every loss): the same ``build`` runs on the global batch's O(N) metadata
+(labels gathered, features replaced by a zero-stride placeholder of the global shape; per-sample scalars a
+loss needs, DCLW's view cosines, gathered too), so class ids, denominator biases and counts are gather mode's.
+Only the key features travel: each rank's shard goes around the ring while this rank's anchors accumulate
+per-row statistics over it (LSEs merge by logaddexp, positive sums by sum; epsilon-SupInfoNCE goes around a
+second time, since each positive's term needs the merged LSE_N). A rank holds its own shard and one incoming
+at a time. The backward sends every shard around again with its key-gradient accumulator. Extra keys, a
+queue and class centers stay home as one more shard (``append_keys`` hands them over while ``build`` runs).
+
 Tensors that are not per sample (a MoCo queue, labelled extra keys, BCL's class centers,
 a learnable temperature or logit scale) are the same on every rank, as DDP keeps
 parameters, and are not gathered.
@@ -323,85 +332,128 @@ def _rotate(tensors: list[Tensor], group, recv_shapes: list[tuple]) -> tuple[lis
     return buffers, dist.batch_isend_irecv(ops)
 
 
-class _RingSupCon(torch.autograd.Function):
-    """SupCon (L_out / L_in) of this rank's anchors against every rank's keys, the keys travelling around the
-    ring: forward merges each shard's per-row statistics (LSE by logaddexp, the positive statistic by sum or
-    logaddexp, Z by sum); backward rotates each shard with its key-gradient accumulator, which arrives back
-    at its owner after world_size steps. Labelled extra keys (the same on every rank, never anchors) are one
-    more shard that stays home. Returns the global loss; gradients world_size x this rank's share."""
+@dataclasses.dataclass
+class _RingPlan:
+    """What the ring Function needs besides its tensor inputs (all O(N) metadata)."""
+    ops: "dispatch.RingOps"
+    group: object
+    shard_spec: object  # (anchors, shard, owner rank or None for the extra keys) -> the shard's ContrastSpec
+    shard_rows: list  # rows of each rank's key shard
+    spec: ContrastSpec  # this rank's anchors against its own shard (reduction "sum"): the row formula's settings
+    pos_count: Tensor  # Z_i of this rank's anchors over every key (global metadata)
+    den_count: Optional[Tensor]  # the denominator's size over every key (debiased only)
+    row_weight: Optional[Tensor]  # w_i of this rank's anchors (constants: no gradient of their own)
+
+
+def _ring_pass(plan: _RingPlan, anchors: Tensor, keys: Tensor, extra: Optional[Tensor], visit) -> None:
+    """``visit(spec)`` for every rank's key shard, this rank's first (and the extra keys, which stay home); the
+    next shard travels while the current one is computed, so at most two shards are held at once."""
+    world, rank = dist.get_world_size(plan.group), dist.get_rank(plan.group)
+    shard, owner = keys, rank
+    for step in range(world):
+        pending = []
+        if step < world - 1:
+            incoming_rows = plan.shard_rows[(owner - 1) % world]
+            (incoming,), pending = _rotate([shard], plan.group, [(incoming_rows, shard.shape[1])])
+        if step == 0 and extra is not None:
+            visit(plan.shard_spec(anchors, extra, None))
+        visit(plan.shard_spec(anchors, shard, owner))
+        for request in pending:
+            request.wait()
+        if step < world - 1:
+            shard, owner = incoming, (owner - 1) % world
+
+
+class _Ring(torch.autograd.Function):
+    """One loss of this rank's anchors against every rank's keys, the keys travelling around the ring. Any row
+    formula: the forward merges each shard's per-row statistics (LSEs by logaddexp, sum_j a_ij l_ij by sum;
+    epsilon-SupInfoNCE goes around a second time for its positive terms, which need the merged LSE_N first),
+    turns them into the row formula's factors over every key (fused.row_factors with the global counts), and
+    the backward rotates each shard with its key-gradient accumulator, which arrives back at its owner after
+    world_size steps. Extra keys (the same on every rank, never anchors) are one more shard that stays home.
+    Returns the global "mean" / "sum" (sum_i w_i L_i over every rank's anchors, the mean divided by the global
+    sum of counted weights), or this rank's rows w_i L_i for "none"; every gradient is world_size x this
+    rank's share."""
 
     @staticmethod
-    def forward(ctx, keys: Tensor, tau_tensor, extra_keys, ring):
-        ops, group, make_spec, shard_rows, num_anchors = ring
-        row_stats = ops[0]
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        anchors = keys.detach()[:num_anchors]
-        stats = []  # (lse, positive statistic, Z) of each shard, merged below
+    def forward(ctx, anchors: Tensor, keys: Tensor, tau_tensor, extra_keys, plan: _RingPlan):
+        from .fused import row_factors
 
-        def add(spec):
-            stats.append((*row_stats(spec), spec.pos_count()))
-            return spec
+        ops, spec, world = plan.ops, plan.spec, dist.get_world_size(plan.group)
+        hard = spec.variant == "debiased" and spec.beta != 0
+        Q, K = anchors.detach(), keys.detach()
+        extra = None if extra_keys is None else extra_keys.detach()
+        merged = []  # lse, positive statistic, hard negatives' LSEs
 
-        shard, owner = keys.detach(), rank
-        for step in range(world):
-            pending = []
-            if step < world - 1:  # the next shard travels while this one is computed
-                (incoming,), pending = _rotate([shard], group, [(shard_rows[(owner - 1) % world], shard.shape[1])])
-            if step == 0 and extra_keys is not None:  # they stay home: computed while the first shard travels
-                add(make_spec(anchors, extra_keys.detach(), None))
-            spec = add(make_spec(anchors, shard, owner))
-            for request in pending:
-                request.wait()
-            if step < world - 1:
-                shard, owner = incoming, (owner - 1) % world
-        lse, pos_stat, pos_count = stats[0]
-        for shard_lse, shard_pos, shard_count in stats[1:]:
-            lse = torch.logaddexp(lse, shard_lse)
-            pos_stat = torch.logaddexp(pos_stat, shard_pos) if spec.variant == "in" else pos_stat + shard_pos
-            pos_count = pos_count + shard_count
-        from .spec import positive_scale, row_losses
+        def first_pass(shard_spec):
+            stats = ops.row_stats(shard_spec)
+            if not merged:
+                merged.extend(stats)
+                return
+            merged[0] = torch.logaddexp(merged[0], stats[0])
+            merged[1] = torch.logaddexp(merged[1], stats[1]) if spec.variant == "in" else merged[1] + stats[1]
+            if hard:
+                merged[2] = torch.logaddexp(merged[2], stats[2])
 
+        _ring_pass(plan, Q, K, extra, first_pass)
+        lse, pos_stat, pos_aux = merged
+        if spec.variant == "eps":  # sum_p [eps - softplus(LSE_N + eps - l_ip)] needs the whole LSE_N
+            sums = []
+
+            def second_pass(shard_spec):
+                terms = ops.eps_terms(shard_spec, lse)
+                sums[:] = terms if not sums else [a + b for a, b in zip(sums, terms)]
+
+            _ring_pass(plan, Q, K, extra, second_pass)
+            pos_stat, pos_aux = sums
         tau = spec.tau_value()
-        c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
-        has_pos = pos_count > 0
-        loss_rows = row_losses(spec, lse, pos_stat, pos_count, c)
-        local_count = has_pos.sum() if spec.no_positive == "exclude" else torch.tensor(num_anchors)
-        totals = torch.stack([loss_rows.sum(), local_count.to(loss_rows.dtype).to(loss_rows.device)])
-        dist.all_reduce(totals, group=group)
-        global_count = totals[1].clamp(min=1)
-        ctx.save_for_backward(keys, extra_keys, lse, torch.where(has_pos, pos_stat, 0.0) if spec.variant == "in"
-                              else positive_scale(spec, pos_count),
-                              torch.where(has_pos, c * world / global_count, 0.0), world * loss_rows.sum() / global_count)
-        ctx.ring = ring
-        ctx.tau = tau
+        rows, has_pos, lse, coef, pos_scale, den_scale, tau_direct = row_factors(
+            spec, lse, pos_stat, pos_aux, tau, pos_count=plan.pos_count, den_count=plan.den_count)
+        weight = torch.ones_like(rows) if plan.row_weight is None else plan.row_weight.to(rows.dtype)
+        # Result = sum_i G_i L_i, every gradient world_size x this rank's share: G_i = world w_i / divisor (times
+        # the upstream scalar) for "mean" / "sum", world w_i (times each row's upstream gradient) for "none".
+        if spec.reduction == "none":
+            result = weight * rows
+            grad_unit = world * weight
+        else:
+            counted = has_pos if spec.no_positive == "exclude" else torch.ones_like(has_pos)
+            totals = torch.stack([(weight * rows).sum(), (weight * counted.to(rows.dtype)).sum()])
+            dist.all_reduce(totals, group=plan.group)
+            divisor = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
+            if spec.reduction == "sum":
+                divisor = torch.ones_like(divisor)
+            result = totals[0] / divisor
+            grad_unit = world * weight / divisor
+        ctx.save_for_backward(anchors, keys, extra_keys, lse, coef, pos_scale, den_scale, tau_direct, rows, grad_unit)
+        ctx.plan, ctx.tau = plan, tau
         ctx.tau_dtype = None if tau_tensor is None else tau_tensor.dtype
-        ctx.base_temperature = spec.base_temperature
-        return totals[0] / global_count
+        return result
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        keys, extra_keys, lse, pos_scale, coef_unit, loss_share = ctx.saved_tensors
-        ops, group, make_spec, shard_rows, num_anchors = ctx.ring
-        grads_from_stats = ops[1]
+        anchors, keys, extra, lse, coef, pos_scale, den_scale, tau_direct, rows, grad_unit = ctx.saved_tensors
+        plan = ctx.plan
+        grads_from_stats, group = plan.ops.grads_from_stats, plan.group
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        coef = coef_unit * grad_loss
-        shard, owner = keys.detach(), rank
-        anchors = shard[:num_anchors]
+        grad_rows = grad_unit * grad_loss.to(grad_unit.dtype)  # G_i: dResult/dL_i times the upstream gradient
+        coef = coef * grad_rows
         acc = lse.dtype
-        dQ = torch.zeros(anchors.shape, dtype=acc, device=keys.device)
+        Q, shard, owner = anchors.detach(), keys.detach(), rank
+        dQ = torch.zeros(Q.shape, dtype=acc, device=Q.device)
         grad_extra = None
-        if extra_keys is not None:
-            extra_dQ, grad_extra = grads_from_stats(make_spec(anchors, extra_keys, None), lse, coef, pos_scale)
+        if extra is not None:
+            extra_dQ, grad_extra = grads_from_stats(plan.shard_spec(Q, extra.detach(), None), lse, coef, pos_scale,
+                                                    den_scale)
             dQ += extra_dQ.to(acc)
-            grad_extra = grad_extra.to(extra_keys.dtype) if ctx.needs_input_grad[2] else None
-        carried = torch.zeros(shard.shape, dtype=acc, device=keys.device)
+            grad_extra = grad_extra.to(extra.dtype) if ctx.needs_input_grad[3] else None
+        carried = torch.zeros(shard.shape, dtype=acc, device=shard.device)
         for step in range(world):
-            prev_rows = shard_rows[(owner - 1) % world]
+            prev_rows = plan.shard_rows[(owner - 1) % world]
             pending = []
             if world > 1 and step < world - 1:  # keys do not change: they travel while this step computes
                 (incoming,), pending = _rotate([shard], group, [(prev_rows, shard.shape[1])])
-            shard_dQ, shard_dK = grads_from_stats(make_spec(anchors, shard, owner), lse, coef, pos_scale)
+            shard_dQ, shard_dK = grads_from_stats(plan.shard_spec(Q, shard, owner), lse, coef, pos_scale, den_scale)
             dQ += shard_dQ.to(acc)
             carried += shard_dK.to(acc)
             if world > 1:  # the accumulated key gradient follows its shard; after world steps it is home
@@ -411,64 +463,134 @@ class _RingSupCon(torch.autograd.Function):
                 if step < world - 1:
                     shard = incoming
                 owner = (owner - 1) % world
-        grad_keys = carried
-        grad_keys[:num_anchors] += dQ
         grad_tau = None
-        if ctx.tau_dtype is not None:  # l is linear in 1/tau: dtau = -(1/tau) sum_i q_i . dQ_i (+ loss / tau for c)
-            grad_tau = -(anchors.to(acc) * dQ).sum() / ctx.tau
-            if ctx.base_temperature is not None:
-                grad_tau = grad_tau + loss_share * grad_loss / ctx.tau
+        if ctx.tau_dtype is not None:  # l is linear in 1/tau: -(1/tau) sum_i q_i . dQ_i, + loss / tau for c
+            grad_tau = -(Q.to(acc) * dQ).sum() / ctx.tau + (tau_direct * grad_rows).sum()
+            if plan.spec.base_temperature is not None:
+                grad_tau = grad_tau + (rows * grad_rows).sum() / ctx.tau
             grad_tau = grad_tau.to(ctx.tau_dtype)
-        return grad_keys.to(keys.dtype), grad_tau, grad_extra, None
+        return dQ.to(anchors.dtype), carried.to(keys.dtype), grad_tau, grad_extra, None
 
 
-def supcon_loss_ring(features: Tensor, labels: Optional[Tensor], *, group, temperature, tau_float: float,
-                     base_temperature, contrast_mode: str, no_positive: str, normalize: bool, variant: str,
-                     backend: str, extra_keys: Optional[Tensor] = None,
-                     extra_key_labels: Optional[Tensor] = None) -> Tensor:
-    """SupCon in ring mode: features [b, V, D] and labels [b] (or None: SimCLR) of this rank, and validated
-    extra keys [E, D] with their labels (the same on every rank); only label ids (O(N) integers) are
-    gathered, never the keys. Same value and gradients as the gather mode."""
-    check_group(group)
+# Set while ring mode builds a spec on placeholder features: append_keys then records the extra keys here
+# instead of writing the placeholder rows out next to them.
+_RING_EXTRA: contextvars.ContextVar = contextvars.ContextVar("fused_contrastive_ring_extra", default=None)
+
+
+def append_keys(keys: Tensor, extra: Tensor) -> Tensor:
+    """``torch.cat([keys, extra])``: the keys a spec holds, extra keys (never anchors) after the batch's. In ring
+    mode's build (keys are a placeholder there) a placeholder of the combined shape, the extra keys going to
+    the ring driver, which keeps them home as one more shard."""
+    if torch.compiler.is_compiling():  # never ring mode (no process group under compile)
+        return torch.cat([keys, extra])
+    recorded = _RING_EXTRA.get()
+    if recorded is None:
+        return torch.cat([keys, extra])
+    recorded.append(extra)
+    return _placeholder(keys, keys.shape[0] + extra.shape[0])
+
+
+def _build_on_placeholders(build, *args) -> tuple[ContrastSpec, Optional[Tensor]]:
+    """(build(*args), the extra keys it appended or None)."""
+    recorded = []
+    token = _RING_EXTRA.set(recorded)
+    try:
+        spec = build(*args)
+    finally:
+        _RING_EXTRA.reset(token)
+    assert len(recorded) <= 1
+    return spec, (recorded[0] if recorded else None)
+
+
+def _placeholder(x: Tensor, rows: int) -> Tensor:
+    """Zeros of shape [rows, *x.shape[1:]] that take no memory (every stride 0): in ring mode ``build`` sees the
+    global batch's shape, dtype and device through it, and its metadata (labels, counts, biases) is real."""
+    return x.new_zeros(()).expand(rows, *x.shape[1:])
+
+
+def _run_ring(spec: ContrastSpec, extra: Optional[Tensor], anchors: Tensor, keys: Tensor, views: int,
+              anchor_views: int, batch: GlobalBatch, group, backend: str) -> Tensor:
+    """The ring mode of a loss whose ``spec`` was built on the global batch (keys: ``views`` view-major blocks of
+    the global samples, then the ``extra`` keys; anchors: the first ``anchor_views`` blocks) with placeholder
+    features: this rank's ``anchors`` and ``keys`` (its own samples, the same layout) replace them, and only the
+    keys travel. Every shard's spec is the global spec's metadata at that shard's rows."""
+    if spec.mask is not None:
+        raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
+    assert spec.self_offset in (None, 0), "ring mode: an anchor's self is its own key row or none"
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    b, n_views, dim = features.shape
-    if normalize:  # differentiably here, so that every shard is already unit-norm; in fp32 for 16-bit inputs
-        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
-        features = normalize_rows(features.reshape(-1, dim), acc).to(features.dtype).reshape(b, n_views, dim)
-        if extra_keys is not None:
-            extra_keys = normalize_rows(extra_keys, acc).to(extra_keys.dtype)
-    ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
-    batch = gather_batch(group, ids if labels is None else labels, layout=(n_views, dim, labels is None))
-    sizes = batch.sizes
-    if labels is None:  # SimCLR: a sample's views are its only positives; unlabelled extra keys: one more class
-        class_ids, num_classes = torch.arange(batch.total, device=features.device), batch.total + 1
-        if extra_keys is not None:
-            extra_ids = torch.full((extra_keys.shape[0],), batch.total, device=features.device)
-    else:  # one id per distinct label of the global batch and of the extra keys alike
-        every = batch.tensors[0] if extra_keys is None else torch.cat([batch.tensors[0], extra_key_labels])
-        _, every_ids = torch.unique(every, return_inverse=True)
-        class_ids, extra_ids = every_ids[:batch.total], every_ids[batch.total:]
-        num_classes = int(every_ids.max()) + 1
+    total, sizes, device = batch.total, batch.sizes, keys.device
+    assert spec.num_keys == views * total + (0 if extra is None else extra.shape[0])
+    if extra is not None:  # a copy: a memory bank may overwrite its rows in place before the backward
+        extra = normalize_rows(extra, spec.accum_dtype).to(extra.dtype) if spec.normalize else extra.clone()
     offsets = [sum(sizes[:r]) for r in range(world)]
-    shard_labels = [class_ids[offsets[r]: offsets[r] + sizes[r]].repeat(n_views) for r in range(world)]
-    num_anchors = b * (n_views if contrast_mode == "all" else 1)
-    keys = features.transpose(0, 1).reshape(n_views * b, dim)  # this rank's views, view-major
-    probe = ContrastSpec(anchors=keys[:num_anchors], keys=keys, self_offset=0, anchor_labels=None, key_labels=None,
-                         num_classes=num_classes, mask=None, temperature=tau_float, base_temperature=base_temperature,
-                         no_positive=no_positive, tau_float=tau_float, reduction="sum", variant=variant)
-    chosen = dispatch.select(dataclasses.replace(probe, anchor_labels=shard_labels[rank][:num_anchors],
-                                                 key_labels=shard_labels[rank]), backend)
+    key_rows = [(torch.arange(views, device=device)[:, None] * total + offsets[r]
+                 + torch.arange(sizes[r], device=device)[None, :]).reshape(-1) for r in range(world)]
+    extra_rows = torch.arange(views * total, spec.num_keys, device=device)
+    ranges = view_ranges(batch, anchor_views)
+    anchor_rows = torch.cat([torch.arange(start, stop, device=device) for start, stop in ranges])
+    # Z_i and the denominator's size over every key, from the global metadata as gather mode counts them.
+    parts = [local_rows(spec, start, stop) for start, stop in ranges]
+    pos_count = torch.cat([part.pos_count() for part in parts])
+    den_count = torch.cat([part.den_count() for part in parts]) if spec.variant == "debiased" else None
+    bias, anchor_labels = spec.den_bias, spec.anchor_labels[anchor_rows]
+    anchor_groups = None if bias is None else bias.anchor_groups[anchor_rows]
+    row_weight = None if spec.pos_row_weight is None else spec.pos_row_weight[anchor_rows]
+    weight = None if spec.row_weight is None else spec.row_weight.detach()[anchor_rows]
+
+    def shard_spec(shard_anchors, shard, owner):
+        rows = extra_rows if owner is None else key_rows[owner]
+        den_bias = None if bias is None else dataclasses.replace(bias, anchor_groups=anchor_groups,
+                                                                 key_groups=bias.key_groups[rows])
+        # An anchor's self (its own key row: local row i of anchors is key row i) only in its own shard.
+        return dataclasses.replace(spec, anchors=shard_anchors, keys=shard, anchor_labels=anchor_labels,
+                                   key_labels=spec.key_labels[rows], den_bias=den_bias, pos_row_weight=row_weight,
+                                   self_offset=spec.self_offset if owner == rank else None, row_weight=None,
+                                   normalize=False)
+
+    own = shard_spec(anchors, keys, rank)
+    chosen = dispatch.select(own, backend)
     if chosen.ring is None:
         raise ValueError(f"backend {chosen.name!r} has no ring mode; use distributed='gather'")
+    plan = _RingPlan(chosen.ring, group, shard_spec, [views * n for n in sizes], own, pos_count, den_count, weight)
+    tau_tensor = spec.temperature if isinstance(spec.temperature, Tensor) else None
+    with torch.autocast(device.type, enabled=False):
+        return _Ring.apply(anchors, keys, tau_tensor, extra, plan)
 
-    def make_spec(anchors, shard, owner):
-        # Self (same global row) only among this rank's own keys: local row i of anchors is key row i.
-        # owner None: the extra keys.
-        return dataclasses.replace(probe, anchors=anchors, keys=shard, self_offset=0 if owner == rank else None,
-                                   anchor_labels=shard_labels[rank][:num_anchors],
-                                   key_labels=extra_ids if owner is None else shard_labels[owner])
 
-    tau_tensor = temperature if isinstance(temperature, Tensor) else None
-    ring = (chosen.ring, group, make_spec, [n_views * n for n in sizes], num_anchors)
-    with torch.autocast(features.device.type, enabled=False):
-        return _RingSupCon.apply(keys, tau_tensor, extra_keys, ring)
+def ring_views(build, features: Tensor, labels: Optional[Tensor], *, contrast_mode: str, group, backend: str,
+               sample_stat=None, reduce=None, weight: Optional[Tensor] = None) -> Tensor:
+    """Ring mode of a view-stacked loss: ``build(features, labels)`` is gather mode's, applied to the global
+    labels (O(N), gathered) and placeholder features; ``sample_stat(features) -> [b]``: a per-sample scalar
+    that ``build`` needs from the features (DCLW's view cosine), gathered and passed as its third argument;
+    ``reduce(spec, global weight) -> spec`` sets the reduction and the per-sample ``weight`` (gathered)."""
+    b, n_views, dim = features.shape
+    ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
+    stat = None if sample_stat is None else sample_stat(features.detach())
+    batch = gather_batch(group, ids, stat, weight, layout=(n_views, dim, labels is None))
+    args = [_placeholder(features, batch.total), None if labels is None else batch.tensors[0]]
+    spec, extra = _build_on_placeholders(build, *args, *([] if stat is None else [batch.tensors[1]]))
+    if reduce is not None:
+        spec = reduce(spec, batch.tensors[2])
+    keys = features.transpose(0, 1).reshape(n_views * b, dim)  # this rank's views, view-major
+    if spec.normalize:  # differentiably here, so that every shard is already unit-norm; fp32 for 16-bit inputs
+        keys = normalize_rows(keys, spec.accum_dtype).to(keys.dtype)
+    anchor_views = n_views if contrast_mode == "all" else 1
+    return _run_ring(spec, extra, keys[:anchor_views * b], keys, n_views, anchor_views, batch, group, backend)
+
+
+def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str, reduce=None,
+               weight: Optional[Tensor] = None) -> list[Tensor]:
+    """Ring mode of row-paired losses (query/key, image/text): each ``build(first, second)`` (gather mode's,
+    on placeholders of the global batch) takes its anchors from one input; the other one travels. ``reduce``
+    and ``weight``: as in ring_views."""
+    batch = gather_batch(group, torch.zeros(first.shape[0], dtype=torch.long, device=first.device), weight,
+                         layout=(first.shape[1],))
+    place_first, place_second = _placeholder(first, batch.total), _placeholder(second, batch.total)
+    losses = []
+    for build in builds:
+        spec, extra = _build_on_placeholders(build, place_first, place_second)
+        if reduce is not None:
+            spec = reduce(spec, batch.tensors[1])
+        anchors, keys = (first, second) if spec.anchors is place_first else (second, first)
+        losses.append(_run_ring(spec, extra, anchors, keys, 1, 1, batch, group, backend))
+    return losses

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from . import compiled, dispatch
 from .compiled import compiling, deferred_errors, require
-from .distributed import agreed
+from .distributed import agreed, append_keys
 from .losses import (CONTRAST_MODES, _accum_dtype, _check_base_temperature, _check_choice, _check_data,
                      _check_finite, _check_inverse, _check_labels, _check_scale, _check_temperature, _common_labels,
                      _extra_keys, _flatten_views, _gathered_views, _LossModule, _one_of, _check_weight, _reduced,
@@ -119,12 +119,14 @@ def _not_compiled(process_group) -> None:
 
 
 def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group,
-                reduction: str = "mean", weight=None) -> Tensor:
+                reduction: str = "mean", weight=None, distributed: str = "gather", sample_stat=None) -> Tensor:
     """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
     ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed), reduced as
-    ``reduction`` with the per-sample (or per-view) ``weight``."""
+    ``reduction`` with the per-sample (or per-view) ``weight``; in gather or ring mode (the same ``build`` on
+    the global labels; ``sample_stat``: see distributed.ring_views)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("distributed", distributed, ("gather", "ring"))
     _not_compiled(process_group)
     weight = _view_weight(weight, features, contrast_mode)
     views = features.shape[1] if contrast_mode == "all" else 1
@@ -132,27 +134,33 @@ def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", 
         result = compiled.run(_reduced(build(features, labels), reduction, weight, views), backend)
         return _views_layout(result, reduction, views, contrast_mode)
     # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
-    return _gathered_views(process_group, features, labels, contrast_mode, backend, build, reduction, weight)
+    return _gathered_views(process_group, features, labels, contrast_mode, backend, build, reduction, weight,
+                           mode=distributed, sample_stat=sample_stat)
 
 
 def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group,
-                names: tuple = (), reduction: str = "mean", weight=None) -> list[Tensor]:
+                names: tuple = (), reduction: str = "mean", weight=None, distributed: str = "gather") -> list[Tensor]:
     """Same for row-paired inputs (query/key, image/text): one result per ``build(first, second) -> spec``,
-    whose anchors are rows of one of the two (both directions of CLIP share one gather), each reduced as
-    ``reduction`` with the per-pair ``weight [B]``."""
+    whose anchors are rows of one of the two (both directions of CLIP share one gather; in ring mode each
+    direction passes the other input around the ring: CLIP's text rows against the travelling image shards),
+    each reduced as ``reduction`` with the per-pair ``weight [B]``."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("distributed", distributed, ("gather", "ring"))
     _not_compiled(process_group)
     weight = _check_weight(weight, [(first.shape[0],)], first.device, "one per pair")
     if process_group is None:
         return [compiled.run(_reduced(build(first, second), reduction, weight, 1), backend, *names[i:i + 1])
                 for i, build in enumerate(builds)]
-    from . import distributed
+    from . import distributed as dist_mode
 
-    batch = distributed.gather_batch(process_group, first, second, weight)
-    ranges = distributed.view_ranges(batch, 1)
-    return [distributed.run_rows(_reduced(build(*batch.tensors[:2]), reduction, batch.tensors[2], 1), ranges,
-                                 process_group, backend) for build in builds]
+    if distributed == "ring":
+        return dist_mode.ring_pairs(builds, first, second, group=process_group, backend=backend,
+                                    reduce=lambda spec, w: _reduced(spec, reduction, w, 1), weight=weight)
+    batch = dist_mode.gather_batch(process_group, first, second, weight)
+    ranges = dist_mode.view_ranges(batch, 1)
+    return [dist_mode.run_rows(_reduced(build(*batch.tensors[:2]), reduction, batch.tensors[2], 1), ranges,
+                               process_group, backend) for build in builds]
 
 
 _GROUP_DOC = """
@@ -162,6 +170,9 @@ _GROUP_DOC = """
     Non-per-sample tensors (queue, extra keys, class centers, temperature) must be the same on every rank,
     and every other argument too: the ranks compare them first, and all raise the same ValueError when one
     rank's input is invalid or the ranks differ (only the batch size may).
+    ``distributed``: ``"gather"`` (default) all-gathers the per-sample inputs; ``"ring"`` passes the keys
+    around the ring instead, one rank's shard at a time (only O(N) labels and scalars are gathered; extra keys,
+    a queue and class centers stay home): the same loss and gradients, for when the gathered keys do not fit.
     Labels (where taken) of any real dtype compare by value as ``torch.eq`` does; NaN labels are refused (NaN
     equals no label, so such a sample would have no positive). Non-finite features give a non-finite loss, as
     torch's losses do, unless FUSED_CONTRASTIVE_CHECK_FINITE=1 (then a ValueError; a host sync per input)."""
@@ -172,7 +183,7 @@ _GROUP_DOC = """
 @agreed
 @deferred_errors
 def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
-                        contrast_mode="all", backend="auto", process_group=None, extra_keys=None,
+                        contrast_mode="all", backend="auto", process_group=None, distributed="gather", extra_keys=None,
                         extra_key_labels=None, reduction="mean", weight=None, normalize=False, form="out") -> Tensor:
     """epsilon-SupInfoNCE (Barbano et al., "Unbiased Supervised Contrastive Learning").
 
@@ -194,6 +205,10 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     _check_scale("epsilon", epsilon, _accum_dtype(features), "epsilon", overflows="l_ip - epsilon")
     _check_choice("form", form, ("out", "in"))
     if form == "in":
+        _check_choice("distributed", distributed, ("gather", "ring"))
+        if distributed == "ring" and process_group is not None:  # a per-class bias and a log|P_i| term per row
+            raise ValueError("distributed='ring' is not available for eps_supinfonce_loss(form='in') in this version "
+                             "(use distributed='gather')")
         return _eps_in(features, labels, epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                        contrast_mode=contrast_mode, backend=backend, process_group=process_group,
                        extra_keys=extra_keys, extra_key_labels=extra_key_labels, reduction=reduction, weight=weight,
@@ -206,7 +221,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
         return dataclasses.replace(spec, variant="eps", epsilon=epsilon, den_bias=_without_positives(spec))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
-                       process_group=process_group, reduction=reduction, weight=weight)
+                       process_group=process_group, distributed=distributed, reduction=reduction, weight=weight)
 
 
 def _positive_bias(spec: ContrastSpec, log_weight: Tensor) -> DenominatorBias:
@@ -367,7 +382,8 @@ def fairkl_loss(features, labels, bias_labels, *, epsilon=0.1, temperature=0.1, 
 @agreed
 @deferred_errors
 def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
-             backend="auto", process_group=None, extra_keys=None, reduction="mean", weight=None) -> Tensor:
+             backend="auto", process_group=None, distributed="gather", extra_keys=None, reduction="mean",
+             weight=None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.) for ``features [bsz, n_views, D]``, n_views >= 2, bsz >= 2.
 
     All n_views·bsz views are anchors; a view's positives are the other views of its sample, its denominator
@@ -405,13 +421,22 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_wei
             similarity = torch.nn.functional.cosine_similarity(first.detach(), second.detach(), dim=1)
         return 2 - f.shape[0] * torch.softmax(similarity / sigma, dim=0)
 
-    def build(f, _):
+    def view_cosine(f):  # per sample: the cosine of its two views (the same on normalised rows), detached
+        acc = _accum_dtype(f)
+        with torch.no_grad():
+            return torch.nn.functional.cosine_similarity(f[:, 0].to(acc), f[:, 1].to(acc), dim=1)
+
+    def build(f, _, cosine=None):  # ring mode passes the global batch's cosines (f is then a placeholder)
         _views(f, 2, "dcl_loss")  # the (global) batch needs a negative
         spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys, normalize=normalize)
         weight = None
         if weighted:
             with torch.no_grad():
-                weight = pair_weight(f, not detach_weight).repeat(2)
+                if cosine is None:
+                    weight = pair_weight(f, not detach_weight)
+                else:  # detached weight only: the learned one is refused in ring mode before this
+                    weight = 2 - f.shape[0] * torch.softmax(cosine / sigma, dim=0)
+                weight = weight.repeat(2)
         return dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight)
 
     def weight_gradient(specs, f, _):
@@ -431,7 +456,9 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_wei
 
     adjust = weight_gradient if weighted and not detach_weight else None
     return _blocks_loss([build], (features, None), features.shape[1], backend=backend, process_group=process_group,
-                        adjust=adjust, reduction=reduction, weight=weight)
+                        adjust=adjust, reduction=reduction, weight=weight, distributed=distributed,
+                        loss="dcl_loss (weighted=True, detach_weight=False)",
+                        sample_stat=view_cosine if weighted else None)
 
 
 # ----------------------------------------------------------------------------- InfoNCE / MoCo / CLIP
@@ -455,7 +482,7 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
     ids = torch.arange(bsz, device=device)
     keys, key_labels, num_classes = key, ids, bsz
     if queue is not None:  # the queue is one more "class" that no anchor has: never a positive
-        keys = torch.cat([key, queue.detach()])
+        keys = append_keys(key, queue.detach())
         key_labels = torch.cat([ids, torch.full((queue.shape[0],), bsz, device=device)])
         num_classes = bsz + 1
     temperature = _check_temperature("temperature", temperature)
@@ -478,7 +505,8 @@ def _info_nce_spec(query: Tensor, key: Tensor, temperature, queue: Optional[Tens
 @agreed
 @deferred_errors
 def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True, symmetric=False,
-             backend="auto", process_group=None, reduction="mean", weight=None, normalize=False) -> Tensor:
+             backend="auto", process_group=None, distributed="gather", reduction="mean", weight=None,
+             normalize=False) -> Tensor:
     """InfoNCE: row i of ``query [B, D]`` has ``key[i]`` as its positive, ``L_i = -l_ii + log sum_j exp(l_ij)``.
 
     The denominator holds every key and every ``queue [Qn, D]`` row (MoCo v3 / CLIP-row style);
@@ -509,14 +537,15 @@ def info_nce(query, key, *, temperature=0.1, queue=None, in_batch_negatives=True
 
     names = [("query", "key", "temperature"), ("key", "query", "temperature")]
     losses = _pairs_loss([build, build_reverse] if symmetric else [build], query, key, backend=backend,
-                         process_group=process_group, names=names, reduction=reduction, weight=weight)
+                         process_group=process_group, distributed=distributed, names=names,
+                         reduction=reduction, weight=weight)
     return 0.5 * (losses[0] + losses[1]) if symmetric else losses[0]
 
 
 @agreed
 @deferred_errors
 def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, backend="auto",
-              process_group=None, reduction="mean", weight=None, normalize=False) -> Tensor:
+              process_group=None, distributed="gather", reduction="mean", weight=None, normalize=False) -> Tensor:
     """CLIP's symmetric loss with open_clip's ``ClipLoss`` semantics (one process).
 
     ``logits = logit_scale * image @ text.T``; the loss is the mean of the row-wise (image -> text) and
@@ -553,7 +582,8 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 
     names = [("image_features", "text_features", "logit_scale"), ("text_features", "image_features", "logit_scale")]
     rows, cols = _pairs_loss([image_to_text, text_to_image], image_features, text_features, backend=backend,
-                             process_group=process_group, names=names, reduction=reduction, weight=weight)
+                             process_group=process_group, distributed=distributed, names=names,
+                             reduction=reduction, weight=weight)
     loss = 0.5 * (rows + cols)
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
         loss = loss + 0.0 * logit_bias.sum()  # shift-invariant: a zero gradient, and a graph to carry it
@@ -565,7 +595,8 @@ def clip_loss(image_features, text_features, logit_scale, *, logit_bias=None, ba
 @agreed
 @deferred_errors
 def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
-                              process_group=None, extra_keys=None, reduction="mean", weight=None) -> Tensor:
+                              process_group=None, distributed="gather", extra_keys=None, reduction="mean",
+                              weight=None) -> Tensor:
     """Debiased contrastive loss (Chuang et al.) for ``features [bsz, n_views, D]``, n_views >= 2, bsz >= 2,
     with Robinson et al.'s hard-negative reweighting when ``beta > 0``.
 
@@ -604,7 +635,8 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
                                     extra_keys=extra_keys, finish=debiased)
                   for u in range(n_views) for v in range(n_views) if u != v]
     return _blocks_loss(builds, (features, None), 2 if n_views == 2 else 1, backend=backend,
-                        process_group=process_group, reduction=reduction, weight=weight)
+                        process_group=process_group, reduction=reduction, weight=weight, distributed=distributed,
+                        loss="debiased_contrastive_loss (n_views > 2)")
 
 
 # ----------------------------------------------------------------------------- BCL
@@ -612,6 +644,7 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
 @agreed
 @deferred_errors
 def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
+             distributed="gather",
              extra_keys=None, extra_key_labels=None, reduction="mean", weight=None, normalize=False) -> Tensor:
     """Balanced contrastive loss (Zhu et al., BCL) for ``features [bsz, n_views, D]`` and ``labels [bsz]``.
 
@@ -663,8 +696,8 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
         other = torch.where(count > 0, -torch.log(count.clamp(min=1)), 0.0)
         return dataclasses.replace(spec, den_bias=DenominatorBias(spec.anchor_labels, key_labels, same, other))
 
-    return _views_loss(build, features, labels, backend=backend, process_group=process_group, reduction=reduction,
-                       weight=weight)
+    return _views_loss(build, features, labels, backend=backend, process_group=process_group,
+                       distributed=distributed, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- class-conditional InfoNCE
@@ -672,6 +705,7 @@ def bcl_loss(features, labels, *, temperature=0.1, class_centers=None, backend="
 @agreed
 @deferred_errors
 def spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="auto", process_group=None,
+                distributed="gather",
                 extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
     """Class-conditional InfoNCE, the "spread" term of Chen et al. 2022 ("Perfectly Balanced"), as the
     authors' code computes it, for ``features [bsz, n_views, D]``, n_views >= 2, and ``labels [bsz]``.
@@ -697,7 +731,7 @@ def spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="
                                 extra_keys=extra_keys, extra_key_labels=extra_key_labels)
               for u in range(1, n_views) for v in range(u)]
     return _blocks_loss(builds, (features, labels), 1, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight)
+                        reduction=reduction, weight=weight, distributed=distributed, loss="spread_loss")
 
 
 # ----------------------------------------------------------------------------- more of the family
@@ -730,7 +764,8 @@ def _tau(temperature, acc: torch.dtype):
 
 
 def _blocks_loss(builds, tensors: tuple, blocks: int, *, backend: str, process_group, adjust=None,
-                 reduction: str = "mean", weight=None) -> Tensor:
+                 reduction: str = "mean", weight=None, distributed: str = "gather", loss: str = "",
+                 sample_stat=None) -> Tensor:
     """The loss over ``build(*tensors) -> spec`` for every build (specs with as many anchor rows each), each
     spec's anchors being ``blocks`` blocks of one row per sample (block-major), on this process's batch or on
     the global batch of ``process_group`` (the per-sample ``tensors`` gathered; each rank computes its own rows
@@ -742,7 +777,17 @@ def _blocks_loss(builds, tensors: tuple, blocks: int, *, backend: str, process_g
     global tensors: the gather's backward then makes their gradient world_size x this rank's share)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("distributed", distributed, ("gather", "ring"))
     _not_compiled(process_group)
+    if process_group is not None and distributed == "ring":
+        # One spec whose anchors are every view row of (features, labels), nothing added to its rows: the
+        # views loss exactly (same rows, layout and weights), which the ring driver runs.
+        views = len(builds) == 1 and adjust is None and len(tensors) == 2 and blocks == tensors[0].shape[1]
+        if not views:  # several specs, an adjusting term or a third per-sample tensor: not in the driver yet
+            raise ValueError(f"distributed='ring' is not available for {loss} with these arguments in this version "
+                             f"(use distributed='gather')")
+        return _views_loss(builds[0], *tensors, backend=backend, process_group=process_group, reduction=reduction,
+                           weight=weight, distributed="ring", sample_stat=sample_stat)
     bsz, device = tensors[0].shape[0], tensors[0].device
     shapes = [(bsz,)] + ([(bsz, blocks)] if blocks > 1 and len(builds) == 1 else [])
     weight = _check_weight(weight, shapes, device, "one per sample" + (", or per view" if len(shapes) > 1 else ""))
@@ -836,6 +881,7 @@ def _pair_spec(f, _, *, u: int, v: int, temperature, normalize: bool, extra_keys
 @agreed
 @deferred_errors
 def symmetric_spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="auto", process_group=None,
+                          distributed="gather",
                           extra_keys=None, extra_key_labels=None, reduction="mean", weight=None) -> Tensor:
     """Class-conditional InfoNCE with every view as an anchor (NT-Xent restricted to the anchor's class),
     for ``features [bsz, n_views, D]``, n_views >= 2: a view's positives are the other views of its sample,
@@ -870,7 +916,7 @@ def symmetric_spread_loss(features, labels, *, temperature=0.5, normalize=False,
         return dataclasses.replace(spec, den_bias=den_bias)
 
     return _blocks_loss([build], (features, labels), n_views, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight)
+                        reduction=reduction, weight=weight, distributed=distributed, loss="symmetric_spread_loss")
 
 
 def _universum_views(universum, features: Tensor) -> Tensor:
@@ -893,7 +939,8 @@ def _universum_views(universum, features: Tensor) -> Tensor:
 @agreed
 @deferred_errors
 def unicon_loss(features, universum, labels, *, temperature=0.1, base_temperature=None, contrast_mode="all",
-                normalize=False, backend="auto", process_group=None, reduction="mean", weight=None) -> Tensor:
+                normalize=False, backend="auto", process_group=None, distributed="gather", reduction="mean",
+                weight=None) -> Tensor:
     """UniCon (Han et al., "Universum-inspired Supervised Contrastive Learning"), as the authors' code computes it.
 
     ``features [bsz, n_views, D]``, ``labels [bsz]``, ``universum`` one row per view row: ``[n_views·bsz, D]``
@@ -923,13 +970,14 @@ def unicon_loss(features, universum, labels, *, temperature=0.1, base_temperatur
 
     blocks = features.shape[1] if contrast_mode == "all" else 1
     return _blocks_loss([build], (features, labels, universum), blocks, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight)
+                        reduction=reduction, weight=weight, distributed=distributed, loss="unicon_loss")
 
 
 @agreed
 @deferred_errors
 def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", normalize=False, support=None,
-                support_labels=None, backend="auto", process_group=None, reduction="mean", weight=None) -> Tensor:
+                support_labels=None, backend="auto", process_group=None, distributed="gather", reduction="mean",
+                weight=None) -> Tensor:
     """SuNCEt (Assran et al., "Supervision Accelerates Pre-training in Contrastive Semi-Supervised Learning"):
     ``L_i = -log sum_{p in P_i} softmax_i(p) = log sum_{j != i} exp(l_ij) - log sum_{p in P_i} exp(l_ip)``,
     minus the log of the summed probability of the keys of the anchor's class, ``l_ij = z_i . z_j / tau``.
@@ -969,7 +1017,8 @@ def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", norma
 
     blocks = features.shape[1] if contrast_mode == "all" else 1
     return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
-                        adjust=without_log_count, reduction=reduction, weight=weight)
+                        adjust=without_log_count, reduction=reduction, weight=weight, distributed=distributed,
+                        loss="suncet_loss")
 
 
 # ----------------------------------------------------------------------------- PaCo / GPaCo
@@ -1257,18 +1306,19 @@ class EpsSupInfoNCELoss(_LossModule):
     fn = staticmethod(eps_supinfonce_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
-                 process_group=None, normalize=False, reduction="mean", form="out"):
+                 process_group=None, distributed="gather", normalize=False, reduction="mean", form="out"):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("normalize", normalize, (False, True))
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_choice("form", form, ("out", "in"))
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
-                         contrast_mode=contrast_mode, backend=backend, process_group=process_group, normalize=normalize,
-                         reduction=reduction, form=form)
+                         contrast_mode=contrast_mode, backend=backend, process_group=process_group,
+                         distributed=distributed, normalize=normalize, reduction=reduction, form=form)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
@@ -1288,16 +1338,18 @@ class DCLLoss(_LossModule):
     fn = staticmethod(dcl_loss)
 
     def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
-                 backend="auto", process_group=None, reduction="mean"):
+                 backend="auto", process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("weighted", weighted, (False, True))
         _check_sigma(sigma)
         _check_choice("detach_weight", detach_weight, (False, True))
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, detach_weight=detach_weight,
-                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
+                         normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None,
                 weight: Optional[Tensor] = None) -> Tensor:
@@ -1317,15 +1369,17 @@ class InfoNCELoss(_LossModule):
     fn = staticmethod(info_nce)
 
     def __init__(self, *, temperature=0.1, in_batch_negatives=True, symmetric=False, backend="auto",
-                 process_group=None, normalize=False, reduction="mean"):
+                 process_group=None, distributed="gather", normalize=False, reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
         _check_choice("symmetric", symmetric, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("normalize", normalize, (False, True))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
-                         backend=backend, process_group=process_group, normalize=normalize, reduction=reduction)
+                         backend=backend, process_group=process_group, distributed=distributed, normalize=normalize,
+                         reduction=reduction)
 
     def forward(self, query: Tensor, key: Tensor, *, queue: Optional[Tensor] = None,
                 weight: Optional[Tensor] = None) -> Tensor:
@@ -1346,16 +1400,18 @@ class ClipLoss(_LossModule):
 
     fn = staticmethod(clip_loss)
 
-    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None, normalize=False,
+    def __init__(self, *, logit_scale=None, logit_bias=None, backend="auto", process_group=None, distributed="gather",
+                 normalize=False,
                  reduction="mean"):
         if logit_scale is not None:
             _check_logit_scale(logit_scale)
         _check_logit_bias(logit_bias)
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("normalize", normalize, (False, True))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
-                         process_group=process_group, normalize=normalize, reduction=reduction)
+                         process_group=process_group, distributed=distributed, normalize=normalize, reduction=reduction)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, *, logit_bias=None,
                 weight: Optional[Tensor] = None) -> Tensor:
@@ -1368,7 +1424,8 @@ class ClipLoss(_LossModule):
 
 
 class DebiasedContrastiveLoss(_LossModule):
-    __doc__ = """Module form of ``debiased_contrastive_loss`` (Chuang et al.; hard negatives, Robinson et al., if beta > 0).
+    __doc__ = """Module form of ``debiased_contrastive_loss`` (Chuang et al.; hard negatives, Robinson et al.,
+    if beta > 0).
 
     ``L_i = -log(e^{l_ip} / (e^{l_ip} + Ng))`` with the debiased (and, for ``beta > 0``, reweighted)
     negative mass ``Ng`` estimated from the n negatives and clamped below at ``n e^{-1/temperature}``.
@@ -1379,15 +1436,16 @@ class DebiasedContrastiveLoss(_LossModule):
     fn = staticmethod(debiased_contrastive_loss)
 
     def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
-                 process_group=None, reduction="mean"):
+                 process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
         _number("beta", beta, 0.0)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, normalize=normalize, backend=backend,
-                         process_group=process_group, reduction=reduction)
+                         process_group=process_group, distributed=distributed, reduction=reduction)
 
     def forward(self, features: Tensor, *, extra_keys: Optional[Tensor] = None,
                 weight: Optional[Tensor] = None) -> Tensor:
@@ -1406,7 +1464,8 @@ class BCLLoss(_LossModule):
 
     fn = staticmethod(bcl_loss)
 
-    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None, normalize=False,
+    def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
+                 distributed="gather", normalize=False,
                  reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("normalize", normalize, (False, True))
@@ -1415,9 +1474,10 @@ class BCLLoss(_LossModule):
             shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
             raise ValueError(f"class_centers must be a floating tensor of shape [C, D], got {shape}")
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, class_centers=class_centers, backend=backend,
-                         process_group=process_group, normalize=normalize, reduction=reduction)
+                         process_group=process_group, distributed=distributed, normalize=normalize, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
                 extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None,
@@ -1439,12 +1499,15 @@ class SpreadLoss(_LossModule):
 
     fn = staticmethod(spread_loss)
 
-    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, reduction="mean"):
+    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, distributed="gather",
+                 reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
+              distributed=distributed,
                          reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
@@ -1463,12 +1526,15 @@ class SymmetricSpreadLoss(_LossModule):
 
     fn = staticmethod(symmetric_spread_loss)
 
-    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, reduction="mean"):
+    def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, distributed="gather",
+                 reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
+              distributed=distributed,
                          reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
@@ -1493,15 +1559,17 @@ class UniConLoss(_LossModule):
     fn = staticmethod(unicon_loss)
 
     def __init__(self, *, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
-                 backend="auto", process_group=None, reduction="mean"):
+                 backend="auto", process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
-                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
+                         normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, universum: Tensor, labels: Tensor, *,
                 weight: Optional[Tensor] = None) -> Tensor:
@@ -1521,14 +1589,16 @@ class SuNCEtLoss(_LossModule):
     fn = staticmethod(suncet_loss)
 
     def __init__(self, *, temperature=0.1, contrast_mode="all", normalize=False, backend="auto", process_group=None,
+                 distributed="gather",
                  reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, contrast_mode=contrast_mode, normalize=normalize, backend=backend,
-                         process_group=process_group, reduction=reduction)
+                         process_group=process_group, distributed=distributed, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, support: Optional[Tensor] = None,
                 support_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:

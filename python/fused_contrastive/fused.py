@@ -29,14 +29,16 @@ class Kernels(NamedTuple):
     logit_sums: bool = False
 
 
-def row_factors(spec, lse, pos_sum, pos_aux, tau):
+def row_factors(spec, lse, pos_sum, pos_aux, tau, pos_count=None, den_count=None):
     """From the forward's per-row statistics: (rows, has_pos, lse, coef, pos_scale, den_scale, tau_direct) with
     rows the L_i and, for dResult/dL_i = 1 on every row, the backward tile g_ij = coef_i (den_scale_i
     e^{l_ij + b_ij - LSE_i} - positive part with pos_scale_i); tau_direct_i is dL_i/dtau through the row
     formula itself (not through the logits). The reduction and the weights (or reduction="none"'s incoming
-    gradient) then only scale coef_i and tau_direct_i row by row."""
+    gradient) then only scale coef_i and tau_direct_i row by row. ``pos_count`` / ``den_count``: Z_i and the
+    denominator's size when the spec's keys are only a part of the keys (ring mode: one shard; the counts are
+    those over every key), else the spec's own."""
     acc = lse.dtype
-    pos_count = spec.pos_count()
+    pos_count = spec.pos_count() if pos_count is None else pos_count
     has_pos = pos_count > 0
     c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
     coef = has_pos.to(acc) * c  # dL_i/d(bracket) = c (a float64 product: torch.where(.., c, 0.0) is float32)
@@ -52,7 +54,7 @@ def row_factors(spec, lse, pos_sum, pos_aux, tau):
             stats = [t.detach().requires_grad_() for t in (lse, pos_sum, *(pos_aux if hard else ()))]
             # one temperature leaf per row: each row's own dL_i/dtau, which its gradient G_i then weighs
             tau_leaf = torch.full_like(lse, tau).requires_grad_()
-            n = spec.den_count()
+            n = spec.den_count() if den_count is None else den_count
             log_reweighted = torch.log(n.clamp(min=1)) + stats[2] - stats[3] if hard else None
             rows = debiased_row_losses(spec, stats[0], stats[1], n, tau_leaf, log_reweighted)
             derivs = torch.autograd.grad(rows.sum(), (*stats, tau_leaf), allow_unused=True)
@@ -169,12 +171,14 @@ def _inv_tau(spec):
 
 
 def row_stats(spec, kernels: Kernels):
-    """Ring mode: (LSE over this key shard's denominator, positive statistic over it) per anchor."""
-    lse, pos_sum, _ = kernels.forward_stats(spec, spec.anchors, spec.keys, _inv_tau(spec))
-    return lse, pos_sum
+    """Ring mode: (lse, pos_sum, pos_aux) over this key shard (see chunked.row_stats; the kernels' eps terms,
+    taken with this shard's LSE_N, are not used: the driver asks ``eps_terms`` with the merged one)."""
+    return kernels.forward_stats(spec, spec.anchors, spec.keys, _inv_tau(spec))
 
 
-def grads_from_stats(spec, lse, coef, pos_scale, kernels: Kernels):
-    """Ring mode: dQ, dK (input dtype) of this shard's tiles with the merged statistics."""
-    rows = RowFactors(lse, coef.to(lse.dtype), pos_scale.to(lse.dtype), lse)
+def grads_from_stats(spec, lse, coef, pos_scale, den_scale, kernels: Kernels):
+    """Ring mode: dQ, dK (input dtype) of this shard's tiles with the merged row factors (row_factors)."""
+    acc = spec.accum_dtype
+    # reduction="none": each row's coef carries its own incoming gradient, of any sign
+    rows = RowFactors(lse.to(acc), coef.to(acc), pos_scale.to(acc), den_scale.to(acc), spec.reduction == "none")
     return kernels.backward_grads(spec, spec.anchors, spec.keys, _inv_tau(spec), rows)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import compiled, dispatch
 from .compiled import CHECK_FINITE_ENV, compiling, deferred_errors, finite_check_on, require
-from .distributed import agreed
+from .distributed import agreed, append_keys
 from .spec import NO_POSITIVE_MODES, REDUCTIONS, VARIANTS, ContrastSpec
 
 CONTRAST_MODES = ("all", "one")
@@ -328,7 +328,7 @@ def supcon_spec(features, labels=None, mask=None, *, temperature=0.07, base_temp
         # Without labels and mask (SimCLR), extra keys without labels are negatives of every anchor (a queue).
         unlabelled = labels is None and extra_key_labels is None
         extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features, labelled=not unlabelled)
-        keys = torch.cat([keys, extra_keys])  # the extra keys follow the views; they are never anchors
+        keys = append_keys(keys, extra_keys)  # the extra keys follow the views; they are never anchors
     anchors = keys if contrast_mode == "all" and extra_keys is None else keys[: bsz * (n_views if contrast_mode == "all" else 1)]
     key_labels = anchor_labels = dense = None
     num_classes = 0
@@ -427,41 +427,32 @@ def supcon_loss(features, labels=None, mask=None, *, temperature=0.07, base_temp
                              contrast_mode)
     if mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
-    if distributed == "ring":
-        from .distributed import supcon_loss_ring
-
-        if reduction != "mean" or weight is not None:
-            raise ValueError("reduction other than 'mean' and weight need distributed='gather' in this version")
-
-        features = _flatten_views(features)
-        labels = None if labels is None else _check_labels(labels, features.shape[0], features.device)
-        if extra_keys is not None:
-            extra_keys, extra_key_labels = _extra_keys(extra_keys, extra_key_labels, features,
-                                                       labelled=extra_key_labels is not None or labels is not None)
-            if labels is not None:  # the same comparison rule as gather mode's _class_ids
-                labels, extra_key_labels = _common_labels(labels, extra_key_labels)
-        return supcon_loss_ring(features, labels, group=process_group, temperature=spec.temperature, tau_float=spec.tau_float,
-                                base_temperature=spec.base_temperature, contrast_mode=contrast_mode,
-                                no_positive=no_positive, normalize=normalize, variant=variant, backend=backend,
-                                extra_keys=extra_keys, extra_key_labels=extra_key_labels)
     return _gathered_views(process_group, features, labels, contrast_mode, backend,
                            lambda f, y: supcon_spec(f, y, temperature=spec.temperature, temperature_value=spec.tau_float,
                                                     **{k: v for k, v in kwargs.items() if k != "temperature"}),
-                           reduction, weight)
+                           reduction, weight, mode=distributed)
 
 
 def _gathered_views(process_group, features, labels, contrast_mode: str, backend: str, build,
-                    reduction: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
+                    reduction: str = "mean", weight: Optional[Tensor] = None, mode: str = "gather",
+                    sample_stat=None) -> Tensor:
     """A view-stacked loss over the global batch: gather features (and labels, weights), ``build(features,
-    labels)`` the global spec, run this rank's anchor rows (see fused_contrastive.distributed)."""
+    labels)`` the global spec, run this rank's anchor rows (see fused_contrastive.distributed). ``mode="ring"``:
+    the same ``build`` on the global labels, the features passed around the ring instead (``sample_stat``: see
+    distributed.ring_views)."""
     from . import distributed
 
     features = _flatten_views(features)
     if labels is not None:
         labels = _check_labels(labels, features.shape[0], features.device)
+    views = features.shape[1] if contrast_mode == "all" else 1
+    if mode == "ring":
+        result = distributed.ring_views(build, features, labels, contrast_mode=contrast_mode, group=process_group,
+                                        backend=backend, sample_stat=sample_stat,
+                                        reduce=lambda spec, w: _reduced(spec, reduction, w, views), weight=weight)
+        return _views_layout(result, reduction, views, contrast_mode)
     batch = distributed.gather_batch(process_group, features, labels, weight)
     spec = build(*batch.tensors[:2])
-    views = features.shape[1] if contrast_mode == "all" else 1
     spec = _reduced(spec, reduction, batch.tensors[2], views)
     result = distributed.run_rows(spec, distributed.view_ranges(batch, views), process_group, backend)
     return _views_layout(result, reduction, views, contrast_mode)

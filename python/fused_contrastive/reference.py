@@ -101,37 +101,65 @@ def loss(spec: ContrastSpec) -> Tensor:
     return reduce_rows(spec, loss_rows, has_pos)
 
 
-def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor]:
-    """Ring mode: (LSE over this key shard's denominator, sum_j a_ij l_ij or LSE_P over it), densely."""
-    soft_targets.refuse_ring(spec)
+def _shard(spec: ContrastSpec):
+    """Ring mode, densely: (logits l, positives a, in_den, l + b on the denominator) of one key shard."""
     acc = spec.accum_dtype
     rows = torch.arange(spec.num_anchors, device=spec.device)
     logits = spec.anchors.to(acc) @ spec.keys.to(acc).T / spec.tau_value()
     in_den = not_self(spec, rows)
+    bias = torch.zeros_like(logits)
     if spec.den_bias is not None:
         bias = spec.den_bias.tile(rows).to(acc)
         in_den = in_den & (bias > float("-inf"))
-        logits_den = logits + torch.where(in_den, bias, 0.0)
-    else:
-        logits_den = logits
-    a = positive_weights(spec, rows)
+    return logits, positive_weights(spec, rows), in_den, logits + torch.where(in_den, bias, 0.0)
+
+
+def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Ring mode: (LSE over this key shard's denominator, sum_j a_ij l_ij or LSE_P over it, and for hard
+    negatives the [2, Na] LSEs of (1+beta) l and beta l over the denominator), densely."""
+    soft_targets.refuse_ring(spec)
+    logits, a, in_den, den = _shard(spec)
+    lse = _masked_lse(den, in_den)
+    aux = lse
+    if spec.variant == "debiased" and spec.beta != 0:
+        aux = torch.stack([_masked_lse((1 + spec.beta) * den, in_den), _masked_lse(spec.beta * den, in_den)])
     if spec.variant == "in":
-        return _masked_lse(logits_den, in_den), _masked_lse(logits + torch.log(a), a > 0)
-    return _masked_lse(logits_den, in_den), (a * logits).sum(1)
+        return lse, _masked_lse(logits + torch.log(a), a > 0), aux
+    return lse, (a * logits).sum(1), aux
 
 
-def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Ring mode: dQ, dK of g = coef_i (exp(l + b - LSE_i) - positive part) with the merged statistics."""
-    acc, tau = spec.accum_dtype, spec.tau_value()
-    rows = torch.arange(spec.num_anchors, device=spec.device)
-    Q, K = spec.anchors.to(acc), spec.keys.to(acc)
-    logits = Q @ K.T / tau
-    bias = spec.den_bias.tile(rows).to(acc) if spec.den_bias is not None else torch.zeros_like(logits)
-    in_den = not_self(spec, rows) & (bias > float("-inf"))
-    p = torch.where(in_den, torch.exp(logits + bias - torch.where(torch.isfinite(lse), lse, 0.0)[:, None]), 0.0)
-    a = positive_weights(spec, rows)
+def eps_terms(spec: ContrastSpec, lse_n: Tensor) -> tuple[Tensor, Tensor]:
+    """Ring mode, epsilon-SupInfoNCE: (sum_p [l_ip - logaddexp(l_ip - eps, LSE_N)], sum_p sigmoid(LSE_N + eps -
+    l_ip)) over this shard's positives, given the merged LSE_N."""
+    logits, a, _, _ = _shard(spec)
+    per_positive = logits - torch.logaddexp(logits - spec.epsilon, lse_n[:, None])
+    return (a * torch.where(a > 0, per_positive, 0.0)).sum(1), (a * torch.sigmoid(lse_n[:, None] + spec.epsilon
+                                                                                  - logits)).sum(1)
+
+
+def grads_from_stats(spec: ContrastSpec, lse: Tensor, coef: Tensor, pos_scale: Tensor,
+                     den_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Ring mode: dQ, dK of g_ij = coef_i (u_i softmax_ij - positive part) with the merged row factors
+    (fused.row_factors: u_i is R_i for eps, dL/dLSE_N for debiased; hard negatives: the (1+beta) and beta
+    softmaxes with [3, Na] lse and den_scale)."""
+    tau = spec.tau_value()
+    logits, a, in_den, den = _shard(spec)
+    Q, K = spec.anchors.to(logits.dtype), spec.keys.to(logits.dtype)
+
+    def softmax(scale, row_lse):
+        return torch.where(in_den, torch.exp(scale * den - torch.where(torch.isfinite(row_lse), row_lse, 0.0)[:, None]),
+                           0.0)
+
+    if spec.variant == "debiased" and spec.beta != 0:
+        p = den_scale[1][:, None] * softmax(1 + spec.beta, lse[1]) + den_scale[2][:, None] * softmax(spec.beta, lse[2])
+    else:
+        p = softmax(1.0, lse)
+        if spec.variant in ("eps", "debiased"):
+            p = den_scale[:, None] * p
     if spec.variant == "in":  # a_ij exp(l_ij - LSE_P): exp(-inf) = 0 off the positives, where exp(l) may be inf
         positive = torch.exp(logits + torch.log(a) - pos_scale[:, None])
+    elif spec.variant == "eps":
+        positive = a * torch.sigmoid(lse[:, None] + spec.epsilon - logits)
     else:
         positive = a * pos_scale[:, None]
     g = coef[:, None] * (p - positive)
