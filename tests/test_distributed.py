@@ -155,7 +155,8 @@ TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", 
 # Losses whose ring mode is not in the driver yet: distributed="ring" must refuse them (never a wrong number).
 RING_REFUSED = {"spread": "spread_loss", "spread_3views_bank": "spread_loss", "dclw_learned": "dcl_loss",
                 "debiased_3views": "debiased_contrastive_loss", "unicon": "unicon_loss",
-                "suncet_support": "suncet_loss"}
+                "suncet_support": "suncet_loss", "eps_in": "eps_supinfonce_loss", "epsilon_supcon": "epsilon_supcon_loss",
+                "paco": "paco_loss", "tsc": "tsc_loss"}
 
 
 def reduction_options(world, total):

@@ -205,10 +205,7 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     _check_scale("epsilon", epsilon, _accum_dtype(features), "epsilon", overflows="l_ip - epsilon")
     _check_choice("form", form, ("out", "in"))
     if form == "in":
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        if distributed == "ring" and process_group is not None:  # a per-class bias and a log|P_i| term per row
-            raise ValueError("distributed='ring' is not available for eps_supinfonce_loss(form='in') in this version "
-                             "(use distributed='gather')")
+        _refuse_ring("eps_supinfonce_loss(form='in')", distributed, process_group)
         return _eps_in(features, labels, epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                        contrast_mode=contrast_mode, backend=backend, process_group=process_group,
                        extra_keys=extra_keys, extra_key_labels=extra_key_labels, reduction=reduction, weight=weight,
@@ -264,13 +261,14 @@ def _eps_in(features, labels, *, epsilon, temperature, base_temperature, contras
 @deferred_errors
 def epsilon_supcon_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, base_temperature=None,
                         contrast_mode="all", normalize=False, extra_keys=None, extra_key_labels=None, backend="auto",
-                        process_group=None, reduction="mean", weight=None) -> Tensor:
+                        process_group=None, reduction="mean", weight=None, distributed="gather") -> Tensor:
     """EpsilonSupCon (Barbano et al., "Unbiased Supervised Contrastive Learning", Eq. 18): SupCon's L_out whose
     denominator weighs every positive e^{-epsilon}: ``L_i = -(c/|P_i|) sum_p [l_ip - log(sum_{p'} exp(l_ip' -
     epsilon) + sum_n exp(l_in))]``, c = temperature / base_temperature (1 when None); 0 for an anchor without
     positives. One denominator per anchor (a denominator bias of -epsilon on its class), unlike
     ``eps_supinfonce_loss``'s one per positive. The authors' 1e-6 inside the log is left out.
     """
+    _refuse_ring("epsilon_supcon_loss", distributed, process_group)  # not in the ring driver yet
     epsilon = _number("epsilon", epsilon, 0.0)
     features = _flatten_views(features)
     _check_finite(features=features)
@@ -763,6 +761,13 @@ def _tau(temperature, acc: torch.dtype):
     return temperature, tau_float
 
 
+def _refuse_ring(loss: str, distributed, process_group) -> None:
+    """A loss whose ring mode is not in the driver yet: distributed="ring" is refused, never run as gather."""
+    _check_choice("distributed", distributed, ("gather", "ring"))
+    if distributed == "ring" and process_group is not None:
+        raise ValueError(f"distributed='ring' is not available for {loss} in this version (use distributed='gather')")
+
+
 def _blocks_loss(builds, tensors: tuple, blocks: int, *, backend: str, process_group, adjust=None,
                  reduction: str = "mean", weight=None, distributed: str = "gather", loss: str = "",
                  sample_stat=None) -> Tensor:
@@ -1038,7 +1043,7 @@ def _class_index_labels(labels: Tensor, classes: int, what: str) -> None:
 def paco_loss(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0, temperature=0.2,
               supervised_temperature=None, base_temperature=None, label_smoothing=0.0, logit_offsets=None,
               contrast_mode="one", normalize=False, extra_keys=None, extra_key_labels=None, backend="auto",
-              process_group=None, reduction="mean", weight=None) -> Tensor:
+              process_group=None, reduction="mean", weight=None, distributed="gather") -> Tensor:
     """Parametric contrastive loss (PaCo, Cui et al.; GPaCo's label smoothing): SupCon whose keys are the views,
     a labelled queue (``extra_keys``) and one learnable center per class, each center a key of every anchor.
 
@@ -1057,6 +1062,7 @@ def paco_loss(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0
     offsets a per-key denominator bias, the positive weights a per-row scale of the fused positive sum plus
     an O(N D) term for the center positives (the smoothing's sum over every center is ``q_i . sum_k c_k``).
     """
+    _refuse_ring("paco_loss", distributed, process_group)  # not in the ring driver yet
     features = _flatten_views(features)
     _check_finite(features=features)
     if labels is None:
@@ -1189,7 +1195,7 @@ def _labelled_keys(name: str, keys, labels, query: Tensor) -> tuple[Optional[Ten
 @deferred_errors
 def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None, target_labels=None,
              target_weight=1.0, temperature=0.07, normalize=True, backend="auto", process_group=None,
-             reduction="mean", weight=None) -> Tensor:
+             reduction="mean", weight=None, distributed="gather") -> Tensor:
     """Targeted supervised contrastive loss (TSC, Li et al., the authors' MoCo form). Anchor ``query[i]``'s keys
     are its own ``key[i]``, the labelled ``queue [Qn, D]`` and the labelled ``targets [T, D]`` (the class
     targets, assigned to classes by the user: ``target_labels [T]``, a class's targets are its positives);
@@ -1204,6 +1210,7 @@ def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None,
     ``process_group``: the mean over the global batch (no anchor sees another sample's key, so each rank's
     rows need only its own pairs; the queue and targets are the same on every rank).
     """
+    _refuse_ring("tsc_loss", distributed, process_group)  # not in the ring driver yet
     _pair("query", query, "key", key)
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
