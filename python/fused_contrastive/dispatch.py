@@ -115,28 +115,35 @@ def explain(spec: ContrastSpec) -> dict[str, Optional[str]]:
 
 
 def select(spec: ContrastSpec, backend: str = "auto") -> Backend:
+    return choose(spec, backend, BACKENDS, AUTO_ORDER, spec.device)
+
+
+def choose(spec, backend: str, backends: dict, auto_order: tuple, device: torch.device):
+    """The backend of ``backends`` that runs ``spec``: an explicit one that cannot raises its reason; ``auto``
+    takes the first of ``auto_order`` that can (and that ``auto`` considers for ``device``); the environment
+    variable replaces ``auto``. Shared by every loss's backend table (SigLIP has its own)."""
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
         forced = os.environ.get(ENV_VAR, "").strip()
         if forced and forced != "auto":
-            if forced not in BACKENDS:
+            if forced not in backends:
                 raise ValueError(f"{ENV_VAR} must be one of {BACKEND_CHOICES}, got {forced!r}")
             backend = forced
     if backend != "auto":
-        reason = BACKENDS[backend].why_not(spec)
+        reason = backends[backend].why_not(spec)
         if reason is not None:
             raise RuntimeError(f"backend {backend!r} cannot run this input: {reason}")
-        return BACKENDS[backend]
+        return backends[backend]
     reasons = {}
-    for name in AUTO_ORDER:
-        candidate = BACKENDS[name]
-        reason = candidate.auto_why_not(spec) if candidate.auto_why_not is not None else None
-        reason = reason or candidate.why_not(spec)
-        if reason is None and spec.device.type not in candidate.auto_devices:
-            reason = f"auto does not use it for {spec.device.type} tensors (request it explicitly)"
+    for name in auto_order:
+        candidate = backends[name]
+        auto_why_not = getattr(candidate, "auto_why_not", None)
+        reason = (auto_why_not(spec) if auto_why_not is not None else None) or candidate.why_not(spec)
+        if reason is None and device.type not in candidate.auto_devices:
+            reason = f"auto does not use it for {device.type} tensors (request it explicitly)"
         if reason is None:
-            return BACKENDS[name]
+            return candidate
         reasons[name] = reason
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
     raise RuntimeError(f"no backend can run this input ({detail})")

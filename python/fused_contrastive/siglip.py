@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .compiled import compiling, deferred_errors, require
-from .dispatch import BACKEND_CHOICES, ENV_VAR
+from . import dispatch
+from .dispatch import BACKEND_CHOICES
 from .distributed import _rotate, agreed, check_group, gather_batch
 from .family import _check_logit_bias, _check_logit_scale, _pair
 from .losses import _check_choice, _check_data, _check_labels, _check_finite, dense_ids
@@ -241,30 +242,8 @@ def explain(spec: SigLipSpec) -> dict:
 
 
 def select(spec: SigLipSpec, backend: str = "auto") -> SigLipBackend:
-    """dispatch.select's rules (an explicit backend that cannot run raises its reason; ``auto`` takes the first
-    that can; FUSED_CONTRASTIVE_BACKEND replaces ``auto``) over the SigLIP backends."""
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-    if backend == "auto":
-        forced = os.environ.get(ENV_VAR, "").strip()
-        if forced and forced != "auto":
-            if forced not in BACKENDS:
-                raise ValueError(f"{ENV_VAR} must be one of {BACKEND_CHOICES}, got {forced!r}")
-            backend = forced
-    if backend != "auto":
-        reason = BACKENDS[backend].why_not(spec)
-        if reason is not None:
-            raise RuntimeError(f"backend {backend!r} cannot run this input: {reason}")
-        return BACKENDS[backend]
-    reasons = {}
-    for name in AUTO_ORDER:
-        reason = BACKENDS[name].why_not(spec)
-        if reason is None and spec.images.device.type not in BACKENDS[name].auto_devices:
-            reason = f"auto does not use it for {spec.images.device.type} tensors (request it explicitly)"
-        if reason is None:
-            return BACKENDS[name]
-        reasons[name] = reason
-    raise RuntimeError("no backend can run this input (" + "; ".join(f"{k}: {v}" for k, v in reasons.items()) + ")")
+    """dispatch's rules over the SigLIP backends (an explicit backend that cannot run raises its reason)."""
+    return dispatch.choose(spec, backend, BACKENDS, AUTO_ORDER, spec.images.device)
 
 
 # ----------------------------------------------------------------------------- autograd
