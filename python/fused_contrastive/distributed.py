@@ -345,23 +345,55 @@ class _RingPlan:
     row_weight: Optional[Tensor]  # w_i of this rank's anchors (constants: no gradient of their own)
 
 
-def _ring_pass(plan: _RingPlan, anchors: Tensor, keys: Tensor, extra: Optional[Tensor], visit) -> None:
-    """``visit(spec)`` for every rank's key shard, this rank's first (and the extra keys, which stay home); the
-    next shard travels while the current one is computed, so at most two shards are held at once."""
-    world, rank = dist.get_world_size(plan.group), dist.get_rank(plan.group)
-    shard, owner = keys, rank
+def ring_visit(group, shard_rows: list[int], shards: list[Tensor], visit) -> None:
+    """``visit(tensors, owner)`` for every rank's shard, this rank's first. ``shards``: this rank's tensors that
+    travel together (key features, and any per-key side input a loss needs), each with ``shard_rows[rank]``
+    rows; the next rank's shard travels while the current one is computed, so at most two are held at once.
+    The one rotation loop of every ring-mode loss (softmax losses, SigLIP, the batch-ratio losses)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    owner = rank
     for step in range(world):
         pending = []
         if step < world - 1:
-            incoming_rows = plan.shard_rows[(owner - 1) % world]
-            (incoming,), pending = _rotate([shard], plan.group, [(incoming_rows, shard.shape[1])])
-        if step == 0 and extra is not None:
-            visit(plan.shard_spec(anchors, extra, None))
-        visit(plan.shard_spec(anchors, shard, owner))
+            rows = shard_rows[(owner - 1) % world]
+            incoming, pending = _rotate(shards, group, [(rows, *t.shape[1:]) for t in shards])
+        visit(shards, owner)
         for request in pending:
             request.wait()
         if step < world - 1:
-            shard, owner = incoming, (owner - 1) % world
+            shards, owner = incoming, (owner - 1) % world
+
+
+def ring_accumulate(group, shard_rows: list[int], shards: list[Tensor], grad_of, dtype: torch.dtype) -> Tensor:
+    """The backward's rotation: ``grad_of(tensors, owner) -> [rows, ...]``, this rank's contribution to the
+    gradient of that shard's first tensor, for every rank's shard; the accumulated gradient travels with its
+    shard and arrives home after world_size steps. Returns the gradient of this rank's own first tensor
+    (every rank's contribution summed) in ``dtype``."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    owner = rank
+    carried = torch.zeros(shards[0].shape, dtype=dtype, device=shards[0].device)
+    for step in range(world):
+        rows = shard_rows[(owner - 1) % world]
+        pending = []
+        if step < world - 1:  # the shards do not change: they travel while this step computes
+            incoming, pending = _rotate(shards, group, [(rows, *t.shape[1:]) for t in shards])
+        carried += grad_of(shards, owner).to(dtype)
+        if world > 1:  # the accumulated gradient follows its shard; after world steps it is home
+            (carried,), more = _rotate([carried], group, [(rows, *shards[0].shape[1:])])
+            for request in pending + more:
+                request.wait()
+            if step < world - 1:
+                shards = incoming
+            owner = (owner - 1) % world
+    return carried
+
+
+def _ring_pass(plan: _RingPlan, anchors: Tensor, keys: Tensor, extra: Optional[Tensor], visit) -> None:
+    """``visit(spec)`` for every rank's key shard (and first for the extra keys, which stay home)."""
+    if extra is not None:
+        visit(plan.shard_spec(anchors, extra, None))
+    ring_visit(plan.group, plan.shard_rows, [keys], lambda shards, owner: visit(plan.shard_spec(anchors, shards[0],
+                                                                                                  owner)))
 
 
 class _Ring(torch.autograd.Function):
@@ -435,11 +467,10 @@ class _Ring(torch.autograd.Function):
         anchors, keys, extra, lse, coef, pos_scale, den_scale, tau_direct, rows, grad_unit = ctx.saved_tensors
         plan = ctx.plan
         grads_from_stats, group = plan.ops.grads_from_stats, plan.group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
         grad_rows = grad_unit * grad_loss.to(grad_unit.dtype)  # G_i: dResult/dL_i times the upstream gradient
         coef = coef * grad_rows
         acc = lse.dtype
-        Q, shard, owner = anchors.detach(), keys.detach(), rank
+        Q = anchors.detach()
         dQ = torch.zeros(Q.shape, dtype=acc, device=Q.device)
         grad_extra = None
         if extra is not None:
@@ -447,22 +478,15 @@ class _Ring(torch.autograd.Function):
                                                     den_scale)
             dQ += extra_dQ.to(acc)
             grad_extra = grad_extra.to(extra.dtype) if ctx.needs_input_grad[3] else None
-        carried = torch.zeros(shard.shape, dtype=acc, device=shard.device)
-        for step in range(world):
-            prev_rows = plan.shard_rows[(owner - 1) % world]
-            pending = []
-            if world > 1 and step < world - 1:  # keys do not change: they travel while this step computes
-                (incoming,), pending = _rotate([shard], group, [(prev_rows, shard.shape[1])])
-            shard_dQ, shard_dK = grads_from_stats(plan.shard_spec(Q, shard, owner), lse, coef, pos_scale, den_scale)
+
+        def grad_of(shards, owner):
+            nonlocal dQ
+            shard_dQ, shard_dK = grads_from_stats(plan.shard_spec(Q, shards[0], owner), lse, coef, pos_scale,
+                                                  den_scale)
             dQ += shard_dQ.to(acc)
-            carried += shard_dK.to(acc)
-            if world > 1:  # the accumulated key gradient follows its shard; after world steps it is home
-                (carried,), more = _rotate([carried], group, [(prev_rows, shard.shape[1])])
-                for request in pending + more:
-                    request.wait()
-                if step < world - 1:
-                    shard = incoming
-                owner = (owner - 1) % world
+            return shard_dK
+
+        carried = ring_accumulate(group, plan.shard_rows, [keys.detach()], grad_of, acc)
         grad_tau = None
         if ctx.tau_dtype is not None:  # l is linear in 1/tau: -(1/tau) sum_i q_i . dQ_i, + loss / tau for c
             grad_tau = -(Q.to(acc) * dQ).sum() / ctx.tau + (tau_direct * grad_rows).sum()
