@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from .compiled import compiling, deferred_errors, require
 from . import dispatch
 from .dispatch import BACKEND_CHOICES
-from .distributed import _rotate, agreed, check_group, gather_batch
+from .distributed import agreed, check_group, gather_batch, ring_accumulate, ring_visit
 from .family import _check_logit_bias, _check_logit_scale, _pair
 from .losses import _check_choice, _check_data, _check_labels, _check_finite, dense_ids
 
@@ -347,33 +347,20 @@ siglip_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
 # ----------------------------------------------------------------------------- ring mode
 
 class _RingSigLip(torch.autograd.Function):
-    """This rank's image rows against every rank's texts, the texts travelling around the ring (at most two
-    text shards held: the one computed and the one arriving). Forward: rows L_i summed over shards (there is
-    no statistic to merge, unlike the softmax ring). Backward: each shard travels again with its dY
-    accumulator, which arrives back at its owner after world_size steps; dX, ds, db stay local.
-
-    The seam to a common ring driver: a loss supplies ``shard_rows(spec) -> per-row partial`` (merged here by
-    sum; the softmax losses merge (LSE, positive statistic, count) instead) and ``shard_grads(spec, c) -> (dX,
-    dY_shard, extras)`` plus ``make_spec(images, shard, owner)``; the rotation of shards and accumulators,
-    the overlap of compute with communication and the owner bookkeeping below are what such a driver owns."""
+    """This rank's image rows against every rank's texts, the texts travelling around the ring through the
+    common rotation loop (distributed.ring_visit / ring_accumulate: at most two text shards held). Forward:
+    rows L_i summed over shards (a sigmoid loss has no normaliser to merge, unlike the softmax ring).
+    Backward: each shard travels again with its dY accumulator; dX, ds, db stay local."""
 
     @staticmethod
     def forward(ctx, images, texts, scale, bias, coef, ring):
         chosen, group, make_spec, sizes = ring
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
         images_d, scale_d, bias_d = images.detach(), scale.detach(), bias.detach()
-        rows = None
-        shard, owner = texts.detach(), rank
-        for step in range(world):
-            pending = []
-            if step < world - 1:  # the next shard travels while this one is computed
-                (incoming,), pending = _rotate([shard], group, [(sizes[(owner - 1) % world], shard.shape[1])])
-            part = chosen.row_losses(make_spec(images_d, shard, owner, scale_d, bias_d))
-            rows = part if rows is None else rows + part
-            for request in pending:
-                request.wait()
-            if step < world - 1:
-                shard, owner = incoming, (owner - 1) % world
+        parts = []
+        ring_visit(group, sizes, [texts.detach()],
+                   lambda shards, owner: parts.append(chosen.row_losses(make_spec(images_d, shards[0], owner,
+                                                                                  scale_d, bias_d))))
+        rows = torch.stack(parts).sum(0)
         ctx.save_for_backward(images, texts, scale, bias, coef)
         ctx.ring, ctx.has_coef = ring, coef is not None
         return rows if coef is None else (rows * coef.to(rows.dtype)).sum()
@@ -383,26 +370,19 @@ class _RingSigLip(torch.autograd.Function):
     def backward(ctx, grad):
         images, texts, scale, bias, coef = ctx.saved_tensors
         chosen, group, make_spec, sizes = ctx.ring
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
         c = coef.to(grad.dtype) * grad if ctx.has_coef else grad
-        shard, owner = texts.detach(), rank
-        dX = ds = db = carried = None
-        for step in range(world):
-            prev_rows = sizes[(owner - 1) % world]
-            pending = []
-            if step < world - 1:  # texts do not change: they travel while this step computes
-                (incoming,), pending = _rotate([shard], group, [(prev_rows, shard.shape[1])])
-            gx, gy, gs, gb = chosen.grads(make_spec(images.detach(), shard, owner, scale.detach(), bias.detach()), c)
-            dX, ds, db = (gx, gs, gb) if dX is None else (dX + gx, ds + gs, db + gb)
-            carried = gy if carried is None else carried + gy
-            if world > 1:  # the accumulated text gradient follows its shard; after world steps it is home
-                (carried,), more = _rotate([carried], group, [(prev_rows, shard.shape[1])])
-                for request in pending + more:
-                    request.wait()
-            if step < world - 1:
-                shard = incoming
-            owner = (owner - 1) % world
-        return (dX.to(images.dtype), carried.to(texts.dtype), ds.to(scale.dtype).reshape(scale.shape),
+        images_d, scale_d, bias_d = images.detach(), scale.detach(), bias.detach()
+        local = []  # (dX, ds, db) of every shard
+
+        def grad_of(shards, owner):
+            gx, gy, gs, gb = chosen.grads(make_spec(images_d, shards[0], owner, scale_d, bias_d), c)
+            local.append((gx, gs, gb))
+            return gy
+
+        acc = torch.float64 if texts.dtype == torch.float64 else torch.float32
+        dY = ring_accumulate(group, sizes, [texts.detach()], grad_of, acc)
+        dX, ds, db = (torch.stack(parts).sum(0) for parts in zip(*local))
+        return (dX.to(images.dtype), dY.to(texts.dtype), ds.to(scale.dtype).reshape(scale.shape),
                 db.to(bias.dtype).reshape(bias.shape), None, None)
 
 
