@@ -66,10 +66,13 @@ def _signs(rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSI
 
 
 @triton.jit
-def _logits(x, y, s, b, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """(x . y, s x . y + b) for a tile, accumulated in ACC."""
+def _tile(x, y, s, b, rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSITIVES: tl.constexpr,
+          PRECISION: tl.constexpr, ACC: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """(x . y, t = s x . y + b, z) of one tile, the product accumulated in ACC: what all three kernels
+    recompute for every (row block, column block)."""
     dot = tl.dot(x, tl.trans(y), input_precision=PRECISION, out_dtype=ACC)
-    return dot, dot * s + b
+    z = _signs(rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSITIVES, OFFSETS_64)
+    return dot, dot * s + b, z
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -94,8 +97,8 @@ def _siglip_fwd_kernel(X, Y, SCALE, BIAS, AL, KL, MASK, LOSS, Na, M, D, pos_offs
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
         y = _load_rows(Y, cols, col_ok, offs_d, D, stride_ym, stride_yd, DOT_IN_FP32, OFFSETS_64, True)
-        _, t = _logits(x, y, s, b, PRECISION, ACC)
-        z = _signs(rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSITIVES, OFFSETS_64)
+        _, t, z = _tile(x, y, s, b, rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSITIVES,
+                        PRECISION, ACC, OFFSETS_64)
         total += tl.sum(tl.where(col_ok[None, :], _softplus(-z * t), 0.0), 1)
     tl.store(LOSS + rows, total, mask=row_ok)
 
@@ -123,8 +126,8 @@ def _siglip_bwd_dx_kernel(X, Y, SCALE, BIAS, AL, KL, MASK, COEF, DX, GDOT, GSUM,
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
         y = _load_rows(Y, cols, col_ok, offs_d, D, stride_ym, stride_yd, DOT_IN_FP32, OFFSETS_64, True)
-        dot, t = _logits(x, y, s, b, PRECISION, ACC)
-        z = _signs(rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSITIVES, OFFSETS_64)
+        dot, t, z = _tile(x, y, s, b, rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSITIVES,
+                          PRECISION, ACC, OFFSETS_64)
         h = tl.where(col_ok[None, :], -z * _sigmoid(-z * t), 0.0)
         gdot += tl.sum(h * dot, 1)
         gsum += tl.sum(h, 1)
@@ -159,8 +162,8 @@ def _siglip_bwd_dy_kernel(X, XC, Y, SCALE, BIAS, AL, KL, MASK, C_MAX, DY, Na, M,
         row_ok = rows < Na
         x = _load_rows(X, rows, row_ok, offs_d, D, stride_xm, stride_xd, DOT_IN_FP32, OFFSETS_64, True)
         xc = _load_rows(XC, rows, row_ok, offs_d, D, stride_xm, stride_xd, DOT_IN_FP32, OFFSETS_64, True)
-        _, t = _logits(x, y, s, b, PRECISION, ACC)
-        z = _signs(rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSITIVES, OFFSETS_64)
+        _, t, z = _tile(x, y, s, b, rows, cols, row_ok, col_ok, AL, KL, MASK, stride_mm, pos_offset, POSITIVES,
+                        PRECISION, ACC, OFFSETS_64)
         h = tl.where(row_ok[:, None], -z * _sigmoid(-z * t), 0.0)
         dy += tl.dot(tl.trans(h.to(xc.dtype)), xc, input_precision=PRECISION, out_dtype=ACC)
     d_ok = col_ok[:, None] & (offs_d[None, :] < D)
@@ -172,7 +175,7 @@ def _siglip_bwd_dy_kernel(X, XC, Y, SCALE, BIAS, AL, KL, MASK, C_MAX, DY, Na, M,
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by input width and BLOCK_D bucket: supcon's backward table
 # (its kernels hold the same [BLOCK, BLOCK_D] fp32 accumulator; this file's forward holds less, so the
-# table is conservative for it). Not yet checked for spills with aot.py on sm_80/sm_90.
+# table is conservative for it); checked for spills with aot_reports on sm_80/sm_90 (bench/results).
 TILE_CONFIGS = {
     2: {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
         128: [(128, 64, 8, 3), (64, 32, 4, 4)],
