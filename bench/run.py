@@ -308,6 +308,77 @@ def _reset_peak_rss():
         f.write("5")
 
 
+class RssSampler:
+    """The largest VmRSS seen every 5 ms by a thread: a second reading of the peak beside VmHWM, which once read
+    a tenth of open_clip's measured 5 GB at N = 16384 on this machine (a reset of the high-water mark that did
+    not hold, or pages not yet counted); the larger of the two is reported."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.running = _proc_status_bytes("VmRSS"), True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.running:
+            self.peak = max(self.peak, _proc_status_bytes("VmRSS"))
+            time.sleep(0.005)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+        return self.peak
+
+
+def measure_case(step, *, cuda: bool, budget_s: float, max_reps: int, warm_up=None):
+    """One benchmark case's numbers from ``step() -> (loss, tensors)``: the first call's peak memory beyond
+    what is allocated before it (torch.cuda.max_memory_allocated on a GPU; on CPU the larger of VmHWM and a
+    5 ms VmRSS sampler) and its fwd/bwd time, then bench/timing.py's repeats. ``warm_up()``: a call made
+    before measuring (on CPU, a tiny batch: imports and first-call setup out of the peak); on a GPU two full
+    steps (compilation and Triton's autotuning) are made instead."""
+    import torch
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:  # compilation and Triton's autotuning happen on the first calls: keep them out of time and memory
+        for _ in range(2):
+            step()[0].backward()
+    elif warm_up is not None:
+        warm_up()
+    sync()
+    sampler = None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        base = _proc_status_bytes("VmRSS")
+        sampler = RssSampler()
+    t0 = time.perf_counter()
+    loss, _ = step()  # the peak-memory measurement, and the only timing when one call is already long
+    sync()
+    t1 = time.perf_counter()
+    loss.backward()
+    sync()
+    first = (t1 - t0, time.perf_counter() - t1)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = max(_proc_status_bytes("VmHWM"), sampler.stop()) - base
+    first_loss = float(loss.detach().float())
+    del loss
+    result = timing.measure(step, cuda=cuda, budget_s=budget_s, first=first, max_reps=max_reps)
+    return {"fwd_s": result["fwd"]["median"], "bwd_s": result["bwd"]["median"],
+            "fwd_bwd_s": result["fwd_bwd"]["median"], "fwd_bwd_min_s": result["fwd_bwd"]["min"],
+            "noise": timing.noise(result["fwd_bwd"]), "reps": result["fwd_bwd"]["n"],
+            "fwd": result["fwd"], "bwd": result["bwd"], "fwd_bwd": result["fwd_bwd"],
+            "loss_value": result["loss"] if result["loss"] is not None else first_loss,
+            "peak_extra_bytes": max(peak, 0)}
+
+
 def run_case(provider, n, dim, dtype_name, device, budget_s):
     import torch
 
@@ -320,45 +391,12 @@ def run_case(provider, n, dim, dtype_name, device, budget_s):
     fn = make_provider(provider)
     cuda = device.startswith("cuda")
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     def step():
         f = features.detach().requires_grad_()
         return fn(f, labels), (f,)
 
-    if cuda:  # compilation and Triton's autotuning happen on the first calls: keep them out of time and memory
-        for _ in range(2):
-            step()[0].backward()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _proc_status_bytes("VmRSS")
-    t0 = time.perf_counter()
-    loss, _ = step()  # the peak-memory measurement, and the only timing when one call is already long
-    sync()
-    t1 = time.perf_counter()
-    loss.backward()
-    sync()
-    first = (t1 - t0, time.perf_counter() - t1)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _proc_status_bytes("VmHWM") - base
-    first_loss = float(loss.detach().float())
-    del loss
     # Many repeats of short GPU calls cost little; on CPU a handful keeps `make bench` to minutes.
-    result = timing.measure(step, cuda=cuda, budget_s=budget_s, first=first, max_reps=50 if cuda else 7)
-    return {"fwd_s": result["fwd"]["median"], "bwd_s": result["bwd"]["median"],
-            "fwd_bwd_s": result["fwd_bwd"]["median"], "fwd_bwd_min_s": result["fwd_bwd"]["min"],
-            "noise": timing.noise(result["fwd_bwd"]), "reps": result["fwd_bwd"]["n"],
-            "fwd": result["fwd"], "bwd": result["bwd"], "fwd_bwd": result["fwd_bwd"],
-            "loss_value": result["loss"] if result["loss"] is not None else first_loss,
-            "peak_extra_bytes": max(peak, 0)}
+    return measure_case(step, cuda=cuda, budget_s=budget_s, max_reps=50 if cuda else 7)
 
 
 def gemm_rate(device, m=8192, k=128, n=None, dtype=None):

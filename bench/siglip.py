@@ -25,14 +25,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from run import (_proc_status_bytes, _reset_peak_rss, available_memory_bytes, environment, fmt_bytes,  # noqa: E402
-                 fmt_noise, fmt_time)
+from run import available_memory_bytes, environment, fmt_bytes, fmt_noise, fmt_time, measure_case  # noqa: E402
 import timing  # noqa: E402
 
 PROVIDERS = ("fused", "open_clip", "open_clip_chunked")
@@ -69,44 +67,15 @@ def make_provider(name):
     return chunked
 
 
-class RssSampler:
-    """The largest VmRSS seen every 5 ms by a thread: a second reading of the peak beside VmHWM, which once read
-    a tenth of open_clip's measured 5 GB at N = 16384 on this machine (a reset of the high-water mark that did
-    not hold, or pages not yet counted); the larger of the two is reported."""
-
-    def __init__(self):
-        import threading
-
-        self.peak, self.running = _proc_status_bytes("VmRSS"), True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while self.running:
-            self.peak = max(self.peak, _proc_status_bytes("VmRSS"))
-            time.sleep(0.005)
-
-    def stop(self):
-        self.running = False
-        self.thread.join()
-        return self.peak
-
-
 def run_case(provider, n, dim, dtype_name, device, budget_s, threads):
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
-
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)
     x0, y0 = torch.nn.functional.normalize(torch.randn(2, n, dim, generator=gen), dim=-1).to(device=device, dtype=dtype)
     fn = make_provider(provider)
-    cuda = device.startswith("cuda")
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
     def step():
         x, y = x0.detach().requires_grad_(), y0.detach().requires_grad_()
@@ -114,39 +83,14 @@ def run_case(provider, n, dim, dtype_name, device, budget_s, threads):
         b = torch.tensor(-10.0, device=device, requires_grad=True)
         return fn(x, y, s, b), (x, y, s, b)
 
-    if cuda:  # compilation and Triton's autotuning happen on the first calls: keep them out of time and memory
-        for _ in range(2):
-            step()[0].backward()
-    else:  # imports and first-call setup on a tiny batch, so that the peak below is the loss's own
+    def warm_up():  # imports and first-call setup on a tiny batch, so that the peak is the loss's own
         tiny = [t[:8].detach().requires_grad_() for t in (x0, y0)]
         fn(*tiny, torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0)).backward()
-    sync()
-    sampler = None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _proc_status_bytes("VmRSS")
-        sampler = RssSampler()
-    t0 = time.perf_counter()
-    loss, _ = step()
-    sync()
-    t1 = time.perf_counter()
-    loss.backward()
-    sync()
-    first = (t1 - t0, time.perf_counter() - t1)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = max(_proc_status_bytes("VmHWM"), sampler.stop()) - base
-    first_loss = float(loss.detach().float())
-    del loss
-    result = timing.measure(step, cuda=cuda, budget_s=budget_s, first=first, max_reps=30 if cuda else 3)
-    return {"fwd_s": result["fwd"]["median"], "bwd_s": result["bwd"]["median"],
-            "fwd_bwd_s": result["fwd_bwd"]["median"], "fwd_bwd_min_s": result["fwd_bwd"]["min"],
-            "noise": timing.noise(result["fwd_bwd"]), "reps": result["fwd_bwd"]["n"],
-            "loss_value": first_loss, "peak_extra_bytes": max(peak, 0)}
+
+    cuda = device.startswith("cuda")
+    result = measure_case(step, cuda=cuda, budget_s=budget_s, max_reps=30 if cuda else 3, warm_up=warm_up)
+    return {k: result[k] for k in ("fwd_s", "bwd_s", "fwd_bwd_s", "fwd_bwd_min_s", "noise", "reps", "loss_value",
+                                   "peak_extra_bytes")}
 
 
 def spawn_case(provider, n, dim, dtype, device, budget_s, timeout_s, threads):
