@@ -137,13 +137,14 @@ def test_fused_backends_refuse():
 
 
 def test_never_materialises_a_target():
-    """The chunked path keeps O(N) state: what SoftRows saves for backward is the inputs and two [N] vectors."""
+    """The chunked path keeps O(N) state: what SoftRows saves for backward is the inputs and three [N] vectors
+    (the LSE, the target's normaliser, the positive count)."""
     q, k = unit(6, 8, seed=1).requires_grad_(), unit(6, 8, seed=2)
     spec = soft_losses._soft_spec(q, k, None, 0.1, False, fc.spec.SoftTarget("teacher", k, k, lam=0.5, tau_t=0.1))
     rows = SoftRows.apply(q, k, None, spec)
     node = rows.grad_fn
     shapes = [tuple(t.shape) for t in node.saved_tensors]
-    assert shapes == [(6, 8), (6, 8), (6,), (6,)], shapes
+    assert shapes == [(6, 8), (6, 8), (6,), (6,), (6,)], shapes
 
 
 @pytest.mark.parametrize("call,match", [

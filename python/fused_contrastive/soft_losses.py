@@ -19,7 +19,7 @@ from .compiled import compiling, deferred_errors
 from .distributed import agreed
 from .family import _blocks_loss, _example, _info_nce_spec, _number, _pair
 from .losses import (_accum_dtype, _check_data, _check_finite, _check_inverse, _check_temperature, _check_choice,
-                     _LossModule)
+                     _check_weight, _LossModule, _reduced)
 from .spec import REDUCTIONS, SoftTarget, normalize_rows
 
 
@@ -69,12 +69,49 @@ def _prepared(side: Tensor, acc: torch.dtype, normalize: bool) -> Tensor:
     return normalize_rows(side, acc) if normalize else side
 
 
+def _soft_loss(target, prepare, query: Tensor, key: Tensor, side: Tensor, extra: Optional[Tensor],
+               extra_side: Optional[Tensor], *, temperature, normalize: bool, backend: str, process_group,
+               distributed: str, reduction: str, weight) -> Tensor:
+    """The pair loss of ``query`` against ``[key; extra]`` with the soft target ``target(anchor_side, key_side)``
+    built from the per-sample ``side`` rows (and ``extra_side`` for the extra keys), each ``prepare``d (detached,
+    accumulation dtype): in one process, gather mode (the side rows gathered with the features), or ring mode
+    (each key shard travels with its side rows; the extra keys and theirs stay home)."""
+    _check_choice("distributed", distributed, ("gather", "ring"))
+    extra_side = None if extra_side is None else prepare(extra_side)
+    if process_group is not None and distributed == "ring":
+        from . import distributed as ring
+
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        weight = _check_weight(weight, [(query.shape[0],)], query.device, "one per pair")
+        mine = prepare(side)
+        extra_rows = 0 if extra is None else extra.shape[0]
+
+        def build_ring(q, k):  # on placeholders of the global batch: the side rows are the ring's, per shard
+            rows = q.shape[0]
+            return _soft_spec(q, k, extra, temperature, normalize,
+                              target(ring._placeholder(mine, rows), ring._placeholder(mine, rows + extra_rows)))
+
+        return ring.ring_pairs([build_ring], query, key, group=process_group, backend=backend,
+                               reduce=lambda spec, w: _reduced(spec, reduction, w, 1), weight=weight,
+                               sides=(mine, mine, extra_side))[0]
+
+    def build(q, k, s):
+        s = prepare(s)
+        return _soft_spec(q, k, extra, temperature, normalize,
+                          target(s, s if extra_side is None else torch.cat([s, extra_side])))
+
+    return _blocks_loss([build], (query, key, side.detach()), 1, backend=backend, process_group=process_group,
+                        reduction=reduction, weight=weight)
+
+
 # ----------------------------------------------------------------------------- SCE
 
 @agreed
 @deferred_errors
 def sce_loss(query, key, teacher=None, *, queue=None, teacher_queue=None, temperature=0.1, teacher_temperature=0.07,
-             lam=0.5, normalize=False, backend="auto", process_group=None, reduction="mean", weight=None) -> Tensor:
+             lam=0.5, normalize=False, backend="auto", process_group=None, distributed="gather", reduction="mean",
+             weight=None) -> Tensor:
     """SCE (Denize et al., "Similarity Contrastive Estimation for Self-Supervised Soft Contrastive Learning").
 
     Row i of ``query [B, D]`` against the keys ``[key; queue]`` (``key [B, D]``, ``queue [Qn, D]``), its
@@ -110,15 +147,11 @@ def sce_loss(query, key, teacher=None, *, queue=None, teacher_queue=None, temper
     if teacher_queue is not None:
         teacher_queue = _side("teacher_queue", teacher_queue, queue.shape[0], query, teacher.shape[1])
 
-    def build(q, k, t):
-        acc = _accum_dtype(q)
-        key_side = t if teacher_queue is None else torch.cat([t.to(acc), teacher_queue.to(acc)])
-        target = SoftTarget("teacher", _prepared(t, acc, normalize), _prepared(key_side, acc, normalize), lam=lam,
-                            tau_t=tau_t)
-        return _soft_spec(q, k, queue, temperature, normalize, target)
-
-    return _blocks_loss([build], (query, key, teacher.detach()), 1, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight)
+    acc = _accum_dtype(query)
+    return _soft_loss(lambda anchor_side, key_side: SoftTarget("teacher", anchor_side, key_side, lam=lam, tau_t=tau_t),
+                      lambda t: _prepared(t, acc, normalize), query, key, teacher, queue, teacher_queue,
+                      temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
+                      distributed=distributed, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- CoMatch
@@ -126,7 +159,7 @@ def sce_loss(query, key, teacher=None, *, queue=None, teacher_queue=None, temper
 @agreed
 @deferred_errors
 def comatch_loss(query, key, probs, *, bank=None, bank_probs=None, temperature=0.2, threshold=0.8, normalize=False,
-                 backend="auto", process_group=None, reduction="mean", weight=None) -> Tensor:
+                 backend="auto", process_group=None, distributed="gather", reduction="mean", weight=None) -> Tensor:
     """CoMatch's graph-contrastive loss (Li et al., "CoMatch: Semi-supervised Learning with Contrastive Graph
     Regularization"), as the authors' code computes it, without its 1e-7 inside the log.
 
@@ -150,14 +183,11 @@ def comatch_loss(query, key, probs, *, bank=None, bank_probs=None, temperature=0
     if bank_probs is not None:
         bank_probs = _side("bank_probs", bank_probs, bank.shape[0], query, probs.shape[1])
 
-    def build(q, k, p):
-        acc = _accum_dtype(q)
-        key_side = p if bank_probs is None else torch.cat([p.to(acc), bank_probs.to(acc)])
-        target = SoftTarget("graph", p.detach().to(acc), key_side.detach().to(acc), threshold=threshold)
-        return _soft_spec(q, k, bank, temperature, normalize, target)
-
-    return _blocks_loss([build], (query, key, probs.detach()), 1, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight)
+    acc = _accum_dtype(query)
+    return _soft_loss(lambda anchor_side, key_side: SoftTarget("graph", anchor_side, key_side, threshold=threshold),
+                      lambda p: p.detach().to(acc), query, key, probs, bank, bank_probs, temperature=temperature,
+                      normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
+                      reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- modules
