@@ -163,6 +163,9 @@ def test_never_materialises_a_target():
     (lambda q, k, p: fc.comatch_loss(q, k[:3], p), "key"),
     (lambda q, k, p: fc.CoMatchLoss(threshold=-0.1), "threshold"),
     (lambda q, k, p: fc.SCELoss(lam=-1), "lam"),
+    (lambda q, k, p: fc.sce_loss(q, k, distributed="all"), "distributed"),
+    (lambda q, k, p: fc.comatch_loss(q, k, p, distributed="ring2"), "distributed"),
+    (lambda q, k, p: fc.CoMatchLoss(distributed=None), "distributed"),
 ])
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):

@@ -3,7 +3,8 @@ graph). Both are InfoNCE's pair layout (row i of ``query`` has ``key[i]`` as its
 extra keys after the batch) with the one-hot target replaced by a distribution w_ij built, tile by tile,
 from O(N) side inputs (see soft_targets.py): ``L_i = -sum_j w_ij log softmax_j(l_ij)``.
 They run on the reference and chunked backends (not the fused kernels: their ``why_not`` says so), in one
-process or in gather mode (``process_group``), not under torch.compile.
+process, in gather mode (``process_group``) or ring mode (``distributed="ring"``: each key shard travels with
+its side rows), not under torch.compile.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from . import dispatch
 from .compiled import compiling, deferred_errors
 from .distributed import agreed
-from .family import _blocks_loss, _example, _info_nce_spec, _number, _pair
+from .family import _GROUP_DOC, _blocks_loss, _example, _info_nce_spec, _number, _pair
 from .losses import (_accum_dtype, _check_data, _check_finite, _check_inverse, _check_temperature, _check_choice,
                      _check_weight, _LossModule, _reduced)
 from .spec import REDUCTIONS, SoftTarget, normalize_rows
@@ -206,15 +207,17 @@ class SCELoss(_LossModule):
     fn = staticmethod(sce_loss)
 
     def __init__(self, *, temperature=0.1, teacher_temperature=0.07, lam=0.5, normalize=False, backend="auto",
-                 process_group=None, reduction="mean"):
+                 process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_temperature("teacher_temperature", teacher_temperature)
         _number("lam", lam, 0.0, 1.0)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, teacher_temperature=teacher_temperature, lam=lam,
-                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
+                         normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
     def forward(self, query: Tensor, key: Tensor, teacher: Optional[Tensor] = None, *, queue=None,
                 teacher_queue=None, weight: Optional[Tensor] = None) -> Tensor:
@@ -232,18 +235,27 @@ class CoMatchLoss(_LossModule):
     fn = staticmethod(comatch_loss)
 
     def __init__(self, *, temperature=0.2, threshold=0.8, normalize=False, backend="auto", process_group=None,
-                 reduction="mean"):
+                 distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _number("threshold", threshold, 0.0, 1.0)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, threshold=threshold, normalize=normalize, backend=backend,
-                         process_group=process_group, reduction=reduction)
+                         process_group=process_group, distributed=distributed, reduction=reduction)
 
     def forward(self, query: Tensor, key: Tensor, probs: Tensor, *, bank=None, bank_probs=None,
                 weight: Optional[Tensor] = None) -> Tensor:
         return comatch_loss(query, key, probs, bank=bank, bank_probs=bank_probs, weight=weight, **self.kwargs)
+
+
+_SOFT_RING_DOC = """
+    Soft targets in these modes: gather mode gathers the side rows (teacher rows / probabilities) with the
+    features; ring mode sends each key shard around with its side rows (the queue / bank and theirs stay
+    home): O(B + Qn) extra memory, two key + side shards held at a time."""
+for _fn in (sce_loss, comatch_loss):
+    _fn.__doc__ += _GROUP_DOC + _SOFT_RING_DOC
 
 
 # ----------------------------------------------------------------------------- RényiCL
