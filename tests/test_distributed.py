@@ -98,6 +98,12 @@ def family_cases(features, labels):
     views, pair = (features, labels), (features[:, 0], features[:, 1])
     views3 = torch.cat([features, features[:, :1].flip(0)], dim=1)  # a third view per sample
     universum = torch.nn.functional.normalize(torch.randn(features.shape, dtype=torch.float64, generator=gen), dim=-1)
+    # Soft targets: side rows per sample as functions of the labels (a teacher embedding, class probabilities).
+    teacher, teacher_queue = torch.randn(10, 4, dtype=torch.float64, generator=gen), torch.randn(5, 4, dtype=torch.float64,
+                                                                                                  generator=gen)
+    bank_probs = torch.softmax(torch.randn(4, 10, dtype=torch.float64, generator=gen), dim=1)
+    probs = lambda y: 0.6 * torch.nn.functional.one_hot(y, 10).to(torch.float64) + 0.04  # noqa: E731
+    scaled = (3 * features[:, 0], 0.5 * features[:, 1])  # not unit rows: normalize=True matters
     return [
         ("eps_supinfonce", lambda f, y, t, **kw: fc.eps_supinfonce_loss(f, y, epsilon=0.2, temperature=t,
                                                                        base_temperature=0.1, **kw), views, (tau,)),
@@ -143,6 +149,16 @@ def family_cases(features, labels):
          views, (bank,)),
         ("supcon_extra_keys", lambda f, y, e, **kw: fc.supcon_loss(f, y, extra_keys=e, extra_key_labels=bank_labels,
                                                                    **kw), views, (bank,)),
+        ("info_nce_normalize", lambda q, k, **kw: fc.info_nce(q, k, normalize=True, **kw), scaled, ()),
+        ("sce_queue", lambda q, k, t, **kw: fc.sce_loss(q, k, queue=queue, temperature=t, **kw), pair, (tau,)),
+        ("sce_teacher_lam0", lambda q, k, y, **kw: fc.sce_loss(q, k, teacher[y], queue=queue, teacher_queue=teacher_queue,
+                                                               lam=0.0, normalize=True, **kw), (*scaled, labels), ()),
+        ("sce_lam1", lambda q, k, **kw: fc.sce_loss(q, k, lam=1.0, **kw), pair, ()),
+        ("comatch_bank", lambda q, k, y, t, **kw: fc.comatch_loss(q, k, probs(y), bank=bank, bank_probs=bank_probs,
+                                                                  threshold=0.1, temperature=t, **kw),
+         (*pair, labels), (tau,)),
+        ("comatch_self_loop", lambda q, k, y, **kw: fc.comatch_loss(q, k, probs(y), threshold=1.0, **kw), (*pair, labels),
+         ()),
         ("supcon_in_extra_keys", lambda f, y, e, t, **kw: fc.supcon_loss(
             f, y, extra_keys=e, extra_key_labels=bank_labels, normalize=True, variant="in", temperature=t,
             no_positive="exclude", **kw), views, (bank, tau)),
@@ -152,6 +168,18 @@ def family_cases(features, labels):
 # Triton's interpreter is slow: its ring mode on one case per row formula (L_out with a denominator bias and
 # class centers, CLIP's two directions, L_in with extra keys, eps, debiased, hard negatives).
 TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives")
+# Soft per-pair targets: on Triton where its kernels take them (gather mode; their ring only if in TRITON_RING).
+SOFT_TARGETS = ("sce_queue", "sce_teacher_lam0", "sce_lam1", "comatch_bank", "comatch_self_loop")
+
+
+def triton_runs_soft_targets() -> bool:
+    try:
+        fc.sce_loss(torch.eye(2, 4, dtype=torch.float64), torch.eye(2, 4, dtype=torch.float64), backend="triton")
+    except RuntimeError:
+        return False
+    return True
+
+
 # Losses whose ring mode is not in the driver yet: distributed="ring" must refuse them (never a wrong number).
 RING_REFUSED = {"spread": "spread_loss", "spread_3views_bank": "spread_loss", "dclw_learned": "dcl_loss",
                 "debiased_3views": "debiased_contrastive_loss", "unicon": "unicon_loss",
@@ -174,6 +202,7 @@ def check_family(rank, world, lo, hi, features, labels, backends):
     """Every loss in gather and ring mode: loss, per-sample gradients (world x slice), shared tensors' DDP
     average (temperature, logit scale, centers, extra keys), against the single-process loss of the global
     batch; with reductions and weights too."""
+    soft_on_triton = "triton" in backends and triton_runs_soft_targets()
     for name, loss_fn, per_sample, shared in family_cases(features, labels):
         for options in reduction_options(world, len(labels)):
             full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
@@ -185,6 +214,8 @@ def check_family(rank, world, lo, hi, features, labels, backends):
             if options.get("reduction") == "none":  # this rank's rows
                 ref, upstream = ref[lo:hi], upstream[lo:hi]
             for backend in backends:
+                if backend == "triton" and name in SOFT_TARGETS and not soft_on_triton:
+                    continue
                 for mode in ("gather", "ring") if backend != "triton" or name in TRITON_RING else ("gather",):
                     local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
                     shared_local = [t.clone().requires_grad_() for t in shared]
@@ -286,7 +317,19 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
             kw = dict(process_group=group) if mode == "gather" else dict(process_group=group, distributed="ring")
             raised_together(f"{what} ({mode})", lambda: call(**kw), world, word)
 
-    # Losses whose ring mode is not in the driver yet: every rank refuses distributed="ring" alike.
+    # Soft per-pair targets: on Triton where its kernels take them (gather mode; their ring only if in TRITON_RING).
+SOFT_TARGETS = ("sce_queue", "sce_teacher_lam0", "sce_lam1", "comatch_bank", "comatch_self_loop")
+
+
+def triton_runs_soft_targets() -> bool:
+    try:
+        fc.sce_loss(torch.eye(2, 4, dtype=torch.float64), torch.eye(2, 4, dtype=torch.float64), backend="triton")
+    except RuntimeError:
+        return False
+    return True
+
+
+# Losses whose ring mode is not in the driver yet: every rank refuses distributed="ring" alike.
     f3 = torch.cat([f, f[:, :1]], dim=1)
     refused = [("spread_loss", lambda **kw: fc.spread_loss(f, y, **kw)),
                ("dcl_loss", lambda **kw: fc.dcl_loss(f, weighted=True, detach_weight=False, **kw)),

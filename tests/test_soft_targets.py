@@ -2,12 +2,13 @@
 loss and every input's gradient (the teacher / probabilities get none), degenerate batches, temperatures
 0.01-1, reductions and weights, the fused kernels' refusal, and bad input."""
 import dataclasses
+import functools
 
 import pytest
 import torch
 
 import fused_contrastive as fc
-from fused_contrastive import cuda_supcon, dispatch, family, soft_losses
+from fused_contrastive import cuda_supcon, dispatch, family, reference, soft_losses, soft_targets
 from fused_contrastive.soft_targets import SoftRows
 
 import formulas
@@ -137,13 +138,14 @@ def test_fused_backends_refuse():
 
 
 def test_never_materialises_a_target():
-    """The chunked path keeps O(N) state: what SoftRows saves for backward is the inputs and two [N] vectors."""
+    """The chunked path keeps O(N) state: what SoftRows saves for backward is the inputs and three [N] vectors
+    (the LSE, the target's normaliser, the positive count)."""
     q, k = unit(6, 8, seed=1).requires_grad_(), unit(6, 8, seed=2)
     spec = soft_losses._soft_spec(q, k, None, 0.1, False, fc.spec.SoftTarget("teacher", k, k, lam=0.5, tau_t=0.1))
     rows = SoftRows.apply(q, k, None, spec)
     node = rows.grad_fn
     shapes = [tuple(t.shape) for t in node.saved_tensors]
-    assert shapes == [(6, 8), (6, 8), (6,), (6,)], shapes
+    assert shapes == [(6, 8), (6, 8), (6,), (6,), (6,)], shapes
 
 
 @pytest.mark.parametrize("call,match", [
@@ -161,6 +163,9 @@ def test_never_materialises_a_target():
     (lambda q, k, p: fc.comatch_loss(q, k[:3], p), "key"),
     (lambda q, k, p: fc.CoMatchLoss(threshold=-0.1), "threshold"),
     (lambda q, k, p: fc.SCELoss(lam=-1), "lam"),
+    (lambda q, k, p: fc.sce_loss(q, k, distributed="all"), "distributed"),
+    (lambda q, k, p: fc.comatch_loss(q, k, p, distributed="ring2"), "distributed"),
+    (lambda q, k, p: fc.CoMatchLoss(distributed=None), "distributed"),
 ])
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
@@ -174,57 +179,58 @@ def test_modules():
                  fc.comatch_loss(q, k, p, threshold=0.2, reduction="sum"), F64, "CoMatchLoss")
 
 
-def soft_cases(features, labels):
-    """(name, loss(query, key, labels, **kw)): the side inputs are functions of the labels (per sample)."""
-    gen = torch.Generator().manual_seed(3)
-    queue = torch.nn.functional.normalize(torch.randn(5, 6, dtype=F64, generator=gen), dim=-1)
-    table = torch.randn(10, 4, dtype=F64, generator=gen)  # a teacher embedding per label
-    teacher_queue = torch.randn(5, 4, dtype=F64, generator=gen)
-    bank_probs = torch.softmax(torch.randn(5, 10, dtype=F64, generator=gen), dim=1)
-
-    def probs(y):
-        return 0.6 * torch.nn.functional.one_hot(y, 10).to(F64) + 0.04
-
-    return [
-        ("sce", lambda q, k, y, **kw: fc.sce_loss(q, k, queue=queue, temperature=0.3, **kw)),
-        ("sce_teacher", lambda q, k, y, **kw: fc.sce_loss(q, k, table[y], queue=queue, teacher_queue=teacher_queue,
-                                                          normalize=True, **kw)),
-        ("comatch_bank", lambda q, k, y, **kw: fc.comatch_loss(q, k, probs(y), bank=queue, bank_probs=bank_probs,
-                                                               threshold=0.1, **kw)),
-    ]
+SHARD_OPS = {"chunked": (soft_targets.soft_norm, soft_targets.soft_stats, soft_targets.soft_grads),
+             "reference": (soft_targets.dense_soft_norm, soft_targets.dense_soft_stats, soft_targets.dense_soft_grads)}
 
 
-def check_gather(rank, world, lo, hi, features, labels, _):
-    """Gather mode: the global loss, and world_size x this rank's slice of the single-process gradients."""
-    import torch.distributed as dist
-    from test_distributed import assert_rel
-
-    weight = torch.linspace(0.0, 2.0, len(labels), dtype=F64)
-    for name, loss_fn in soft_cases(features, labels):
-        for backend in BACKENDS:  # (the fused kernels refuse soft targets)
-            for options in ({}, dict(reduction="sum", weight=weight), dict(reduction="none")):
-                q, k = features[:, 0].clone().requires_grad_(), features[:, 1].clone().requires_grad_()
-                ref = loss_fn(q, k, labels, backend="reference", **options)
-                upstream = torch.linspace(0.5, 1.5, ref.numel(), dtype=F64).reshape(ref.shape)
-                ref_grads = torch.autograd.grad((ref * upstream).sum(), (q, k))
-                ql, kl = features[lo:hi, 0].clone().requires_grad_(), features[lo:hi, 1].clone().requires_grad_()
-                local_options = {n: v[lo:hi] if n == "weight" else v for n, v in options.items()}
-                loss = loss_fn(ql, kl, labels[lo:hi], backend=backend, process_group=dist.group.WORLD,
-                               **local_options)
-                if options.get("reduction") == "none":
-                    ref, upstream = ref[lo:hi], upstream[lo:hi]
-                grads = torch.autograd.grad((loss * upstream).sum(), (ql, kl))
-                what = f"rank {rank}/{world} {name} {backend} {options.get('reduction', 'mean')}"
-                assert_rel(loss.detach(), ref.detach(), what + " loss")
-                for g, e in zip(grads, ref_grads):
-                    assert_rel(g, world * e[lo:hi], what + " grad", scale=world * e.norm())
+def shard_specs(spec, bounds):
+    """The spec's keys cut at ``bounds`` (key row ranges), each shard with its key labels and key side rows."""
+    target = spec.soft_target
+    return [dataclasses.replace(spec, keys=spec.keys[a:b], key_labels=spec.key_labels[a:b],
+                                soft_target=dataclasses.replace(target, key_side=target.key_side[a:b]))
+            for a, b in bounds]
 
 
-@pytest.mark.slow  # (two gloo processes: ~25 s on this machine)
-def test_gather_mode_is_exact():
-    from test_distributed import spawn
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,option", [("teacher", 0.0), ("teacher", 0.5), ("teacher", 1.0), ("graph", 0.3),
+                                         ("graph", 1.0)])  # (lam; threshold: 1.0 keeps only the self-loop)
+def test_per_shard_contract(backend, kind, option):
+    """The per-shard operations over uneven key shards (the queue last, as the ring's extra keys), merged as ring
+    mode merges them (the normaliser first, then lse and wsum given it), give the one-process rows and the
+    gradients of query, keys and temperature; a merge with each shard's own normaliser is caught."""
+    norm_op, stats_op, grads_op = SHARD_OPS[backend]
+    q, k, queue = unit(7, 8, seed=1), unit(7, 8, seed=2), unit(4, 8, seed=3)
+    side = probabilities(11, 3, 4) if kind == "graph" else unit(11, 5, seed=4)
+    target = (fc.spec.SoftTarget("graph", side[:7], side, threshold=option) if kind == "graph"
+              else fc.spec.SoftTarget("teacher", side[:7], side, lam=option, tau_t=0.2))
+    tau = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    qq = q.clone().requires_grad_()
+    keys = torch.cat([k, queue]).requires_grad_()
+    spec = dataclasses.replace(family._info_nce_spec(qq, keys, tau, None, True), soft_target=target)
+    spec = dataclasses.replace(spec, key_labels=torch.cat([torch.arange(7), torch.full((4,), 7)]), num_classes=8)
+    want = reference.per_row(spec)[0]
+    coef = torch.linspace(0.5, 1.5, 7, dtype=F64)
+    want_grads = torch.autograd.grad((coef * want).sum(), (qq, keys, tau))
 
-    spawn(check_gather, 2)
+    shards = shard_specs(dataclasses.replace(spec, anchors=q, keys=keys.detach()), [(0, 3), (3, 4), (4, 7), (7, 11)])
+    pos_count = spec.pos_count()
+    merge = torch.logaddexp if kind == "teacher" else torch.add
+    norm = functools.reduce(merge, [norm_op(s) for s in shards])
+    stats = [stats_op(s, norm, pos_count) for s in shards]
+    lse = functools.reduce(torch.logaddexp, [st[0] for st in stats])
+    got = lse - sum(st[1] for st in stats)
+    assert_close(got, want, F64, "rows")
+    grads = [grads_op(s, lse, norm, pos_count, coef) for s in shards]
+    dQ = sum(g[0] for g in grads)
+    assert_close(dQ, want_grads[0], F64, "grad query")
+    assert_close(torch.cat([g[1] for g in grads]), want_grads[1], F64, "grad keys")
+    assert_close(-(q * dQ).sum() / 0.3, want_grads[2], F64, "grad temperature")
+    if option == 1.0:
+        return  # (lam = 1, or only the self-loop: one shard holds the whole target, its own normaliser is right)
+    own = [stats_op(s, norm_op(s), pos_count) for s in shards]  # each shard's own normaliser: wrong
+    wrong = functools.reduce(torch.logaddexp, [st[0] for st in own]) - sum(st[1] for st in own)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_close(wrong, want, F64, "per-shard normalisers")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

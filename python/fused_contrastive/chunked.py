@@ -364,7 +364,6 @@ def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor, Tensor]:
     debiased) or LSE_P (L_in); with hard negatives pos_aux [2, Na] holds the LSEs of (1+beta) l and beta l
     over the denominator (else it is lse). Epsilon-SupInfoNCE's positive terms need the merged LSE first:
     ``eps_terms``."""
-    soft_targets.refuse_ring(spec)
     acc = spec.accum_dtype
     Na = spec.num_anchors
     lse = torch.empty(Na, dtype=acc, device=spec.device)

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import chunked, cuda_supcon, reference
+from . import chunked, cuda_supcon, reference, soft_targets
 from .spec import ContrastSpec
 
 ENV_VAR = "FUSED_CONTRASTIVE_BACKEND"
@@ -72,10 +72,15 @@ class RingOps(NamedTuple):
     """Ring mode's per-shard operations (fused_contrastive.distributed): ``row_stats(spec) -> (lse, pos_stat,
     pos_aux)`` over one key shard; ``eps_terms(spec, lse_n) -> (pos_sum, R)``, epsilon-SupInfoNCE's positive
     terms given the merged LSE_N; ``grads_from_stats(spec, lse, coef, pos_scale, den_scale) -> (dQ, dK)`` of
-    the shard's tiles from the merged row factors."""
+    the shard's tiles from the merged row factors. Soft per-pair targets (SCE, CoMatch; soft_targets.py):
+    ``soft_norm(spec) -> norm``, ``soft_stats(spec, norm, pos_count) -> (lse, wsum)``, ``soft_grads(spec, lse,
+    norm, pos_count, coef) -> (dQ, dK)``; None: no ring mode for them on that backend."""
     row_stats: Callable
     grads_from_stats: Callable
     eps_terms: Callable = chunked.eps_terms  # tiles in torch: the fused kernels' second pass uses their own LSE
+    soft_norm: Optional[Callable] = None
+    soft_stats: Optional[Callable] = None
+    soft_grads: Optional[Callable] = None
 
 
 # GPU generations (compute capability major) on which a benchmark in bench/results/ measured the CUDA
@@ -101,9 +106,12 @@ BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_why_not, _triton_loss, _triton_loss_and_grads, auto_devices=("cuda",),
                       ring=RingOps(_triton_row_stats, _triton_grads_from_stats)),
     "chunked": Backend("chunked", chunked.why_not, chunked.loss, chunked.loss_and_grads,
-                       ring=RingOps(chunked.row_stats, chunked.grads_from_stats, chunked.eps_terms)),
+                       ring=RingOps(chunked.row_stats, chunked.grads_from_stats, chunked.eps_terms,
+                                    soft_targets.soft_norm, soft_targets.soft_stats, soft_targets.soft_grads)),
     "reference": Backend("reference", reference.why_not, reference.loss,
-                         ring=RingOps(reference.row_stats, reference.grads_from_stats, reference.eps_terms)),
+                         ring=RingOps(reference.row_stats, reference.grads_from_stats, reference.eps_terms,
+                                      soft_targets.dense_soft_norm, soft_targets.dense_soft_stats,
+                                      soft_targets.dense_soft_grads)),
 }
 AUTO_ORDER = ("cuda", "triton", "chunked")
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)

@@ -396,6 +396,24 @@ def _ring_pass(plan: _RingPlan, anchors: Tensor, keys: Tensor, extra: Optional[T
                                                                                                   owner)))
 
 
+def ring_reduce(plan: _RingPlan, rows: Tensor, has_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """(result, grad_unit) of this rank's rows L_i: result = sum_i G_i L_i over every rank ("mean" divided by the
+    global sum of counted weights, "sum"), or this rank's rows w_i L_i ("none"); grad_unit = G_i, with every
+    gradient world_size x this rank's share: world w_i / divisor (times the upstream scalar) for "mean" /
+    "sum", world w_i (times each row's upstream gradient) for "none"."""
+    spec, world = plan.spec, dist.get_world_size(plan.group)
+    weight = torch.ones_like(rows) if plan.row_weight is None else plan.row_weight.to(rows.dtype)
+    if spec.reduction == "none":
+        return weight * rows, world * weight
+    counted = has_pos if spec.no_positive == "exclude" else torch.ones_like(has_pos)
+    totals = torch.stack([(weight * rows).sum(), (weight * counted.to(rows.dtype)).sum()])
+    dist.all_reduce(totals, group=plan.group)
+    divisor = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
+    if spec.reduction == "sum":
+        divisor = torch.ones_like(divisor)
+    return totals[0] / divisor, world * weight / divisor
+
+
 class _Ring(torch.autograd.Function):
     """One loss of this rank's anchors against every rank's keys, the keys travelling around the ring. Any row
     formula: the forward merges each shard's per-row statistics (LSEs by logaddexp, sum_j a_ij l_ij by sum;
@@ -411,7 +429,7 @@ class _Ring(torch.autograd.Function):
     def forward(ctx, anchors: Tensor, keys: Tensor, tau_tensor, extra_keys, plan: _RingPlan):
         from .fused import row_factors
 
-        ops, spec, world = plan.ops, plan.spec, dist.get_world_size(plan.group)
+        ops, spec = plan.ops, plan.spec
         hard = spec.variant == "debiased" and spec.beta != 0
         Q, K = anchors.detach(), keys.detach()
         extra = None if extra_keys is None else extra_keys.detach()
@@ -441,21 +459,7 @@ class _Ring(torch.autograd.Function):
         tau = spec.tau_value()
         rows, has_pos, lse, coef, pos_scale, den_scale, tau_direct = row_factors(
             spec, lse, pos_stat, pos_aux, tau, pos_count=plan.pos_count, den_count=plan.den_count)
-        weight = torch.ones_like(rows) if plan.row_weight is None else plan.row_weight.to(rows.dtype)
-        # Result = sum_i G_i L_i, every gradient world_size x this rank's share: G_i = world w_i / divisor (times
-        # the upstream scalar) for "mean" / "sum", world w_i (times each row's upstream gradient) for "none".
-        if spec.reduction == "none":
-            result = weight * rows
-            grad_unit = world * weight
-        else:
-            counted = has_pos if spec.no_positive == "exclude" else torch.ones_like(has_pos)
-            totals = torch.stack([(weight * rows).sum(), (weight * counted.to(rows.dtype)).sum()])
-            dist.all_reduce(totals, group=plan.group)
-            divisor = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
-            if spec.reduction == "sum":
-                divisor = torch.ones_like(divisor)
-            result = totals[0] / divisor
-            grad_unit = world * weight / divisor
+        result, grad_unit = ring_reduce(plan, rows, has_pos)
         ctx.save_for_backward(anchors, keys, extra_keys, lse, coef, pos_scale, den_scale, tau_direct, rows, grad_unit)
         ctx.plan, ctx.tau = plan, tau
         ctx.tau_dtype = None if tau_tensor is None else tau_tensor.dtype
@@ -533,11 +537,13 @@ def _placeholder(x: Tensor, rows: int) -> Tensor:
 
 
 def _run_ring(spec: ContrastSpec, extra: Optional[Tensor], anchors: Tensor, keys: Tensor, views: int,
-              anchor_views: int, batch: GlobalBatch, group, backend: str) -> Tensor:
+              anchor_views: int, batch: GlobalBatch, group, backend: str, sides: Optional[tuple] = None) -> Tensor:
     """The ring mode of a loss whose ``spec`` was built on the global batch (keys: ``views`` view-major blocks of
     the global samples, then the ``extra`` keys; anchors: the first ``anchor_views`` blocks) with placeholder
     features: this rank's ``anchors`` and ``keys`` (its own samples, the same layout) replace them, and only the
-    keys travel. Every shard's spec is the global spec's metadata at that shard's rows."""
+    keys travel. Every shard's spec is the global spec's metadata at that shard's rows. ``sides``: a soft
+    target's side rows (this rank's anchors', its keys', the extra keys' or None), the keys' travelling with
+    them (soft_targets.SoftRing runs those specs)."""
     if spec.mask is not None:
         raise ValueError("mask cannot be combined with process_group (a [bsz, bsz] mask is local); pass labels")
     assert spec.self_offset in (None, 0), "ring mode: an anchor's self is its own key row or none"
@@ -561,23 +567,30 @@ def _run_ring(spec: ContrastSpec, extra: Optional[Tensor], anchors: Tensor, keys
     row_weight = None if spec.pos_row_weight is None else spec.pos_row_weight[anchor_rows]
     weight = None if spec.row_weight is None else spec.row_weight.detach()[anchor_rows]
 
-    def shard_spec(shard_anchors, shard, owner):
+    def shard_spec(shard_anchors, shard, owner, side=None):
         rows = extra_rows if owner is None else key_rows[owner]
         den_bias = None if bias is None else dataclasses.replace(bias, anchor_groups=anchor_groups,
                                                                  key_groups=bias.key_groups[rows])
+        target = spec.soft_target if side is None else dataclasses.replace(spec.soft_target, anchor_side=sides[0],
+                                                                           key_side=side)
         # An anchor's self (its own key row: local row i of anchors is key row i) only in its own shard.
         return dataclasses.replace(spec, anchors=shard_anchors, keys=shard, anchor_labels=anchor_labels,
                                    key_labels=spec.key_labels[rows], den_bias=den_bias, pos_row_weight=row_weight,
                                    self_offset=spec.self_offset if owner == rank else None, row_weight=None,
-                                   normalize=False)
+                                   normalize=False, soft_target=target)
 
-    own = shard_spec(anchors, keys, rank)
+    own = shard_spec(anchors, keys, rank, None if sides is None else sides[1])
     chosen = dispatch.select(own, backend)
-    if chosen.ring is None:
-        raise ValueError(f"backend {chosen.name!r} has no ring mode; use distributed='gather'")
+    if chosen.ring is None or (spec.soft_target is not None and chosen.ring.soft_norm is None):
+        what = "" if spec.soft_target is None else " for soft per-pair targets"
+        raise ValueError(f"backend {chosen.name!r} has no ring mode{what}; use distributed='gather'")
     plan = _RingPlan(chosen.ring, group, shard_spec, [views * n for n in sizes], own, pos_count, den_count, weight)
     tau_tensor = spec.temperature if isinstance(spec.temperature, Tensor) else None
     with torch.autocast(device.type, enabled=False):
+        if spec.soft_target is not None:
+            from .soft_targets import SoftRing
+
+            return SoftRing.apply(anchors, keys, tau_tensor, extra, plan, sides)
         return _Ring.apply(anchors, keys, tau_tensor, extra, plan)
 
 
@@ -603,10 +616,10 @@ def ring_views(build, features: Tensor, labels: Optional[Tensor], *, contrast_mo
 
 
 def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str, reduce=None,
-               weight: Optional[Tensor] = None) -> list[Tensor]:
+               weight: Optional[Tensor] = None, sides: Optional[tuple] = None) -> list[Tensor]:
     """Ring mode of row-paired losses (query/key, image/text): each ``build(first, second)`` (gather mode's,
     on placeholders of the global batch) takes its anchors from one input; the other one travels. ``reduce``
-    and ``weight``: as in ring_views."""
+    and ``weight``: as in ring_views; ``sides``: as in _run_ring."""
     batch = gather_batch(group, torch.zeros(first.shape[0], dtype=torch.long, device=first.device), weight,
                          layout=(first.shape[1],))
     place_first, place_second = _placeholder(first, batch.total), _placeholder(second, batch.total)
@@ -616,5 +629,7 @@ def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str, re
         if reduce is not None:
             spec = reduce(spec, batch.tensors[1])
         anchors, keys = (first, second) if spec.anchors is place_first else (second, first)
-        losses.append(_run_ring(spec, extra, anchors, keys, 1, 1, batch, group, backend))
+        if spec.normalize:  # as ring_views: unit rows before the ring (the shard specs do not normalise)
+            anchors, keys = (normalize_rows(x, spec.accum_dtype).to(x.dtype) for x in (anchors, keys))
+        losses.append(_run_ring(spec, extra, anchors, keys, 1, 1, batch, group, backend, sides))
     return losses

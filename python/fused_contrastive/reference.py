@@ -117,7 +117,6 @@ def _shard(spec: ContrastSpec):
 def row_stats(spec: ContrastSpec) -> tuple[Tensor, Tensor, Tensor]:
     """Ring mode: (LSE over this key shard's denominator, sum_j a_ij l_ij or LSE_P over it, and for hard
     negatives the [2, Na] LSEs of (1+beta) l and beta l over the denominator), densely."""
-    soft_targets.refuse_ring(spec)
     logits, a, in_den, den = _shard(spec)
     lse = _masked_lse(den, in_den)
     aux = lse

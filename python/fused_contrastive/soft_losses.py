@@ -3,7 +3,8 @@ graph). Both are InfoNCE's pair layout (row i of ``query`` has ``key[i]`` as its
 extra keys after the batch) with the one-hot target replaced by a distribution w_ij built, tile by tile,
 from O(N) side inputs (see soft_targets.py): ``L_i = -sum_j w_ij log softmax_j(l_ij)``.
 They run on the reference and chunked backends (not the fused kernels: their ``why_not`` says so), in one
-process or in gather mode (``process_group``), not under torch.compile.
+process, in gather mode (``process_group``) or ring mode (``distributed="ring"``: each key shard travels with
+its side rows), not under torch.compile.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from torch.autograd.function import once_differentiable
 from . import dispatch
 from .compiled import compiling, deferred_errors
 from .distributed import agreed
-from .family import _blocks_loss, _example, _info_nce_spec, _number, _pair
+from .family import _GROUP_DOC, _blocks_loss, _example, _info_nce_spec, _number, _pair
 from .losses import (_accum_dtype, _check_data, _check_finite, _check_inverse, _check_temperature, _check_choice,
-                     _LossModule)
+                     _check_weight, _LossModule, _reduced)
 from .spec import REDUCTIONS, SoftTarget, normalize_rows
 
 
@@ -69,12 +70,49 @@ def _prepared(side: Tensor, acc: torch.dtype, normalize: bool) -> Tensor:
     return normalize_rows(side, acc) if normalize else side
 
 
+def _soft_loss(target, prepare, query: Tensor, key: Tensor, side: Tensor, extra: Optional[Tensor],
+               extra_side: Optional[Tensor], *, temperature, normalize: bool, backend: str, process_group,
+               distributed: str, reduction: str, weight) -> Tensor:
+    """The pair loss of ``query`` against ``[key; extra]`` with the soft target ``target(anchor_side, key_side)``
+    built from the per-sample ``side`` rows (and ``extra_side`` for the extra keys), each ``prepare``d (detached,
+    accumulation dtype): in one process, gather mode (the side rows gathered with the features), or ring mode
+    (each key shard travels with its side rows; the extra keys and theirs stay home)."""
+    _check_choice("distributed", distributed, ("gather", "ring"))
+    extra_side = None if extra_side is None else prepare(extra_side)
+    if process_group is not None and distributed == "ring":
+        from . import distributed as ring
+
+        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        weight = _check_weight(weight, [(query.shape[0],)], query.device, "one per pair")
+        mine = prepare(side)
+        extra_rows = 0 if extra is None else extra.shape[0]
+
+        def build_ring(q, k):  # on placeholders of the global batch: the side rows are the ring's, per shard
+            rows = q.shape[0]
+            return _soft_spec(q, k, extra, temperature, normalize,
+                              target(ring._placeholder(mine, rows), ring._placeholder(mine, rows + extra_rows)))
+
+        return ring.ring_pairs([build_ring], query, key, group=process_group, backend=backend,
+                               reduce=lambda spec, w: _reduced(spec, reduction, w, 1), weight=weight,
+                               sides=(mine, mine, extra_side))[0]
+
+    def build(q, k, s):
+        s = prepare(s)
+        return _soft_spec(q, k, extra, temperature, normalize,
+                          target(s, s if extra_side is None else torch.cat([s, extra_side])))
+
+    return _blocks_loss([build], (query, key, side.detach()), 1, backend=backend, process_group=process_group,
+                        reduction=reduction, weight=weight)
+
+
 # ----------------------------------------------------------------------------- SCE
 
 @agreed
 @deferred_errors
 def sce_loss(query, key, teacher=None, *, queue=None, teacher_queue=None, temperature=0.1, teacher_temperature=0.07,
-             lam=0.5, normalize=False, backend="auto", process_group=None, reduction="mean", weight=None) -> Tensor:
+             lam=0.5, normalize=False, backend="auto", process_group=None, distributed="gather", reduction="mean",
+             weight=None) -> Tensor:
     """SCE (Denize et al., "Similarity Contrastive Estimation for Self-Supervised Soft Contrastive Learning").
 
     Row i of ``query [B, D]`` against the keys ``[key; queue]`` (``key [B, D]``, ``queue [Qn, D]``), its
@@ -110,15 +148,11 @@ def sce_loss(query, key, teacher=None, *, queue=None, teacher_queue=None, temper
     if teacher_queue is not None:
         teacher_queue = _side("teacher_queue", teacher_queue, queue.shape[0], query, teacher.shape[1])
 
-    def build(q, k, t):
-        acc = _accum_dtype(q)
-        key_side = t if teacher_queue is None else torch.cat([t.to(acc), teacher_queue.to(acc)])
-        target = SoftTarget("teacher", _prepared(t, acc, normalize), _prepared(key_side, acc, normalize), lam=lam,
-                            tau_t=tau_t)
-        return _soft_spec(q, k, queue, temperature, normalize, target)
-
-    return _blocks_loss([build], (query, key, teacher.detach()), 1, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight)
+    acc = _accum_dtype(query)
+    return _soft_loss(lambda anchor_side, key_side: SoftTarget("teacher", anchor_side, key_side, lam=lam, tau_t=tau_t),
+                      lambda t: _prepared(t, acc, normalize), query, key, teacher, queue, teacher_queue,
+                      temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
+                      distributed=distributed, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- CoMatch
@@ -126,7 +160,7 @@ def sce_loss(query, key, teacher=None, *, queue=None, teacher_queue=None, temper
 @agreed
 @deferred_errors
 def comatch_loss(query, key, probs, *, bank=None, bank_probs=None, temperature=0.2, threshold=0.8, normalize=False,
-                 backend="auto", process_group=None, reduction="mean", weight=None) -> Tensor:
+                 backend="auto", process_group=None, distributed="gather", reduction="mean", weight=None) -> Tensor:
     """CoMatch's graph-contrastive loss (Li et al., "CoMatch: Semi-supervised Learning with Contrastive Graph
     Regularization"), as the authors' code computes it, without its 1e-7 inside the log.
 
@@ -150,14 +184,11 @@ def comatch_loss(query, key, probs, *, bank=None, bank_probs=None, temperature=0
     if bank_probs is not None:
         bank_probs = _side("bank_probs", bank_probs, bank.shape[0], query, probs.shape[1])
 
-    def build(q, k, p):
-        acc = _accum_dtype(q)
-        key_side = p if bank_probs is None else torch.cat([p.to(acc), bank_probs.to(acc)])
-        target = SoftTarget("graph", p.detach().to(acc), key_side.detach().to(acc), threshold=threshold)
-        return _soft_spec(q, k, bank, temperature, normalize, target)
-
-    return _blocks_loss([build], (query, key, probs.detach()), 1, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight)
+    acc = _accum_dtype(query)
+    return _soft_loss(lambda anchor_side, key_side: SoftTarget("graph", anchor_side, key_side, threshold=threshold),
+                      lambda p: p.detach().to(acc), query, key, probs, bank, bank_probs, temperature=temperature,
+                      normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
+                      reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -176,15 +207,17 @@ class SCELoss(_LossModule):
     fn = staticmethod(sce_loss)
 
     def __init__(self, *, temperature=0.1, teacher_temperature=0.07, lam=0.5, normalize=False, backend="auto",
-                 process_group=None, reduction="mean"):
+                 process_group=None, distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _check_temperature("teacher_temperature", teacher_temperature)
         _number("lam", lam, 0.0, 1.0)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, teacher_temperature=teacher_temperature, lam=lam,
-                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
+                         normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
     def forward(self, query: Tensor, key: Tensor, teacher: Optional[Tensor] = None, *, queue=None,
                 teacher_queue=None, weight: Optional[Tensor] = None) -> Tensor:
@@ -202,18 +235,27 @@ class CoMatchLoss(_LossModule):
     fn = staticmethod(comatch_loss)
 
     def __init__(self, *, temperature=0.2, threshold=0.8, normalize=False, backend="auto", process_group=None,
-                 reduction="mean"):
+                 distributed="gather", reduction="mean"):
         _check_temperature("temperature", temperature)
         _number("threshold", threshold, 0.0, 1.0)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, threshold=threshold, normalize=normalize, backend=backend,
-                         process_group=process_group, reduction=reduction)
+                         process_group=process_group, distributed=distributed, reduction=reduction)
 
     def forward(self, query: Tensor, key: Tensor, probs: Tensor, *, bank=None, bank_probs=None,
                 weight: Optional[Tensor] = None) -> Tensor:
         return comatch_loss(query, key, probs, bank=bank, bank_probs=bank_probs, weight=weight, **self.kwargs)
+
+
+_SOFT_RING_DOC = """
+    Soft targets in these modes: gather mode gathers the side rows (teacher rows / probabilities) with the
+    features; ring mode sends each key shard around with its side rows (the queue / bank and theirs stay
+    home): O(B + Qn) extra memory, two key + side shards held at a time."""
+for _fn in (sce_loss, comatch_loss):
+    _fn.__doc__ += _GROUP_DOC + _SOFT_RING_DOC
 
 
 # ----------------------------------------------------------------------------- RényiCL
