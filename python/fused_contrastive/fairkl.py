@@ -52,8 +52,7 @@ DISTRIBUTED_MODES = ("gather", "ring")
 def _group_index(q_ids: Tensor, k_ids: Tensor) -> Tensor:
     """[Nq, M] group index of every pair (int64)."""
     other_label = q_ids[:, None, 0] != k_ids[None, :, 0]
-    other_bias = q_ids[:, None, 1] != k_ids[None, :, 1]
-    return other_label.long() * 2 + other_bias.long()
+    return other_label.long().mul_(2).add_(q_ids[:, None, 1] != k_ids[None, :, 1])  # one int64 tile, in place
 
 
 # ----------------------------------------------------------------------------- reference: dense, float64
