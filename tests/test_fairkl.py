@@ -134,3 +134,18 @@ def test_gather_and_ring_on_two_ranks():
     from test_distributed import spawn
 
     spawn(check_ranks, 2)
+
+
+@pytest.mark.slow  # ptxas over every shipped config (about a minute); no GPU needed
+@pytest.mark.parametrize("case", ["90:bfloat16:128", "80:float16:64"])
+def test_kernels_compile_without_spills(case):
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "fused_contrastive.triton_kernels.fairkl", case], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0 and "0 flawed configs" in out.stdout, out.stdout + out.stderr[-3000:]
