@@ -49,17 +49,23 @@ GROUPS = ("pa", "pc", "na", "nc")  # group index g = 2 * (labels differ) + (bias
 DISTRIBUTED_MODES = ("gather", "ring")
 
 
-def _group_index(q_ids: Tensor, k_ids: Tensor) -> Tensor:
-    """[Nq, M] group index of every pair (int64)."""
-    other_label = q_ids[:, None, 0] != k_ids[None, :, 0]
-    return other_label.long().mul_(2).add_(q_ids[:, None, 1] != k_ids[None, :, 1])  # one int64 tile, in place
+def _columns(ids: Tensor) -> tuple[Tensor, Tensor]:
+    return ids[:, 0].contiguous(), ids[:, 1].contiguous()
+
+
+def _group_index(q_cols: tuple, k_cols: tuple, start: int = 0, stop: Optional[int] = None) -> Tensor:
+    """[stop - start, M] group index (int64) of the pairs of rows [start, stop) (``_columns`` of their ids) and
+    every key: built in uint8 and converted once (4x faster on CPU than int64 arithmetic on the tile)."""
+    (qy, qb), (ky, kb) = q_cols, k_cols
+    g = torch.ne(qy[start:stop, None], ky[None, :]).to(torch.uint8).mul_(2)
+    return g.add_(torch.ne(qb[start:stop, None], kb[None, :])).long()
 
 
 # ----------------------------------------------------------------------------- reference: dense, float64
 
 def reference_moments(q: Tensor, q_ids: Tensor, k: Tensor, k_ids: Tensor) -> Tensor:
     d = q.double() @ k.double().T
-    g = _group_index(q_ids, k_ids)
+    g = _group_index(_columns(q_ids), _columns(k_ids))
     first = [torch.where(g == i, d, 0.0).sum(1) for i in range(4)]
     second = [torch.where(g == i, d * d, 0.0).sum(1) for i in range(4)]
     return torch.stack(first + second, 1).to(_accum_dtype(q))
@@ -67,7 +73,7 @@ def reference_moments(q: Tensor, q_ids: Tensor, k: Tensor, k_ids: Tensor) -> Ten
 
 def reference_grads(q: Tensor, q_ids: Tensor, k: Tensor, k_ids: Tensor, coef: Tensor) -> Tensor:
     d = q.double() @ k.double().T
-    g = _group_index(q_ids, k_ids)
+    g = _group_index(_columns(q_ids), _columns(k_ids))
     coef = coef.double()
     ds = torch.zeros_like(d)
     for i in range(4):
@@ -83,11 +89,12 @@ def chunked_moments(q: Tensor, q_ids: Tensor, k: Tensor, k_ids: Tensor) -> Tenso
     acc = _accum_dtype(q)
     q, k = q.to(acc), k.to(acc)
     out = torch.zeros(q.shape[0], 8, dtype=acc, device=q.device)
+    q_cols, k_cols = _columns(q_ids), _columns(k_ids)
     step = chunked.block_rows(k.shape[0])
     for start in range(0, q.shape[0], step):
         stop = min(q.shape[0], start + step)
         d = q[start:stop] @ k.T
-        g = _group_index(q_ids[start:stop], k_ids)
+        g = _group_index(q_cols, k_cols, start, stop)
         out[start:stop, :4].scatter_add_(1, g, d)
         out[start:stop, 4:].scatter_add_(1, g, d.square_())
     return out
@@ -98,10 +105,11 @@ def chunked_grads(q: Tensor, q_ids: Tensor, k: Tensor, k_ids: Tensor, coef: Tens
     q, k, coef = q.to(acc), k.to(acc), coef.to(acc)
     a, b2 = coef[:4], 2 * coef[4:]
     out = torch.empty(q.shape, dtype=acc, device=q.device)
+    q_cols, k_cols = _columns(q_ids), _columns(k_ids)
     step = chunked.block_rows(k.shape[0])
     for start in range(0, q.shape[0], step):
         stop = min(q.shape[0], start + step)
-        g = _group_index(q_ids[start:stop], k_ids)
+        g = _group_index(q_cols, k_cols, start, stop)
         ds = (q[start:stop] @ k.T).mul_(b2[g]).add_(a[g])
         out[start:stop] = ds @ k
     return out
