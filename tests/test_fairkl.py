@@ -88,8 +88,10 @@ def test_triton_low_precision(dtype):
 
 def test_bad_input_and_modules():
     features, y = randn(4, 2, 3, seed=1), torch.tensor([0, 1, 0, 1])
-    with pytest.raises(ValueError, match="bias_labels"):
-        fc.fairkl_regularizer(features, y, torch.tensor([0, 1, 0]))
+    for bad in (torch.tensor([0, 1, 0]), torch.tensor([0.0, float("nan"), 1.0, 1.0]), "abc"):
+        for fn in (fc.fairkl_regularizer, fc.fairkl_loss):
+            with pytest.raises(ValueError, match="bias_labels"):
+                fn(features, y, bad)
     with pytest.raises(ValueError, match="distributed"):
         fc.fairkl_loss(features, y, y, distributed="scatter")
     with pytest.raises(ValueError, match="reduction"):

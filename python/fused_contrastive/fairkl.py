@@ -289,7 +289,8 @@ def fairkl_regularizer(features, labels, bias_labels, *, temperature=1.0, kld=1.
     ``backend``: "auto" (triton on CUDA, else chunked), "triton", "chunked", "reference" (dense, the oracle);
     "cuda" has no kernel for this and says so. ``process_group``: the regulariser of the global batch (the
     ranks' batches concatenated), every rank returning it, the features' gradient world_size x this rank's
-    share (DDP-exact, as every loss here); ``distributed="gather"`` gathers the features (O(N D) per rank),
+    share (DDP-exact, as every loss here; a tensor temperature gets the whole regulariser's gradient on every
+    rank, which DDP's average keeps); ``distributed="gather"`` gathers the features (O(N D) per rank),
     ``"ring"`` passes each rank's rows around the ring instead (only the O(N) labels are gathered).
     """
     features = _flatten_views(features)
@@ -356,9 +357,11 @@ def fairkl_loss(features, labels, bias_labels, *, epsilon=0.1, temperature=0.1, 
                          f"batch), got {reduction!r}")
     fairkl_weight = _number("fairkl_weight", fairkl_weight, 0.0)
     _check_choice("distributed", distributed, DISTRIBUTED_MODES)
+    flat = _flatten_views(features)
+    _labels("bias_labels", bias_labels, flat.shape[0], flat.device)  # refused before any work (and collective)
     if process_group is not None:  # this call's agreement first: the two terms then exchange their own
         check_group(process_group)
-        _exchanged_sizes(process_group, _flatten_views(features).shape[0])
+        _exchanged_sizes(process_group, flat.shape[0])
     loss = eps_supinfonce_loss(features, labels, epsilon=epsilon, temperature=temperature,
                                base_temperature=base_temperature, contrast_mode=contrast_mode, normalize=normalize,
                                backend=backend, reduction=reduction, weight=weight, process_group=process_group,
