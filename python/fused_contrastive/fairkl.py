@@ -10,7 +10,8 @@ holds s on the group's pairs and 0 elsewhere (all N^2 entries count, as in their
     R = (mu_pc - mu_pa)^2 + (mu_na - mu_nc)^2 + kld [(sigma_pa - sigma_pc)^2 + (sigma_na - sigma_nc)^2]
         - mu_pc + mu_na
 
-depends on the features only through eight sums, ``S1_g = sum_{(i,j) in g} s_ij`` and ``S2_g = sum s_ij^2``
+(the authors' code: squared differences of the groups' Gaussian parameters standing in for the paper's KL
+divergence between them) depends on the features only through eight sums, ``S1_g = sum_{(i,j) in g} s_ij`` and ``S2_g = sum s_ij^2``
 (the group sizes come from the labels alone). Each is a sum over rows of a per-row moment, so the tiles of
 anchor rows against key columns accumulate ``[N, 8]`` per-row moments (O(N) extra memory), summed over rows
 and, across ranks, over processes. The gradient flows through the moments: ``dR/ds_ij = a_g + 2 b_g s_ij``
