@@ -184,14 +184,15 @@ def _over_keys(plan: _Plan, rows: Tensor, ids: Tensor, op) -> Tensor:
         return op(rows, ids)
     if plan.mode == "gather":
         return op(plan.keys, plan.key_ids)
-    total = []
+    total = None
 
-    def visit(shards, owner):
+    def visit(shards, owner):  # this rank's rows and ids travel together; every rank's shard visits once
+        nonlocal total
         part = op(shards[0], shards[1])
-        total.append(part if not total else total.pop() + part)
+        total = part if total is None else total + part
 
     ring_visit(plan.group, plan.shard_rows, [rows, ids], visit)
-    return total[0]
+    return total
 
 
 class _Moments(torch.autograd.Function):
