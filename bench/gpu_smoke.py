@@ -41,7 +41,8 @@ def _inputs(bsz, dim, seed):
 
     return {"feats": unit(bsz, 2, dim), "labels": torch.randint(0, NUM_CLASSES, (bsz,), generator=gen),
             "mask": (torch.rand(bsz, bsz, generator=gen) < 0.3).float(), "queue": unit(bsz // 2 + 1, dim),
-            "centers": unit(NUM_CLASSES, dim)}
+            "centers": unit(NUM_CLASSES, dim),
+            "bias": torch.randint(0, 3, (bsz,), generator=gen)}  # FairKL's bias labels, drawn last (the rest unchanged)
 
 
 def losses():
@@ -99,6 +100,10 @@ def losses():
         "paco": (["feats", "centers"], lambda t, b, tau: fc.paco_loss(views(t), t["labels"], t["centers"], alpha=0.05,
                                                                       gamma=0.5, supervised_temperature=1.0,
                                                                       label_smoothing=0.1, temperature=tau, backend=b)),
+        "fairkl": (["feats"], lambda t, b, tau: fc.fairkl_loss(views(t), t["labels"], t["bias"], temperature=tau,
+                                                               backend=b)),
+        "fairkl_regularizer": (["feats"], lambda t, b, tau: fc.fairkl_regularizer(views(t), t["labels"], t["bias"],
+                                                                                  temperature=tau, backend=b)),
     }
 
 

@@ -9,8 +9,8 @@ from .family import (BCLLoss, ClipLoss, DCLLoss, DebiasedContrastiveLoss, EpsSup
                      SuNCEtLoss, SymmetricSpreadLoss, UniConLoss, bcl_loss, clip_loss, dcl_loss,
                      debiased_contrastive_loss, eps_supinfonce_loss, info_nce, spread_loss, suncet_loss,
                      symmetric_spread_loss, unicon_loss, paco_loss, tsc_loss, PaCoLoss, TSCLoss,
-                     epsilon_supcon_loss, fairkl_regularizer, fairkl_loss,
-                     EpsilonSupConLoss, FairKLLoss)
+                     epsilon_supcon_loss, EpsilonSupConLoss)
+from .fairkl import FairKLLoss, fairkl_loss, fairkl_regularizer
 from .grad_cache import grad_cache_step
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss

@@ -284,97 +284,6 @@ def epsilon_supcon_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
                        process_group=process_group, reduction=reduction, weight=weight)
 
 
-def _pair_moments(z: Tensor, cells: Tensor, n_cells: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Over the pairs (i, j), self included, of rows in the same cell: (count, sum of z_i . z_j, sum of
-    (z_i . z_j)^2), from each cell's sum s_c and second-moment matrix M_c = sum z z^T: |s_c|^2 and |M_c|_F^2;
-    O(N D^2 + cells D^2), no N x N."""
-    ones = torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
-    count = torch.zeros(n_cells, dtype=z.dtype, device=z.device).index_add(0, cells, ones)
-    sums = torch.zeros(n_cells, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, cells, z)
-    outer = torch.zeros(n_cells, z.shape[1], z.shape[1], dtype=z.dtype, device=z.device)
-    for start in range(0, z.shape[0], _MOMENT_ROWS):  # [rows, D, D] a block at a time, never [N, D, D]
-        block = z[start:start + _MOMENT_ROWS]
-        outer = outer.index_add(0, cells[start:start + _MOMENT_ROWS], block[:, :, None] * block[:, None, :])
-    return (count * count).sum(), (sums * sums).sum(), (outer * outer).sum()
-
-
-_MOMENT_ROWS = 256
-
-
-@agreed
-@deferred_errors
-def fairkl_regularizer(features, labels, bias_labels, *, temperature=1.0, kld=1.0, normalize=False) -> Tensor:
-    """FairKL (Barbano et al., "Unbiased Supervised Contrastive Learning"): with s_ij = z_i . z_j / temperature
-    over every pair of rows (self included; the rows are the views of ``features [bsz, n_views, D]``, labels
-    and ``bias_labels [bsz]`` repeated per view), mu_g and sigma_g are the mean of s over the pairs of group g
-    and the standard deviation (unbiased) of s masked to g over all N^2 pairs (zeros off g, as the authors'
-    code), for g in positive / negative (same label or not) x aligned / conflicting (same bias label or not):
-    ``(mu_pc - mu_pa)^2 + (mu_na - mu_nc)^2 + kld [(sigma_pa - sigma_pc)^2 + (sigma_na - sigma_nc)^2]
-    - mu_pc + mu_na``. Exact from each (label, bias) cell's first and second moments (O(N D^2) time,
-    O(cells D^2) memory, no N x N); a group without pairs has mean 0 and a constant sigma (no gradient).
-    A scalar, differentiable in the features and the temperature. No process_group in this version.
-    """
-    features = _flatten_views(features)
-    _check_finite(features=features)
-    bsz, n_views, _ = features.shape
-    labels = _check_labels(labels, bsz, features.device)
-    bias_labels = _check_labels(bias_labels, bsz, features.device)
-    _check_choice("normalize", normalize, (False, True))
-    kld = _number("kld", kld, 0.0)
-    acc = _accum_dtype(features)
-    temperature, _ = _tau(temperature, acc)
-    z = features.transpose(0, 1).reshape(bsz * n_views, -1).to(acc)
-    if normalize:
-        z = normalize_rows(z, acc)
-    y_ids, n_y = dense_ids(labels)
-    b_ids, n_bias = dense_ids(bias_labels)
-    yb_ids, n_yb = dense_ids(y_ids * n_bias + b_ids)  # the (label, bias) cells that occur
-    y_ids, b_ids, yb_ids = y_ids.repeat(n_views), b_ids.repeat(n_views), yb_ids.repeat(n_views)
-    n_rows = z.shape[0]
-    every = _pair_moments(z, torch.zeros_like(y_ids), 1)
-    same_y = _pair_moments(z, y_ids, n_y)
-    same_b = _pair_moments(z, b_ids, n_bias)
-    same_yb = _pair_moments(z, yb_ids, n_yb)
-    groups = {"pa": same_yb, "pc": [a - b for a, b in zip(same_y, same_yb)],
-              "na": [a - b for a, b in zip(same_b, same_yb)],
-              "nc": [e - y - b + yb for e, y, b, yb in zip(every, same_y, same_b, same_yb)]}
-    tau = temperature.to(acc) if isinstance(temperature, Tensor) else temperature
-    pairs = float(n_rows * n_rows)
-    mu, sigma = {}, {}
-    for name, (count, first, second) in groups.items():
-        first, second = first / tau, second / (tau * tau)
-        mu[name] = first / torch.clamp(count, min=1)
-        variance = torch.clamp(second - first * first / pairs, min=0) / max(pairs - 1, 1)
-        has = variance > 0
-        sigma[name] = torch.where(has, torch.sqrt(torch.where(has, variance, torch.ones_like(variance))), 0.0)
-    return ((mu["pc"] - mu["pa"]) ** 2 + (mu["na"] - mu["nc"]) ** 2
-            + kld * ((sigma["pa"] - sigma["pc"]) ** 2 + (sigma["na"] - sigma["nc"]) ** 2) - mu["pc"] + mu["na"])
-
-
-@agreed
-@deferred_errors
-def fairkl_loss(features, labels, bias_labels, *, epsilon=0.1, temperature=0.1, base_temperature=None,
-                fairkl_weight=1.0, kld=1.0, contrast_mode="all", normalize=False, backend="auto",
-                process_group=None, reduction="mean", weight=None) -> Tensor:
-    """eps-SupInfoNCE plus ``fairkl_weight`` x the FairKL regulariser (Barbano et al.): ``eps_supinfonce_loss``
-    (fused, one pass) on ``features [bsz, n_views, D]`` and ``labels``, and ``fairkl_regularizer`` on the same
-    view rows with ``bias_labels [bsz]`` (same temperature and normalize). The regulariser is one number per
-    batch, so ``reduction`` is "mean" or "sum" (added once) and ``process_group`` is not supported here."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum' for fairkl_loss (the regulariser is one number per "
-                         f"batch), got {reduction!r}")
-    if process_group is not None:
-        raise ValueError("process_group is not supported by fairkl_loss in this version")
-    fairkl_weight = _number("fairkl_weight", fairkl_weight, 0.0)
-    loss = eps_supinfonce_loss(features, labels, epsilon=epsilon, temperature=temperature,
-                               base_temperature=base_temperature, contrast_mode=contrast_mode, normalize=normalize,
-                               backend=backend, reduction=reduction, weight=weight)
-    if fairkl_weight == 0:
-        return loss
-    return loss + fairkl_weight * fairkl_regularizer(features, labels, bias_labels, temperature=temperature, kld=kld,
-                                                     normalize=normalize).to(loss.dtype)
-
-
 # ----------------------------------------------------------------------------- DCL / DCLW
 
 @agreed
@@ -1716,36 +1625,6 @@ class EpsilonSupConLoss(_LossModule):
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
         return epsilon_supcon_loss(features, labels, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
                                    weight=weight, **self.kwargs)
-
-
-class FairKLLoss(_LossModule):
-    __doc__ = """Module form of ``fairkl_loss``: eps-SupInfoNCE plus ``fairkl_weight`` x FairKL (Barbano et al.).
-
-    ``forward(features [bsz, n_views, D], labels [bsz], bias_labels [bsz], *, weight=None)``; ``reduction``
-    "mean" or "sum" (the regulariser is one number per batch).
-    """ + _example("criterion = fc.FairKLLoss(epsilon=0.1, temperature=0.1, fairkl_weight=1.0, kld=1.0)",
-                   f"loss = criterion({_FEATURES}, {_LABELS}, torch.tensor([0, 0, 1, 1, 0, 1, 0, 1]))")
-
-    fn = staticmethod(fairkl_loss)
-
-    def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, fairkl_weight=1.0, kld=1.0,
-                 contrast_mode="all", normalize=False, backend="auto", reduction="mean"):
-        _number("epsilon", epsilon, 0.0)
-        _number("fairkl_weight", fairkl_weight, 0.0)
-        _number("kld", kld, 0.0)
-        _check_temperature("temperature", temperature)
-        _check_base_temperature(base_temperature)
-        _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("reduction", reduction, ("mean", "sum"))
-        super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
-                         fairkl_weight=fairkl_weight, kld=kld, contrast_mode=contrast_mode, normalize=normalize,
-                         backend=backend, reduction=reduction)
-
-    def forward(self, features: Tensor, labels: Tensor, bias_labels: Tensor, *,
-                weight: Optional[Tensor] = None) -> Tensor:
-        return fairkl_loss(features, labels, bias_labels, weight=weight, **self.kwargs)
 
 
 _QUERY_KEY = "query, key = torch.nn.functional.normalize(torch.randn(2, 8, 16), dim=-1)"
