@@ -56,6 +56,7 @@ CASES = [
     ("sce", 3, 4, 37, None, F64, 0.05, 0.5),  # a side width over one BLOCK_S chunk
     ("sce", 127, 0, 13, 7, torch.float32, 0.05, 1.0),
     ("sce", 129, 9, 37, None, torch.bfloat16, 0.05, 0.5),
+    ("sce", 127, 6, 13, None, torch.float16, 1.0, 0.5),
     ("comatch", 1, 3, 13, 5, torch.float32, 1.0, 0.9),
     ("comatch", 3, 0, 13, 5, torch.bfloat16, 0.05, 0.0),
     ("comatch", 5, 4, 13, 37, F64, 0.05, 0.3),
