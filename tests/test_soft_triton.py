@@ -163,3 +163,24 @@ def test_shards_merge_to_one(kind):
     grads = [ring.soft_grads(p, lse, norm, pos_count, coef) for p in parts]
     assert_close(grads[0][0] + grads[1][0], dq, F64, "dQ")
     assert_close(torch.cat([grads[0][1], grads[1][1]]), dk, F64, "dK")
+
+
+@pytest.mark.parametrize("loss", ["sce", "comatch"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_normalize_reduction_weight(loss, reduction):
+    """Unnormalised rows with normalize=True, per-row weights (one 0), reduction "none" (a non-uniform upstream
+    gradient per row) and "mean", float64: the Triton rows equal the reference's."""
+    weight = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.5], dtype=F64)
+    results = []
+    for backend in ("reference", "triton"):
+        q, k = (3 * unit(5, 9, seed=1)).requires_grad_(), (0.5 * unit(5, 9, seed=2)).requires_grad_()
+        kw = dict(normalize=True, reduction=reduction, weight=weight, backend=backend)
+        if loss == "sce":
+            out = fc.sce_loss(q, k, 2 * unit(5, 3, seed=3), queue=unit(4, 9, seed=4),
+                              teacher_queue=unit(4, 3, seed=5), **kw)
+        else:
+            out = fc.comatch_loss(q, k, probabilities(5, 2, 1), threshold=0.4, **kw)
+        (out * torch.linspace(0.5, 1.5, out.numel(), dtype=F64).reshape(out.shape)).sum().backward()
+        results.append((out, q.grad, k.grad))
+    for what, a, b in zip(("loss", "grad query", "grad key"), results[1], results[0]):
+        assert_close(a, b, F64, what)
