@@ -14,9 +14,10 @@ from fused_contrastive.spec import DenominatorBias, SoftTarget
 from helpers import assert_close
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(dispatch._triton_why_not(soft_losses._soft_spec(
+# CPU tensors: Triton's interpreter runs them (tests/conftest.py sets it where there is no GPU)
+runs_here = pytest.mark.skipif(dispatch._triton_why_not(soft_losses._soft_spec(
     torch.zeros(1, 16), torch.zeros(1, 16), None, 0.1, False, SoftTarget("graph", torch.zeros(1, 2), torch.zeros(1, 2))))
-    is not None, reason="the Triton kernels cannot run here (no GPU, no interpreter)")
+    is not None, reason="the Triton kernels cannot run CPU tensors here (no interpreter)")
 
 F64 = torch.float64
 
@@ -65,6 +66,7 @@ CASES = [
 ]
 
 
+@runs_here
 @pytest.mark.parametrize("loss,n,n_extra,dim,width,dtype,tau,setting", CASES,
                          ids=[f"{c[0]}-{c[5]}-tau{c[6]}-{c[7]}-{c[1]}" for c in CASES])
 def test_triton_matches_reference(loss, n, n_extra, dim, width, dtype, tau, setting):
@@ -99,6 +101,7 @@ def general_spec(kind, n=9, dim=11, width=5, seed=0):
                                 tau_float=0.3, den_bias=bias, soft_target=target)
 
 
+@runs_here
 @pytest.mark.parametrize("kind", ["teacher", "graph"])
 def test_self_and_bias_table(kind):
     """Self excluded and a denominator bias table, as the reference's tile applies them."""
@@ -136,6 +139,7 @@ def shards(spec, cut):
     return out
 
 
+@runs_here
 @pytest.mark.parametrize("kind", ["teacher", "graph"])
 def test_shards_merge_to_one(kind):
     """soft_norm, soft_stats and soft_grads over two key shards, merged by the contract's rules (logaddexp or
@@ -165,6 +169,7 @@ def test_shards_merge_to_one(kind):
     assert_close(torch.cat([grads[0][1], grads[1][1]]), dk, F64, "dK")
 
 
+@runs_here
 @pytest.mark.parametrize("loss", ["sce", "comatch"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_normalize_reduction_weight(loss, reduction):
@@ -184,3 +189,20 @@ def test_normalize_reduction_weight(loss, reduction):
         results.append((out, q.grad, k.grad))
     for what, a, b in zip(("loss", "grad query", "grad key"), results[1], results[0]):
         assert_close(a, b, F64, what)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["80:bfloat16:128:teacher", "90:bfloat16:512:graph:10"])
+def test_kernels_compile_without_spills(case):
+    """Every shipped config of the four kernels, compiled ahead of time as a launch would (no GPU), in a
+    subprocess (this session decorates the kernels for the interpreter); bench/results/
+    triton_aot_soft_sm80_sm90.txt has the full table."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "fused_contrastive.triton_kernels.soft", case], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0 and "0 flawed configs" in out.stdout, out.stdout + out.stderr[-3000:]

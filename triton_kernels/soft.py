@@ -273,18 +273,20 @@ def _soft_bwd_dk_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by input width and BLOCK_D bucket. Each tile holds two fp32
-# [BLOCK_M, BLOCK_N] products (features and side) besides what supcon's tiles hold, so the shapes are
-# smaller than supcon's; every one compiles for sm_80 and sm_90 without spills
-# (bench/results/triton_aot_soft_sm80_sm90.txt).
+# [BLOCK_M, BLOCK_N] products (features and side; the side's, three tf32 passes, costs more registers than a
+# 16-bit one) besides what supcon's tiles hold, so the shapes are smaller than supcon's or have more warps;
+# every one compiles for sm_80 and sm_90 without spills (bench/results/triton_aot_soft_sm80_sm90.txt: with
+# mma.sync, sm_80 is mostly the tighter one; 64 x 64 tiles spill there, 32 x 32 with 8 warps at D = 512 in dQ,
+# and at D = 64, 32 x 32 spills in one kernel or another with 4 or 8 warps, 1 or 2 stages).
 TILE_CONFIGS = {
-    2: {64: [(64, 64, 4, 2), (64, 32, 4, 2)],
-        128: [(64, 32, 4, 2), (32, 32, 4, 2)],
-        256: [(32, 32, 4, 2), (16, 32, 4, 2)],
-        512: [(32, 32, 8, 2), (16, 32, 8, 2)]},
-    4: {64: [(32, 32, 4, 2), (16, 32, 4, 2)]},
+    2: {64: [(64, 32, 8, 2), (16, 32, 4, 2)],
+        128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+        256: [(32, 32, 8, 2), (16, 32, 4, 2)],
+        512: [(16, 32, 8, 2)]},
+    4: {64: [(16, 32, 8, 2)]},  # fp32 features and side products, both three tf32 passes: 32 rows spill
 }
 # The normaliser's pass holds only the side product and its per-row sums.
-NORM_CONFIGS = [(64, 64, 4, 2), (32, 32, 4, 2)]
+NORM_CONFIGS = [(64, 32, 4, 2), (32, 32, 4, 2)]
 BLOCK_S_MAX = 32  # side columns per chunk of the side product
 TUNING_KEY = ["D", "S", "N_BUCKET", "KIND", "HAS_SELF", "DEN_BIAS", "PRECISION"]
 NORM_TUNING_KEY = ["S", "N_BUCKET", "KIND", "HAS_SELF", "DEN_BIAS"]
@@ -556,3 +558,65 @@ def loss(spec) -> torch.Tensor:
         anchors = keys if spec.anchors_are_keys else anchors.to(spec.anchors.dtype)
     rows = SoftTritonRows.apply(anchors, keys, tau, spec)
     return reduce_rows(spec, rows, spec.pos_count() > 0)
+
+
+# ----------------------------------------------------------------------------- ahead-of-time check (no GPU)
+
+def aot_reports(arch: int, dtype: str, dim: int, kind: str = "teacher", width: int = 0):
+    """Each shipped config of the four kernels compiled for sm_<arch> as a real launch would be (aot.py's
+    binder-faithful path), with ptxas's registers and spills and the matrix instruction used; ``width``: the
+    side rows' (0: the teacher is the keys, width D). ``python -m fused_contrastive.triton_kernels.soft
+    80:bfloat16:128:teacher 90:bfloat16:512:graph:10``."""
+    from fused_contrastive import soft_losses
+    from fused_contrastive.spec import SoftTarget
+    from fused_contrastive.triton_kernels import aot
+
+    n = aot.EXAMPLE_ROWS
+    width = width or dim
+    q = torch.empty((n, dim), dtype=getattr(torch, dtype))
+    queue = torch.empty((n, dim), dtype=q.dtype)  # SCE / CoMatch with a queue (bank): keys [2n, D]
+    side = torch.empty((2 * n, width), dtype=torch.float32)
+    target = SoftTarget(kind, side[:n], side, lam=0.5, tau_t=0.1, threshold=0.5)
+    spec = soft_losses._soft_spec(q, torch.empty_like(q), queue, 0.1, False, target)
+    args = _args(spec, spec.anchors, spec.keys)
+    rows = torch.empty(3 * n, dtype=torch.float32)
+    grads = torch.empty(spec.keys.shape, dtype=torch.float32)
+    one = torch.zeros(1, dtype=torch.float32)
+    norm_args = {k: v for k, v in args.items() if k not in _FEATURE_ARGS}
+    row = dict(INV_TAU=one, ROW=rows, LSE=rows, COEF=rows, G_LOG2=one)
+    extra = {"norm": dict(norm_args, NORM=rows),
+             "fwd": dict(args, INV_TAU=one, ROW=rows, LSE=rows, WSUM=rows),
+             "bwd_dq": dict(args, **row, DQ=grads, GL=one, stride_dqm=dim, TAU_GRAD=False),
+             "bwd_dk": dict(args, **row, DK=grads, stride_dkm=dim)}
+    kernels = {"norm": _soft_norm_kernel, "fwd": _soft_fwd_kernel, "bwd_dq": _soft_bwd_dq_kernel,
+               "bwd_dk": _soft_bwd_dk_kernel}
+    out = []
+    for name, kernel in kernels.items():
+        family = "norm" if name == "norm" else "tile"
+        for shape in tile_shapes(family, q.element_size(), args["BLOCK_D"], 1 << 15):
+            config = _config(shape)
+            src, target_gpu, options = aot.jit_source(kernel, arch, {**extra[name], **config.kwargs}, config.num_warps,
+                                                      config.num_stages)
+            compiled = triton.compile(src, target=target_gpu, options=options)
+            ptx = compiled.asm["ptx"]
+            regs, spills, _ = aot._ptxas_report(ptx, arch)
+            mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
+            out.append((name, shape, regs, spills, mma))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    flawed = 0
+    for case in sys.argv[1:] or ["80:bfloat16:128:teacher", "90:bfloat16:128:graph:10"]:
+        arch, dtype, dim, *rest = case.split(":")
+        kind = rest[0] if rest else "teacher"
+        width = int(rest[1]) if len(rest) > 1 else 0
+        for name, shape, regs, spills, mma in aot_reports(int(arch), dtype, int(dim), kind, width):
+            bad = spills > 0 or mma == "fma (no tensor cores)"
+            flawed += bad
+            print(f"soft {name:<6} sm_{arch} {dtype:<8} D={dim:<3} {kind:<7} S={width or dim:<3} {shape}  regs {regs:>3}  "
+                  f"spills {spills:>5} B  {mma}" + ("   <-- spills or no tensor cores" if bad else ""), flush=True)
+    print(f"{flawed} flawed configs")
+    sys.exit(1 if flawed else 0)
