@@ -41,10 +41,17 @@ def _inputs(bsz, dim, seed):
     def unit(*shape):
         return torch.nn.functional.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
 
-    return {"feats": unit(bsz, 2, dim), "labels": torch.randint(0, NUM_CLASSES, (bsz,), generator=gen),
-            "mask": (torch.rand(bsz, bsz, generator=gen) < 0.3).float(), "queue": unit(bsz // 2 + 1, dim),
-            "centers": unit(NUM_CLASSES, dim),
-            "bias": torch.randint(0, 3, (bsz,), generator=gen)}  # FairKL's bias labels, drawn last (the rest unchanged)
+    feats, labels = unit(bsz, 2, dim), torch.randint(0, NUM_CLASSES, (bsz,), generator=gen)
+    t = {"feats": feats, "labels": labels, "mask": (torch.rand(bsz, bsz, generator=gen) < 0.3).float(),
+         "queue": unit(bsz // 2 + 1, dim), "centers": unit(NUM_CLASSES, dim)}
+    t["bias"] = torch.randint(0, 3, (bsz,), generator=gen)  # FairKL's bias labels, drawn last (the rest unchanged)
+    # CoMatch's pseudo-label probabilities, of the batch and of the queue (as a bank): smoothed one-hots, whose
+    # products (0.42 within a class, 0.06 across) straddle the cases' threshold 0.3
+    one_hot = torch.nn.functional.one_hot(torch.cat([labels, labels[: t["queue"].shape[0]]]),
+                                          NUM_CLASSES).to(torch.float64)
+    probs = 0.6 * one_hot + 0.4 / NUM_CLASSES
+    t["probs"], t["queue_probs"] = probs[:bsz], probs[bsz:]
+    return t
 
 
 def losses():
@@ -99,6 +106,14 @@ def losses():
         "dclw_learned": (["feats"], lambda t, b, tau: fc.dcl_loss(views(t), temperature=tau, weighted=True,
                                                                   detach_weight=False, backend=b)),
         "suncet": (["feats"], lambda t, b, tau: fc.suncet_loss(views(t), t["labels"], temperature=tau, backend=b)),
+        "sce": (["feats"], lambda t, b, tau: fc.sce_loss(*pair(t), temperature=tau, backend=b)),
+        "sce_queue": (["feats"], lambda t, b, tau: fc.sce_loss(*pair(t), queue=t["queue"], temperature=tau, lam=0.3,
+                                                               backend=b)),
+        "comatch": (["feats"], lambda t, b, tau: fc.comatch_loss(*pair(t), t["probs"], temperature=tau, threshold=0.3,
+                                                                 backend=b)),
+        "comatch_bank": (["feats"], lambda t, b, tau: fc.comatch_loss(*pair(t), t["probs"], bank=t["queue"],
+                                                                      bank_probs=t["queue_probs"], temperature=tau,
+                                                                      threshold=0.3, backend=b)),
         "paco": (["feats", "centers"], lambda t, b, tau: fc.paco_loss(views(t), t["labels"], t["centers"], alpha=0.05,
                                                                       gamma=0.5, supervised_temperature=1.0,
                                                                       label_smoothing=0.1, temperature=tau, backend=b)),

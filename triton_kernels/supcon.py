@@ -695,9 +695,10 @@ def variant_code(spec) -> int:
 
 def why_not(spec) -> str | None:
     """Why these kernels cannot run the spec (None: they can)."""
-    if getattr(spec, "soft_target", None) is not None:
-        return ("no fused kernel for soft per-pair targets (SCE / CoMatch); use chunked (tiled, O(N) extra "
-                "memory) or reference")
+    if getattr(spec, "soft_target", None) is not None:  # SCE / CoMatch: their own kernels
+        from fused_contrastive.triton_kernels import soft
+
+        return soft.why_not(spec)
     if spec.device.type != "cuda" and not _interpreting():
         return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
     if spec.variant not in VARIANTS:
@@ -949,10 +950,16 @@ KERNELS = fused.Kernels("triton", forward_stats, backward_grads, logit_sums=True
 
 
 def loss(spec):
+    if spec.soft_target is not None:
+        from fused_contrastive.triton_kernels import soft
+
+        return soft.loss(spec)
     return fused.loss(spec, KERNELS)
 
 
 def loss_and_grads(spec):
+    if spec.soft_target is not None:  # (as chunked: the soft-target losses refuse torch.compile before this)
+        raise ValueError("soft per-pair targets (SCE, CoMatch) do not run under torch.compile in this version")
     return fused.loss_and_grads(spec, KERNELS)
 
 

@@ -68,6 +68,24 @@ def _triton_grads_from_stats(spec: ContrastSpec, lse, coef, pos_scale, den_scale
     return _triton_module()[0].grads_from_stats(spec, lse, coef, pos_scale, den_scale)
 
 
+def _triton_soft():
+    from .triton_kernels import soft
+
+    return soft
+
+
+def _triton_soft_norm(spec: ContrastSpec):
+    return _triton_soft().soft_norm(spec)
+
+
+def _triton_soft_stats(spec: ContrastSpec, norm, pos_count):
+    return _triton_soft().soft_stats(spec, norm, pos_count)
+
+
+def _triton_soft_grads(spec: ContrastSpec, lse, norm, pos_count, coef):
+    return _triton_soft().soft_grads(spec, lse, norm, pos_count, coef)
+
+
 class RingOps(NamedTuple):
     """Ring mode's per-shard operations (fused_contrastive.distributed): ``row_stats(spec) -> (lse, pos_stat,
     pos_aux)`` over one key shard; ``eps_terms(spec, lse_n) -> (pos_sum, R)``, epsilon-SupInfoNCE's positive
@@ -104,7 +122,8 @@ BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", cuda_supcon.why_not, cuda_supcon.loss, cuda_supcon.loss_and_grads, auto_devices=("cuda",),
                     ring=RingOps(cuda_supcon.row_stats, cuda_supcon.grads_from_stats), auto_why_not=_cuda_auto_why_not),
     "triton": Backend("triton", _triton_why_not, _triton_loss, _triton_loss_and_grads, auto_devices=("cuda",),
-                      ring=RingOps(_triton_row_stats, _triton_grads_from_stats)),
+                      ring=RingOps(_triton_row_stats, _triton_grads_from_stats, soft_norm=_triton_soft_norm,
+                                   soft_stats=_triton_soft_stats, soft_grads=_triton_soft_grads)),
     "chunked": Backend("chunked", chunked.why_not, chunked.loss, chunked.loss_and_grads,
                        ring=RingOps(chunked.row_stats, chunked.grads_from_stats, chunked.eps_terms,
                                     soft_targets.soft_norm, soft_targets.soft_stats, soft_targets.soft_grads)),
