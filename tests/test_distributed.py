@@ -166,8 +166,9 @@ def family_cases(features, labels):
 
 
 # Triton's interpreter is slow: its ring mode on one case per row formula (L_out with a denominator bias and
-# class centers, CLIP's two directions, L_in with extra keys, eps, debiased, hard negatives).
-TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives")
+# class centers, CLIP's two directions, L_in with extra keys, eps, debiased, hard negatives, soft targets).
+TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives",
+               "sce_queue")
 # Soft per-pair targets: on Triton where its kernels take them (gather mode; their ring only if in TRITON_RING).
 SOFT_TARGETS = ("sce_queue", "sce_teacher_lam0", "sce_lam1", "comatch_bank", "comatch_self_loop")
 
@@ -317,19 +318,7 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
             kw = dict(process_group=group) if mode == "gather" else dict(process_group=group, distributed="ring")
             raised_together(f"{what} ({mode})", lambda: call(**kw), world, word)
 
-    # Soft per-pair targets: on Triton where its kernels take them (gather mode; their ring only if in TRITON_RING).
-SOFT_TARGETS = ("sce_queue", "sce_teacher_lam0", "sce_lam1", "comatch_bank", "comatch_self_loop")
-
-
-def triton_runs_soft_targets() -> bool:
-    try:
-        fc.sce_loss(torch.eye(2, 4, dtype=torch.float64), torch.eye(2, 4, dtype=torch.float64), backend="triton")
-    except RuntimeError:
-        return False
-    return True
-
-
-# Losses whose ring mode is not in the driver yet: every rank refuses distributed="ring" alike.
+    # Losses whose ring mode is not in the driver yet: every rank refuses distributed="ring" alike.
     f3 = torch.cat([f, f[:, :1]], dim=1)
     refused = [("spread_loss", lambda **kw: fc.spread_loss(f, y, **kw)),
                ("dcl_loss", lambda **kw: fc.dcl_loss(f, weighted=True, detach_weight=False, **kw)),
