@@ -20,25 +20,30 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_contrastive.triton_kernels.renyicl import TunedKernel, aot_main, aot_table, common_args
+from fused_contrastive.triton_kernels.renyicl import (TunedKernel, _row_scales, aot_main, aot_table, common_args,
+                                                      hat)
 from fused_contrastive.triton_kernels.supcon import _load_rows, _row_offset
 
 
 @triton.jit
-def _sq_dist_tile(x, xn, Y, YN, cols, col_ok, offs_d, D, stride_ym, stride_yd, PRECISION: tl.constexpr,
-                  ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr):
+def _sq_dist_tile(x, xs, xn, Y, YS, YN, cols, col_ok, offs_d, D, stride_ym, stride_yd, SCALED: tl.constexpr,
+                  PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """(key rows, their scales, d_ij) of one key tile; the rows seen are xs x and ys y when SCALED."""
     y = _load_rows(Y, cols, col_ok, offs_d, D, stride_ym, stride_yd, DOT_IN_FP32, OFFSETS_64, True)
     yn = tl.load(YN + cols, mask=col_ok, other=0.0)
+    ys = _row_scales(YS, cols, col_ok, SCALED)
     dot = tl.dot(x, tl.trans(y), input_precision=PRECISION, out_dtype=ACC)
-    return y, yn, tl.maximum(xn[:, None] + yn[None, :] - 2.0 * dot, 0.0)
+    if SCALED:
+        dot = dot * xs[:, None] * ys[None, :]
+    return y, ys, tl.maximum(xn[:, None] + yn[None, :] - 2.0 * dot, 0.0)
 
 
 @triton.jit
-def _cacr_stats_kernel(X, Y, XN, YN, DIAG, PARAMS, MAX, SUM, WSUM, R, M, D,
+def _cacr_stats_kernel(X, Y, XS, YS, XN, YN, DIAG, PARAMS, MAX, SUM, WSUM, R, M, D,
                        stride_xm, stride_xd, stride_ym, stride_yd,
                        N_BUCKET,
-                       PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                       OFFSETS_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SCALED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                       DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr):
     """(m_i, s_i, ws_i) of a d_ij over the keys j != DIAG[i], one block of anchor rows (PARAMS: a)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -46,6 +51,7 @@ def _cacr_stats_kernel(X, Y, XN, YN, DIAG, PARAMS, MAX, SUM, WSUM, R, M, D,
     offs_d = tl.arange(0, BLOCK_D)
     x = _load_rows(X, rows, row_ok, offs_d, D, stride_xm, stride_xd, DOT_IN_FP32, OFFSETS_64, True)
     xn = tl.load(XN + rows, mask=row_ok, other=0.0)
+    xs = _row_scales(XS, rows, row_ok, SCALED)
     diag = tl.load(DIAG + rows, mask=row_ok, other=-1)
     a = tl.load(PARAMS)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -54,8 +60,8 @@ def _cacr_stats_kernel(X, Y, XN, YN, DIAG, PARAMS, MAX, SUM, WSUM, R, M, D,
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        _, _, d = _sq_dist_tile(x, xn, Y, YN, cols, col_ok, offs_d, D, stride_ym, stride_yd, PRECISION, ACC,
-                                DOT_IN_FP32, OFFSETS_64)
+        _, _, d = _sq_dist_tile(x, xs, xn, Y, YS, YN, cols, col_ok, offs_d, D, stride_ym, stride_yd, SCALED,
+                                PRECISION, ACC, DOT_IN_FP32, OFFSETS_64)
         off = col_ok[None, :] & (cols[None, :] != diag[:, None])
         g = tl.where(off, a * d, float("-inf"))
         m_new = tl.maximum(m, tl.max(g, 1))
@@ -84,10 +90,10 @@ def _grad_tile(d, off, rows, row_ok, M0, C0, E0, M1, C1, a0, a1, TWO: tl.constex
 
 
 @triton.jit
-def _cacr_bwd_dx_kernel(X, Y, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, DX, R, M, D,
+def _cacr_bwd_dx_kernel(X, Y, XS, YS, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, DX, R, M, D,
                         stride_xm, stride_xd, stride_ym, stride_yd, stride_dxm,
                         N_BUCKET,
-                        TWO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                        TWO: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                         DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dX_i = 2 (x_i sum_j G_ij - sum_j G_ij y_j) (PARAMS: a0, a1)."""
@@ -96,6 +102,7 @@ def _cacr_bwd_dx_kernel(X, Y, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, DX, R, M
     offs_d = tl.arange(0, BLOCK_D)
     x = _load_rows(X, rows, row_ok, offs_d, D, stride_xm, stride_xd, DOT_IN_FP32, OFFSETS_64, True)
     xn = tl.load(XN + rows, mask=row_ok, other=0.0)
+    xs = _row_scales(XS, rows, row_ok, SCALED)
     diag = tl.load(DIAG + rows, mask=row_ok, other=-1)
     a0 = tl.load(PARAMS)
     a1 = tl.load(PARAMS + 1)
@@ -104,22 +111,27 @@ def _cacr_bwd_dx_kernel(X, Y, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, DX, R, M
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        y, _, d = _sq_dist_tile(x, xn, Y, YN, cols, col_ok, offs_d, D, stride_ym, stride_yd, PRECISION, ACC,
-                                DOT_IN_FP32, OFFSETS_64)
+        y, ys, d = _sq_dist_tile(x, xs, xn, Y, YS, YN, cols, col_ok, offs_d, D, stride_ym, stride_yd, SCALED,
+                                 PRECISION, ACC, DOT_IN_FP32, OFFSETS_64)
         off = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != diag[:, None])
         g = _grad_tile(d, off, rows, row_ok, M0, C0, E0, M1, C1, a0, a1, TWO)
         gsum += tl.sum(g, 1)
+        if SCALED:  # sum_j G_ij (ys_j y_j)
+            g = g * ys[None, :]
         gy += tl.dot(g.to(y.dtype), y, input_precision=PRECISION, out_dtype=ACC)
-    dx = 2.0 * (x.to(ACC) * gsum[:, None] - gy)
+    xa = x.to(ACC)
+    if SCALED:
+        xa = xa * xs[:, None]
+    dx = 2.0 * (xa * gsum[:, None] - gy)
     d_ok = row_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DX + _row_offset(rows, stride_dxm, OFFSETS_64)[:, None] + offs_d[None, :], dx, mask=d_ok)
 
 
 @triton.jit
-def _cacr_bwd_dy_kernel(X, Y, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, DY, R, M, D,
+def _cacr_bwd_dy_kernel(X, Y, XS, YS, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, DY, R, M, D,
                         stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
                         N_BUCKET,
-                        TWO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                        TWO: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                         DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dY_j = 2 (y_j sum_i G_ij - sum_i G_ij x_i), one block of key columns per program."""
@@ -128,6 +140,7 @@ def _cacr_bwd_dy_kernel(X, Y, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, DY, R, M
     offs_d = tl.arange(0, BLOCK_D)
     y = _load_rows(Y, cols, col_ok, offs_d, D, stride_ym, stride_yd, DOT_IN_FP32, OFFSETS_64, True)
     yn = tl.load(YN + cols, mask=col_ok, other=0.0)
+    ys = _row_scales(YS, cols, col_ok, SCALED)
     a0 = tl.load(PARAMS)
     a1 = tl.load(PARAMS + 1)
     gx = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -139,12 +152,20 @@ def _cacr_bwd_dy_kernel(X, Y, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, DY, R, M
         xn = tl.load(XN + rows, mask=row_ok, other=0.0)
         diag = tl.load(DIAG + rows, mask=row_ok, other=-1)
         dot = tl.dot(x, tl.trans(y), input_precision=PRECISION, out_dtype=ACC)
+        if SCALED:
+            xs = tl.load(XS + rows, mask=row_ok, other=0.0)
+            dot = dot * xs[:, None] * ys[None, :]
         d = tl.maximum(xn[:, None] + yn[None, :] - 2.0 * dot, 0.0)
         off = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != diag[:, None])
         g = _grad_tile(d, off, rows, row_ok, M0, C0, E0, M1, C1, a0, a1, TWO)
         gsum += tl.sum(g, 0)
+        if SCALED:
+            g = g * xs[:, None]
         gx += tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PRECISION, out_dtype=ACC)
-    dy = 2.0 * (y.to(ACC) * gsum[:, None] - gx)
+    ya = y.to(ACC)
+    if SCALED:
+        ya = ya * ys[:, None]
+    dy = 2.0 * (ya * gsum[:, None] - gx)
     d_ok = col_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DY + _row_offset(cols, stride_dym, OFFSETS_64)[:, None] + offs_d[None, :], dy, mask=d_ok)
 
@@ -154,9 +175,15 @@ cacr_dx_kernel = TunedKernel(_cacr_bwd_dx_kernel, "Y", "R", "M")
 cacr_dy_kernel = TunedKernel(_cacr_bwd_dy_kernel, "Y", "R", "M")
 
 
-def _norms(Z, acc):
-    z = Z.to(acc)
+def _norms(Z, S, acc):
+    z = hat(Z, S, acc)
     return (z * z).sum(1).contiguous()
+
+
+def _scales(XS, YS, acc, device) -> dict:
+    dummy = torch.zeros(1, dtype=acc, device=device)
+    return dict(XS=dummy if XS is None else XS.to(acc).contiguous(), YS=dummy if YS is None else YS.to(acc).contiguous(),
+                SCALED=XS is not None)
 
 
 def _params(acc, device, *values):
@@ -164,19 +191,20 @@ def _params(acc, device, *values):
                         for v in values]).to(device)
 
 
-def stats(X, Y, diag, a, acc: torch.dtype):
-    """(m, s, ws) per row of X [R, D] against Y [M, D] for the coefficient a (see the module docstring)."""
+def stats(X, Y, diag, a, acc: torch.dtype, XS=None, YS=None):
+    """(m, s, ws) per row of X [R, D] against Y [M, D] for the coefficient a (see the module docstring); XS / YS:
+    per-row scales (both or neither: the rows are then XS x and YS y)."""
     R = X.shape[0]
     m, s, ws = (torch.empty(R, dtype=acc, device=X.device) for _ in range(3))
     if R:
         args = common_args(X, Y, acc, "X", "Y")
         grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]),)  # noqa: E731
-        cacr_stats_kernel[grid](XN=_norms(X, acc), YN=_norms(Y, acc), DIAG=diag.to(torch.int32).contiguous(),
+        cacr_stats_kernel[grid](XN=_norms(X, XS, acc), YN=_norms(Y, YS, acc), **_scales(XS, YS, acc, X.device), DIAG=diag.to(torch.int32).contiguous(),
                                 PARAMS=_params(acc, X.device, a), MAX=m, SUM=s, WSUM=ws, R=R, M=Y.shape[0], **args)
     return m, s, ws
 
 
-def grads(X, Y, diag, terms, acc: torch.dtype, need_dx: bool = True, need_dy: bool = True):
+def grads(X, Y, diag, terms, acc: torch.dtype, need_dx: bool = True, need_dy: bool = True, XS=None, YS=None):
     """(dX, dY) in ``acc`` for the tile G of ``terms`` = ((a0, m0, c0, e0), optional (a1, m1, c1)), the
     per-row tensors already times the upstream gradient; None where not needed."""
     R, M = X.shape[0], Y.shape[0]
@@ -184,7 +212,7 @@ def grads(X, Y, diag, terms, acc: torch.dtype, need_dx: bool = True, need_dy: bo
     dummy = torch.zeros(1, dtype=acc, device=X.device)
     a1, m1, c1 = second if second is not None else (0.0, dummy, dummy)
     vec = lambda t: t.to(acc).contiguous()  # noqa: E731
-    launch = dict(XN=_norms(X, acc), YN=_norms(Y, acc), DIAG=diag.to(torch.int32).contiguous(),
+    launch = dict(XN=_norms(X, XS, acc), YN=_norms(Y, YS, acc), **_scales(XS, YS, acc, X.device), DIAG=diag.to(torch.int32).contiguous(),
                   PARAMS=_params(acc, X.device, a0, a1), M0=vec(m0), C0=vec(c0), E0=vec(e0), M1=vec(m1), C1=vec(c1),
                   R=R, M=M, TWO=second is not None, **common_args(X, Y, acc, "X", "Y"))
     dx = dy = None
@@ -210,7 +238,7 @@ def aot_reports(arch: int, dtype: str, dim: int):
     args = common_args(feats, feats, torch.float32, "X", "Y")
     vec = torch.empty(n, dtype=torch.float32)
     grad = torch.empty((n, dim), dtype=torch.float32)
-    base = dict(XN=vec, YN=vec, DIAG=torch.empty(n, dtype=torch.int32), PARAMS=torch.empty(2, dtype=torch.float32),
+    base = dict(XN=vec, YN=vec, XS=vec, YS=vec, SCALED=True, DIAG=torch.empty(n, dtype=torch.int32), PARAMS=torch.empty(2, dtype=torch.float32),
                 R=n, M=n)
     tiles = dict(M0=vec, C0=vec, E0=vec, M1=vec, C1=vec, TWO=True)
     extra = {"stats": dict(MAX=vec, SUM=vec, WSUM=vec), "bwd_dx": dict(DX=grad, stride_dxm=dim, **tiles),

@@ -27,17 +27,31 @@ from fused_contrastive.triton_kernels.supcon import (FP32_MAX_D, INTERPRETER, IN
 
 
 @triton.jit
-def _logit_tile(q, K, cols, col_ok, offs_d, D, stride_km, stride_kd, inv_tau, PRECISION: tl.constexpr,
-                ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr):
+def _logit_tile(q, qs, K, KS, cols, col_ok, offs_d, D, stride_km, stride_kd, inv_tau, SCALED: tl.constexpr,
+                PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """(key rows, their per-row scales, the logits l = (qs q) . (ks k) / tau) of one key tile."""
     k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, OFFSETS_64, True)
-    return k, tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+    l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+    if SCALED:
+        ks = tl.load(KS + cols, mask=col_ok, other=0.0)
+        l = l * qs[:, None] * ks[None, :]
+    else:
+        ks = qs
+    return k, ks, l
 
 
 @triton.jit
-def _renyi_stats_kernel(Q, K, POS_COL, PARAMS, MAX, SUM, WSUM, R, M, D,
+def _row_scales(S, idx, ok, SCALED: tl.constexpr):
+    if SCALED:
+        return tl.load(S + idx, mask=ok, other=0.0)
+    return 1.0
+
+
+@triton.jit
+def _renyi_stats_kernel(Q, K, QS, KS, POS_COL, PARAMS, MAX, SUM, WSUM, R, M, D,
                         stride_qm, stride_qd, stride_km, stride_kd,
                         N_BUCKET,  # autotuning key only
-                        PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                        SCALED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                         OFFSETS_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """(m_r, s_r, ws_r) over the negatives of one block of rows, all M keys."""
@@ -46,6 +60,7 @@ def _renyi_stats_kernel(Q, K, POS_COL, PARAMS, MAX, SUM, WSUM, R, M, D,
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, OFFSETS_64, True)
     pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
+    qs = _row_scales(QS, rows, row_ok, SCALED)
     inv_tau = tl.load(PARAMS)
     gamma = tl.load(PARAMS + 1)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -54,8 +69,8 @@ def _renyi_stats_kernel(Q, K, POS_COL, PARAMS, MAX, SUM, WSUM, R, M, D,
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        _, l = _logit_tile(q, K, cols, col_ok, offs_d, D, stride_km, stride_kd, inv_tau, PRECISION, ACC,
-                           DOT_IN_FP32, OFFSETS_64)
+        _, _, l = _logit_tile(q, qs, K, KS, cols, col_ok, offs_d, D, stride_km, stride_kd, inv_tau, SCALED,
+                              PRECISION, ACC, DOT_IN_FP32, OFFSETS_64)
         neg = col_ok[None, :] & (cols[None, :] != pos_col[:, None])
         g = tl.where(neg, gamma * l, float("-inf"))
         m_new = tl.maximum(m, tl.max(g, 1))
@@ -71,10 +86,10 @@ def _renyi_stats_kernel(Q, K, POS_COL, PARAMS, MAX, SUM, WSUM, R, M, D,
 
 
 @triton.jit
-def _renyi_bwd_dq_kernel(Q, K, POS_COL, PARAMS, DQ, R, M, D,
+def _renyi_bwd_dq_kernel(Q, K, QS, KS, POS_COL, PARAMS, DQ, R, M, D,
                          stride_qm, stride_qd, stride_km, stride_kd, stride_dqm,
                          N_BUCKET,
-                         PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                         SCALED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                          OFFSETS_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     """dQ_r = f / tau sum_{j negative} e^{gamma l_rj - M} k_j (PARAMS: 1/tau, gamma, M, f)."""
@@ -83,6 +98,7 @@ def _renyi_bwd_dq_kernel(Q, K, POS_COL, PARAMS, DQ, R, M, D,
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, OFFSETS_64, True)
     pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
+    qs = _row_scales(QS, rows, row_ok, SCALED)
     inv_tau = tl.load(PARAMS)
     gamma = tl.load(PARAMS + 1)
     shift = tl.load(PARAMS + 2)
@@ -91,10 +107,12 @@ def _renyi_bwd_dq_kernel(Q, K, POS_COL, PARAMS, DQ, R, M, D,
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        k, l = _logit_tile(q, K, cols, col_ok, offs_d, D, stride_km, stride_kd, inv_tau, PRECISION, ACC,
-                           DOT_IN_FP32, OFFSETS_64)
+        k, ks, l = _logit_tile(q, qs, K, KS, cols, col_ok, offs_d, D, stride_km, stride_kd, inv_tau, SCALED,
+                               PRECISION, ACC, DOT_IN_FP32, OFFSETS_64)
         neg = col_ok[None, :] & (cols[None, :] != pos_col[:, None])
         e = tl.where(neg, tl.exp(gamma * l - shift), 0.0)
+        if SCALED:  # the gradient of q^ = qs q: sum_j e_ij k^_j = sum_j (e_ij ks_j) k_j
+            e = e * ks[None, :]
         dq += tl.dot(e.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
     d_ok = row_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DQ + _row_offset(rows, stride_dqm, OFFSETS_64)[:, None] + offs_d[None, :], dq * (factor * inv_tau),
@@ -102,10 +120,10 @@ def _renyi_bwd_dq_kernel(Q, K, POS_COL, PARAMS, DQ, R, M, D,
 
 
 @triton.jit
-def _renyi_bwd_dk_kernel(Q, K, POS_COL, PARAMS, DK, R, M, D,
+def _renyi_bwd_dk_kernel(Q, K, QS, KS, POS_COL, PARAMS, DK, R, M, D,
                          stride_qm, stride_qd, stride_km, stride_kd, stride_dkm,
                          N_BUCKET,
-                         PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                         SCALED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                          OFFSETS_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     """dK_j = f / tau sum_{r: j negative} e^{gamma l_rj - M} q_r, one block of key columns per program."""
@@ -113,6 +131,7 @@ def _renyi_bwd_dk_kernel(Q, K, POS_COL, PARAMS, DK, R, M, D,
     col_ok = cols < M
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K, cols, col_ok, offs_d, D, stride_km, stride_kd, DOT_IN_FP32, OFFSETS_64, True)
+    ks = _row_scales(KS, cols, col_ok, SCALED)
     inv_tau = tl.load(PARAMS)
     gamma = tl.load(PARAMS + 1)
     shift = tl.load(PARAMS + 2)
@@ -124,8 +143,13 @@ def _renyi_bwd_dk_kernel(Q, K, POS_COL, PARAMS, DK, R, M, D,
         q = _load_rows(Q, rows, row_ok, offs_d, D, stride_qm, stride_qd, DOT_IN_FP32, OFFSETS_64, True)
         pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
         l = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+        if SCALED:
+            qs = tl.load(QS + rows, mask=row_ok, other=0.0)
+            l = l * qs[:, None] * ks[None, :]
         neg = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != pos_col[:, None])
         e = tl.where(neg, tl.exp(gamma * l - shift), 0.0)
+        if SCALED:
+            e = e * qs[:, None]
         dk += tl.dot(tl.trans(e.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
     d_ok = col_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DK + _row_offset(cols, stride_dkm, OFFSETS_64)[:, None] + offs_d[None, :], dk * (factor * inv_tau),
@@ -225,16 +249,20 @@ def _params(acc, device, *values) -> torch.Tensor:
                         for v in values]).to(device)
 
 
-def _positive_logits(Q, K, pos_col, inv_tau, acc):
-    has = pos_col >= 0
-    pos = torch.zeros(Q.shape[0], dtype=acc, device=Q.device)
-    if bool(has.any()):
-        pos[has] = (Q[has].to(acc) * K[pos_col[has]].to(acc)).sum(1) * inv_tau
-    return pos, has
+def hat(X, S, acc):
+    """The rows the kernels see, in ``acc``: X, or X scaled row by row by S."""
+    return X.to(acc) if S is None else X.to(acc) * S.to(acc)[:, None]
 
 
-def stats(Q, K, pos_col, inv_tau: float, gamma: float, acc: torch.dtype):
-    """(positive logit, m, s, ws) per row of Q [R, D] against K [M, D] (see the module docstring)."""
+def scale_args(QS, KS, acc, device) -> dict:
+    dummy = torch.zeros(1, dtype=acc, device=device)
+    return dict(QS=dummy if QS is None else QS.to(acc).contiguous(), KS=dummy if KS is None else KS.to(acc).contiguous(),
+                SCALED=QS is not None)
+
+
+def stats(Q, K, pos_col, inv_tau: float, gamma: float, acc: torch.dtype, QS=None, KS=None):
+    """(positive logit, m, s, ws) per row of Q [R, D] against K [M, D] (see the module docstring); QS / KS: per
+    row scales of Q and K (both or neither: the normalised rows are QS q, KS k)."""
     R = Q.shape[0]
     pos_col = pos_col.to(torch.int32).contiguous()
     m, s, ws = (torch.empty(R, dtype=acc, device=Q.device) for _ in range(3))
@@ -242,19 +270,24 @@ def stats(Q, K, pos_col, inv_tau: float, gamma: float, acc: torch.dtype):
         args = common_args(Q, K, acc)
         grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]),)  # noqa: E731
         renyi_stats_kernel[grid](POS_COL=pos_col, PARAMS=_params(acc, Q.device, inv_tau, gamma), MAX=m, SUM=s,
-                                 WSUM=ws, R=R, M=K.shape[0], **args)
-    pos, _ = _positive_logits(Q, K, pos_col.long(), inv_tau, acc)
+                                 WSUM=ws, R=R, M=K.shape[0], **scale_args(QS, KS, acc, Q.device), **args)
+    has = pos_col >= 0
+    idx = pos_col[has].long()
+    pos = torch.zeros(R, dtype=acc, device=Q.device)
+    pos[has] = (hat(Q[has], None if QS is None else QS[has], acc) * hat(K[idx], None if KS is None else KS[idx], acc)
+                ).sum(1) * inv_tau
     return pos, m, s, ws
 
 
 def grads(Q, K, pos_col, inv_tau: float, gamma: float, shift, factor, pos_weight, acc: torch.dtype,
-          need_dq: bool = True, need_dk: bool = True):
-    """(dQ, dK) in ``acc`` of the loss whose logit gradients are factor e^{gamma l - shift} on the negatives and
-    pos_weight[r] on row r's positive (both already times the upstream gradient); None where not needed."""
+          need_dq: bool = True, need_dk: bool = True, QS=None, KS=None):
+    """(dQ, dK) in ``acc`` (of the normalised rows when scaled) of the loss whose logit gradients are
+    factor e^{gamma l - shift} on the negatives and pos_weight[r] on row r's positive (both already times the
+    upstream gradient); None where not needed."""
     R, M = Q.shape[0], K.shape[0]
     pos_col32 = pos_col.to(torch.int32).contiguous()
     params = _params(acc, Q.device, inv_tau, gamma, shift, factor)
-    args = common_args(Q, K, acc)
+    args = {**common_args(Q, K, acc), **scale_args(QS, KS, acc, Q.device)}
     dq = dk = None
     has = pos_col >= 0
     idx = pos_col[has].long()
@@ -264,13 +297,13 @@ def grads(Q, K, pos_col, inv_tau: float, gamma: float, shift, factor, pos_weight
         if R and M:
             grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]),)  # noqa: E731
             renyi_dq_kernel[grid](POS_COL=pos_col32, PARAMS=params, DQ=dq, R=R, M=M, stride_dqm=dq.stride(0), **args)
-        dq[has] += w * K[idx].to(acc)
+        dq[has] += w * hat(K[idx], None if KS is None else KS[idx], acc)
     if need_dk:
         dk = torch.zeros(K.shape, dtype=acc, device=K.device)
         if R and M:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_N"]),)  # noqa: E731
             renyi_dk_kernel[grid](POS_COL=pos_col32, PARAMS=params, DK=dk, R=R, M=M, stride_dkm=dk.stride(0), **args)
-        dk.index_add_(0, idx, w * Q[has].to(acc))
+        dk.index_add_(0, idx, w * hat(Q[has], None if QS is None else QS[has], acc))
     return dq, dk
 
 
@@ -288,7 +321,7 @@ def aot_reports(arch: int, dtype: str, dim: int):
     vec = torch.empty(n, dtype=torch.float32)
     params = torch.empty(4, dtype=torch.float32)
     grad = torch.empty((n, dim), dtype=torch.float32)
-    base = dict(POS_COL=col, PARAMS=params, R=n, M=n)
+    base = dict(POS_COL=col, PARAMS=params, R=n, M=n, QS=vec, KS=vec, SCALED=True)
     extra = {"stats": dict(MAX=vec, SUM=vec, WSUM=vec), "bwd_dq": dict(DQ=grad, stride_dqm=dim),
              "bwd_dk": dict(DK=grad, stride_dkm=dim)}
     kernels = {"stats": _renyi_stats_kernel, "bwd_dq": _renyi_bwd_dq_kernel, "bwd_dk": _renyi_bwd_dk_kernel}

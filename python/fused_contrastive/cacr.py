@@ -28,7 +28,7 @@ from .compiled import deferred_errors
 from .distributed import _gather_rows, agreed, check_group, gather_batch, ring_accumulate, ring_visit
 from .family import _example, _number
 from .losses import _accum_dtype, _check_choice, _check_data, _check_finite, _check_weight, _LossModule
-from .renyicl import DISTRIBUTED_MODES, TileOps, _as, _blocks, _no_cuda, merge_exp_stats, not_traced
+from .renyicl import DISTRIBUTED_MODES, TileOps, _blocks, _no_cuda, kernel_rows, merge_exp_stats, not_traced
 from .spec import REDUCTIONS, normalize_rows
 
 COSTS = ("euclidean", "rbf")
@@ -50,7 +50,7 @@ def _off(diag: Tensor, r0: int, r1: int, cols: int) -> Tensor:
     return off
 
 
-def torch_stats(X, Y, diag, a, acc, step: Optional[int] = None):
+def torch_stats(X, Y, diag, a, acc, step: Optional[int] = None, XS=None, YS=None):
     """(m, s, ws) of a d_ij per row over the keys j != diag[i] (see triton_kernels/cacr.py)."""
     from .chunked import block_rows
 
@@ -69,7 +69,7 @@ def torch_stats(X, Y, diag, a, acc, step: Optional[int] = None):
     return m, s, ws
 
 
-def torch_grads(X, Y, diag, terms, acc, need_dx=True, need_dy=True, step: Optional[int] = None):
+def torch_grads(X, Y, diag, terms, acc, need_dx=True, need_dy=True, step: Optional[int] = None, XS=None, YS=None):
     """(dX, dY) of the tile G_ij = e^{a0 d - m0_i} (c0_i + e0_i d) [+ e^{a1 d - m1_i} c1_i] (j != diag[i])."""
     from .chunked import block_rows
 
@@ -110,10 +110,10 @@ def _triton_why_not(spec) -> Optional[str]:
 
 BACKENDS = {
     "cuda": TileOps("cuda", _no_cuda("CACR"), None, None, ("cuda",)),
-    "triton": TileOps("triton", _triton_why_not, lambda *a: _triton().stats(*a),
+    "triton": TileOps("triton", _triton_why_not, lambda *a, **k: _triton().stats(*a, **k),
                       lambda *a, **k: _triton().grads(*a, **k), ("cuda",)),
     "chunked": TileOps("chunked", lambda spec: None, torch_stats, torch_grads),
-    "reference": TileOps("reference", lambda spec: None, lambda X, Y, *a: torch_stats(X, Y, *a, step=max(X.shape[0], 1)),
+    "reference": TileOps("reference", lambda spec: None, lambda X, Y, *a, **k: torch_stats(X, Y, *a, **k, step=max(X.shape[0], 1)),
                          lambda X, Y, *a, **k: torch_grads(X, Y, *a, **k, step=max(X.shape[0], 1)), dense=True),
 }
 AUTO_ORDER = ("triton", "chunked")
@@ -135,32 +135,39 @@ class _Plan:
     a0: Optional[float]  # "lse" only: the second LSE's coefficient, subtracted (None: none)
     diag: Tensor  # [R] each anchor's own sample among the keys this rank holds (ring: its own shard), -1 none
     acc: torch.dtype
-    op_dtype: torch.dtype
     group: object = None
     mode: str = "gather"
     shard_rows: Optional[list] = None
 
 
-def _pair_stats(plan: _Plan, X: Tensor, Y: Tensor, a: float) -> tuple[Tensor, Tensor, Tensor]:
+def _scales(XS, YS) -> dict:
+    return {} if XS is None else {"XS": XS, "YS": YS}
+
+
+def _pair_stats(plan: _Plan, X: Tensor, XS, Y: Tensor, YS, a: float) -> tuple[Tensor, Tensor, Tensor]:
     if plan.mode != "ring":
-        return plan.ops.stats(X, Y, plan.diag, a, plan.acc)
+        return plan.ops.stats(X, Y, plan.diag, a, plan.acc, **_scales(XS, YS))
     rank = dist.get_rank(plan.group)
     none = torch.full_like(plan.diag, -1)
     parts = []
-    ring_visit(plan.group, plan.shard_rows, [Y],
-               lambda shards, owner: parts.append(plan.ops.stats(X, shards[0], plan.diag if owner == rank else none, a,
-                                                                 plan.acc)))
+
+    def visit(shards, owner):
+        parts.append(plan.ops.stats(X, shards[0], plan.diag if owner == rank else none, a, plan.acc,
+                                    **_scales(XS, shards[1] if len(shards) > 1 else None)))
+
+    ring_visit(plan.group, plan.shard_rows, [Y] + ([YS] if YS is not None else []), visit)
     return merge_exp_stats(parts)
 
 
 class _PairRows(torch.autograd.Function):
     """Per anchor row of X [R, D] against the keys Y (one process or gather: all of view y; ring: this rank's
-    shard, the others visiting), the row quantity of ``plan.kind``; differentiable through the weights."""
+    shard, the others visiting), the row quantity of ``plan.kind``; differentiable through the weights.
+    ``side`` = (rows, scales) of X and Y that the tiles read (kernel_rows; None: X and Y themselves)."""
 
     @staticmethod
-    def forward(ctx, X: Tensor, Y: Tensor, plan: _Plan):
-        X, Y = _as(X, plan.op_dtype), _as(Y, plan.op_dtype)
-        m1, s1, ws1 = _pair_stats(plan, X, Y, plan.a1)
+    def forward(ctx, X: Tensor, Y: Tensor, side, plan: _Plan):
+        Xk, XS, Yk, YS = side if side is not None else (X, None, Y, None)
+        m1, s1, ws1 = _pair_stats(plan, Xk, XS, Yk, YS, plan.a1)
         if plan.kind == "mean_d":
             rows = ws1 / s1
             saved = (m1, s1, rows)
@@ -168,17 +175,17 @@ class _PairRows(torch.autograd.Function):
             rows = m1 + torch.log(s1)
             saved = (m1, s1)
             if plan.a0 is not None:
-                m0, s0, _ = _pair_stats(plan, X, Y, plan.a0)
+                m0, s0, _ = _pair_stats(plan, Xk, XS, Yk, YS, plan.a0)
                 rows = rows - (m0 + torch.log(s0))
                 saved += (m0, s0)
-        ctx.save_for_backward(X, Y, *saved)
+        ctx.save_for_backward(Xk, XS, Yk, YS, *saved)
         ctx.plan = plan
         return rows
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        X, Y, *saved = ctx.saved_tensors
+        X, XS, Y, YS, *saved = ctx.saved_tensors
         plan = ctx.plan
         g = grad.to(plan.acc)
         a1 = plan.a1
@@ -193,25 +200,27 @@ class _PairRows(torch.autograd.Function):
                 terms = ((plan.a0, m0, -g * plan.a0 / s0, torch.zeros_like(g)), (a1, m1, g * a1 / s1))
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if plan.mode != "ring":
-            dX, dY = plan.ops.grads(X, Y, plan.diag, terms, plan.acc, need_dx=need_dx, need_dy=need_dy)
-            return dX, dY, None
+            dX, dY = plan.ops.grads(X, Y, plan.diag, terms, plan.acc, need_dx=need_dx, need_dy=need_dy,
+                                    **_scales(XS, YS))
+            return dX, dY, None, None
         rank = dist.get_rank(plan.group)
         none = torch.full_like(plan.diag, -1)
         dX = torch.zeros(X.shape, dtype=plan.acc, device=X.device) if need_dx else None
 
         def grad_of(shards, owner):
             dx, dy = plan.ops.grads(X, shards[0], plan.diag if owner == rank else none, terms, plan.acc,
-                                    need_dx=need_dx, need_dy=True)
+                                    need_dx=need_dx, need_dy=True, **_scales(XS, shards[1] if len(shards) > 1 else None))
             if need_dx:
                 dX.add_(dx)
             return dy
 
+        shards = [Y] + ([YS] if YS is not None else [])
         dY = None
         if need_dy:
-            dY = ring_accumulate(plan.group, plan.shard_rows, [Y], grad_of, plan.acc)
+            dY = ring_accumulate(plan.group, plan.shard_rows, shards, grad_of, plan.acc)
         elif need_dx:
-            ring_visit(plan.group, plan.shard_rows, [Y], lambda shards, owner: grad_of(shards, owner))
-        return dX, dY, None
+            ring_visit(plan.group, plan.shard_rows, shards, grad_of)
+        return dX, dY, None, None
 
 
 def _dense_rows(X: Tensor, Y: Tensor, kind: str, a1: float, a0: Optional[float]) -> Tensor:
@@ -308,25 +317,28 @@ def cacr_loss(features, *, alpha=1.0, beta=1.0, tau_pos=1.0, tau_neg=1.0, normal
     if normalize:
         z = normalize_rows(z.reshape(-1, z.shape[-1]), acc).reshape(z.shape)
     device = z.device
+    fused = ops.name == "triton"
+    z_k, z_s = kernel_rows(features, normalize, features.dtype, acc) if fused else (None, None)
     group, mode, sizes, offset, world = process_group, "gather", None, 0, 1
-    all_z, total = z, n
+    all_z, all_k, all_s, total = z, z_k, z_s, n
     if group is not None:
         check_group(group)
         mode, world = distributed, dist.get_world_size(group)
-        batch = gather_batch(group, z) if mode == "gather" else gather_batch(group, torch.zeros(n, 1, device=device))
-        sizes, offset, total = batch.sizes, batch.offset, batch.total
         if mode == "gather":
-            all_z = batch.tensors[0]
+            batch = gather_batch(group, z, z_k, z_s)
+            all_z, all_k, all_s = batch.tensors
+        else:
+            batch = gather_batch(group, torch.zeros(n, 1, device=device))
+        sizes, offset, total = batch.sizes, batch.offset, batch.total
         if total < 2:
             raise ValueError(f"features need n >= 2 samples over all ranks, got n = {total}")
     diag = torch.arange(n, device=device) + (offset if mode == "gather" else 0)
-    op_dtype = features.dtype if ops.name == "triton" else acc
     if cost == "euclidean":
-        plan = _Plan(ops, "mean_d", -tau_neg if weighted_push else 0.0, None, diag, acc, op_dtype, group, mode, sizes)
+        plan = _Plan(ops, "mean_d", -tau_neg if weighted_push else 0.0, None, diag, acc, group, mode, sizes)
     elif weighted_push:
-        plan = _Plan(ops, "lse", -(tau_neg + rbf_t), -tau_neg, diag, acc, op_dtype, group, mode, sizes)
+        plan = _Plan(ops, "lse", -(tau_neg + rbf_t), -tau_neg, diag, acc, group, mode, sizes)
     else:
-        plan = _Plan(ops, "lse", -rbf_t, None, diag, acc, op_dtype, group, mode, sizes)
+        plan = _Plan(ops, "lse", -rbf_t, None, diag, acc, group, mode, sizes)
     pairs = [(x, y) for x in range(views) for y in range(x + 1, views)]
     push = z.new_zeros(n if cost == "euclidean" else ())
     for x, y in pairs:
@@ -334,7 +346,11 @@ def cacr_loss(features, *, alpha=1.0, beta=1.0, tau_pos=1.0, tau_neg=1.0, normal
         if group is None and ops.dense:
             rows = _dense_rows(X, Y, plan.kind, plan.a1, plan.a0)
         else:
-            rows = _PairRows.apply(X, Y, plan)
+            side = None
+            if fused:
+                side = (z_k[:, x].contiguous(), None if z_s is None else z_s[:, x].contiguous(), all_k[:, y].contiguous(),
+                        None if all_s is None else all_s[:, y].contiguous())
+            rows = _PairRows.apply(X, Y, side, plan)
         if cost == "euclidean":
             rows = -beta * rows
             if debiased:

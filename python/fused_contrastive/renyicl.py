@@ -24,7 +24,7 @@ from .compiled import compiling, deferred_errors
 from .distributed import (_gather_rows, agreed, check_group, gather_batch, ring_accumulate, ring_visit)
 from .family import _example, _number
 from .losses import _accum_dtype, _check_choice, _check_data, _check_finite, _check_inverse, _LossModule
-from .spec import normalize_rows
+from .spec import NORMALIZE_EPS, normalize_rows
 
 DISTRIBUTED_MODES = ("gather", "ring")
 
@@ -49,6 +49,25 @@ def merge_exp_stats(parts: list) -> tuple[Tensor, Tensor, Tensor]:
     return m, (s_all * scale).sum(0), (ws_all * scale).sum(0)
 
 
+def kernel_rows(raw: Tensor, normalize: bool, dtype: torch.dtype, acc: torch.dtype):
+    """What the fused kernels read for the input rows ``raw`` [..., D]: (rows in ``dtype``, per-row scales in
+    ``acc`` or None). Unnormalised: the inputs themselves. Normalised: each row times a power of two (exact in any
+    dtype: no rounding of 16-bit inputs) and the scale that makes it F.normalize's row, so the kernels' logits
+    are those of the rounded inputs normalised in ``acc``, not of normalised rows rounded again."""
+    if not normalize:
+        return raw.detach().to(dtype).contiguous(), None
+    x = raw.detach().to(acc)
+    amax = x.abs().amax(-1)
+    exponent = torch.where(amax > 0, torch.frexp(amax)[1], 0).to(acc)  # amax = f 2^e, f in [0.5, 1)
+    rows = torch.ldexp(x, -exponent[..., None])
+    floor = torch.ldexp(torch.full_like(amax, NORMALIZE_EPS), -exponent)  # |x| < eps: x / eps (F.normalize)
+    return rows.to(dtype).contiguous(), 1.0 / torch.maximum(torch.linalg.vector_norm(rows, dim=-1), floor)
+
+
+def scale_kwargs(QS, KS) -> dict:
+    return {} if QS is None else {"QS": QS, "KS": KS}
+
+
 # ----------------------------------------------------------------------------- torch tiles (chunked, reference)
 
 def _blocks(rows: int, step: int):
@@ -56,7 +75,8 @@ def _blocks(rows: int, step: int):
         yield r0, min(rows, r0 + step)
 
 
-def torch_stats(Q: Tensor, K: Tensor, pos_col: Tensor, inv_tau: float, gamma: float, acc, step: Optional[int] = None):
+def torch_stats(Q: Tensor, K: Tensor, pos_col: Tensor, inv_tau: float, gamma: float, acc, step: Optional[int] = None,
+                QS=None, KS=None):
     """(positive logit, m, s, ws) per row of Q against K (pos_col[r]: row r's positive column, -1 none), blocks
     of ``step`` rows (None: chunked's block size)."""
     from .chunked import block_rows
@@ -82,7 +102,7 @@ def torch_stats(Q: Tensor, K: Tensor, pos_col: Tensor, inv_tau: float, gamma: fl
 
 
 def torch_grads(Q, K, pos_col, inv_tau: float, gamma: float, shift, factor, pos_weight, acc, need_dq=True,
-                need_dk=True, step: Optional[int] = None):
+                need_dk=True, step: Optional[int] = None, QS=None, KS=None):
     """(dQ, dK): logit gradients factor e^{gamma l - shift} on the negatives, pos_weight[r] on row r's positive."""
     from .chunked import block_rows
 
@@ -135,11 +155,11 @@ def _no_cuda(loss: str):
 
 BACKENDS = {
     "cuda": TileOps("cuda", _no_cuda("RényiCL"), None, None, ("cuda",)),
-    "triton": TileOps("triton", _triton_why_not, lambda *a: _triton().stats(*a), lambda *a, **k: _triton().grads(*a, **k),
-                      ("cuda",)),
+    "triton": TileOps("triton", _triton_why_not, lambda *a, **k: _triton().stats(*a, **k),
+                      lambda *a, **k: _triton().grads(*a, **k), ("cuda",)),
     "chunked": TileOps("chunked", lambda spec: None, torch_stats, torch_grads),
     "reference": TileOps("reference", lambda spec: None,
-                         lambda Q, K, *a: torch_stats(Q, K, *a, step=max(Q.shape[0], 1)),
+                         lambda Q, K, *a, **k: torch_stats(Q, K, *a, **k, step=max(Q.shape[0], 1)),
                          lambda Q, K, *a, **k: torch_grads(Q, K, *a, **k, step=max(Q.shape[0], 1)), dense=True),
 }
 AUTO_ORDER = ("triton", "chunked")
@@ -185,7 +205,6 @@ class _Plan:
     samples: int  # N, the global batch
     views: int  # source views per target view (V - 1)
     acc: torch.dtype
-    op_dtype: torch.dtype  # what the tiles read: the inputs' dtype for the fused kernels, else acc
     group: object = None
     mode: str = "gather"
     row_sizes: Optional[list] = None  # every rank's anchor rows (the statistics' all-gather)
@@ -199,28 +218,29 @@ class _Plan:
 
 class _RenyiTerm(torch.autograd.Function):
     """One target view's term of this rank's anchor rows Q [R, D] against the keys K (one process or gather:
-    all N targets; ring: this rank's shard, the others visiting). Returns the global loss; the backward gives
+    all N targets; ring: this rank's shard, the others visiting). ``side`` = (rows, scales) of Q and K that
+    the tiles read (kernel_rows; None: Q and K themselves). Returns the global loss; the backward gives
     world_size x this rank's share (DDP-exact, see fused_contrastive.distributed)."""
 
     @staticmethod
-    def forward(ctx, Q: Tensor, K: Tensor, plan: _Plan):
+    def forward(ctx, Q: Tensor, K: Tensor, side, plan: _Plan):
         ops, acc = plan.ops, plan.acc
-        Q, K = _as(Q, plan.op_dtype), _as(K, plan.op_dtype)  # (autograd sees acc inputs: gradients in acc)
+        Qk, QS, Kk, KS = side if side is not None else (Q, None, K, None)
         rank, world = plan.rank_world()
         none = torch.full_like(plan.pos_col, -1)
         if plan.mode == "ring":
             parts, pos = [], torch.zeros(Q.shape[0], dtype=acc, device=Q.device)
 
             def visit(shards, owner):
-                p, *neg = ops.stats(Q, shards[0], plan.pos_col if owner == rank else none, plan.inv_tau, plan.gamma,
-                                    acc)
+                p, *neg = ops.stats(Qk, shards[0], plan.pos_col if owner == rank else none, plan.inv_tau, plan.gamma,
+                                    acc, **scale_kwargs(QS, shards[1] if len(shards) > 1 else None))
                 pos.add_(p)
                 parts.append(neg)
 
-            ring_visit(plan.group, plan.shard_rows, [K], visit)
+            ring_visit(plan.group, plan.shard_rows, [Kk] + ([KS] if KS is not None else []), visit)
             m, s, ws = merge_exp_stats(parts)
         else:
-            pos, m, s, ws = ops.stats(Q, K, plan.pos_col, plan.inv_tau, plan.gamma, acc)
+            pos, m, s, ws = ops.stats(Qk, Kk, plan.pos_col, plan.inv_tau, plan.gamma, acc, **scale_kwargs(QS, KS))
         local = torch.stack([pos, m, s, ws], 1)
         start = 0
         if plan.group is not None:  # every rank's rows: O(rows) numbers, the same scalars everywhere
@@ -229,14 +249,14 @@ class _RenyiTerm(torch.autograd.Function):
         n, v = plan.samples, plan.views
         loss, c1, shift, f_neg, g_pos = _renyi_terms(local[:, 0], (local[:, 1], local[:, 2], local[:, 3]), plan.alpha,
                                                      plan.gamma, v * n, v * n * (n - 1))
-        ctx.save_for_backward(Q, K, pos, c1[start:start + Q.shape[0]], shift, f_neg, g_pos)
+        ctx.save_for_backward(Qk, QS, Kk, KS, pos, c1[start:start + Q.shape[0]], shift, f_neg, g_pos)
         ctx.plan = plan
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        Q, K, pos, c1, shift, f_neg, g_pos = ctx.saved_tensors
+        Qk, QS, Kk, KS, pos, c1, shift, f_neg, g_pos = ctx.saved_tensors
         plan = ctx.plan
         ops, acc = plan.ops, plan.acc
         rank, world = plan.rank_world()
@@ -245,26 +265,27 @@ class _RenyiTerm(torch.autograd.Function):
         factor = f_neg * scale
         need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if plan.mode != "ring":
-            dQ, dK = ops.grads(Q, K, plan.pos_col, plan.inv_tau, plan.gamma, shift, factor, pos_weight, acc,
-                               need_dq=need_dq, need_dk=need_dk)
-            return dQ, dK, None
+            dQ, dK = ops.grads(Qk, Kk, plan.pos_col, plan.inv_tau, plan.gamma, shift, factor, pos_weight, acc,
+                               need_dq=need_dq, need_dk=need_dk, **scale_kwargs(QS, KS))
+            return dQ, dK, None, None
         none = torch.full_like(plan.pos_col, -1)
-        dQ = torch.zeros(Q.shape, dtype=acc, device=Q.device) if need_dq else None
+        dQ = torch.zeros(Qk.shape, dtype=acc, device=Qk.device) if need_dq else None
 
         def grad_of(shards, owner):
-            dq, dk = ops.grads(Q, shards[0], plan.pos_col if owner == rank else none, plan.inv_tau, plan.gamma,
-                               shift, factor, pos_weight, acc, need_dq=need_dq, need_dk=True)
+            dq, dk = ops.grads(Qk, shards[0], plan.pos_col if owner == rank else none, plan.inv_tau, plan.gamma,
+                               shift, factor, pos_weight, acc, need_dq=need_dq, need_dk=True,
+                               **scale_kwargs(QS, shards[1] if len(shards) > 1 else None))
             if need_dq:
                 dQ.add_(dq)
             return dk
 
+        shards = [Kk] + ([KS] if KS is not None else [])
+        dK = None
         if need_dk:
-            dK = ring_accumulate(plan.group, plan.shard_rows, [K], grad_of, acc)
-        else:
-            dK = None
-            if need_dq:
-                ring_visit(plan.group, plan.shard_rows, [K], lambda shards, owner: grad_of(shards, owner))
-        return dQ, dK, None
+            dK = ring_accumulate(plan.group, plan.shard_rows, shards, grad_of, acc)
+        elif need_dq:
+            ring_visit(plan.group, plan.shard_rows, shards, grad_of)
+        return dQ, dK, None, None
 
 
 def _renyi_reference(Q: Tensor, K: Tensor, tau: float, alpha: float, gamma: float) -> Tensor:
@@ -352,21 +373,29 @@ def renyicl_loss(sources, targets, *, temperature=0.5, alpha=1.0 / 65536, gamma=
         tgt = normalize_rows(tgt.reshape(-1, tgt.shape[-1]), acc).reshape(tgt.shape)
     n, views = src.shape[0], src.shape[1]
     device = src.device
+    fused = ops.name == "triton"
+    if fused:  # the rows the kernels read (the inputs' dtype), and their normalising scales
+        src_k, src_s = kernel_rows(sources, normalize, sources.dtype, acc)
+        tgt_k, tgt_s = kernel_rows(targets, normalize, sources.dtype, acc)
     group, mode, sizes, offset = process_group, "gather", None, 0
     if group is not None:
         check_group(group)
         mode = distributed
         if mode == "gather":
-            batch = gather_batch(group, tgt)
-            all_tgt = batch.tensors[0]
+            batch = gather_batch(group, tgt, tgt_k if fused else None, tgt_s if fused else None)
+            all_tgt, all_tgt_k, all_tgt_s = batch.tensors
         else:
             batch = gather_batch(group, torch.zeros(n, 1, device=device))
             all_tgt = tgt
+            if fused:
+                all_tgt_k, all_tgt_s = tgt_k, tgt_s
         sizes, offset, total = batch.sizes, batch.offset, batch.total
         if total < 2:
             raise ValueError(f"sources and targets need n >= 2 samples over all ranks, got n = {total}")
     else:
         all_tgt, total = tgt, n
+        if fused:
+            all_tgt_k, all_tgt_s = tgt_k, tgt_s
     local = torch.arange(n, device=device)
     loss = src.new_zeros(())
     for t in range(2):
@@ -376,15 +405,15 @@ def renyicl_loss(sources, targets, *, temperature=0.5, alpha=1.0 / 65536, gamma=
             continue
         Q = torch.cat(rows)  # rows s' * n + i
         pos_col = (local + (offset if mode == "gather" else 0)).repeat(views - 1)
-        plan = _Plan(ops, 1.0 / tau, alpha, gamma, pos_col, total, views - 1, acc,
-                     sources.dtype if ops.name == "triton" else acc, group, mode,
+        plan = _Plan(ops, 1.0 / tau, alpha, gamma, pos_col, total, views - 1, acc, group, mode,
                      None if sizes is None else [(views - 1) * b for b in sizes], sizes)
-        loss = loss + _RenyiTerm.apply(Q, all_tgt[:, t], plan)
+        side = None
+        if fused:
+            others = [s for s in range(views) if s != t]
+            side = (torch.cat([src_k[:, s] for s in others]), None if src_s is None else torch.cat([src_s[:, s] for s in others]),
+                    all_tgt_k[:, t].contiguous(), None if all_tgt_s is None else all_tgt_s[:, t].contiguous())
+        loss = loss + _RenyiTerm.apply(Q, all_tgt[:, t], side, plan)
     return loss.to(torch.promote_types(sources.dtype, torch.float32)) if sources.dtype != torch.float64 else loss
-
-
-def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x.to(dtype).contiguous()
 
 
 class RenyiCLLoss(_LossModule):
