@@ -99,6 +99,12 @@ def losses():
         "paco": (["feats", "centers"], lambda t, b, tau: fc.paco_loss(views(t), t["labels"], t["centers"], alpha=0.05,
                                                                       gamma=0.5, supervised_temperature=1.0,
                                                                       label_smoothing=0.1, temperature=tau, backend=b)),
+        # RényiCL: the two views as sources, the next sample's views as the targets (both get gradients; targets
+        # equal to the sources would make the loss 0 - 0 at t = 0.01, all of it cancellation); CACR has no temperature: tau_neg = 0.1 / temperature (10 and 0.2), Euclidean and RBF costs.
+        "renyicl": (["feats"], lambda t, b, tau: fc.renyicl_loss(views(t), views(t).roll(1, 0), temperature=tau,
+                                                                 backend=b)),
+        "cacr": (["feats"], lambda t, b, tau: fc.cacr_loss(views(t), tau_neg=0.1 / tau, debiased=True, backend=b)),
+        "cacr_rbf": (["feats"], lambda t, b, tau: fc.cacr_loss(views(t), tau_neg=0.1 / tau, cost="rbf", backend=b)),
     }
 
 

@@ -123,15 +123,19 @@ def test_cacr_tiles_and_refusals(monkeypatch):
 
 
 # The Triton tiles at ragged sizes (1 and 2 tiles of the interpreter's 32, plus one row), odd D, the extreme
-# temperatures of the tests above, fp32 and bf16 inputs, against float64 on the same rounded values.
+# temperatures of the tests above, fp32, bf16 (and fp16 for RényiCL) inputs, against float64 on the same values.
 # bf16 RényiCL at tau = 0.02 with unnormalised rows would put logits of 50 on bf16's 3 digits: its inputs are
 # normalised (as the authors'); the kernels read them exactly (a power of two and a scale per row).
 # (127 and 129 rows: ~10-20 s each under the interpreter, slow in make test-quick by their "triton-127]" ids.)
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="the Triton interpreter is off")
 @pytest.mark.parametrize("n", [2, 3, 127, 129], ids=lambda n: f"triton-{n}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("loss", ["renyicl", "cacr", "cacr_rbf"])
 def test_triton_sizes_and_dtypes(loss, dtype, n):
+    if loss != "renyicl" and dtype == torch.float16:  # CACR's tiles carry the 1 / N coefficients: fp16 refused
+        with pytest.raises(RuntimeError, match="float16"):
+            fc.cacr_loss(randn(n, 2, 13, dtype=dtype), backend="triton")
+        return
     settings = ((0.02, 2.0, 10.0, True), (1.0, 0.5, 0.1, False))  # (temperature, gamma, tau_neg, normalize)
     for tau, gamma, tau_neg, normalize in settings if n <= 3 else settings[n % 2:][:1]:
         if loss == "renyicl":
@@ -188,3 +192,19 @@ def test_gather_and_ring_modes_are_exact(world):
     from test_distributed import spawn
 
     spawn(check_modes, world)
+
+
+@pytest.mark.parametrize("module", ["renyicl", "cacr"])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_compile_without_spills(module, arch):
+    """Every shipped config of the module's three kernels compiles for sm_<arch> (no GPU needed) without register
+    spills and on tensor cores, as the JIT would specialise it (a subprocess: this session interprets Triton)."""
+    pytest.importorskip("triton")
+    from test_aot_compile import _run
+
+    from fused_contrastive.triton_kernels.renyicl import AOT_CASES
+
+    out = _run(["-m", f"fused_contrastive.triton_kernels.{module}", *[c for c in AOT_CASES if c.startswith(str(arch))]])
+    rows = [line for line in out.stdout.splitlines() if "regs" in line]
+    assert rows, out.stdout + out.stderr[-3000:]
+    assert out.returncode == 0, "\n".join(rows) + out.stderr[-3000:]

@@ -171,7 +171,11 @@ def _cacr_bwd_dy_kernel(X, Y, XS, YS, XN, YN, DIAG, PARAMS, M0, C0, E0, M1, C1, 
 
 
 cacr_stats_kernel = TunedKernel(_cacr_stats_kernel, "Y", "R", "M")
-cacr_dx_kernel = TunedKernel(_cacr_bwd_dx_kernel, "Y", "R", "M")
+# dX holds a [BLOCK_M, BLOCK_D] fp32 accumulator, the anchor rows and the per-row coefficients of two
+# exponential terms: its 128-row tile at D = 128 spills 192 bytes on sm_80, the 64-row one at D = 256 40 bytes
+# on sm_90 (aot_reports, Triton 3.9).
+cacr_dx_kernel = TunedKernel(_cacr_bwd_dx_kernel, "Y", "R", "M",
+                             drop={80: {128: [(128, 64, 8, 3)]}, 90: {256: [(64, 32, 8, 3)]}})
 cacr_dy_kernel = TunedKernel(_cacr_bwd_dy_kernel, "Y", "R", "M")
 
 
@@ -243,7 +247,7 @@ def aot_reports(arch: int, dtype: str, dim: int):
     tiles = dict(M0=vec, C0=vec, E0=vec, M1=vec, C1=vec, TWO=True)
     extra = {"stats": dict(MAX=vec, SUM=vec, WSUM=vec), "bwd_dx": dict(DX=grad, stride_dxm=dim, **tiles),
              "bwd_dy": dict(DY=grad, stride_dym=dim, **tiles)}
-    kernels = {"stats": _cacr_stats_kernel, "bwd_dx": _cacr_bwd_dx_kernel, "bwd_dy": _cacr_bwd_dy_kernel}
+    kernels = {"stats": cacr_stats_kernel, "bwd_dx": cacr_dx_kernel, "bwd_dy": cacr_dy_kernel}
     return aot_table(kernels, {k: {**args, **base, **v} for k, v in extra.items()}, arch, feats.element_size(),
                      args["BLOCK_D"])
 
