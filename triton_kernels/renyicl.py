@@ -112,7 +112,8 @@ def _renyi_bwd_dq_kernel(Q, K, QS, KS, POS_COL, PARAMS, DQ, R, M, D,
         col_ok = cols < M
         k, ks, l = _logit_tile(q, qs, K, KS, cols, col_ok, offs_d, D, stride_km, stride_kd, inv_tau, SCALED,
                                PRECISION, ACC, DOT_IN_FP32, OFFSETS_64)
-        neg = col_ok[None, :] & (cols[None, :] != pos_col[:, None])
+        # (padded rows too: their e^{0 - M} could overflow the 16-bit tile)
+        neg = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != pos_col[:, None])
         e = tl.where(neg, tl.exp(gamma * l - shift), 0.0)
         if SCALED:  # the gradient of q^ = qs q: sum_j e_ij k^_j = sum_j (e_ij ks_j) k_j
             e = e * ks[None, :]
