@@ -128,6 +128,7 @@ def test_cacr_tiles_and_refusals(monkeypatch):
 # normalised (as the authors'); the kernels read them exactly (a power of two and a scale per row).
 # (127 and 129 rows: ~10-20 s each under the interpreter, slow in make test-quick by their "triton-127]" ids.)
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="the Triton interpreter is off")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # an overflow inside a tile, even in a padded row
 @pytest.mark.parametrize("n", [2, 3, 127, 129], ids=lambda n: f"triton-{n}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("loss", ["renyicl", "cacr", "cacr_rbf"])
@@ -137,7 +138,7 @@ def test_triton_sizes_and_dtypes(loss, dtype, n):
             fc.cacr_loss(randn(n, 2, 13, dtype=dtype), backend="triton")
         return
     settings = ((0.02, 2.0, 10.0, True), (1.0, 0.5, 0.1, False))  # (temperature, gamma, tau_neg, normalize)
-    for tau, gamma, tau_neg, normalize in settings if n <= 3 else settings[n % 2:][:1]:
+    for tau, gamma, tau_neg, normalize in settings if n <= 3 else settings[(n // 2) % 2:][:1]:  # 129: the first
         if loss == "renyicl":
             inputs = {"sources": randn(n, 2, 13, seed=n, dtype=dtype),
                       "targets": randn(n, 2, 13, seed=n + 1, dtype=dtype)}

@@ -290,7 +290,7 @@ class _RenyiTerm(torch.autograd.Function):
 
 def _renyi_reference(Q: Tensor, K: Tensor, tau: float, alpha: float, gamma: float) -> Tensor:
     """Dense: every [n, n] logit matrix of the term, the weights detached (the oracle)."""
-    views, n = Q.shape[0], Q.shape[1]
+    n = Q.shape[1]
     logits = Q @ K.T / tau  # [S, n, n]
     eye = torch.eye(n, dtype=torch.bool, device=Q.device).expand_as(logits)
     pos, neg = logits[eye], logits[~eye]
