@@ -42,12 +42,11 @@ def _sq_dist(X: Tensor, Y: Tensor) -> Tensor:
     return ((X * X).sum(1)[:, None] + (Y * Y).sum(1)[None, :] - 2 * X @ Y.T).clamp_(min=0)
 
 
-def _off(diag: Tensor, r0: int, r1: int, cols: int) -> Tensor:
-    off = torch.ones(r1 - r0, cols, dtype=torch.bool, device=diag.device)
+def _diag(diag: Tensor, r0: int, r1: int):
+    """(rows, columns) of the block's anchors whose own sample is among the keys."""
     col = diag[r0:r1]
     has = col >= 0
-    off[torch.arange(r1 - r0, device=diag.device)[has], col[has]] = False
-    return off
+    return torch.arange(r1 - r0, device=diag.device)[has], col[has]
 
 
 def torch_stats(X, Y, diag, a, acc, step: Optional[int] = None, XS=None, YS=None):
@@ -59,13 +58,13 @@ def torch_stats(X, Y, diag, a, acc, step: Optional[int] = None, XS=None, YS=None
     Xa, Ya = X.to(acc), Y.to(acc)
     m = torch.full((R,), float("-inf"), dtype=acc, device=X.device)
     s, ws = torch.zeros(R, dtype=acc, device=X.device), torch.zeros(R, dtype=acc, device=X.device)
-    for r0, r1 in _blocks(R, step):
+    for r0, r1 in _blocks(R, step):  # two [rows, M] tiles at a time: the distances and e^{a d - m}
         d = _sq_dist(Xa[r0:r1], Ya)
-        off = _off(diag, r0, r1, Y.shape[0])
-        g = (a * d).masked_fill(~off, float("-inf"))
-        mm = g.amax(1) if Y.shape[0] else g.new_full((r1 - r0,), float("-inf"))
-        e = torch.exp(g - torch.where(torch.isfinite(mm), mm, 0.0)[:, None])
-        m[r0:r1], s[r0:r1], ws[r0:r1] = mm, e.sum(1), (d.masked_fill(~off, 0.0) * e).sum(1)
+        e = d * a
+        e[_diag(diag, r0, r1)] = float("-inf")  # the anchor's own sample is out
+        mm = e.amax(1) if Y.shape[0] else e.new_full((r1 - r0,), float("-inf"))
+        e.sub_(torch.where(torch.isfinite(mm), mm, 0.0)[:, None]).exp_()
+        m[r0:r1], s[r0:r1], ws[r0:r1] = mm, e.sum(1), torch.einsum("ij,ij->i", d, e)
     return m, s, ws
 
 
@@ -81,11 +80,11 @@ def torch_grads(X, Y, diag, terms, acc, need_dx=True, need_dy=True, step: Option
     for r0, r1 in _blocks(R, step):
         d = _sq_dist(Xa[r0:r1], Ya)
         a0, m0, c0, e0 = terms[0]
-        G = torch.exp(a0 * d - m0[r0:r1, None]) * (c0[r0:r1, None] + e0[r0:r1, None] * d)
+        G = (d * a0).sub_(m0[r0:r1, None]).exp_().mul_((d * e0[r0:r1, None]).add_(c0[r0:r1, None]))
         if len(terms) > 1:
             a1, m1, c1 = terms[1]
-            G = G + torch.exp(a1 * d - m1[r0:r1, None]) * c1[r0:r1, None]
-        G = G.masked_fill(~_off(diag, r0, r1, Y.shape[0]), 0.0)
+            G.add_((d * a1).sub_(m1[r0:r1, None]).exp_().mul_(c1[r0:r1, None]))
+        G[_diag(diag, r0, r1)] = 0.0
         if need_dx:  # d_ij = |x_i|^2 + |y_j|^2 - 2 x_i . y_j
             dX[r0:r1] = 2 * (Xa[r0:r1] * G.sum(1)[:, None] - G @ Ya)
         if need_dy:
@@ -224,9 +223,10 @@ class _PairRows(torch.autograd.Function):
 
 
 def _dense_rows(X: Tensor, Y: Tensor, kind: str, a1: float, a0: Optional[float]) -> Tensor:
-    """The reference: every distance of the pair, the softmax / LSE over each row's other samples, autograd."""
+    """The reference: every distance of the pair (an [n, n] matrix), the softmax / LSE over each row's other
+    samples, autograd."""
     n = X.shape[0]
-    d = ((X[:, None, :] - Y[None, :, :]) ** 2).sum(-1)
+    d = _sq_dist(X, Y)
     off = ~torch.eye(n, dtype=torch.bool, device=X.device)
     d = d[off].reshape(n, n - 1)
     if kind == "mean_d":

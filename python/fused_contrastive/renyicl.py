@@ -83,21 +83,20 @@ def torch_stats(Q: Tensor, K: Tensor, pos_col: Tensor, inv_tau: float, gamma: fl
 
     R = Q.shape[0]
     step = step or block_rows(K.shape[0])
+    Kt = K.to(acc).T
     pos, s, ws = (torch.zeros(R, dtype=acc, device=Q.device) for _ in range(3))
     m = torch.full((R,), float("-inf"), dtype=acc, device=Q.device)
-    for r0, r1 in _blocks(R, step):
-        S = Q[r0:r1].to(acc) @ K.to(acc).T * inv_tau
+    for r0, r1 in _blocks(R, step):  # two [rows, M] tiles at a time: the logits and e^{gamma l - m}
+        S = (Q[r0:r1].to(acc) @ Kt).mul_(inv_tau)
         col = pos_col[r0:r1]
         has = col >= 0
-        local = torch.arange(r1 - r0, device=Q.device)[has]
-        is_pos = torch.zeros_like(S, dtype=torch.bool)
-        is_pos[local, col[has]] = True
-        pos[r0:r1][has] = S[local, col[has]]
-        g = (gamma * S).masked_fill(is_pos, float("-inf"))
-        mm = g.amax(1) if K.shape[0] else g.new_full((r1 - r0,), float("-inf"))
-        shift = torch.where(torch.isfinite(mm), mm, 0.0)
-        e = torch.exp(g - shift[:, None])
-        m[r0:r1], s[r0:r1], ws[r0:r1] = mm, e.sum(1), (S.masked_fill(is_pos, 0.0) * e).sum(1)
+        local, cols = torch.arange(r1 - r0, device=Q.device)[has], col[has]
+        pos[r0:r1][has] = S[local, cols]
+        e = S * gamma
+        e[local, cols] = float("-inf")  # the positive is out of the negatives' sums
+        mm = e.amax(1) if K.shape[0] else e.new_full((r1 - r0,), float("-inf"))
+        e.sub_(torch.where(torch.isfinite(mm), mm, 0.0)[:, None]).exp_()
+        m[r0:r1], s[r0:r1], ws[r0:r1] = mm, e.sum(1), torch.einsum("ij,ij->i", S, e)
     return pos, m, s, ws
 
 
@@ -112,12 +111,10 @@ def torch_grads(Q, K, pos_col, inv_tau: float, gamma: float, shift, factor, pos_
     dQ = torch.zeros(Q.shape, dtype=acc, device=Q.device) if need_dq else None
     dK = torch.zeros(K.shape, dtype=acc, device=K.device) if need_dk else None
     for r0, r1 in _blocks(R, step):
-        G = torch.exp(gamma * (Qa[r0:r1] @ Ka.T * inv_tau) - shift) * factor
+        G = (Qa[r0:r1] @ Ka.T).mul_(gamma * inv_tau).sub_(shift).exp_().mul_(factor * inv_tau)  # dL/dl / tau
         col = pos_col[r0:r1]
         has = col >= 0
-        local = torch.arange(r1 - r0, device=Q.device)[has]
-        G[local, col[has]] = pos_weight[r0:r1][has].to(acc)
-        G.mul_(inv_tau)
+        G[torch.arange(r1 - r0, device=Q.device)[has], col[has]] = pos_weight[r0:r1][has].to(acc) * inv_tau
         if need_dq:
             dQ[r0:r1] = G @ Ka
         if need_dk:
