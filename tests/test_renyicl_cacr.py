@@ -163,6 +163,8 @@ def check_modes(rank, world, lo, hi, features, labels, backends):
     weight = torch.rand(len(labels), dtype=F64, generator=torch.Generator().manual_seed(5))
     weight[::3] = 0
     cases = [("renyicl", fc.renyicl_loss, (sources, targets), dict(temperature=0.3)),
+             ("renyicl momentum targets", lambda s, t, **kw: fc.renyicl_loss(s, t.detach(), **kw), (sources, targets),
+              dict(temperature=0.3)),
              ("renyicl gamma=1", fc.renyicl_loss, (sources[:, :2], targets), dict(gamma=1.0, alpha=0.2, normalize=False)),
              ("cacr", fc.cacr_loss, (sources,), dict(tau_neg=2.0)),
              ("cacr debiased none", fc.cacr_loss, (features,), dict(debiased=True, reduction="none", weight=weight)),
@@ -173,7 +175,7 @@ def check_modes(rank, world, lo, hi, features, labels, backends):
         full = [t.clone().requires_grad_() for t in tensors]
         ref = fn(*full, backend="reference", **options)
         upstream = torch.randn(ref.shape, dtype=F64, generator=torch.Generator().manual_seed(6))
-        ref_grads = torch.autograd.grad((ref * upstream).sum(), full)
+        ref_grads = torch.autograd.grad((ref * upstream).sum(), full, allow_unused=True, materialize_grads=True)
         if options.get("reduction") == "none":
             ref, upstream = ref[lo:hi], upstream[lo:hi]
         local_options = {k: v[lo:hi] if k == "weight" else v for k, v in options.items()}
@@ -181,7 +183,7 @@ def check_modes(rank, world, lo, hi, features, labels, backends):
             for mode in ("gather", "ring"):
                 local = [t[lo:hi].clone().requires_grad_() for t in tensors]
                 loss = fn(*local, backend=backend, process_group=dist.group.WORLD, distributed=mode, **local_options)
-                grads = torch.autograd.grad((loss * upstream).sum(), local)
+                grads = torch.autograd.grad((loss * upstream).sum(), local, allow_unused=True, materialize_grads=True)
                 what = f"rank {rank}/{world} {name} {backend} {mode}"
                 assert_rel(loss.detach(), ref.detach(), what + " loss")
                 for i, (g, e) in enumerate(zip(grads, ref_grads)):

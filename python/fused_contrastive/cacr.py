@@ -208,7 +208,7 @@ class _PairRows(torch.autograd.Function):
 
         def grad_of(shards, owner):
             dx, dy = plan.ops.grads(X, shards[0], plan.diag if owner == rank else none, terms, plan.acc,
-                                    need_dx=need_dx, need_dy=True, **_scales(XS, shards[1] if len(shards) > 1 else None))
+                                    need_dx=need_dx, need_dy=need_dy, **_scales(XS, shards[1] if len(shards) > 1 else None))
             if need_dx:
                 dX.add_(dx)
             return dy

@@ -270,7 +270,7 @@ class _RenyiTerm(torch.autograd.Function):
 
         def grad_of(shards, owner):
             dq, dk = ops.grads(Qk, shards[0], plan.pos_col if owner == rank else none, plan.inv_tau, plan.gamma,
-                               shift, factor, pos_weight, acc, need_dq=need_dq, need_dk=True,
+                               shift, factor, pos_weight, acc, need_dq=need_dq, need_dk=need_dk,
                                **scale_kwargs(QS, shards[1] if len(shards) > 1 else None))
             if need_dq:
                 dQ.add_(dq)
