@@ -121,6 +121,13 @@ def losses():
                                                                backend=b)),
         "fairkl_regularizer": (["feats"], lambda t, b, tau: fc.fairkl_regularizer(views(t), t["labels"], t["bias"],
                                                                                   temperature=tau, backend=b)),
+        # RényiCL: the two views as sources, the next sample's views as the targets (both get gradients; targets
+        # equal to the sources would make the loss 0 - 0 at t = 0.01, all of it cancellation); CACR has no
+        # temperature: tau_neg = 0.1 / temperature (10 and 0.2), Euclidean and RBF costs.
+        "renyicl": (["feats"], lambda t, b, tau: fc.renyicl_loss(views(t), views(t).roll(1, 0), temperature=tau,
+                                                                 backend=b)),
+        "cacr": (["feats"], lambda t, b, tau: fc.cacr_loss(views(t), tau_neg=0.1 / tau, debiased=True, backend=b)),
+        "cacr_rbf": (["feats"], lambda t, b, tau: fc.cacr_loss(views(t), tau_neg=0.1 / tau, cost="rbf", backend=b)),
     }
 
 

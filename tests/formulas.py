@@ -687,27 +687,44 @@ def renyicl(sources, targets, *, temperature=0.5, alpha=1.0 / 65536, gamma=2.0, 
 
 
 # ------------------------------------------------------------------------------------------
-# CACR (Zheng et al.), Euclidean cost: attraction over a sample's other views, weights softmax(+tau_pos d);
-# repulsion over the other samples of a second view, weights softmax(-tau_neg d); weights not detached.
+# CACR (Zheng et al.), their two loss functions term by term: attraction over a sample's other views, weights
+# softmax(+tau_pos d); repulsion over the other samples of a second view, weights softmax(-tau_neg d); weights
+# not detached. choice drops either weighting; debiased (Euclidean); the RBF cost e^{-t d} inside a log-mean.
+# Euclidean: per-sample rows (attraction over the query views / V + each pair's anchor repulsion / pairs).
 # ------------------------------------------------------------------------------------------
-def cacr(features, *, alpha=1.0, beta=1.0, tau_pos=1.0, tau_neg=1.0, normalize=False):
+def cacr(features, *, alpha=1.0, beta=1.0, tau_pos=1.0, tau_neg=1.0, normalize=False, cost="euclidean", choice="full",
+         debiased=False, tau_plus=0.1, rbf_t=2.0, reduction="mean", weight=None):
     z = features.to(torch.float64)
     if normalize:
         z = torch.nn.functional.normalize(z, dim=-1)
     n, views = z.shape[0], z.shape[1]
-    attraction = torch.zeros((), dtype=torch.float64)
+    pull_rows = torch.zeros(n, dtype=torch.float64)
     for x in range(views):
-        per_sample = []
         for i in range(n):
             d = torch.stack([((z[i, x] - z[i, p]) ** 2).sum() for p in range(views) if p != x])
-            per_sample.append((alpha * d * torch.softmax(tau_pos * d, 0)).sum())
-        attraction = attraction + torch.stack(per_sample).mean()
-    repulsion, pairs = torch.zeros((), dtype=torch.float64), 0
-    for x in range(views):
-        for y in range(x + 1, views):
-            rows = []
-            for i in range(n):
-                d = torch.stack([((z[i, x] - z[j, y]) ** 2).sum() for j in range(n) if j != i])
-                rows.append((-beta * d * torch.softmax(-tau_neg * d, 0)).sum())
-            repulsion, pairs = repulsion + torch.stack(rows).mean(), pairs + 1
-    return attraction / views + repulsion / pairs
+            w = torch.softmax(tau_pos * d, 0) if choice in ("full", "without_w2") else torch.full_like(d, 1 / len(d))
+            pull_rows = pull_rows + torch.eye(n, dtype=torch.float64)[i] * (alpha * d * w).sum()
+    pull_rows = pull_rows / views
+    pairs = [(x, y) for x in range(views) for y in range(x + 1, views)]
+    weighted = choice in ("full", "without_w1")
+    push_rows, push_batch = torch.zeros(n, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for x, y in pairs:
+        rows, costs = [], []
+        for i in range(n):
+            d = torch.stack([((z[i, x] - z[j, y]) ** 2).sum() for j in range(n) if j != i])
+            w = torch.softmax(-tau_neg * d, 0) if weighted else torch.full_like(d, 1 / len(d))
+            if cost == "rbf":
+                rows.append((torch.exp(-rbf_t * d) * w).sum())
+                costs.append(torch.exp(-rbf_t * d))
+            else:
+                r = (-beta * d * w).sum()
+                if debiased:
+                    r = (-tau_plus * ((z[i, x] - z[i, y]) ** 2).sum() + r) / (1 - tau_plus)
+                rows.append(r)
+        if cost == "rbf":
+            push_batch = push_batch + beta * torch.log(torch.stack(rows).mean() if weighted else torch.cat(costs).mean())
+        else:
+            push_rows = push_rows + torch.stack(rows)
+    if cost == "rbf":
+        return pull_rows.mean() + push_batch / len(pairs)
+    return _reduce_pairs(pull_rows + push_rows / len(pairs), weight, reduction)

@@ -15,7 +15,9 @@ from .grad_cache import grad_cache_step
 from .losses import SupConLoss, supcon_loss, supcon_spec
 from .memory import MemoryBank, MemoryBankLoss
 from .siglip import SigLipLoss, siglip_loss
-from .soft_losses import CACRLoss, CoMatchLoss, RenyiCLLoss, cacr_loss, SCELoss, comatch_loss, renyicl_loss, sce_loss
+from .soft_losses import CoMatchLoss, SCELoss, comatch_loss, sce_loss
+from .renyicl import RenyiCLLoss, renyicl_loss
+from .cacr import CACRLoss, cacr_loss
 from . import compat  # noqa: E402  (drop-ins for open_clip, pytorch-metric-learning, lightly)
 
 __version__ = "0.1.0"

@@ -117,7 +117,8 @@ def check_group(group) -> None:
 
 # Arguments describing one sample per row: only their dtype and trailing shape must agree across ranks.
 PER_SAMPLE = ("features", "labels", "mask", "query", "key", "image_features", "text_features", "weight",
-              "universum", "teacher", "probs", "bias_labels")  # (teacher, probs: the soft-target losses)
+              "universum", "teacher", "probs", "bias_labels", "sources", "targets")  # (teacher, probs: the
+# soft-target losses; sources, targets: RényiCL)
 # Compared by value in the loss's label dtype: where they live and whether they require grad do not matter.
 LABEL_ARGS = ("labels", "extra_key_labels", "bias_labels")
 _NOT_COMPARED = ("backend", "process_group")  # a backend does not change the result; the group is the group

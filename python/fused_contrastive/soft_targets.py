@@ -289,10 +289,10 @@ def chunked_loss(spec: ContrastSpec) -> Tensor:
 
 
 def why_not_fused(spec: ContrastSpec) -> str | None:
-    """The fused kernels' answer for a soft-target spec."""
+    """The CUDA kernels' answer for a soft-target spec (Triton has its own: triton_kernels/soft.py)."""
     if spec.soft_target is not None:
-        return (f"no fused kernel for soft per-pair targets ({spec.soft_target.kind!r}: SCE / CoMatch); "
-                "use chunked (tiled, O(N) extra memory) or reference")
+        return (f"no CUDA kernel for soft per-pair targets ({spec.soft_target.kind!r}: SCE / CoMatch); "
+                "use triton, chunked (tiled, O(N) extra memory) or reference")
     return None
 
 
