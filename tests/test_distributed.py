@@ -150,32 +150,38 @@ def family_cases(features, labels):
 
 
 # Triton's interpreter is slow: its ring mode on one case per row formula (L_out with a denominator bias and
-# class centers, CLIP's two directions, L_in with extra keys, eps, debiased, hard negatives).
-TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives")
-# Losses whose ring mode is not in the driver yet: distributed="ring" must refuse them (never a wrong number).
-RING_REFUSED = {"spread": "spread_loss", "spread_3views_bank": "spread_loss", "dclw_learned": "dcl_loss",
-                "debiased_3views": "debiased_contrastive_loss", "unicon": "unicon_loss",
-                "suncet_support": "suncet_loss", "eps_in": "eps_supinfonce_loss", "epsilon_supcon": "epsilon_supcon_loss",
-                "paco": "paco_loss", "tsc": "tsc_loss"}
+# class centers, CLIP's two directions, L_in with extra keys, eps, debiased, hard negatives; and the shapes the
+# ring driver gained: anchors that are not the keys (UniCon's universum), several specs with an adjusting term
+# carried by a gathered per-sample stat (PaCo's centers)).
+TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives", "unicon",
+               "paco")
+# Ring mode through the common driver for what it once refused: several specs (spread, debiased with 3 views),
+# terms added to the rows (SuNCEt's and eps form "in"'s constants, DCLW's learned weight, PaCo's center positives,
+# TSC's positives), a third per-sample tensor (UniCon's universum), new row formulas (epsilon-SupCon, PaCo, TSC).
+RING_NEW = ("spread", "spread_3views_bank", "dclw_learned", "debiased_3views", "unicon", "suncet_support", "eps_in",
+            "epsilon_supcon", "paco", "tsc")
 
 
-def reduction_options(world, total):
-    """The default mean, and on 2 ranks weighted "mean" / "sum" and "none" with per-sample weights (some 0);
-    "none" is differentiated with a random per-row gradient."""
+def weighted_options(total):
+    """Weighted "mean" / "sum" and "none" with per-sample weights (some 0); "none" is differentiated with a
+    random per-row gradient."""
     weight = torch.rand(total, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     weight[::3] = 0
-    if world != 2:
-        return [{}]
-    return [{}, dict(reduction="mean", weight=weight), dict(reduction="sum", weight=weight),
+    return [dict(reduction="mean", weight=weight), dict(reduction="sum", weight=weight),
             dict(reduction="none", weight=weight)]
 
 
-def check_family(rank, world, lo, hi, features, labels, backends):
-    """Every loss in gather and ring mode: loss, per-sample gradients (world x slice), shared tensors' DDP
-    average (temperature, logit scale, centers, extra keys), against the single-process loss of the global
-    batch; with reductions and weights too."""
-    for name, loss_fn, per_sample, shared in family_cases(features, labels):
-        for options in reduction_options(world, len(labels)):
+def reduction_options(world, total):
+    """The default mean, and on 2 ranks every weighted reduction too."""
+    return [{}] + (weighted_options(total) if world == 2 else [])
+
+
+def check_cases(rank, world, lo, hi, cases, backends, options_of, modes_of):
+    """Each case's loss in the modes ``modes_of(name, backend)`` with the reductions ``options_of(index, name)``:
+    loss, per-sample gradients (world x slice), shared tensors' DDP average (temperature, logit scale, centers,
+    extra keys), against the single-process loss of the global batch."""
+    for index, (name, loss_fn, per_sample, shared) in enumerate(cases):
+        for options in options_of(index, name):
             full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
             shared_ref = [t.clone().requires_grad_() for t in shared]
             ref = loss_fn(*full, *shared_ref, backend="reference", **options)
@@ -185,15 +191,10 @@ def check_family(rank, world, lo, hi, features, labels, backends):
             if options.get("reduction") == "none":  # this rank's rows
                 ref, upstream = ref[lo:hi], upstream[lo:hi]
             for backend in backends:
-                for mode in ("gather", "ring") if backend != "triton" or name in TRITON_RING else ("gather",):
+                for mode in modes_of(name, backend):
                     local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
                     shared_local = [t.clone().requires_grad_() for t in shared]
                     local_options = {k: v[lo:hi] if k == "weight" else v for k, v in options.items()}
-                    if mode == "ring" and name in RING_REFUSED:
-                        with pytest.raises(ValueError, match=f"{RING_REFUSED[name]}.*distributed='gather'"):
-                            loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
-                                    distributed=mode, **local_options)
-                        continue
                     loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
                                    distributed=mode, **local_options)
                     grads = torch.autograd.grad((loss * upstream).sum(),
@@ -206,6 +207,32 @@ def check_family(rank, world, lo, hi, features, labels, backends):
                     for g, e in zip(grads[n_local:], ref_grads[n_local:]):
                         dist.all_reduce(g)
                         assert_rel(g / world, e, what + " shared grad (DDP average)")
+
+
+def check_family(rank, world, lo, hi, features, labels, backends):
+    """Every loss in gather mode and ring mode (RING_NEW's ring mode: check_ring_new), with reductions and
+    weights too (see check_cases)."""
+    def modes(name, backend):
+        ring = name not in RING_NEW and (backend != "triton" or name in TRITON_RING)
+        return ("gather", "ring") if ring else ("gather",)
+
+    check_cases(rank, world, lo, hi, family_cases(features, labels), backends,
+                lambda index, name: reduction_options(world, len(labels)), modes)
+
+
+def check_ring_new(rank, world, lo, hi, features, labels, backends):
+    """The losses the ring driver once refused, in ring mode: the mean, and on 2 ranks one weighted reduction each
+    (in turn "mean", "sum", "none") and Triton on its TRITON_RING cases."""
+    cases = [case for case in family_cases(features, labels) if case[0] in RING_NEW]
+    weighted = weighted_options(len(labels)) if world == 2 else []
+    check_cases(rank, world, lo, hi, cases, backends,
+                lambda index, name: [{}] + weighted[index % 3:index % 3 + 1],
+                lambda name, backend: ("ring",) if backend != "triton" or (name in TRITON_RING and world == 2) else ())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_mode_of_the_once_refused_losses_is_exact(world):
+    spawn(check_ring_new, world)
 
 
 @pytest.mark.slow  # every loss x backend x mode (x reduction on 2 ranks): minutes on a loaded 2-core machine
@@ -285,17 +312,6 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
         for mode in modes:
             kw = dict(process_group=group) if mode == "gather" else dict(process_group=group, distributed="ring")
             raised_together(f"{what} ({mode})", lambda: call(**kw), world, word)
-
-    # Losses whose ring mode is not in the driver yet: every rank refuses distributed="ring" alike.
-    f3 = torch.cat([f, f[:, :1]], dim=1)
-    refused = [("spread_loss", lambda **kw: fc.spread_loss(f, y, **kw)),
-               ("dcl_loss", lambda **kw: fc.dcl_loss(f, weighted=True, detach_weight=False, **kw)),
-               ("debiased_contrastive_loss", lambda **kw: fc.debiased_contrastive_loss(f3, **kw)),
-               ("unicon_loss", lambda **kw: fc.unicon_loss(f, f.flip(0), y, **kw)),
-               ("suncet_loss", lambda **kw: fc.suncet_loss(f, y, **kw))]
-    for name, call in refused:
-        message = raised_together(f"{name} ring", lambda: call(process_group=group, distributed="ring"), world, name)
-        assert "distributed='gather'" in message, message
 
     # Any other exception before the exchange: that rank re-raises it, the others name it.
     from fused_contrastive import losses
