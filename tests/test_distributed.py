@@ -133,7 +133,7 @@ def family_cases(features, labels):
         ("eps_in", lambda f, y, **kw: fc.eps_supinfonce_loss(f, y, epsilon=0.3, form="in", **kw),
          (features, labels), ()),
         ("epsilon_supcon", lambda f, y, **kw: fc.epsilon_supcon_loss(f, y, epsilon=0.3, **kw), (features, labels), ()),
-        ("paco", lambda f, y, c, **kw: fc.paco_loss(f, y, c, alpha=0.3, beta=0.8, gamma=0.5, supervised_temperature=0.7,
+        ("paco", lambda f, y, c, **kw: fc.paco_loss(f, y, c, normalize=True, alpha=0.3, beta=0.8, gamma=0.5, supervised_temperature=0.7,
                                                    label_smoothing=0.1, extra_keys=bank, extra_key_labels=bank_labels,
                                                    contrast_mode="all", **kw), (features, labels), (centers,)),
         ("tsc", lambda q, k, y, **kw: fc.tsc_loss(q, k, y, queue=bank, queue_labels=bank_labels, targets=centers[:3],
@@ -223,11 +223,26 @@ def check_family(rank, world, lo, hi, features, labels, backends):
 def check_ring_new(rank, world, lo, hi, features, labels, backends):
     """The losses the ring driver once refused, in ring mode: the mean, and on 2 ranks one weighted reduction each
     (in turn "mean", "sum", "none") and Triton on its TRITON_RING cases."""
+    from fused_contrastive import distributed
+
+    original, runs = distributed._run_ring, []
+
+    def run_ring(spec, *args):  # the global spec's features stay placeholders: never [N, D] written out
+        assert spec.anchors.stride(0) == 0 and spec.keys.stride(0) == 0, "a ring build wrote its features out"
+        runs.append(spec)
+        return original(spec, *args)
+
     cases = [case for case in family_cases(features, labels) if case[0] in RING_NEW]
     weighted = weighted_options(len(labels)) if world == 2 else []
-    check_cases(rank, world, lo, hi, cases, backends,
-                lambda index, name: [{}] + weighted[index % 3:index % 3 + 1],
-                lambda name, backend: ("ring",) if backend != "triton" or (name in TRITON_RING and world == 2) else ())
+    distributed._run_ring = run_ring
+    try:
+        check_cases(rank, world, lo, hi, cases, backends,
+                    lambda index, name: [{}] + weighted[index % 3:index % 3 + 1],
+                    lambda name, backend: ("ring",) if backend != "triton" or (name in TRITON_RING and world == 2)
+                    else ())
+    finally:
+        distributed._run_ring = original
+    assert runs  # (the ring driver ran)
 
 
 @pytest.mark.parametrize("world", [2, 3])
