@@ -9,13 +9,17 @@ keys (``local_rows``: a slice of the anchors, the self offset moved with it). No
 size N x N is ever built, and any backend serves the per-rank part.
 
 Ring mode (``distributed="ring"``, every loss): the same ``build`` runs on the global batch's O(N) metadata
-(labels gathered, features replaced by a zero-stride placeholder of the global shape; per-sample scalars a
-loss needs, DCLW's view cosines, gathered too), so class ids, denominator biases and counts are gather mode's.
-Only the key features travel: each rank's shard goes around the ring while this rank's anchors accumulate
-per-row statistics over it (LSEs merge by logaddexp, positive sums by sum; epsilon-SupInfoNCE goes around a
-second time, since each positive's term needs the merged LSE_N). A rank holds its own shard and one incoming
-at a time. The backward sends every shard around again with its key-gradient accumulator. Extra keys, a
-queue and class centers stay home as one more shard (``append_keys`` hands them over while ``build`` runs).
+(labels gathered, features replaced by a zero-stride placeholder of the global shape; per-sample values a
+loss needs from the features, DCLW's view similarities or PaCo's and TSC's dot products with shared tensors,
+computed on each rank and gathered, with their gradient), so class ids, denominator biases and counts are
+gather mode's. Only the key features travel: each rank's shard goes around the ring while this rank's
+anchors accumulate per-row statistics over it (LSEs merge by logaddexp, positive sums by sum;
+epsilon-SupInfoNCE goes around a second time, since each positive's term needs the merged LSE_N). A rank
+holds its own shard and one incoming at a time. The backward sends every shard around again with its
+key-gradient accumulator. Extra keys, a queue and class centers stay home as one more shard (``append_keys``
+hands them over while ``build`` runs). A loss of several specs (one per pair of views) runs one ring per
+spec (``ring_blocks``), each spec saying which of a rank's rows are its anchors and its keys (a view, every
+view, a universum); terms a loss adds to the rows come from the global metadata or the gathered values.
 
 Tensors that are not per sample (a MoCo queue, labelled extra keys, BCL's class centers,
 a learnable temperature or logit scale) are the same on every rank, as DDP keeps

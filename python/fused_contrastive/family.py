@@ -1228,7 +1228,9 @@ def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None,
     the queue and targets), O((B + Qn + T) D): ``L_i = A_i log sum_j exp(l_ij) - B_i`` with
     ``A_i = 1 + (1 + n_queue + tw n_targets) / Z_i`` (a per-row factor carried by the row weights).
     ``process_group``: the mean over the global batch (no anchor sees another sample's key, so each rank's
-    rows need only its own pairs; the queue and targets are the same on every rank).
+    rows need only its own pairs; the queue and targets are the same on every rank); ``distributed``
+    "gather" (default) or "ring" as for the other losses (ring mode sends the keys around although only the
+    own key scores: the same loss and gradients, with nothing of the other ranks' keys held at once).
     """
     _pair("query", query, "key", key)
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
