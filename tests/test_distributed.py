@@ -152,10 +152,11 @@ def family_cases(features, labels):
 
 # Triton's interpreter is slow: its ring mode on one case per row formula (L_out with a denominator bias and
 # class centers, CLIP's two directions, L_in with extra keys, eps, debiased, hard negatives; and the shapes the
-# ring driver gained: anchors that are not the keys (UniCon's universum), several specs with an adjusting term
-# carried by a gathered per-sample stat (PaCo's centers)).
+# ring driver gained: anchors that are not the keys (UniCon's universum), a term carried by a gathered per-sample
+# stat (PaCo's centers, TSC's positives with a zero positive weight), L_in with a per-class bias and a constant
+# term (eps form "in"), several specs with a bank (spread)).
 TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives", "unicon",
-               "paco")
+               "paco", "tsc", "eps_in", "spread_3views_bank")
 # Ring mode through the common driver for what it once refused: several specs (spread, debiased with 3 views),
 # terms added to the rows (SuNCEt's and eps form "in"'s constants, DCLW's learned weight, PaCo's center positives,
 # TSC's positives), a third per-sample tensor (UniCon's universum), new row formulas (epsilon-SupCon, PaCo, TSC).
