@@ -159,9 +159,39 @@ TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", 
                "paco", "tsc", "eps_in", "spread_3views_bank")
 # Ring mode through the common driver for what it once refused: several specs (spread, debiased with 3 views),
 # terms added to the rows (SuNCEt's and eps form "in"'s constants, DCLW's learned weight, PaCo's center positives,
-# TSC's positives), a third per-sample tensor (UniCon's universum), new row formulas (epsilon-SupCon, PaCo, TSC).
-RING_NEW = ("spread", "spread_3views_bank", "dclw_learned", "debiased_3views", "unicon", "suncet_support", "eps_in",
-            "epsilon_supcon", "paco", "tsc")
+# TSC's positives), a third per-sample tensor (UniCon's universum), new row formulas (epsilon-SupCon, PaCo, TSC);
+# each with the weighted reduction it is checked with on 2 ranks.
+RING_NEW = {"spread": "mean", "spread_3views_bank": "none", "dclw_learned": "none", "debiased_3views": "sum",
+            "unicon": "mean", "suncet_support": "none", "eps_in": "sum", "epsilon_supcon": "mean", "paco": "none",
+            "tsc": "mean", "paco_one_offsets": "sum", "unicon_one": "none", "dclw_learned_normalized": "mean",
+            "tsc_plain": "none", "eps_in_one": "mean"}
+
+
+def ring_new_cases(features, labels):
+    """More settings of the losses added to ring mode (as family_cases): contrast_mode="one", normalisation,
+    a learned temperature through the terms added to the rows, PaCo's offsets, TSC with only its own key."""
+    gen = torch.Generator().manual_seed(12)
+    centers = torch.nn.functional.normalize(torch.randn(10, 6, dtype=torch.float64, generator=gen), dim=-1)
+    offsets = torch.randn(10, dtype=torch.float64, generator=gen)
+    universum = torch.randn(features.shape, dtype=torch.float64, generator=gen)
+    tau = torch.tensor(0.3, dtype=torch.float64)
+    return [
+        ("paco_one_offsets", lambda f, y, c, **kw: fc.paco_loss(f, y, c, supervised_temperature=0.5, beta=0.5,
+                                                               logit_offsets=offsets, **kw), (features, labels),
+         (centers,)),
+        ("unicon_one", lambda f, u, y, **kw: fc.unicon_loss(f, u, y, contrast_mode="one", normalize=True,
+                                                           base_temperature=0.2, **kw), (features, universum, labels),
+         ()),
+        ("dclw_learned_normalized", lambda f, t, **kw: fc.dcl_loss(f, temperature=t, weighted=True, normalize=True,
+                                                                   detach_weight=False, **kw), (features * 1.5,),
+         (tau,)),
+        ("tsc_plain", lambda q, k, y, t, **kw: fc.tsc_loss(q, k, y, targets=centers[:4], target_labels=[0, 1, 2, 3],
+                                                           temperature=t, normalize=False, **kw),
+         (features[:, 0], features[:, 1], labels), (tau,)),
+        ("eps_in_one", lambda f, y, t, **kw: fc.eps_supinfonce_loss(f, y, form="in", temperature=t, contrast_mode="one",
+                                                                    base_temperature=0.2, **kw), (features, labels),
+         (tau,)),
+    ]
 
 
 def weighted_options(total):
@@ -224,7 +254,7 @@ def check_family(rank, world, lo, hi, features, labels, backends):
 
 def check_ring_new(rank, world, lo, hi, features, labels, backends):
     """The losses the ring driver once refused, in ring mode: the mean, and on 2 ranks one weighted reduction each
-    (in turn "mean", "sum", "none") and Triton on its TRITON_RING cases."""
+    (RING_NEW's) and Triton on its TRITON_RING cases."""
     from fused_contrastive import distributed
 
     original, runs = distributed._run_ring, []
@@ -234,12 +264,13 @@ def check_ring_new(rank, world, lo, hi, features, labels, backends):
         runs.append(spec)
         return original(spec, *args)
 
-    cases = [case for case in family_cases(features, labels) if case[0] in RING_NEW]
-    weighted = weighted_options(len(labels)) if world == 2 else []
+    cases = [case for case in family_cases(features, labels) if case[0] in RING_NEW] + ring_new_cases(features, labels)
+    assert sorted(case[0] for case in cases) == sorted(RING_NEW)
+    weighted = {options["reduction"]: options for options in weighted_options(len(labels))} if world == 2 else {}
     distributed._run_ring = run_ring
     try:
         check_cases(rank, world, lo, hi, cases, backends,
-                    lambda index, name: [{}] + weighted[index % 3:index % 3 + 1],
+                    lambda index, name: [{}] + ([weighted[RING_NEW[name]]] if weighted else []),
                     lambda name, backend: ("ring",) if backend != "triton" or (name in TRITON_RING and world == 2)
                     else ())
     finally:
