@@ -119,11 +119,11 @@ def _not_compiled(process_group) -> None:
 
 
 def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group,
-                reduction: str = "mean", weight=None, distributed: str = "gather", sample_stat=None) -> Tensor:
+                reduction: str = "mean", weight=None, distributed: str = "gather") -> Tensor:
     """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
     ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed), reduced as
     ``reduction`` with the per-sample (or per-view) ``weight``; in gather or ring mode (the same ``build`` on
-    the global labels; ``sample_stat``: see distributed.ring_views)."""
+    the global labels)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("distributed", distributed, ("gather", "ring"))
@@ -135,7 +135,7 @@ def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", 
         return _views_layout(result, reduction, views, contrast_mode)
     # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
     return _gathered_views(process_group, features, labels, contrast_mode, backend, build, reduction, weight,
-                           mode=distributed, sample_stat=sample_stat)
+                           mode=distributed)
 
 
 def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group,
