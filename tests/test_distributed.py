@@ -151,12 +151,8 @@ def family_cases(features, labels):
 
 
 # Triton's interpreter is slow: its ring mode on one case per row formula (L_out with a denominator bias and
-# class centers, CLIP's two directions, L_in with extra keys, eps, debiased, hard negatives; and the shapes the
-# ring driver gained: anchors that are not the keys (UniCon's universum), a term carried by a gathered per-sample
-# stat (PaCo's centers, TSC's positives with a zero positive weight), L_in with a per-class bias and a constant
-# term (eps form "in"), several specs with a bank (spread)).
-TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives", "unicon",
-               "paco", "tsc", "eps_in", "spread_3views_bank")
+# class centers, CLIP's two directions, L_in with extra keys, eps, debiased, hard negatives).
+TRITON_RING = ("bcl_centers", "clip", "supcon_in_extra_keys", "eps_supinfonce", "debiased", "hard_negatives")
 # Ring mode through the common driver for what it once refused: several specs (spread, debiased with 3 views),
 # terms added to the rows (SuNCEt's and eps form "in"'s constants, DCLW's learned weight, PaCo's center positives,
 # TSC's positives), a third per-sample tensor (UniCon's universum), new row formulas (epsilon-SupCon, PaCo, TSC);
@@ -169,7 +165,7 @@ RING_NEW = {"spread": "mean", "spread_3views_bank": "none", "dclw_learned": "non
 
 def ring_new_cases(features, labels):
     """More settings of the losses added to ring mode (as family_cases): contrast_mode="one", normalisation,
-    a learned temperature through the terms added to the rows, PaCo's offsets, TSC with only its own key."""
+    a learned temperature through the terms added to the rows, PaCo's offsets, TSC with targets and no queue."""
     gen = torch.Generator().manual_seed(12)
     centers = torch.nn.functional.normalize(torch.randn(10, 6, dtype=torch.float64, generator=gen), dim=-1)
     offsets = torch.randn(10, dtype=torch.float64, generator=gen)
@@ -194,26 +190,29 @@ def ring_new_cases(features, labels):
     ]
 
 
-def weighted_options(total):
-    """Weighted "mean" / "sum" and "none" with per-sample weights (some 0); "none" is differentiated with a
-    random per-row gradient."""
-    weight = torch.rand(total, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    weight[::3] = 0
-    return [dict(reduction="mean", weight=weight), dict(reduction="sum", weight=weight),
-            dict(reduction="none", weight=weight)]
+# Triton's ring mode on the shapes the ring driver gained: anchors that are not the keys (UniCon's universum), a
+# term carried by a gathered per-sample stat (PaCo's centers, TSC's positives with a zero positive weight), L_in
+# with a per-class bias and a constant term (eps form "in"), several specs with a bank (spread).
+TRITON_RING_NEW = ("unicon", "paco", "tsc", "eps_in", "spread_3views_bank")
 
 
 def reduction_options(world, total):
-    """The default mean, and on 2 ranks every weighted reduction too."""
-    return [{}] + (weighted_options(total) if world == 2 else [])
+    """The default mean, and on 2 ranks weighted "mean" / "sum" and "none" with per-sample weights (some 0);
+    "none" is differentiated with a random per-row gradient."""
+    weight = torch.rand(total, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    weight[::3] = 0
+    if world != 2:
+        return [{}]
+    return [{}, dict(reduction="mean", weight=weight), dict(reduction="sum", weight=weight),
+            dict(reduction="none", weight=weight)]
 
 
-def check_cases(rank, world, lo, hi, cases, backends, options_of, modes_of):
-    """Each case's loss in the modes ``modes_of(name, backend)`` with the reductions ``options_of(index, name)``:
-    loss, per-sample gradients (world x slice), shared tensors' DDP average (temperature, logit scale, centers,
-    extra keys), against the single-process loss of the global batch."""
-    for index, (name, loss_fn, per_sample, shared) in enumerate(cases):
-        for options in options_of(index, name):
+def check_family(rank, world, lo, hi, features, labels, backends):
+    """Every loss in gather and ring mode: loss, per-sample gradients (world x slice), shared tensors' DDP
+    average (temperature, logit scale, centers, extra keys), against the single-process loss of the global
+    batch; with reductions and weights too."""
+    for name, loss_fn, per_sample, shared in family_cases(features, labels):
+        for options in reduction_options(world, len(labels)):
             full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
             shared_ref = [t.clone().requires_grad_() for t in shared]
             ref = loss_fn(*full, *shared_ref, backend="reference", **options)
@@ -223,56 +222,70 @@ def check_cases(rank, world, lo, hi, cases, backends, options_of, modes_of):
             if options.get("reduction") == "none":  # this rank's rows
                 ref, upstream = ref[lo:hi], upstream[lo:hi]
             for backend in backends:
-                for mode in modes_of(name, backend):
+                for mode in ("gather", "ring") if backend != "triton" or name in TRITON_RING else ("gather",):
                     local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
                     shared_local = [t.clone().requires_grad_() for t in shared]
                     local_options = {k: v[lo:hi] if k == "weight" else v for k, v in options.items()}
+                    if mode == "ring" and name in RING_NEW:  # their ring mode: check_ring_new
+                        continue
                     loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
                                    distributed=mode, **local_options)
-                    grads = torch.autograd.grad((loss * upstream).sum(),
-                                                [t for t in local if t.requires_grad] + shared_local)
-                    what = f"rank {rank}/{world} {name} {backend} {mode} {options.get('reduction', 'mean')}"
-                    assert_rel(loss.detach(), ref.detach(), what + " loss")
-                    n_local = sum(t.requires_grad for t in local)
-                    for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
-                        assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
-                    for g, e in zip(grads[n_local:], ref_grads[n_local:]):
-                        dist.all_reduce(g)
-                        assert_rel(g / world, e, what + " shared grad (DDP average)")
+                    compare(rank, world, lo, hi, f"{name} {backend} {mode} {options.get('reduction', 'mean')}", loss,
+                            local, shared_local, upstream, ref, ref_grads)
 
 
-def check_family(rank, world, lo, hi, features, labels, backends):
-    """Every loss in gather mode and ring mode (RING_NEW's ring mode: check_ring_new), with reductions and
-    weights too (see check_cases)."""
-    def modes(name, backend):
-        ring = name not in RING_NEW and (backend != "triton" or name in TRITON_RING)
-        return ("gather", "ring") if ring else ("gather",)
-
-    check_cases(rank, world, lo, hi, family_cases(features, labels), backends,
-                lambda index, name: reduction_options(world, len(labels)), modes)
+def compare(rank, world, lo, hi, what, loss, local, shared_local, upstream, ref, ref_grads):
+    """This rank's loss and gradients against the global batch's (the loss times ``upstream``): the loss (this
+    rank's rows for "none"), per-sample gradients world x their slice, shared tensors' DDP average."""
+    grads = torch.autograd.grad((loss * upstream).sum(), [t for t in local if t.requires_grad] + shared_local)
+    what = f"rank {rank}/{world} {what}"
+    assert_rel(loss.detach(), ref.detach(), what + " loss")
+    n_local = sum(t.requires_grad for t in local)
+    for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
+        assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
+    for g, e in zip(grads[n_local:], ref_grads[n_local:]):
+        dist.all_reduce(g)
+        assert_rel(g / world, e, what + " shared grad (DDP average)")
 
 
 def check_ring_new(rank, world, lo, hi, features, labels, backends):
-    """The losses the ring driver once refused, in ring mode: the mean, and on 2 ranks one weighted reduction each
-    (RING_NEW's) and Triton on its TRITON_RING cases."""
+    """The losses the ring driver once refused, in ring mode against the single-process loss (as check_family):
+    the mean, and on 2 ranks one weighted reduction each (RING_NEW's), Triton on TRITON_RING_NEW. The global
+    specs' features must stay placeholders (a ring build never writes [N, D] out)."""
     from fused_contrastive import distributed
 
     original, runs = distributed._run_ring, []
 
-    def run_ring(spec, *args):  # the global spec's features stay placeholders: never [N, D] written out
+    def run_ring(spec, *args, **kwargs):
         assert spec.anchors.stride(0) == 0 and spec.keys.stride(0) == 0, "a ring build wrote its features out"
         runs.append(spec)
-        return original(spec, *args)
+        return original(spec, *args, **kwargs)
 
     cases = [case for case in family_cases(features, labels) if case[0] in RING_NEW] + ring_new_cases(features, labels)
     assert sorted(case[0] for case in cases) == sorted(RING_NEW)
-    weighted = {options["reduction"]: options for options in weighted_options(len(labels))} if world == 2 else {}
+    weighted = {options["reduction"]: options for options in reduction_options(2, len(labels))[1:]}
     distributed._run_ring = run_ring
     try:
-        check_cases(rank, world, lo, hi, cases, backends,
-                    lambda index, name: [{}] + ([weighted[RING_NEW[name]]] if weighted else []),
-                    lambda name, backend: ("ring",) if backend != "triton" or (name in TRITON_RING and world == 2)
-                    else ())
+        for name, loss_fn, per_sample, shared in cases:
+            for options in [{}] + ([weighted[RING_NEW[name]]] if world == 2 else []):
+                full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+                shared_ref = [t.clone().requires_grad_() for t in shared]
+                ref = loss_fn(*full, *shared_ref, backend="reference", **options)
+                upstream = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+                ref_grads = torch.autograd.grad((ref * upstream).sum(),
+                                                [t for t in full if t.requires_grad] + shared_ref)
+                if options.get("reduction") == "none":  # this rank's rows
+                    ref, upstream = ref[lo:hi], upstream[lo:hi]
+                for backend in backends:
+                    if backend == "triton" and (name not in TRITON_RING_NEW or world != 2):
+                        continue
+                    local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+                    shared_local = [t.clone().requires_grad_() for t in shared]
+                    local_options = {k: v[lo:hi] if k == "weight" else v for k, v in options.items()}
+                    loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
+                                   distributed="ring", **local_options)
+                    compare(rank, world, lo, hi, f"{name} {backend} ring {options.get('reduction', 'mean')}", loss,
+                            local, shared_local, upstream, ref, ref_grads)
     finally:
         distributed._run_ring = original
     assert runs  # (the ring driver ran)
