@@ -1,11 +1,11 @@
 """Ring vs gather mode for every loss on 2 gloo ranks, CPU only (chunked backend, float32).
 
-N global feature rows (views losses: N / 2 samples of 2 views; pair losses: N / 2 pairs), split evenly over
-the two processes, D = 128. Per repeat, gather and ring run back to back (interleaved, so a burst of load from
-other processes hits both alike); a call's time is the slower rank's fwd+bwd (barrier before, the maximum over
-ranks after). Medians over the repeats. This measures CPU + gloo on one machine, where the "network" is a
-local socket and both ranks share the same cores: it says what the ring's extra passes cost in compute, not
-what it saves in memory or how it overlaps transfers on GPUs.
+N global feature rows (views losses: N / 2 samples of 2 views, or N / 3 of 3; pair losses: N / 2 pairs; UniCon
+also a universum row per view row), split evenly over the two processes, D = 128. Per repeat, gather and ring
+run back to back (interleaved, so a burst of load from other processes hits both alike); a call's time is the
+slower rank's fwd+bwd (barrier before, the maximum over ranks after). Medians over the repeats. This measures
+CPU + gloo on one machine, where the "network" is a local socket and both ranks share the same cores: it says
+what the ring's extra passes cost in compute, not what it saves in memory or how it overlaps transfers on GPUs.
 
     python bench/ring_overhead.py                       # N = 2048, 4096, 8192
     python bench/ring_overhead.py --sizes 2048 --losses clip,dcl --repeats 2
@@ -41,6 +41,10 @@ def cases(n: int, dim: int, gen: torch.Generator):
     bank_y = torch.randint(0, 100, (1024,), generator=gen)
     centers = torch.nn.functional.normalize(torch.randn(100, dim, generator=gen), dim=-1)
     views, pair = (f, y), (f[:, 0].contiguous(), f[:, 1].contiguous())
+    # three views from 2 N / 3 samples (the same N rows); a universum row per view row
+    f3 = torch.nn.functional.normalize(torch.randn(n // 3, 3, dim, generator=gen), dim=-1)
+    views3 = (f3, torch.randint(0, 100, (n // 3,), generator=gen))
+    universum = torch.nn.functional.normalize(torch.randn(bsz, 2, dim, generator=gen), dim=-1)
     return {
         "supcon": (lambda a, b, **kw: fc.supcon_loss(a, b, temperature=0.1, **kw), views),
         "supcon_in": (lambda a, b, **kw: fc.supcon_loss(a, b, temperature=0.1, variant="in", **kw), views),
@@ -56,6 +60,19 @@ def cases(n: int, dim: int, gen: torch.Generator):
         "hard_negatives": (lambda a, **kw: fc.debiased_contrastive_loss(a, beta=0.5, **kw), views[:1]),
         "bcl": (lambda a, b, **kw: fc.bcl_loss(a, b, class_centers=centers, **kw), views),
         "spread": (lambda a, b, **kw: fc.spread_loss(a, b, **kw), views),
+        # ring mode through the common driver since these were refused (several specs, terms added to the rows,
+        # a universum, PaCo's and TSC's row formulas)
+        "spread_3views": (lambda a, b, **kw: fc.spread_loss(a, b, **kw), views3),
+        "debiased_3views": (lambda a, **kw: fc.debiased_contrastive_loss(a, **kw), views3[:1]),
+        "dclw_learned": (lambda a, **kw: fc.dcl_loss(a, weighted=True, detach_weight=False, **kw), views[:1]),
+        "unicon": (lambda a, u, b, **kw: fc.unicon_loss(a, u, b, **kw), (f, universum, y)),
+        "suncet": (lambda a, b, **kw: fc.suncet_loss(a, b, **kw), views),
+        "eps_in": (lambda a, b, **kw: fc.eps_supinfonce_loss(a, b, form="in", **kw), views),
+        "epsilon_supcon": (lambda a, b, **kw: fc.epsilon_supcon_loss(a, b, **kw), views),
+        "paco": (lambda a, b, **kw: fc.paco_loss(a, b, centers, extra_keys=bank, extra_key_labels=bank_y,
+                                                 normalize=True, **kw), views),
+        "tsc": (lambda q, k, b, **kw: fc.tsc_loss(q, k, b, queue=bank, queue_labels=bank_y, targets=centers[:10],
+                                                 target_labels=torch.arange(10), **kw), pair + (y,)),
     }
 
 

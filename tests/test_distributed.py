@@ -141,7 +141,8 @@ def family_cases(features, labels):
         ("epsilon_supcon", lambda f, y, **kw: fc.epsilon_supcon_loss(f, y, epsilon=0.3, **kw), (features, labels), ()),
         ("paco", lambda f, y, c, **kw: fc.paco_loss(f, y, c, alpha=0.3, beta=0.8, gamma=0.5, supervised_temperature=0.7,
                                                    label_smoothing=0.1, extra_keys=bank, extra_key_labels=bank_labels,
-                                                   contrast_mode="all", **kw), (features, labels), (centers,)),
+                                                   contrast_mode="all", normalize=True, **kw), (features, labels),
+         (centers,)),
         ("tsc", lambda q, k, y, **kw: fc.tsc_loss(q, k, y, queue=bank, queue_labels=bank_labels, targets=centers[:3],
                                                  target_labels=torch.tensor([0, 2, 9]), target_weight=0.4, **kw),
          (features[:, 0], features[:, 1], labels), ()),
@@ -181,11 +182,47 @@ def triton_runs_soft_targets() -> bool:
     return True
 
 
-# Losses whose ring mode is not in the driver yet: distributed="ring" must refuse them (never a wrong number).
-RING_REFUSED = {"spread": "spread_loss", "spread_3views_bank": "spread_loss", "dclw_learned": "dcl_loss",
-                "debiased_3views": "debiased_contrastive_loss", "unicon": "unicon_loss",
-                "suncet_support": "suncet_loss", "eps_in": "eps_supinfonce_loss", "epsilon_supcon": "epsilon_supcon_loss",
-                "paco": "paco_loss", "tsc": "tsc_loss"}
+# Ring mode through the common driver for what it once refused: several specs (spread, debiased with 3 views),
+# terms added to the rows (SuNCEt's and eps form "in"'s constants, DCLW's learned weight, PaCo's center positives,
+# TSC's positives), a third per-sample tensor (UniCon's universum), new row formulas (epsilon-SupCon, PaCo, TSC);
+# each with the weighted reduction it is checked with on 2 ranks.
+RING_NEW = {"spread": "mean", "spread_3views_bank": "none", "dclw_learned": "none", "debiased_3views": "sum",
+            "unicon": "mean", "suncet_support": "none", "eps_in": "sum", "epsilon_supcon": "mean", "paco": "none",
+            "tsc": "mean", "paco_one_offsets": "sum", "unicon_one": "none", "dclw_learned_normalized": "mean",
+            "tsc_plain": "none", "eps_in_one": "mean"}
+
+
+def ring_new_cases(features, labels):
+    """More settings of the losses added to ring mode (as family_cases): contrast_mode="one", normalisation,
+    a learned temperature through the terms added to the rows, PaCo's offsets, TSC with targets and no queue."""
+    gen = torch.Generator().manual_seed(12)
+    centers = torch.nn.functional.normalize(torch.randn(10, 6, dtype=torch.float64, generator=gen), dim=-1)
+    offsets = torch.randn(10, dtype=torch.float64, generator=gen)
+    universum = torch.randn(features.shape, dtype=torch.float64, generator=gen)
+    tau = torch.tensor(0.3, dtype=torch.float64)
+    return [
+        ("paco_one_offsets", lambda f, y, c, **kw: fc.paco_loss(f, y, c, supervised_temperature=0.5, beta=0.5,
+                                                               logit_offsets=offsets, **kw), (features, labels),
+         (centers,)),
+        ("unicon_one", lambda f, u, y, **kw: fc.unicon_loss(f, u, y, contrast_mode="one", normalize=True,
+                                                           base_temperature=0.2, **kw), (features, universum, labels),
+         ()),
+        ("dclw_learned_normalized", lambda f, t, **kw: fc.dcl_loss(f, temperature=t, weighted=True, normalize=True,
+                                                                   detach_weight=False, **kw), (features * 1.5,),
+         (tau,)),
+        ("tsc_plain", lambda q, k, y, t, **kw: fc.tsc_loss(q, k, y, targets=centers[:4], target_labels=[0, 1, 2, 3],
+                                                           temperature=t, normalize=False, **kw),
+         (features[:, 0], features[:, 1], labels), (tau,)),
+        ("eps_in_one", lambda f, y, t, **kw: fc.eps_supinfonce_loss(f, y, form="in", temperature=t, contrast_mode="one",
+                                                                    base_temperature=0.2, **kw), (features, labels),
+         (tau,)),
+    ]
+
+
+# Triton's ring mode on the shapes the ring driver gained: anchors that are not the keys (UniCon's universum), a
+# term carried by a gathered per-sample stat (PaCo's centers, TSC's positives with a zero positive weight), L_in
+# with a per-class bias and a constant term (eps form "in"), several specs with a bank (spread).
+TRITON_RING_NEW = ("unicon", "paco", "tsc", "eps_in", "spread_3views_bank")
 
 
 def reduction_options(world, total):
@@ -221,23 +258,74 @@ def check_family(rank, world, lo, hi, features, labels, backends):
                     local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
                     shared_local = [t.clone().requires_grad_() for t in shared]
                     local_options = {k: v[lo:hi] if k == "weight" else v for k, v in options.items()}
-                    if mode == "ring" and name in RING_REFUSED:
-                        with pytest.raises(ValueError, match=f"{RING_REFUSED[name]}.*distributed='gather'"):
-                            loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
-                                    distributed=mode, **local_options)
+                    if mode == "ring" and name in RING_NEW:  # their ring mode: check_ring_new
                         continue
                     loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
                                    distributed=mode, **local_options)
-                    grads = torch.autograd.grad((loss * upstream).sum(),
-                                                [t for t in local if t.requires_grad] + shared_local)
-                    what = f"rank {rank}/{world} {name} {backend} {mode} {options.get('reduction', 'mean')}"
-                    assert_rel(loss.detach(), ref.detach(), what + " loss")
-                    n_local = sum(t.requires_grad for t in local)
-                    for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
-                        assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
-                    for g, e in zip(grads[n_local:], ref_grads[n_local:]):
-                        dist.all_reduce(g)
-                        assert_rel(g / world, e, what + " shared grad (DDP average)")
+                    compare(rank, world, lo, hi, f"{name} {backend} {mode} {options.get('reduction', 'mean')}", loss,
+                            local, shared_local, upstream, ref, ref_grads)
+
+
+def compare(rank, world, lo, hi, what, loss, local, shared_local, upstream, ref, ref_grads):
+    """This rank's loss and gradients against the global batch's (the loss times ``upstream``): the loss (this
+    rank's rows for "none"), per-sample gradients world x their slice, shared tensors' DDP average."""
+    grads = torch.autograd.grad((loss * upstream).sum(), [t for t in local if t.requires_grad] + shared_local)
+    what = f"rank {rank}/{world} {what}"
+    assert_rel(loss.detach(), ref.detach(), what + " loss")
+    n_local = sum(t.requires_grad for t in local)
+    for i, (g, e) in enumerate(zip(grads[:n_local], ref_grads[:n_local])):
+        assert_rel(g, world * e[lo:hi], f"{what} grad {i}", scale=world * e.norm())
+    for g, e in zip(grads[n_local:], ref_grads[n_local:]):
+        dist.all_reduce(g)
+        assert_rel(g / world, e, what + " shared grad (DDP average)")
+
+
+def check_ring_new(rank, world, lo, hi, features, labels, backends):
+    """The losses the ring driver once refused, in ring mode against the single-process loss (as check_family):
+    the mean, and on 2 ranks one weighted reduction each (RING_NEW's), Triton on TRITON_RING_NEW. The global
+    specs' features must stay placeholders (a ring build never writes [N, D] out)."""
+    from fused_contrastive import distributed
+
+    original, runs = distributed._run_ring, []
+
+    def run_ring(spec, *args, **kwargs):
+        assert spec.anchors.stride(0) == 0 and spec.keys.stride(0) == 0, "a ring build wrote its features out"
+        runs.append(spec)
+        return original(spec, *args, **kwargs)
+
+    cases = [case for case in family_cases(features, labels) if case[0] in RING_NEW] + ring_new_cases(features, labels)
+    assert sorted(case[0] for case in cases) == sorted(RING_NEW)
+    weighted = {options["reduction"]: options for options in reduction_options(2, len(labels))[1:]}
+    distributed._run_ring = run_ring
+    try:
+        for name, loss_fn, per_sample, shared in cases:
+            for options in [{}] + ([weighted[RING_NEW[name]]] if world == 2 else []):
+                full = [t.clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+                shared_ref = [t.clone().requires_grad_() for t in shared]
+                ref = loss_fn(*full, *shared_ref, backend="reference", **options)
+                upstream = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+                ref_grads = torch.autograd.grad((ref * upstream).sum(),
+                                                [t for t in full if t.requires_grad] + shared_ref)
+                if options.get("reduction") == "none":  # this rank's rows
+                    ref, upstream = ref[lo:hi], upstream[lo:hi]
+                for backend in backends:
+                    if backend == "triton" and (name not in TRITON_RING_NEW or world != 2):
+                        continue
+                    local = [t[lo:hi].clone().requires_grad_(t.is_floating_point()) for t in per_sample]
+                    shared_local = [t.clone().requires_grad_() for t in shared]
+                    local_options = {k: v[lo:hi] if k == "weight" else v for k, v in options.items()}
+                    loss = loss_fn(*local, *shared_local, backend=backend, process_group=dist.group.WORLD,
+                                   distributed="ring", **local_options)
+                    compare(rank, world, lo, hi, f"{name} {backend} ring {options.get('reduction', 'mean')}", loss,
+                            local, shared_local, upstream, ref, ref_grads)
+    finally:
+        distributed._run_ring = original
+    assert runs  # (the ring driver ran)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_mode_of_the_once_refused_losses_is_exact(world):
+    spawn(check_ring_new, world)
 
 
 @pytest.mark.slow  # every loss x backend x mode (x reduction on 2 ranks): minutes on a loaded 2-core machine
@@ -317,17 +405,6 @@ def check_agreement(rank, world, lo, hi, features, labels, backends):
         for mode in modes:
             kw = dict(process_group=group) if mode == "gather" else dict(process_group=group, distributed="ring")
             raised_together(f"{what} ({mode})", lambda: call(**kw), world, word)
-
-    # Losses whose ring mode is not in the driver yet: every rank refuses distributed="ring" alike.
-    f3 = torch.cat([f, f[:, :1]], dim=1)
-    refused = [("spread_loss", lambda **kw: fc.spread_loss(f, y, **kw)),
-               ("dcl_loss", lambda **kw: fc.dcl_loss(f, weighted=True, detach_weight=False, **kw)),
-               ("debiased_contrastive_loss", lambda **kw: fc.debiased_contrastive_loss(f3, **kw)),
-               ("unicon_loss", lambda **kw: fc.unicon_loss(f, f.flip(0), y, **kw)),
-               ("suncet_loss", lambda **kw: fc.suncet_loss(f, y, **kw))]
-    for name, call in refused:
-        message = raised_together(f"{name} ring", lambda: call(process_group=group, distributed="ring"), world, name)
-        assert "distributed='gather'" in message, message
 
     # Any other exception before the exchange: that rank re-raises it, the others name it.
     from fused_contrastive import losses

@@ -9,13 +9,17 @@ keys (``local_rows``: a slice of the anchors, the self offset moved with it). No
 size N x N is ever built, and any backend serves the per-rank part.
 
 Ring mode (``distributed="ring"``, every loss): the same ``build`` runs on the global batch's O(N) metadata
-(labels gathered, features replaced by a zero-stride placeholder of the global shape; per-sample scalars a
-loss needs, DCLW's view cosines, gathered too), so class ids, denominator biases and counts are gather mode's.
-Only the key features travel: each rank's shard goes around the ring while this rank's anchors accumulate
-per-row statistics over it (LSEs merge by logaddexp, positive sums by sum; epsilon-SupInfoNCE goes around a
-second time, since each positive's term needs the merged LSE_N). A rank holds its own shard and one incoming
-at a time. The backward sends every shard around again with its key-gradient accumulator. Extra keys, a
-queue and class centers stay home as one more shard (``append_keys`` hands them over while ``build`` runs).
+(labels gathered, features replaced by a zero-stride placeholder of the global shape; per-sample values a
+loss needs from the features, DCLW's view similarities or PaCo's and TSC's dot products with shared tensors,
+computed on each rank and gathered, with their gradient), so class ids, denominator biases and counts are
+gather mode's. Only the key features travel: each rank's shard goes around the ring while this rank's
+anchors accumulate per-row statistics over it (LSEs merge by logaddexp, positive sums by sum;
+epsilon-SupInfoNCE goes around a second time, since each positive's term needs the merged LSE_N). A rank
+holds its own shard and one incoming at a time. The backward sends every shard around again with its
+key-gradient accumulator. Extra keys, a queue and class centers stay home as one more shard (``append_keys``
+hands them over while ``build`` runs). A loss of several specs (one per pair of views) runs one ring per
+spec (``ring_blocks``), each spec saying which of a rank's rows are its anchors and its keys (a view, every
+view, a universum); terms a loss adds to the rows come from the global metadata or the gathered values.
 
 Tensors that are not per sample (a MoCo queue, labelled extra keys, BCL's class centers,
 a learnable temperature or logit scale) are the same on every rank, as DDP keeps
@@ -43,7 +47,7 @@ import dataclasses
 import functools
 import inspect
 import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -595,25 +599,79 @@ def _run_ring(spec: ContrastSpec, extra: Optional[Tensor], anchors: Tensor, keys
         return _Ring.apply(anchors, keys, tau_tensor, extra, plan)
 
 
+def _travels(t) -> bool:
+    """A per-sample input of feature rows (floating, [b, ..., D]): ring mode never gathers it (it stays home as
+    anchors or goes around as keys); the others (labels) are O(N) metadata and are gathered."""
+    return isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 2
+
+
+def _view_major(x: Tensor) -> Tensor:
+    """[b, views, D] as [views * b, D], row v * b + i being view v of sample i (the specs' key order)."""
+    return x.transpose(0, 1).reshape(-1, x.shape[-1])
+
+
+class RingRun(NamedTuple):
+    results: list  # per build: the global "mean" / "sum", or this rank's rows for "none"
+    specs: list  # per build: the global spec (placeholder features, real metadata; reduced)
+    inputs: list  # what every build was called with: placeholders, gathered labels, the gathered sample stat
+    batch: GlobalBatch
+
+
+def ring_blocks(builds, tensors: tuple, places=None, *, group, backend: str, sample_stat=None, reduce=None,
+                weight: Optional[Tensor] = None) -> RingRun:
+    """Ring mode of losses over per-sample inputs, one ring per spec. ``tensors``: this rank's per-sample inputs
+    (one row per sample); the feature tensors (floating, two or more dims: views, a universum, query and key)
+    become zero-stride placeholders of the global batch, the others (labels; None stays None) are gathered.
+    ``sample_stat(*tensors) -> [b, ...]`` (optional): per-sample values computed from this rank's features (a
+    view cosine, an anchor's dot products with shared tensors), gathered (differentiably when they require
+    grad) and passed to every build as its last argument. Each ``build(*inputs)`` is gather mode's, on
+    ``inputs`` (``RingRun.inputs``); ``reduce(spec, global weight) -> spec`` sets its reduction and weights.
+    ``places[k](*tensors) -> (anchors, keys)``: this rank's rows of build k's anchors and keys (the keys before
+    any extra keys), each made of blocks of one row per local sample in the spec's block order; anchors None:
+    the leading rows of the keys (the spec's anchors are its leading keys, self included). A missing place:
+    the views of ``tensors[0]``, view-major, as keys. Normalised here when the spec asks for it. Returns every
+    build's result with the global specs and inputs, for terms the caller adds to the rows (constants of the
+    global metadata, or functions of the gathered sample stat)."""
+    b, device = tensors[0].shape[0], tensors[0].device
+    stat = None if sample_stat is None else sample_stat(*tensors)
+    shapes = tuple(x for t in tensors if _travels(t) for x in (t.dim(), *t.shape[1:]))
+    kept = [None if _travels(t) else t for t in tensors]
+    batch = gather_batch(group, torch.zeros(b, dtype=torch.long, device=device), *kept, stat, weight, layout=shapes)
+    gathered = batch.tensors[1:1 + len(tensors)]
+    inputs = [_placeholder(t, batch.total) if _travels(t) else g for t, g in zip(tensors, gathered)]
+    if sample_stat is not None:
+        inputs.append(batch.tensors[1 + len(tensors)])
+    results, specs = [], []
+    for k, build in enumerate(builds):
+        spec, extra = _build_on_placeholders(build, *inputs)
+        if reduce is not None:
+            spec = reduce(spec, batch.tensors[-1])
+        place = None if places is None else places[k]
+        anchors, keys = (None, _view_major(tensors[0])) if place is None else place(*tensors)
+        if spec.normalize:  # differentiably here, so that every shard is already unit-norm; fp32 for 16-bit inputs
+            keys = normalize_rows(keys, spec.accum_dtype).to(keys.dtype)
+            anchors = None if anchors is None else normalize_rows(anchors, spec.accum_dtype).to(anchors.dtype)
+        key_blocks = (spec.num_keys - (0 if extra is None else extra.shape[0])) // batch.total
+        anchor_blocks = spec.num_anchors // batch.total
+        anchors = keys[:anchor_blocks * b] if anchors is None else anchors
+        assert keys.shape[0] == key_blocks * b and anchors.shape[0] == anchor_blocks * b, "a place's rows do not " \
+            "match its spec's blocks"
+        results.append(_run_ring(spec, extra, anchors, keys, key_blocks, anchor_blocks, batch, group, backend))
+        specs.append(spec)
+    return RingRun(results, specs, inputs, batch)
+
+
 def ring_views(build, features: Tensor, labels: Optional[Tensor], *, contrast_mode: str, group, backend: str,
                sample_stat=None, reduce=None, weight: Optional[Tensor] = None) -> Tensor:
     """Ring mode of a view-stacked loss: ``build(features, labels)`` is gather mode's, applied to the global
     labels (O(N), gathered) and placeholder features; ``sample_stat(features) -> [b]``: a per-sample scalar
-    that ``build`` needs from the features (DCLW's view cosine), gathered and passed as its third argument;
-    ``reduce(spec, global weight) -> spec`` sets the reduction and the per-sample ``weight`` (gathered)."""
-    b, n_views, dim = features.shape
-    ids = torch.zeros(b, dtype=torch.long, device=features.device) if labels is None else labels
-    stat = None if sample_stat is None else sample_stat(features.detach())
-    batch = gather_batch(group, ids, stat, weight, layout=(n_views, dim, labels is None))
-    args = [_placeholder(features, batch.total), None if labels is None else batch.tensors[0]]
-    spec, extra = _build_on_placeholders(build, *args, *([] if stat is None else [batch.tensors[1]]))
-    if reduce is not None:
-        spec = reduce(spec, batch.tensors[2])
-    keys = features.transpose(0, 1).reshape(n_views * b, dim)  # this rank's views, view-major
-    if spec.normalize:  # differentiably here, so that every shard is already unit-norm; fp32 for 16-bit inputs
-        keys = normalize_rows(keys, spec.accum_dtype).to(keys.dtype)
-    anchor_views = n_views if contrast_mode == "all" else 1
-    return _run_ring(spec, extra, keys[:anchor_views * b], keys, n_views, anchor_views, batch, group, backend)
+    that ``build`` needs from the features, detached, gathered and passed as its third argument;
+    ``reduce(spec, global weight) -> spec`` sets the reduction and the per-sample ``weight`` (gathered).
+    The anchors are the spec's (every view, or the first with contrast_mode="one"): the leading keys."""
+    del contrast_mode  # the spec's number of anchors says it
+    stat = None if sample_stat is None else (lambda f, _: sample_stat(f.detach()))
+    return ring_blocks([build], (features, labels), group=group, backend=backend, sample_stat=stat,
+                       reduce=reduce, weight=weight).results[0]
 
 
 def ring_pairs(builds, first: Tensor, second: Tensor, *, group, backend: str, reduce=None,

@@ -119,11 +119,11 @@ def _not_compiled(process_group) -> None:
 
 
 def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", backend: str, process_group,
-                reduction: str = "mean", weight=None, distributed: str = "gather", sample_stat=None) -> Tensor:
+                reduction: str = "mean", weight=None, distributed: str = "gather") -> Tensor:
     """Run ``build(features, labels) -> spec`` on this process's batch, or on the global batch of
     ``process_group`` (each rank computing its own anchors; see fused_contrastive.distributed), reduced as
     ``reduction`` with the per-sample (or per-view) ``weight``; in gather or ring mode (the same ``build`` on
-    the global labels; ``sample_stat``: see distributed.ring_views)."""
+    the global labels)."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("distributed", distributed, ("gather", "ring"))
@@ -135,7 +135,7 @@ def _views_loss(build, features: Tensor, labels, *, contrast_mode: str = "all", 
         return _views_layout(result, reduction, views, contrast_mode)
     # build() validates the global batch: the same inputs on every rank, so every rank raises alike.
     return _gathered_views(process_group, features, labels, contrast_mode, backend, build, reduction, weight,
-                           mode=distributed, sample_stat=sample_stat)
+                           mode=distributed)
 
 
 def _pairs_loss(builds, first: Tensor, second: Tensor, *, backend: str, process_group,
@@ -205,11 +205,10 @@ def eps_supinfonce_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     _check_scale("epsilon", epsilon, _accum_dtype(features), "epsilon", overflows="l_ip - epsilon")
     _check_choice("form", form, ("out", "in"))
     if form == "in":
-        _refuse_ring("eps_supinfonce_loss(form='in')", distributed, process_group)
         return _eps_in(features, labels, epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                        contrast_mode=contrast_mode, backend=backend, process_group=process_group,
-                       extra_keys=extra_keys, extra_key_labels=extra_key_labels, reduction=reduction, weight=weight,
-                       normalize=normalize)
+                       distributed=distributed, extra_keys=extra_keys, extra_key_labels=extra_key_labels,
+                       reduction=reduction, weight=weight, normalize=normalize)
 
     def build(f, y):
         spec = supcon_spec(f, y, temperature=temperature, base_temperature=base_temperature,
@@ -233,7 +232,7 @@ def _log_pos_count(spec: ContrastSpec) -> Tensor:
 
 
 def _eps_in(features, labels, *, epsilon, temperature, base_temperature, contrast_mode, backend, process_group,
-            extra_keys, extra_key_labels, reduction, weight, normalize) -> Tensor:
+            distributed, extra_keys, extra_key_labels, reduction, weight, normalize) -> Tensor:
     """eps-SupInfoNCE's L_in form (see eps_supinfonce_loss): variant "in" with the bias -epsilon - log |P| on
     the anchor's class, minus the variant's log |P_i| (added back as a row term)."""
     _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
@@ -254,7 +253,7 @@ def _eps_in(features, labels, *, epsilon, temperature, base_temperature, contras
 
     blocks = features.shape[1] if contrast_mode == "all" else 1
     return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
-                        adjust=without_log_count, reduction=reduction, weight=weight)
+                        adjust=without_log_count, reduction=reduction, weight=weight, distributed=distributed)
 
 
 @agreed
@@ -268,7 +267,6 @@ def epsilon_supcon_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
     positives. One denominator per anchor (a denominator bias of -epsilon on its class), unlike
     ``eps_supinfonce_loss``'s one per positive. The authors' 1e-6 inside the log is left out.
     """
-    _refuse_ring("epsilon_supcon_loss", distributed, process_group)  # not in the ring driver yet
     epsilon = _number("epsilon", epsilon, 0.0)
     features = _flatten_views(features)
     _check_finite(features=features)
@@ -281,7 +279,7 @@ def epsilon_supcon_loss(features, labels=None, *, epsilon=0.1, temperature=0.1, 
             spec, torch.full((spec.num_classes,), -epsilon, dtype=spec.accum_dtype, device=spec.device)))
 
     return _views_loss(build, features, labels, contrast_mode=contrast_mode, backend=backend,
-                       process_group=process_group, reduction=reduction, weight=weight)
+                       process_group=process_group, distributed=distributed, reduction=reduction, weight=weight)
 
 
 # ----------------------------------------------------------------------------- DCL / DCLW
@@ -316,56 +314,43 @@ def dcl_loss(features, *, temperature=0.1, weighted=False, sigma=0.5, detach_wei
     if weighted:  # DCLW divides a cosine (up to 1) by sigma
         _check_inverse("sigma", sigma, _accum_dtype(features), overflows="cosine / sigma")
 
-    def pair_weight(f, learned):
-        """w per sample, [bsz]: from the cosine (detached) or, learned, from the dot product of the views."""
+    learned = weighted and not detach_weight
+
+    def similarity(f, _):
+        """Per sample, [bsz]: what w is computed from: the cosine of its two views (detached), or, learned, the
+        dot product of the views as the loss sees them (with its gradient). Ring mode computes it on each
+        rank's samples and gathers it: the weight needs every sample's (a softmax over the batch)."""
         acc = _accum_dtype(f)
         first, second = f[:, 0].to(acc), f[:, 1].to(acc)
+        if not learned:
+            with torch.no_grad():
+                return torch.nn.functional.cosine_similarity(first, second, dim=1)
         if normalize:
             first, second = normalize_rows(first, acc), normalize_rows(second, acc)
-        if learned:
-            similarity = (first * second).sum(1)
-        else:
-            similarity = torch.nn.functional.cosine_similarity(first.detach(), second.detach(), dim=1)
-        return 2 - f.shape[0] * torch.softmax(similarity / sigma, dim=0)
+        return (first * second).sum(1)
 
-    def view_cosine(f):  # per sample: the cosine of its two views (the same on normalised rows), detached
-        acc = _accum_dtype(f)
-        with torch.no_grad():
-            return torch.nn.functional.cosine_similarity(f[:, 0].to(acc), f[:, 1].to(acc), dim=1)
+    def pair_weight(s):
+        """w per sample from the similarities s of the whole batch: 2 - bsz softmax_b(s_b / sigma)."""
+        return 2 - s.shape[0] * torch.softmax(s / sigma, dim=0)
 
-    def build(f, _, cosine=None):  # ring mode passes the global batch's cosines (f is then a placeholder)
+    def build(f, _, s=None):
         _views(f, 2, "dcl_loss")  # the (global) batch needs a negative
         spec = supcon_spec(f, temperature=temperature, extra_keys=extra_keys, normalize=normalize)
-        weight = None
-        if weighted:
-            with torch.no_grad():
-                if cosine is None:
-                    weight = pair_weight(f, not detach_weight)
-                else:  # detached weight only: the learned one is refused in ring mode before this
-                    weight = 2 - f.shape[0] * torch.softmax(cosine / sigma, dim=0)
-                weight = weight.repeat(2)
+        weight = None if s is None else pair_weight(s.detach()).repeat(2)  # a constant to the fused loss
         return dataclasses.replace(spec, den_bias=_without_positives(spec), pos_row_weight=weight)
 
-    def weight_gradient(specs, f, _):
+    def weight_gradient(specs, f, _, s):
         """Per anchor row, zero, with the gradient of its loss through w: row i of sample b has the term
-        -w_b l_b (one positive, the other view: l_b = z_b0 . z_b1 / tau), so its derivative in w_b is -l_b,
-        which the rows -(w_b - w_b.detach()) l_b.detach() carry (reduced as the loss's rows are)."""
-        weight = pair_weight(f, True)
-        with torch.no_grad():
-            acc = specs[0].accum_dtype
-            first, second = f[:, 0].to(acc), f[:, 1].to(acc)
-            if normalize:
-                first, second = normalize_rows(first, acc), normalize_rows(second, acc)
-            tau = specs[0].temperature
-            tau = tau.detach().to(acc) if isinstance(tau, Tensor) else tau
-            positive_logit = (first * second).sum(1) / tau
-        return (-(weight - weight.detach()) * positive_logit).repeat(2)
+        -w_b l_b (one positive, the other view: l_b = s_b / tau), so its derivative in w_b is -l_b, which the
+        rows -(w_b - w_b.detach()) l_b.detach() carry (reduced as the loss's rows are)."""
+        weight = pair_weight(s)
+        tau = specs[0].temperature
+        tau = tau.detach().to(s.dtype) if isinstance(tau, Tensor) else tau
+        return (-(weight - weight.detach()) * (s.detach() / tau)).repeat(2)
 
-    adjust = weight_gradient if weighted and not detach_weight else None
     return _blocks_loss([build], (features, None), features.shape[1], backend=backend, process_group=process_group,
-                        adjust=adjust, reduction=reduction, weight=weight, distributed=distributed,
-                        loss="dcl_loss (weighted=True, detach_weight=False)",
-                        sample_stat=view_cosine if weighted else None)
+                        adjust=weight_gradient if learned else None, reduction=reduction, weight=weight,
+                        distributed=distributed, sample_stat=similarity if weighted else None)
 
 
 # ----------------------------------------------------------------------------- InfoNCE / MoCo / CLIP
@@ -538,12 +523,14 @@ def debiased_contrastive_loss(features, *, temperature=0.5, tau_plus=0.1, beta=0
     if n_views == 2:
         builds = [build]
     else:  # one spec per ordered pair of views (u, v): view u's anchors, view v's row of the sample as positive
+        pairs = [(u, v) for u in range(n_views) for v in range(n_views) if u != v]
         builds = [functools.partial(_pair_spec, u=u, v=v, temperature=temperature, normalize=normalize,
-                                    extra_keys=extra_keys, finish=debiased)
-                  for u in range(n_views) for v in range(n_views) if u != v]
+                                    extra_keys=extra_keys, finish=debiased) for u, v in pairs]
+    # ring mode: view u's rows as anchors, every view as keys
+    places = None if n_views == 2 else [functools.partial(_view_pair_rows, u=u, v=None) for u, _ in pairs]
     return _blocks_loss(builds, (features, None), 2 if n_views == 2 else 1, backend=backend,
                         process_group=process_group, reduction=reduction, weight=weight, distributed=distributed,
-                        loss="debiased_contrastive_loss (n_views > 2)")
+                        places=places)
 
 
 # ----------------------------------------------------------------------------- BCL
@@ -634,11 +621,12 @@ def spread_loss(features, labels, *, temperature=0.5, normalize=False, backend="
     _check_choice("normalize", normalize, (False, True))
     extra_keys, extra_key_labels = _bank(extra_keys, extra_key_labels, features)
     n_views = features.shape[1]
+    pairs = [(u, v) for u in range(1, n_views) for v in range(u)]
     builds = [functools.partial(_spread_pair_spec, u=u, v=v, temperature=temperature, normalize=normalize,
-                                extra_keys=extra_keys, extra_key_labels=extra_key_labels)
-              for u in range(1, n_views) for v in range(u)]
+                                extra_keys=extra_keys, extra_key_labels=extra_key_labels) for u, v in pairs]
+    places = [functools.partial(_view_pair_rows, u=u, v=v) for u, v in pairs]  # ring mode: view u's rows, view v's
     return _blocks_loss(builds, (features, labels), 1, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight, distributed=distributed, loss="spread_loss")
+                        reduction=reduction, weight=weight, distributed=distributed, places=places)
 
 
 # ----------------------------------------------------------------------------- more of the family
@@ -670,59 +658,63 @@ def _tau(temperature, acc: torch.dtype):
     return temperature, tau_float
 
 
-def _refuse_ring(loss: str, distributed, process_group) -> None:
-    """A loss whose ring mode is not in the driver yet: distributed="ring" is refused, never run as gather."""
-    _check_choice("distributed", distributed, ("gather", "ring"))
-    if distributed == "ring" and process_group is not None:
-        raise ValueError(f"distributed='ring' is not available for {loss} in this version (use distributed='gather')")
-
-
 def _blocks_loss(builds, tensors: tuple, blocks: int, *, backend: str, process_group, adjust=None,
-                 reduction: str = "mean", weight=None, distributed: str = "gather", loss: str = "",
-                 sample_stat=None) -> Tensor:
+                 reduction: str = "mean", weight=None, distributed: str = "gather", sample_stat=None,
+                 places=None) -> Tensor:
     """The loss over ``build(*tensors) -> spec`` for every build (specs with as many anchor rows each), each
     spec's anchors being ``blocks`` blocks of one row per sample (block-major), on this process's batch or on
-    the global batch of ``process_group`` (the per-sample ``tensors`` gathered; each rank computes its own rows
-    of every block). ``reduction`` over all the specs' rows: "mean" (every spec has the same rows and weights,
-    so the mean of the specs' means), "sum", or "none": ``[bsz, len(builds) * blocks]`` (``[bsz]`` when that
-    is one column). ``weight``: ``[bsz]``, or ``[bsz, blocks]`` (per block) for a single spec.
-    ``adjust(specs, *tensors) -> [Na]`` (the first spec's rows, global): terms added to the rows and reduced
-    with them: constants of the batch, or zero-valued terms carrying a gradient the specs cannot (they see the
-    global tensors: the gather's backward then makes their gradient world_size x this rank's share)."""
+    the global batch of ``process_group``: gather mode (the per-sample ``tensors`` gathered; each rank computes
+    its own rows of every block) or ring mode (one ring per spec; the feature tensors stay home or travel, see
+    distributed.ring_blocks, whose ``places`` say which of this rank's rows are each spec's anchors and keys:
+    by default the views of ``tensors[0]`` are the keys and the anchors their leading rows). ``reduction``
+    over all the specs' rows: "mean" (every spec has the same rows and weights, so the mean of the specs'
+    means), "sum", or "none": ``[bsz, len(builds) * blocks]`` (``[bsz]`` when that is one column).
+    ``weight``: ``[bsz]``, or ``[bsz, blocks]`` (per block) for a single spec.
+    ``sample_stat(*tensors) -> [bsz, ...]``: per-sample values computed from the features (on the gathered
+    batch in gather mode, on this rank's samples and then gathered in ring mode), passed to every build and
+    to ``adjust`` as their last argument. ``adjust(specs, *tensors[, stat]) -> [Na]`` (the first spec's rows,
+    global): terms added to the rows and reduced with them: constants of the batch's metadata, or zero-valued
+    terms carrying a gradient the specs cannot, through the stat. They must not read the features
+    themselves (ring mode passes placeholders); every rank computes all rows from the gathered stat, whose
+    gather's backward makes their gradient world_size x this rank's share."""
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("distributed", distributed, ("gather", "ring"))
     _not_compiled(process_group)
-    if process_group is not None and distributed == "ring":
-        # One spec whose anchors are every view row of (features, labels), nothing added to its rows: the
-        # views loss exactly (same rows, layout and weights), which the ring driver runs.
-        views = len(builds) == 1 and adjust is None and len(tensors) == 2 and blocks == tensors[0].shape[1]
-        if not views:  # several specs, an adjusting term or a third per-sample tensor: not in the driver yet
-            raise ValueError(f"distributed='ring' is not available for {loss} with these arguments in this version "
-                             f"(use distributed='gather')")
-        return _views_loss(builds[0], *tensors, backend=backend, process_group=process_group, reduction=reduction,
-                           weight=weight, distributed="ring", sample_stat=sample_stat)
     bsz, device = tensors[0].shape[0], tensors[0].device
     shapes = [(bsz,)] + ([(bsz, blocks)] if blocks > 1 and len(builds) == 1 else [])
     weight = _check_weight(weight, shapes, device, "one per sample" + (", or per view" if len(shapes) > 1 else ""))
+
+    def reduced(spec, w):  # weights get no gradient of their own with a process group (as run_rows)
+        return _reduced(spec, reduction, w if w is None or process_group is None else w.detach(), blocks)
+
     world, ranges = 1, None
     if process_group is None:
-        specs = [_reduced(build(*tensors), reduction, weight, blocks) for build in builds]
+        args = tensors + (() if sample_stat is None else (sample_stat(*tensors),))
+        specs = [reduced(build(*args), weight) for build in builds]
         results = [compiled.run(spec, backend) for spec in specs]
-    else:
-        from . import distributed
+    elif distributed == "ring":
+        from . import distributed as dist_mode
 
-        batch = distributed.gather_batch(process_group, *tensors, weight)
-        tensors, weight = tuple(batch.tensors[:-1]), batch.tensors[-1]
-        weight = None if weight is None else weight.detach()  # as run_rows: no gradient of their own here
-        specs = [_reduced(build(*tensors), reduction, weight, blocks) for build in builds]
-        ranges = distributed.view_ranges(batch, blocks)
+        run = dist_mode.ring_blocks(builds, tensors, places, group=process_group, backend=backend,
+                                    sample_stat=sample_stat, reduce=reduced, weight=weight)
+        results, specs, args = run.results, run.specs, tuple(run.inputs)
+        ranges = dist_mode.view_ranges(run.batch, blocks)
         world = torch.distributed.get_world_size(process_group)
-        results = [distributed.run_rows(spec, ranges, process_group, backend) for spec in specs]
+    else:
+        from . import distributed as dist_mode
+
+        batch = dist_mode.gather_batch(process_group, *tensors, weight)
+        tensors, weight = tuple(batch.tensors[:-1]), batch.tensors[-1]
+        args = tensors + (() if sample_stat is None else (sample_stat(*tensors),))
+        specs = [reduced(build(*args), weight) for build in builds]
+        ranges = dist_mode.view_ranges(batch, blocks)
+        world = torch.distributed.get_world_size(process_group)
+        results = [dist_mode.run_rows(spec, ranges, process_group, backend) for spec in specs]
     adjusted = None
     if adjust is not None:
         spec = specs[0]
-        adjusted = adjust(specs, *tensors)
+        adjusted = adjust(specs, *args)
         if spec.row_weight is not None:
             adjusted = adjusted * spec.row_weight.to(adjusted.dtype)
         if reduction != "none":
@@ -745,6 +737,19 @@ def _view_rows(f: Tensor, view: int) -> Tensor:
     return f[:, view]
 
 
+def _view_pair_rows(f: Tensor, *_, u: int, v: Optional[int]) -> tuple[Tensor, Tensor]:
+    """Ring mode's rows of a spec with view u as anchors and view v as keys (every view, view-major, when None)."""
+    return _view_rows(f, u), (f.transpose(0, 1).reshape(-1, f.shape[-1]) if v is None else _view_rows(f, v))
+
+
+def _unit_rows(x: Tensor, acc: torch.dtype) -> Tensor:
+    """normalize_rows(x, acc); rows that are all one row (stride 0: ring mode builds on such placeholders) are
+    normalised once and expanded, never written out."""
+    if x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 0:
+        return normalize_rows(x[:1], acc).expand(x.shape)
+    return normalize_rows(x, acc)
+
+
 def _spread_pair_spec(f, y, *, u: int, v: int, temperature, normalize: bool, extra_keys, extra_key_labels
                       ) -> ContrastSpec:
     """Anchors: view u; keys: view v (then the bank); positive: the anchor's own sample; denominator: the
@@ -756,7 +761,7 @@ def _spread_pair_spec(f, y, *, u: int, v: int, temperature, normalize: bool, ext
     keys, key_labels = _view_rows(f, v), ids
     if extra_keys is not None:  # one class numbering for samples and bank, compared as torch.eq
         y = torch.cat(_common_labels(y, extra_key_labels))
-        keys = torch.cat([keys, extra_keys])
+        keys = append_keys(keys, extra_keys)
         key_labels = torch.cat([ids, torch.full((extra_keys.shape[0],), bsz, device=device)])  # never positives
     classes, num_classes = dense_ids(y)
     same = torch.zeros(num_classes, dtype=acc, device=device)
@@ -781,7 +786,7 @@ def _pair_spec(f, _, *, u: int, v: int, temperature, normalize: bool, extra_keys
     groups = ids.repeat(n_views)
     if extra_keys is not None:
         extra_keys, _ = _extra_keys(extra_keys, None, f, labelled=False)
-        keys = torch.cat([keys, extra_keys])
+        keys = append_keys(keys, extra_keys)
         extra = torch.full((extra_keys.shape[0],), bsz, device=device)
         key_labels, groups = torch.cat([key_labels, extra]), torch.cat([groups, extra])
     same = torch.full((bsz + 1,), float("-inf"), dtype=acc, device=device)
@@ -830,7 +835,7 @@ def symmetric_spread_loss(features, labels, *, temperature=0.5, normalize=False,
         return dataclasses.replace(spec, den_bias=den_bias)
 
     return _blocks_loss([build], (features, labels), n_views, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight, distributed=distributed, loss="symmetric_spread_loss")
+                        reduction=reduction, weight=weight, distributed=distributed)
 
 
 def _universum_views(universum, features: Tensor) -> Tensor:
@@ -882,9 +887,13 @@ def unicon_loss(features, universum, labels, *, temperature=0.1, base_temperatur
         anchors = spec.keys if contrast_mode == "all" else spec.keys[: f.shape[0]]
         return dataclasses.replace(spec, anchors=anchors, keys=keys)  # self_offset 0: universum row i is out
 
+    def rows(f, y, u):  # ring mode: the anchor views stay home, the universum rows are the keys that travel
+        anchors = f.transpose(0, 1).reshape(-1, f.shape[-1])[: blocks * f.shape[0]]
+        return anchors, u.transpose(0, 1).reshape(-1, u.shape[-1])
+
     blocks = features.shape[1] if contrast_mode == "all" else 1
     return _blocks_loss([build], (features, labels, universum), blocks, backend=backend, process_group=process_group,
-                        reduction=reduction, weight=weight, distributed=distributed, loss="unicon_loss")
+                        reduction=reduction, weight=weight, distributed=distributed, places=[rows])
 
 
 @agreed
@@ -931,8 +940,7 @@ def suncet_loss(features, labels, *, temperature=0.1, contrast_mode="all", norma
 
     blocks = features.shape[1] if contrast_mode == "all" else 1
     return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
-                        adjust=without_log_count, reduction=reduction, weight=weight, distributed=distributed,
-                        loss="suncet_loss")
+                        adjust=without_log_count, reduction=reduction, weight=weight, distributed=distributed)
 
 
 # ----------------------------------------------------------------------------- PaCo / GPaCo
@@ -971,7 +979,6 @@ def paco_loss(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0
     offsets a per-key denominator bias, the positive weights a per-row scale of the fused positive sum plus
     an O(N D) term for the center positives (the smoothing's sum over every center is ``q_i . sum_k c_k``).
     """
-    _refuse_ring("paco_loss", distributed, process_group)  # not in the ring driver yet
     features = _flatten_views(features)
     _check_finite(features=features)
     if labels is None:
@@ -1017,11 +1024,11 @@ def paco_loss(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0
         raise ValueError("logit_offsets with a learned temperature needs a supervised_temperature (a number): the "
                          "offsets' share o_k / temperature would get no gradient")
 
-    def build(f, y):
+    def build(f, y, _=None):
         _class_index_labels(y, classes, "paco_loss")
         views, queue, centers = f, bank, class_centers
         if normalize:  # the views and the queue only: the centers are used as given
-            views = normalize_rows(f.reshape(-1, f.shape[-1]), acc).reshape(f.shape)
+            views = _unit_rows(f.reshape(-1, f.shape[-1]), acc).reshape(f.shape)
             queue = None if bank is None else normalize_rows(bank, acc)
             centers = centers.to(acc)
         tau, _ = _tau(temperature, acc)
@@ -1056,18 +1063,28 @@ def paco_loss(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0
             row_weight = alpha * count / (alpha * (count - 1) + beta)
         return dataclasses.replace(spec, den_bias=bias, pos_row_weight=row_weight)
 
-    def center_positives(specs, f, y):
+    def anchor_rows(f, _=None):
+        """The anchors as the fused loss sees them (view-major, normalised with ``normalize``) and, in ring mode,
+        the keys they are the leading rows of (the views; the queue and centers are extra keys)."""
+        views = f.transpose(0, 1).reshape(-1, f.shape[-1])
+        return None, _unit_rows(views, acc) if normalize else views
+
+    def center_dots(f, y):
+        """Per sample and anchor view, [bsz, blocks, 2]: q . c_y (its own class's center) and q . sum_k c_k,
+        from this process's (or rank's) features: the O(N D) part of the center positives."""
+        q = anchor_rows(f)[1][: blocks * f.shape[0]].to(acc).reshape(blocks, f.shape[0], -1).transpose(0, 1)
+        centers = class_centers.to(acc)
+        return torch.stack([(q * centers[y.long()][:, None]).sum(-1), q @ centers.sum(0)], dim=-1)
+
+    def center_positives(specs, f, y, dots):
         """What the fused rows lack of the center positives, per anchor row: -c / W_i times
-        (m_own - m_other - alpha) s_iy + m_other sum_k s_ik (offsets included), O(N D)."""
+        (m_own - m_other - alpha) s_iy + m_other sum_k s_ik (offsets included), from the dot products."""
         spec = specs[0]
         spec_acc = spec.accum_dtype
-        q = spec.anchors.to(spec_acc)
-        centers = class_centers.to(spec_acc)
+        own, every = dots.to(spec_acc).transpose(0, 1).reshape(-1, 2).unbind(1)  # view-major anchor rows
         tau = spec.temperature
         inv = (1.0 / tau if supt is None else 1.0 / supt)
         y_rows = y.repeat(blocks)
-        own = (q * centers[y_rows]).sum(1)
-        every = q @ centers.sum(0)
         other_share = smoothing / (classes - 1) if classes > 1 else 0.0
         m_own, m_other = beta * (1.0 - smoothing), beta * other_share
         term = (m_own - m_other - alpha) * own + m_other * every
@@ -1078,8 +1095,11 @@ def paco_loss(features, labels, class_centers, *, alpha=1.0, beta=1.0, gamma=1.0
         c = 1.0 if spec.base_temperature is None else tau / spec.base_temperature
         return -c * inv * term / (alpha * (count - 1) + beta)
 
+    positives = beta > 0
     return _blocks_loss([build], (features, labels), blocks, backend=backend, process_group=process_group,
-                        adjust=center_positives if beta > 0 else None, reduction=reduction, weight=weight)
+                        adjust=center_positives if positives else None, reduction=reduction, weight=weight,
+                        distributed=distributed, sample_stat=center_dots if positives else None,
+                        places=[anchor_rows])
 
 
 # ----------------------------------------------------------------------------- TSC
@@ -1117,9 +1137,10 @@ def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None,
     the queue and targets), O((B + Qn + T) D): ``L_i = A_i log sum_j exp(l_ij) - B_i`` with
     ``A_i = 1 + (1 + n_queue + tw n_targets) / Z_i`` (a per-row factor carried by the row weights).
     ``process_group``: the mean over the global batch (no anchor sees another sample's key, so each rank's
-    rows need only its own pairs; the queue and targets are the same on every rank).
+    rows need only its own pairs; the queue and targets are the same on every rank); ``distributed``
+    "gather" (default) or "ring" as for the other losses (ring mode sends the keys around although only the
+    own key scores: the same loss and gradients, with nothing of the other ranks' keys held at once).
     """
-    _refuse_ring("tsc_loss", distributed, process_group)  # not in the ring driver yet
     _pair("query", query, "key", key)
     _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
     _check_choice("reduction", reduction, REDUCTIONS)
@@ -1154,40 +1175,49 @@ def tsc_loss(query, key, labels, *, queue=None, queue_labels=None, targets=None,
         _, _, queue_count, target_count, _ = class_counts(y)
         return 1 + (1 + queue_count + tw * target_count) / (1 + queue_count + target_count)
 
-    def build(q, k, y):
-        if normalize:
-            q, k = normalize_rows(q, acc), normalize_rows(k, acc)
+    def pair_rows(q, k, _=None):
+        """(query, key) rows as the fused loss sees them (normalised with ``normalize``)."""
+        return (_unit_rows(q, acc), _unit_rows(k, acc)) if normalize else (q, k)
+
+    def build(q, k, y, _=None):
+        q, k = pair_rows(q, k)
         more = [x.to(q.dtype) for x in (bank, targets) if x is not None]
         spec = _info_nce_spec(q, k, temperature, torch.cat(more) if more else None, False, tau_float=tau_float)
         # No positive term: the fused rows are the log-denominators (A_i rides in the row weights).
         return dataclasses.replace(spec, pos_row_weight=torch.zeros(q.shape[0], dtype=spec.accum_dtype,
                                                                      device=q.device))
 
-    def positives(specs, q, k, y):
-        """-B_i / A_i per row: B_i = (l_own + sum_queue l + tw sum_targets l) / Z_i + l_own, the class sums
-        of the (detached) queue and targets dotted with q_i: O((B + Qn + T) D)."""
-        spec = specs[0]
-        spec_acc, rows = spec.accum_dtype, spec.num_anchors
-        qa, ka = spec.anchors.to(spec_acc), spec.keys[:rows].to(spec_acc)
-        tau = spec.temperature.to(spec_acc) if isinstance(spec.temperature, Tensor) else spec.temperature
-        anchor_ids, rest, queue_count, target_count, classes = class_counts(y)
+    def positive_dots(q, k, y):
+        """Per sample, [bsz, 3]: q_i . k_i and q_i dotted with the sums of the (detached) queue rows and targets
+        of its class, from this process's (or rank's) rows: O((B + Qn + T) D)."""
+        qa, ka = (x.to(acc) for x in pair_rows(q, k))
+        anchor_ids, rest, _, _, classes = class_counts(y)
 
-        def class_sum(keys: Optional[Tensor], row_ids: Tensor) -> Tensor:
+        def class_dot(keys: Optional[Tensor], row_ids: Tensor) -> Tensor:
             if keys is None:
-                return torch.zeros(rows, dtype=spec_acc, device=qa.device)
-            keys = keys.detach().to(spec_acc)
-            sums = torch.zeros(classes, keys.shape[1], dtype=spec_acc, device=qa.device).index_add_(0, row_ids, keys)
-            return (qa * sums[anchor_ids]).sum(1) / tau
+                return torch.zeros(qa.shape[0], dtype=acc, device=qa.device)
+            keys = keys.detach().to(acc)
+            sums = torch.zeros(classes, keys.shape[1], dtype=acc, device=qa.device).index_add_(0, row_ids, keys)
+            return (qa * sums[anchor_ids]).sum(1)
 
-        own = (qa * ka).sum(1) / tau
-        total = own + class_sum(bank, rest[:n_queue]) + tw * class_sum(targets, rest[n_queue:])
-        b = total / (1 + queue_count + target_count) + own
+        return torch.stack([(qa * ka).sum(1), class_dot(bank, rest[:n_queue]), class_dot(targets, rest[n_queue:])],
+                           dim=1)
+
+    def positives(specs, q, k, y, dots):
+        """-B_i / A_i per row: B_i = (l_own + sum_queue l + tw sum_targets l) / Z_i + l_own, from the dots."""
+        spec = specs[0]
+        spec_acc = spec.accum_dtype
+        tau = spec.temperature.to(spec_acc) if isinstance(spec.temperature, Tensor) else spec.temperature
+        _, _, queue_count, target_count, _ = class_counts(y)
+        own, queue_dot, target_dot = (dots.to(spec_acc) / tau).unbind(1)
+        b = (own + queue_dot + tw * target_dot) / (1 + queue_count + target_count) + own
         return -b / log_den_scale(y)
 
     scale = log_den_scale(labels)
     row_weight = scale if weight is None else scale * weight.to(scale.dtype)
     result = _blocks_loss([build], (query, key, labels), 1, backend=backend, process_group=process_group,
-                          adjust=positives, reduction="sum" if reduction == "mean" else reduction, weight=row_weight)
+                          adjust=positives, reduction="sum" if reduction == "mean" else reduction, weight=row_weight,
+                          distributed=distributed, sample_stat=positive_dots, places=[pair_rows])
     if reduction != "mean":
         return result
     total = (torch.full((), float(bsz), dtype=result.dtype, device=device) if weight is None
@@ -1538,7 +1568,8 @@ class PaCoLoss(_LossModule):
 
     def __init__(self, class_centers=None, *, alpha=1.0, beta=1.0, gamma=1.0, temperature=0.2,
                  supervised_temperature=None, base_temperature=None, label_smoothing=0.0, logit_offsets=None,
-                 contrast_mode="one", normalize=False, backend="auto", process_group=None, reduction="mean"):
+                 contrast_mode="one", normalize=False, backend="auto", process_group=None, distributed="gather",
+                 reduction="mean"):
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             _number(name, value, 0.0)
         _number("label_smoothing", label_smoothing, 0.0, 1.0)
@@ -1549,11 +1580,13 @@ class PaCoLoss(_LossModule):
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(class_centers=class_centers, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
                          supervised_temperature=supervised_temperature, base_temperature=base_temperature,
                          label_smoothing=label_smoothing, logit_offsets=logit_offsets, contrast_mode=contrast_mode,
-                         normalize=normalize, backend=backend, process_group=process_group, reduction=reduction)
+                         normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
+                         reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, class_centers: Optional[Tensor] = None,
                 extra_keys: Optional[Tensor] = None, extra_key_labels: Optional[Tensor] = None,
@@ -1580,14 +1613,16 @@ class TSCLoss(_LossModule):
 
     fn = staticmethod(tsc_loss)
 
-    def __init__(self, *, target_weight=1.0, temperature=0.07, normalize=True, backend="auto", reduction="mean"):
+    def __init__(self, *, target_weight=1.0, temperature=0.07, normalize=True, backend="auto", process_group=None,
+                 distributed="gather", reduction="mean"):
         _number("target_weight", target_weight, 0.0)
         _check_temperature("temperature", temperature)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(target_weight=target_weight, temperature=temperature, normalize=normalize,
-                         backend=backend, reduction=reduction)
+                         backend=backend, process_group=process_group, distributed=distributed, reduction=reduction)
 
     def forward(self, query: Tensor, key: Tensor, labels: Tensor, *, queue: Optional[Tensor] = None,
                 queue_labels: Optional[Tensor] = None, targets: Optional[Tensor] = None,
@@ -1609,17 +1644,18 @@ class EpsilonSupConLoss(_LossModule):
     fn = staticmethod(epsilon_supcon_loss)
 
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
-                 backend="auto", process_group=None, reduction="mean"):
+                 backend="auto", process_group=None, distributed="gather", reduction="mean"):
         _number("epsilon", epsilon, 0.0)
         _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("normalize", normalize, (False, True))
         _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
+        _check_choice("distributed", distributed, ("gather", "ring"))
         _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                          contrast_mode=contrast_mode, normalize=normalize, backend=backend,
-                         process_group=process_group, reduction=reduction)
+                         process_group=process_group, distributed=distributed, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
