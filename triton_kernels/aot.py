@@ -162,6 +162,15 @@ def jit_source(fn, arch: int, kwargs: dict, num_warps: int, num_stages: int):
     return ASTSource(fn, signature, constexprs, attrs), target, options.__dict__
 
 
+def shape_report(fn, arch: int, kwargs: dict, config) -> tuple[int, int, str]:
+    """(registers, spill bytes, the product instruction: wgmma / mma.sync / fma) of ``fn`` compiled for sm_<arch>
+    with ``kwargs`` and one tile ``config``, as a launch would compile it: every kernel file's AOT check."""
+    src, target, options = jit_source(fn, arch, {**kwargs, **config.kwargs}, config.num_warps, config.num_stages)
+    ptx = triton.compile(src, target=target, options=options).asm["ptx"]
+    regs, spills, _ = _ptxas_report(ptx, arch)
+    return regs, spills, "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
+
+
 def compile_jit_like(kernel: str, arch: int, dtype: str, dim: int, config, use_mask: bool = False,
                      variant: str = "out", den_bias: bool = False, normalize: bool = False):
     """The compiled kernel (asm: ttir ... ptx, cubin) a launch with real-shaped arguments would run."""

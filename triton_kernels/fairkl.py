@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_contrastive.triton_kernels.siglip import TILE_CONFIGS as SIGLIP_TILE_CONFIGS
 from fused_contrastive.triton_kernels.supcon import (FP32_MAX_D, INTERPRETER, INT32_LIMIT, MAX_D, _autotune_options,
                                                      _config, _device_guard, _interpreting, _load_rows, _precision,
                                                      _row_offset)
@@ -128,13 +129,7 @@ def _fairkl_grad_kernel(X, Y, XY, XB, YY, YB, COEF, SCALE, DX, Na, M, D,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by input width and BLOCK_D bucket. The gradient kernel holds
 # SigLIP's dX accumulator ([BLOCK_M, BLOCK_D] fp32) and one tile, the moments kernel less (eight row sums):
 # SigLIP's table, checked for both kernels with aot.py (bench/results/triton_aot_fairkl_sm80_sm90.txt).
-TILE_CONFIGS = {
-    2: {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-        128: [(128, 64, 8, 3), (64, 32, 4, 4)],
-        256: [(64, 32, 8, 3), (16, 32, 4, 2)],
-        512: [(32, 32, 8, 2), (16, 32, 8, 2)]},
-    4: {64: [(16, 32, 4, 2)]},
-}
+TILE_CONFIGS = SIGLIP_TILE_CONFIGS
 TUNING_KEY = ["D", "N_BUCKET", "PRECISION"]
 
 
@@ -258,14 +253,7 @@ def aot_reports(arch: int, dtype: str, dim: int):
     out = []
     for name, kernel in kernels.items():
         for shape in _shapes(feats.element_size(), args["BLOCK_D"], n):
-            config = _config(shape)
-            src, target, options = aot.jit_source(kernel, arch, {**args, **extra[name], **config.kwargs},
-                                                  config.num_warps, config.num_stages)
-            compiled = triton.compile(src, target=target, options=options)
-            ptx = compiled.asm["ptx"]
-            regs, spills, _ = aot._ptxas_report(ptx, arch)
-            mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
-            out.append((name, shape, regs, spills, mma))
+            out.append((name, shape, *aot.shape_report(kernel, arch, {**args, **extra[name]}, _config(shape))))
     return out
 
 

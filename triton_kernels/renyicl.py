@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_contrastive.triton_kernels.siglip import TILE_CONFIGS as SIGLIP_TILE_CONFIGS
 from fused_contrastive.triton_kernels.supcon import (FP32_MAX_D, INTERPRETER, INT32_LIMIT, MAX_D, _autotune_options,
                                                      _config, _device_guard, _interpreting, _load_rows, _precision,
                                                      _row_offset)
@@ -165,13 +166,7 @@ def _renyi_bwd_dk_kernel(Q, K, QS, KS, POS_COL, PARAMS, DK, R, M, D,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by input width and BLOCK_D bucket: the SigLIP kernels' table
 # (the same [BLOCK, BLOCK_D] fp32 accumulator in the backward, less in the forward); checked for spills on
 # sm_80 / sm_90 by aot_reports (bench/results/triton_aot_renyicl_cacr_sm80_sm90.txt).
-TILE_CONFIGS = {
-    2: {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-        128: [(128, 64, 8, 3), (64, 32, 4, 4)],
-        256: [(64, 32, 8, 3), (16, 32, 4, 2)],
-        512: [(32, 32, 8, 2), (16, 32, 8, 2)]},
-    4: {64: [(16, 32, 4, 2)]},
-}
+TILE_CONFIGS = SIGLIP_TILE_CONFIGS
 TUNING_KEY = ["D", "N_BUCKET", "PRECISION"]
 
 
@@ -350,14 +345,7 @@ def aot_table(kernels: dict, launch_args: dict, arch: int, elem_bytes: int, bloc
     for name, tuned in kernels.items():
         kernel = tuned.kernel
         for shape in tile_shapes(elem_bytes, block_d, 1 << 15, arch, tuned.drop):
-            config = _config(shape)
-            src, target, options = aot.jit_source(kernel, arch, {**launch_args[name], **config.kwargs},
-                                                  config.num_warps, config.num_stages)
-            compiled = triton.compile(src, target=target, options=options)
-            ptx = compiled.asm["ptx"]
-            regs, spills, _ = aot._ptxas_report(ptx, arch)
-            mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
-            out.append((name, shape, regs, spills, mma))
+            out.append((name, shape, *aot.shape_report(kernel, arch, launch_args[name], _config(shape))))
     return out
 
 

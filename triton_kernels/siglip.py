@@ -328,14 +328,7 @@ def aot_reports(arch: int, dtype: str, dim: int, positives: str = "diagonal"):
     out = []
     for name, kernel in kernels.items():
         for shape in shapes:
-            config = _config(shape)
-            src, target, options = aot.jit_source(kernel, arch, {**args, **extra[name], **config.kwargs},
-                                                  config.num_warps, config.num_stages)
-            compiled = triton.compile(src, target=target, options=options)
-            ptx = compiled.asm["ptx"]
-            regs, spills, _ = aot._ptxas_report(ptx, arch)
-            mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
-            out.append((name, shape, regs, spills, mma))
+            out.append((name, shape, *aot.shape_report(kernel, arch, {**args, **extra[name]}, _config(shape))))
     return out
 
 

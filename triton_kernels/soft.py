@@ -594,14 +594,7 @@ def aot_reports(arch: int, dtype: str, dim: int, kind: str = "teacher", width: i
     for name, kernel in kernels.items():
         family = "norm" if name == "norm" else "tile"
         for shape in tile_shapes(family, q.element_size(), args["BLOCK_D"], 1 << 15):
-            config = _config(shape)
-            src, target_gpu, options = aot.jit_source(kernel, arch, {**extra[name], **config.kwargs}, config.num_warps,
-                                                      config.num_stages)
-            compiled = triton.compile(src, target=target_gpu, options=options)
-            ptx = compiled.asm["ptx"]
-            regs, spills, _ = aot._ptxas_report(ptx, arch)
-            mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma (no tensor cores)")
-            out.append((name, shape, regs, spills, mma))
+            out.append((name, shape, *aot.shape_report(kernel, arch, extra[name], _config(shape))))
     return out
 
 
