@@ -93,13 +93,11 @@ def torch_grads(X, Y, diag, terms, acc, need_dx=True, need_dy=True, step: Option
 
 
 def _triton():
-    from .triton_kernels import cacr as kernels
-
-    return kernels
+    return dispatch.triton_kernels("cacr")[0]
 
 
 def _triton_why_not(spec) -> Optional[str]:
-    module, reason = dispatch._triton_module()
+    module, reason = dispatch.triton_kernels("cacr")
     if module is None:
         return reason
     from .triton_kernels import renyicl as shared

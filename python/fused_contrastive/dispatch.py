@@ -36,15 +36,19 @@ class Backend:
     auto_why_not: Optional[Callable[[ContrastSpec], Optional[str]]] = None
 
 
-def _triton_module():
-    """The Triton kernels' module, or the reason it cannot be used."""
+def triton_kernels(name: str = "supcon"):
+    """(the Triton kernels' module ``triton_kernels/<name>.py``, None), or (None, the reason it cannot be used):
+    every loss family's Triton backend asks here."""
     if importlib.util.find_spec("triton") is None:
         return None, "triton is not installed (pip install 'fused_contrastive[triton]')"
     try:
-        from .triton_kernels import supcon
+        module = importlib.import_module(f"{__package__}.triton_kernels.{name}")
     except Exception as err:  # a broken or too old Triton: say so instead of failing the loss
         return None, f"importing the Triton kernels failed: {type(err).__name__}: {err}"
-    return supcon, None
+    return module, None
+
+
+_triton_module = triton_kernels
 
 
 def _triton_why_not(spec: ContrastSpec) -> Optional[str]:

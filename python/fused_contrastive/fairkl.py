@@ -30,7 +30,6 @@ float64 (the oracle), ``chunked`` row blocks in PyTorch, ``triton`` the kernels 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from typing import Callable, Optional
 
 import torch
@@ -40,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from . import chunked, dispatch
 from .compiled import deferred_errors
-from .distributed import _exchanged_sizes, _gather_rows, agreed, check_group, gather_batch, ring_visit
+from .distributed import _exchanged_sizes, agreed, check_group, gather_batch, ring_visit
 from .losses import (CONTRAST_MODES, _LossModule, _accum_dtype, _as_labels, _check_base_temperature, _check_choice,
                      _check_finite, _check_nan_labels, _check_temperature, _flatten_views, dense_ids)
 from .family import _number, _tau, eps_supinfonce_loss
@@ -128,13 +127,7 @@ class FairKLBackend:
 
 
 def _triton_module():
-    if importlib.util.find_spec("triton") is None:
-        return None, "triton is not installed (pip install 'fused_contrastive[triton]')"
-    try:
-        from .triton_kernels import fairkl
-    except Exception as err:  # a broken or too old Triton: say so instead of failing the loss
-        return None, f"importing the Triton kernels failed: {type(err).__name__}: {err}"
-    return fairkl, None
+    return dispatch.triton_kernels("fairkl")
 
 
 def _triton_why_not(z: Tensor) -> Optional[str]:

@@ -45,7 +45,7 @@ import numbers
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import compiled, dispatch
 from .compiled import compiling, deferred_errors, require

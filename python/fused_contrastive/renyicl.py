@@ -123,13 +123,11 @@ def torch_grads(Q, K, pos_col, inv_tau: float, gamma: float, shift, factor, pos_
 
 
 def _triton():
-    from .triton_kernels import renyicl as kernels
-
-    return kernels
+    return dispatch.triton_kernels("renyicl")[0]
 
 
 def _triton_why_not(spec) -> Optional[str]:
-    module, reason = dispatch._triton_module()
+    module, reason = dispatch.triton_kernels("renyicl")
     if module is None:
         return reason
     return _triton().why_not(spec.dtype, spec.device, spec.dim)

@@ -21,7 +21,6 @@ around the online LSE and per-class positive sums, none of which this loss has.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import numbers
 import os
@@ -203,13 +202,7 @@ class SigLipBackend:
 
 
 def _triton_module():
-    if importlib.util.find_spec("triton") is None:
-        return None, "triton is not installed (pip install 'fused_contrastive[triton]')"
-    try:
-        from .triton_kernels import siglip
-    except Exception as err:
-        return None, f"importing the Triton kernels failed: {type(err).__name__}: {err}"
-    return siglip, None
+    return dispatch.triton_kernels("siglip")
 
 
 def _triton_why_not(spec):
