@@ -417,9 +417,6 @@ class CACRLoss(_LossModule):
                             ("rbf_t", rbf_t)):
             _number(name, value)
         _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("reduction", reduction, REDUCTIONS)
         _check_choice("cost", cost, COSTS)
         _check_choice("choice", choice, CHOICES)
         _check_choice("debiased", debiased, (False, True))

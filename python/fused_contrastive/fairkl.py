@@ -41,7 +41,7 @@ from . import chunked, dispatch
 from .compiled import deferred_errors
 from .distributed import _exchanged_sizes, agreed, check_group, gather_batch, ring_visit
 from .losses import (CONTRAST_MODES, _LossModule, _accum_dtype, _as_labels, _check_base_temperature, _check_choice,
-                     _check_finite, _check_nan_labels, _check_temperature, _flatten_views, dense_ids)
+                     _check_finite, _check_nan_labels, _flatten_views, dense_ids)
 from .family import _number, _tau, eps_supinfonce_loss
 from .spec import normalize_rows
 
@@ -391,11 +391,8 @@ class FairKLLoss(_LossModule):
         _number("epsilon", epsilon, 0.0)
         _number("fairkl_weight", fairkl_weight, 0.0)
         _number("kld", kld, 0.0)
-        _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("reduction", reduction, ("mean", "sum"))
         _check_choice("distributed", distributed, DISTRIBUTED_MODES)
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,

@@ -1254,13 +1254,8 @@ class EpsSupInfoNCELoss(_LossModule):
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", backend="auto",
                  process_group=None, distributed="gather", normalize=False, reduction="mean", form="out"):
         _number("epsilon", epsilon, 0.0)
-        _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("reduction", reduction, REDUCTIONS)
         _check_choice("form", form, ("out", "in"))
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                          contrast_mode=contrast_mode, backend=backend, process_group=process_group,
@@ -1285,14 +1280,9 @@ class DCLLoss(_LossModule):
 
     def __init__(self, *, temperature=0.1, weighted=False, sigma=0.5, detach_weight=True, normalize=False,
                  backend="auto", process_group=None, distributed="gather", reduction="mean"):
-        _check_temperature("temperature", temperature)
         _check_choice("weighted", weighted, (False, True))
         _check_sigma(sigma)
         _check_choice("detach_weight", detach_weight, (False, True))
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, detach_weight=detach_weight,
                          normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
                          reduction=reduction)
@@ -1316,13 +1306,8 @@ class InfoNCELoss(_LossModule):
 
     def __init__(self, *, temperature=0.1, in_batch_negatives=True, symmetric=False, backend="auto",
                  process_group=None, distributed="gather", normalize=False, reduction="mean"):
-        _check_temperature("temperature", temperature)
         _check_choice("in_batch_negatives", in_batch_negatives, (False, True))
         _check_choice("symmetric", symmetric, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, in_batch_negatives=in_batch_negatives, symmetric=symmetric,
                          backend=backend, process_group=process_group, distributed=distributed, normalize=normalize,
                          reduction=reduction)
@@ -1352,10 +1337,6 @@ class ClipLoss(_LossModule):
         if logit_scale is not None:
             _check_logit_scale(logit_scale)
         _check_logit_bias(logit_bias)
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
                          process_group=process_group, distributed=distributed, normalize=normalize, reduction=reduction)
 
@@ -1383,13 +1364,8 @@ class DebiasedContrastiveLoss(_LossModule):
 
     def __init__(self, *, temperature=0.5, tau_plus=0.1, beta=0.0, normalize=False, backend="auto",
                  process_group=None, distributed="gather", reduction="mean"):
-        _check_temperature("temperature", temperature)
         _number("tau_plus", tau_plus, 0.0, 1.0, closed_high=False)
         _number("beta", beta, 0.0)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, normalize=normalize, backend=backend,
                          process_group=process_group, distributed=distributed, reduction=reduction)
 
@@ -1413,15 +1389,10 @@ class BCLLoss(_LossModule):
     def __init__(self, *, temperature=0.1, class_centers=None, backend="auto", process_group=None,
                  distributed="gather", normalize=False,
                  reduction="mean"):
-        _check_temperature("temperature", temperature)
-        _check_choice("normalize", normalize, (False, True))
         if class_centers is not None and (not isinstance(class_centers, Tensor) or class_centers.dim() != 2
                                           or not class_centers.is_floating_point()):
             shape = tuple(class_centers.shape) if isinstance(class_centers, Tensor) else type(class_centers).__name__
             raise ValueError(f"class_centers must be a floating tensor of shape [C, D], got {shape}")
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, class_centers=class_centers, backend=backend,
                          process_group=process_group, distributed=distributed, normalize=normalize, reduction=reduction)
 
@@ -1447,14 +1418,8 @@ class SpreadLoss(_LossModule):
 
     def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, distributed="gather",
                  reduction="mean"):
-        _check_temperature("temperature", temperature)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
-              distributed=distributed,
-                         reduction=reduction)
+                         distributed=distributed, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
@@ -1474,14 +1439,8 @@ class SymmetricSpreadLoss(_LossModule):
 
     def __init__(self, *, temperature=0.5, normalize=False, backend="auto", process_group=None, distributed="gather",
                  reduction="mean"):
-        _check_temperature("temperature", temperature)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, normalize=normalize, backend=backend, process_group=process_group,
-              distributed=distributed,
-                         reduction=reduction)
+                         distributed=distributed, reduction=reduction)
 
     def forward(self, features: Tensor, labels: Tensor, *, extra_keys: Optional[Tensor] = None,
                 extra_key_labels: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
@@ -1506,13 +1465,8 @@ class UniConLoss(_LossModule):
 
     def __init__(self, *, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
                  backend="auto", process_group=None, distributed="gather", reduction="mean"):
-        _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
                          normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
                          reduction=reduction)
@@ -1537,12 +1491,7 @@ class SuNCEtLoss(_LossModule):
     def __init__(self, *, temperature=0.1, contrast_mode="all", normalize=False, backend="auto", process_group=None,
                  distributed="gather",
                  reduction="mean"):
-        _check_temperature("temperature", temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, contrast_mode=contrast_mode, normalize=normalize, backend=backend,
                          process_group=process_group, distributed=distributed, reduction=reduction)
 
@@ -1573,15 +1522,10 @@ class PaCoLoss(_LossModule):
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             _number(name, value, 0.0)
         _number("label_smoothing", label_smoothing, 0.0, 1.0)
-        _check_temperature("temperature", temperature)
         if supervised_temperature is not None:
             _number("supervised_temperature", supervised_temperature, 0.0)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(class_centers=class_centers, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
                          supervised_temperature=supervised_temperature, base_temperature=base_temperature,
                          label_smoothing=label_smoothing, logit_offsets=logit_offsets, contrast_mode=contrast_mode,
@@ -1616,11 +1560,6 @@ class TSCLoss(_LossModule):
     def __init__(self, *, target_weight=1.0, temperature=0.07, normalize=True, backend="auto", process_group=None,
                  distributed="gather", reduction="mean"):
         _number("target_weight", target_weight, 0.0)
-        _check_temperature("temperature", temperature)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(target_weight=target_weight, temperature=temperature, normalize=normalize,
                          backend=backend, process_group=process_group, distributed=distributed, reduction=reduction)
 
@@ -1646,13 +1585,8 @@ class EpsilonSupConLoss(_LossModule):
     def __init__(self, *, epsilon=0.1, temperature=0.1, base_temperature=None, contrast_mode="all", normalize=False,
                  backend="auto", process_group=None, distributed="gather", reduction="mean"):
         _number("epsilon", epsilon, 0.0)
-        _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(epsilon=epsilon, temperature=temperature, base_temperature=base_temperature,
                          contrast_mode=contrast_mode, normalize=normalize, backend=backend,
                          process_group=process_group, distributed=distributed, reduction=reduction)

@@ -468,6 +468,16 @@ def _show(value) -> str:
     return f"{kind}(shape={tuple(value.shape)}, dtype={value.dtype})"
 
 
+def _choice(options):
+    return lambda name, value: _check_choice(name, value, options)
+
+
+# The settings every loss module shares, checked by name in _LossModule.__init__.
+_SHARED_SETTING_CHECKS = {"temperature": _check_temperature, "normalize": _choice((False, True)),
+                          "backend": _choice(dispatch.BACKEND_CHOICES), "distributed": _choice(("gather", "ring")),
+                          "reduction": _choice(REDUCTIONS)}
+
+
 class _LossModule(nn.Module):
     """What every loss module shares: its settings (the functional form's non-per-call arguments) stored as
     attributes, tensors among them registered (an ``nn.Parameter`` as a parameter, a plain tensor as a buffer,
@@ -478,8 +488,13 @@ class _LossModule(nn.Module):
     fn = None  # the functional form
 
     def __init__(self, **settings):
-        """Validate the settings (a ValueError naming a bad one) and store them; see the class docstring."""
+        """Validate the settings every loss shares by name (temperature, normalize, backend, distributed,
+        reduction: a ValueError naming a bad one; the subclass checks its own first) and store them; see the
+        class docstring."""
         super().__init__()
+        for name, check in _SHARED_SETTING_CHECKS.items():
+            if name in settings:
+                check(name, settings[name])
         self._setting_names = tuple(settings)
         for name, value in settings.items():
             if isinstance(value, nn.Parameter):
@@ -534,15 +549,10 @@ class SupConLoss(_LossModule):
     def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07, *, no_positive="zero",
                  normalize=False, variant="out", backend="auto", process_group=None, distributed="gather",
                  reduction="mean"):
-        _check_temperature("temperature", temperature)
         _check_base_temperature(base_temperature)
         _check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
         _check_choice("no_positive", no_positive, NO_POSITIVE_MODES)
-        _check_choice("normalize", normalize, (False, True))
         _check_choice("variant", variant, VARIANTS)
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, contrast_mode=contrast_mode, base_temperature=base_temperature,
                          no_positive=no_positive, normalize=normalize, variant=variant, backend=backend,
                          process_group=process_group, distributed=distributed, reduction=reduction)

@@ -424,8 +424,6 @@ class RenyiCLLoss(_LossModule):
         _number("temperature", temperature, 0.0)
         _number("alpha", alpha, 0.0, 1.0)
         _number("gamma", gamma)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
         _check_choice("distributed", distributed, DISTRIBUTED_MODES)
         super().__init__(temperature=temperature, alpha=alpha, gamma=gamma, normalize=normalize, backend=backend,
                          process_group=process_group, distributed=distributed)

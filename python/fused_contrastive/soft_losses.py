@@ -207,13 +207,8 @@ class SCELoss(_LossModule):
 
     def __init__(self, *, temperature=0.1, teacher_temperature=0.07, lam=0.5, normalize=False, backend="auto",
                  process_group=None, distributed="gather", reduction="mean"):
-        _check_temperature("temperature", temperature)
         _check_temperature("teacher_temperature", teacher_temperature)
         _number("lam", lam, 0.0, 1.0)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, teacher_temperature=teacher_temperature, lam=lam,
                          normalize=normalize, backend=backend, process_group=process_group, distributed=distributed,
                          reduction=reduction)
@@ -235,12 +230,7 @@ class CoMatchLoss(_LossModule):
 
     def __init__(self, *, temperature=0.2, threshold=0.8, normalize=False, backend="auto", process_group=None,
                  distributed="gather", reduction="mean"):
-        _check_temperature("temperature", temperature)
         _number("threshold", threshold, 0.0, 1.0)
-        _check_choice("normalize", normalize, (False, True))
-        _check_choice("backend", backend, dispatch.BACKEND_CHOICES)
-        _check_choice("distributed", distributed, ("gather", "ring"))
-        _check_choice("reduction", reduction, REDUCTIONS)
         super().__init__(temperature=temperature, threshold=threshold, normalize=normalize, backend=backend,
                          process_group=process_group, distributed=distributed, reduction=reduction)
 
