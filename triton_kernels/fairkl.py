@@ -22,9 +22,8 @@ import triton
 import triton.language as tl
 
 from fused_contrastive.triton_kernels.siglip import TILE_CONFIGS as SIGLIP_TILE_CONFIGS
-from fused_contrastive.triton_kernels.supcon import (FP32_MAX_D, INTERPRETER, INT32_LIMIT, MAX_D, _autotune_options,
-                                                     _config, _device_guard, _interpreting, _load_rows, _precision,
-                                                     _row_offset)
+from fused_contrastive.triton_kernels.supcon import (INT32_LIMIT, INTERPRETER, rows_why_not, _autotune_options, _config,
+                                                     _device_guard, _interpreting, _load_rows, _precision, _row_offset)
 
 
 @triton.jit
@@ -172,19 +171,7 @@ fairkl_grad = TunedKernel(_fairkl_grad_kernel)
 
 def why_not(z: torch.Tensor) -> str | None:
     """Why these kernels cannot take rows ``z`` [N, D] (None: they can)."""
-    if z.device.type != "cuda" and not _interpreting():
-        return f"inputs are on {z.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
-    dim = z.shape[1]
-    if dim > MAX_D:
-        return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
-    if _interpreting():
-        return None
-    if z.dtype == torch.float64:
-        return "float64 inputs: the kernels use tensor cores (fp32/fp16/bf16); use chunked or reference"
-    if z.dtype == torch.float32 and dim > FP32_MAX_D:
-        return (f"float32 inputs with D = {dim} > {FP32_MAX_D}: whole fp32 rows would spill registers; pass bf16/fp16 "
-                "features, or use chunked (cuBLAS) for fp32")
-    return None
+    return rows_why_not(z.dtype, z.device, z.shape[1])
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

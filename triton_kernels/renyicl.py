@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 
 from fused_contrastive.triton_kernels.siglip import TILE_CONFIGS as SIGLIP_TILE_CONFIGS
-from fused_contrastive.triton_kernels.supcon import (FP32_MAX_D, INTERPRETER, INT32_LIMIT, MAX_D, _autotune_options,
-                                                     _config, _device_guard, _interpreting, _load_rows, _precision,
-                                                     _row_offset)
+from fused_contrastive.triton_kernels.supcon import (INT32_LIMIT, INTERPRETER, rows_why_not, _autotune_options, _config,
+                                                     _device_guard, _interpreting, _load_rows, _precision, _row_offset)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -219,21 +218,9 @@ renyi_dk_kernel = TunedKernel(_renyi_bwd_dk_kernel, "K", "R", "M")
 
 def why_not(dtype: torch.dtype, device: torch.device, dim: int, fp16_ok: bool = True) -> str | None:
     """Why these kernels cannot run features of this dtype, device and width (None: they can)."""
-    if device.type != "cuda" and not _interpreting():
-        return f"inputs are on {device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
-    if dim > MAX_D:
-        return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
-    if dtype == torch.float16 and not fp16_ok:
-        return ("float16 inputs: the gradient tiles' weights would fall into fp16's subnormals; pass bfloat16 or "
-                "float32 features")
-    if _interpreting():
-        return None
-    if dtype == torch.float64:
-        return "float64 inputs: the kernels use tensor cores (fp32/fp16/bf16); use chunked or reference"
-    if dtype == torch.float32 and dim > FP32_MAX_D:
-        return (f"float32 inputs with D = {dim} > {FP32_MAX_D}: whole fp32 rows would spill registers; pass bf16 "
-                "features, or use chunked (cuBLAS) for fp32")
-    return None
+    return rows_why_not(dtype, device, dim, None if fp16_ok else (
+        "float16 inputs: the gradient tiles' weights would fall into fp16's subnormals; pass bfloat16 or float32 "
+        "features"))
 
 
 def offsets_64(*tensors) -> bool:

@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_contrastive.triton_kernels.supcon import (FP32_MAX_D, INTERPRETER, INT32_LIMIT, MAX_D, _autotune_options,
-                                                     _config, _device_guard, _interpreting, _load_rows, _precision,
-                                                     _row_offset)
+from fused_contrastive.triton_kernels.supcon import (INT32_LIMIT, INTERPRETER, rows_why_not, _autotune_options, _config,
+                                                     _device_guard, _interpreting, _load_rows, _precision, _row_offset)
 
 # ----------------------------------------------------------------------------- tile helpers
 
@@ -225,20 +224,7 @@ POSITIVE_CODES = {"none": 0, "diagonal": 1, "labels": 2, "mask": 3}
 
 def why_not(spec) -> str | None:
     """Why these kernels cannot run the SigLIP spec (None: they can)."""
-    images = spec.images
-    if images.device.type != "cuda" and not _interpreting():
-        return f"inputs are on {images.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
-    dim = images.shape[1]
-    if dim > MAX_D:
-        return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
-    if _interpreting():
-        return None
-    if images.dtype == torch.float64:
-        return "float64 inputs: the kernels use tensor cores (fp32/fp16/bf16); use chunked or reference"
-    if images.dtype == torch.float32 and dim > FP32_MAX_D:
-        return (f"float32 inputs with D = {dim} > {FP32_MAX_D}: whole fp32 rows would spill registers; pass bf16/fp16 "
-                "features, or use chunked (cuBLAS) for fp32")
-    return None
+    return rows_why_not(spec.images.dtype, spec.images.device, spec.images.shape[1])
 
 
 def _offsets_64(spec) -> bool:

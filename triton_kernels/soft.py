@@ -34,10 +34,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from fused_contrastive.spec import inverse_pos_count, reduce_rows
-from fused_contrastive.triton_kernels.supcon import (FP32_MAX_D, INTERPRETER, LOG2E, MAX_D, _autotune_options,
+from fused_contrastive.triton_kernels.supcon import (INTERPRETER, LOG2E, offsets_64, rows_why_not, _autotune_options,
                                                      _config, _den_bias, _device_guard, _interpreting, _load_rows,
-                                                     _log_of_sum, _normalized, _online_lse, _precision, _row_offset,
-                                                     offsets_64)
+                                                     _log_of_sum, _normalized, _online_lse, _precision, _row_offset)
 
 KINDS = {"teacher": 0, "graph": 1}
 
@@ -344,17 +343,7 @@ def why_not(spec) -> str | None:
         return f"no kernel for the soft target kind {spec.soft_target.kind!r}"
     if spec.mask is not None or spec.variant != "out":
         return "soft per-pair targets take labels and the plain softmax row (no dense mask, no other row formula)"
-    dim = spec.keys.shape[1]
-    if dim > MAX_D:
-        return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
-    if _interpreting():
-        return None
-    if spec.keys.dtype == torch.float64:
-        return "float64 inputs: the kernels use tensor cores (fp32/fp16/bf16); use chunked or reference"
-    if spec.keys.dtype == torch.float32 and dim > FP32_MAX_D:
-        return (f"float32 inputs with D = {dim} > {FP32_MAX_D}: whole fp32 rows would spill registers; "
-                "pass bf16/fp16 features, or use chunked (cuBLAS) for fp32")
-    return None
+    return rows_why_not(spec.keys.dtype, spec.device, spec.keys.shape[1])
 
 
 def _side_precision(dtype: torch.dtype) -> str:

@@ -693,6 +693,26 @@ def variant_code(spec) -> int:
     return VARIANTS["debiased_hard" if spec.variant == "debiased" and spec.beta != 0 else spec.variant]
 
 
+def rows_why_not(dtype: torch.dtype, device: torch.device, dim: int, fp16_reason: str | None = None) -> str | None:
+    """What every Triton kernel file asks of its feature rows (None: they can be run): a CUDA device (or the
+    interpreter), D <= MAX_D, tensor-core dtypes, fp32 only up to FP32_MAX_D; ``fp16_reason``: why a kernel
+    refuses fp16 (None: it takes it)."""
+    if device.type != "cuda" and not _interpreting():
+        return f"inputs are on {device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
+    if dim > MAX_D:
+        return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
+    if dtype == torch.float16 and fp16_reason is not None:
+        return fp16_reason
+    if _interpreting():
+        return None
+    if dtype == torch.float64:
+        return "float64 inputs: the kernels use tensor cores (fp32/fp16/bf16); use chunked or reference"
+    if dtype == torch.float32 and dim > FP32_MAX_D:
+        return (f"float32 inputs with D = {dim} > {FP32_MAX_D}: whole fp32 rows would spill registers; "
+                "pass bf16/fp16 features, or use chunked (cuBLAS) for fp32")
+    return None
+
+
 def why_not(spec) -> str | None:
     """Why these kernels cannot run the spec (None: they can)."""
     if getattr(spec, "soft_target", None) is not None:  # SCE / CoMatch: their own kernels
@@ -703,17 +723,7 @@ def why_not(spec) -> str | None:
         return f"inputs are on {spec.device.type}; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
     if spec.variant not in VARIANTS:
         return f"no kernel for the row formula {spec.variant!r}"
-    dim = spec.keys.shape[1]
-    if dim > MAX_D:
-        return f"feature dimension {dim} > {MAX_D}: the kernels keep whole rows in registers"
-    if _interpreting():
-        return None
-    if spec.keys.dtype == torch.float64:
-        return "float64 inputs: the kernels use tensor cores (fp32/fp16/bf16); use chunked or reference"
-    if spec.keys.dtype == torch.float32 and dim > FP32_MAX_D:
-        return (f"float32 inputs with D = {dim} > {FP32_MAX_D}: whole fp32 rows would spill registers; "
-                "pass bf16/fp16 features, or use chunked (cuBLAS) for fp32")
-    return None
+    return rows_why_not(spec.keys.dtype, spec.device, spec.keys.shape[1])
 
 
 # fp32 inputs: "tf32x3" (three tf32 products, fp32-accurate, on tensor cores) unless the user opts
