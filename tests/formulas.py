@@ -79,28 +79,8 @@ def eps_supinfonce(features, labels=None, *, epsilon=0.1, temperature=0.1, base_
     empty sum (0): the log term is then just l_ip - eps. All in log-sum-exp form, so temperatures
     down to 0.01 do not overflow.
     """
-    bsz, n_views = features.shape[:2]
-    z = _stack_views(features)
-    y = _row_labels(labels, bsz, n_views)
-    all_keys, y_keys = _with_extra(z, y, extra_keys, extra_key_labels)
-    c = 1.0 if base_temperature is None else temperature / base_temperature
-    logits = z @ all_keys.T / temperature
-    n_anchors = bsz if contrast_mode == "one" else bsz * n_views
-    keys = torch.arange(all_keys.shape[0])
-    losses = []
-    for i in range(n_anchors):
-        pos = (y_keys == y[i]) & (keys != i)
-        neg = y_keys != y[i]
-        if not bool(pos.any()):
-            losses.append(_zero(logits[i]))
-            continue
-        l_pos = logits[i][pos]  # [|P|]
-        l_neg = logits[i][neg]  # [|N|]
-        # denominator of each positive: exp(l_ip - eps) + sum_n exp(l_in), as one logsumexp
-        terms = torch.cat([(l_pos - epsilon)[:, None], l_neg[None, :].expand(l_pos.numel(), -1)], dim=1)
-        log_den = torch.logsumexp(terms, dim=1)
-        losses.append(-(c / l_pos.numel()) * (l_pos - log_den).sum())
-    return _mean(losses)
+    return _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast_mode, extra_keys,
+                     extra_key_labels, form="out")
 
 
 # ------------------------------------------------------------------------------------------
@@ -557,7 +537,10 @@ def _eps_rows(features, labels, epsilon, temperature, base_temperature, contrast
             losses.append(_zero(logits[i]))
             continue
         l_pos, l_neg = logits[i][pos], logits[i][neg]
-        if form == "in":
+        if form == "out":  # each positive against its own denominator: exp(l_ip - eps) + sum_n exp(l_in)
+            terms = torch.cat([(l_pos - epsilon)[:, None], l_neg[None, :].expand(l_pos.numel(), -1)], dim=1)
+            losses.append(-(c / l_pos.numel()) * (l_pos - torch.logsumexp(terms, dim=1)).sum())
+        elif form == "in":
             weight = math.log(pos.sum().item())
             log_den = _lse(torch.cat([l_pos - epsilon - weight, l_neg]))
             losses.append(-c * (_lse(l_pos) - log_den))
