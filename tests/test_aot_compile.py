@@ -26,12 +26,15 @@ def _run(args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_shipped_configs_compile_without_spills(case):
-    out = _run(["-m", "fused_contrastive.triton_kernels.aot", "--cases", case])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_shipped_configs_compile_without_spills(arch):
+    """Every case of one architecture in one subprocess (its start, importing torch and Triton, costs more
+    than a case's compiles); a flawed config is marked in the rows the assertion shows."""
+    cases = [case for case in CASES if case.startswith(f"{arch}:")]
+    out = _run(["-m", "fused_contrastive.triton_kernels.aot", "--cases", ",".join(cases)])
     rows = [line for line in out.stdout.splitlines() if "regs" in line]
     assert rows, out.stdout + out.stderr[-3000:]
-    assert out.returncode == 0, "\n".join(rows) + out.stderr[-3000:]
+    assert out.returncode == 0, "\n".join(row for row in rows if "<--" in row) + out.stderr[-3000:]
 
 
 SPECIALISATION = """
