@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_contrastive.triton_kernels.siglip import TILE_CONFIGS as SIGLIP_TILE_CONFIGS
-from fused_contrastive.triton_kernels.supcon import (INT32_LIMIT, INTERPRETER, rows_why_not, _autotune_options, _config,
-                                                     _device_guard, _interpreting, _load_rows, _precision, _row_offset)
+from fused_contrastive.triton_kernels.siglip import TILE_CONFIGS as SIGLIP_TILE_CONFIGS, TunedKernel
+from fused_contrastive.triton_kernels.supcon import (INT32_LIMIT, INTERPRETER, rows_why_not, _config, _interpreting,
+                                                     _load_rows, _precision, _row_offset)
 
 
 @triton.jit
@@ -144,29 +144,8 @@ def _prune(configs, named_args, **kwargs):
     return [_config(sh) for sh in _shapes(args["Y"].element_size(), args["BLOCK_D"], max(args["Na"], args["M"]))]
 
 
-class TunedKernel:
-    """``kernel[grid](**args)`` autotuned over the pruned configs under the inputs' device; one surviving config
-    is launched directly (supcon.TunedKernel's rule)."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        shapes = sorted({sh for t in TILE_CONFIGS.values() for v in t.values() for sh in v})
-        self.configs = [_config(sh) for sh in shapes]
-        self.tuner = triton.autotune(configs=self.configs, key=TUNING_KEY,
-                                     prune_configs_by={"early_config_prune": _prune}, **_autotune_options())(kernel)
-
-    def __getitem__(self, grid):
-        def launch(**args):
-            with _device_guard(args["Y"].device):
-                configs = _prune(self.configs, {}, **args)
-                if len(configs) == 1:
-                    return self.kernel[grid](**args, **configs[0].all_kwargs())
-                return self.tuner[grid](**args)
-        return launch
-
-
-fairkl_moments = TunedKernel(_fairkl_moments_kernel)
-fairkl_grad = TunedKernel(_fairkl_grad_kernel)
+fairkl_moments = TunedKernel(_fairkl_moments_kernel, _prune, TUNING_KEY)
+fairkl_grad = TunedKernel(_fairkl_grad_kernel, _prune, TUNING_KEY)
 
 
 def why_not(z: torch.Tensor) -> str | None:

@@ -197,18 +197,19 @@ def _prune(configs, named_args, **kwargs):
 
 class TunedKernel:
     """``kernel[grid](**args)`` autotuned over the pruned configs, under the inputs' device; one surviving
-    config is launched directly (supcon.TunedKernel's rule)."""
+    config is launched directly (supcon.TunedKernel's rule). ``prune`` and ``key``: another kernel file's
+    pruning and tuning key over the same tile table (FairKL's)."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, prune=None, key=None):
+        self.kernel, self.prune = kernel, prune or _prune
         self.configs = [_config(sh) for sh in sorted({sh for t in TILE_CONFIGS.values() for v in t.values() for sh in v})]
-        self.tuner = triton.autotune(configs=self.configs, key=TUNING_KEY, prune_configs_by={"early_config_prune": _prune},
-                                     **_autotune_options())(kernel)
+        self.tuner = triton.autotune(configs=self.configs, key=key or TUNING_KEY,
+                                     prune_configs_by={"early_config_prune": self.prune}, **_autotune_options())(kernel)
 
     def __getitem__(self, grid):
         def launch(**args):
             with _device_guard(args["Y"].device):
-                configs = _prune(self.configs, {}, **args)
+                configs = self.prune(self.configs, {}, **args)
                 if len(configs) == 1:
                     return self.kernel[grid](**args, **configs[0].all_kwargs())
                 return self.tuner[grid](**args)
